@@ -1,0 +1,1 @@
+"""Everything that speaks Kite Connect: limits, tick codec, ticker client, REST, simulator."""
