@@ -1,0 +1,133 @@
+"""Admin for ops: Kite accounts with write-only secrets, API tokens shown once."""
+
+from django import forms
+from django.contrib import admin, messages
+from django.utils import timezone
+
+from accounts import services
+from accounts.models import ApiToken, KiteAccount
+
+
+class KiteAccountForm(forms.ModelForm):
+    """Secrets are write-only: never rendered back; a blank field keeps the stored value."""
+
+    api_secret = forms.CharField(
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Write-only. Leave blank to keep the stored secret.",
+    )
+    access_token = forms.CharField(
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Write-only. Leave blank to keep the stored token. Usually set by the Kite login.",
+    )
+
+    class Meta:
+        model = KiteAccount
+        fields = ["label", "api_key", "api_secret", "access_token", "kite_user_id", "status"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Never put the stored secrets into the form's initial data.
+        self.initial.pop("api_secret", None)
+        self.initial.pop("access_token", None)
+
+    def _post_clean(self):
+        stored = {}
+        for name in ("api_secret", "access_token"):
+            if not self.cleaned_data.get(name) and self.instance.pk:
+                stored[name] = self.instance.__dict__.get(name)
+        super()._post_clean()
+        for name, value in stored.items():
+            self.instance.__dict__[name] = value
+
+
+@admin.register(KiteAccount)
+class KiteAccountAdmin(admin.ModelAdmin):
+    form = KiteAccountForm
+    list_display = [
+        "label", "api_key", "kite_user_id", "status", "needs_login_display", "token_expires_at",
+        "secrets_display", "updated_at",
+    ]
+    list_filter = ["status"]
+    search_fields = ["label", "api_key", "kite_user_id"]
+    readonly_fields = ["token_issued_at", "token_expires_at", "last_error", "created_at", "updated_at"]
+    actions = ["disable_accounts", "enable_accounts"]
+
+    @admin.display(description="needs login", boolean=True)
+    def needs_login_display(self, obj: KiteAccount) -> bool:
+        return obj.needs_login
+
+    @admin.display(description="secrets")
+    def secrets_display(self, obj: KiteAccount) -> str:
+        parts = [
+            "api secret set" if obj.api_secret_is_set else "no api secret",
+            "token set" if obj.access_token_is_set else "no token",
+        ]
+        return ", ".join(parts)
+
+    def save_model(self, request, obj, form, change):
+        if form.cleaned_data.get("access_token"):
+            obj.token_issued_at = timezone.now()
+            services.account_set_session(account=obj, access_token=form.cleaned_data["access_token"])
+        else:
+            super().save_model(request, obj, form, change)
+
+    @admin.action(description="Disable selected accounts")
+    def disable_accounts(self, request, queryset):
+        for account in queryset:
+            account.status = KiteAccount.Status.DISABLED
+            account.save(update_fields=["status", "updated_at"])
+            self.log_change(request, account, "Disabled from the admin action")
+        messages.success(request, f"Disabled {queryset.count()} account(s).")
+
+    @admin.action(description="Enable selected accounts")
+    def enable_accounts(self, request, queryset):
+        for account in queryset:
+            account.status = KiteAccount.Status.ACTIVE
+            account.save(update_fields=["status", "updated_at"])
+            self.log_change(request, account, "Enabled from the admin action")
+        messages.success(request, f"Enabled {queryset.count()} account(s).")
+
+
+class ApiTokenAddForm(forms.ModelForm):
+    class Meta:
+        model = ApiToken
+        fields = ["user", "name"]
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    list_display = ["name", "user", "prefix", "created_at", "last_used_at", "revoked_at"]
+    list_filter = ["revoked_at"]
+    search_fields = ["name", "prefix", "user__username"]
+    readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
+    actions = ["revoke_tokens"]
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = ApiTokenAddForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_readonly_fields(self, request, obj=None):
+        return [*self.readonly_fields, "user"] if obj else self.readonly_fields
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        token, key = services.apitoken_create(user=obj.user, name=obj.name)
+        obj.pk = token.pk
+        messages.warning(
+            request,
+            f"API token for {token.user}: {key}  (copy it now: it is stored hashed and never shown again)",
+        )
+
+    @admin.action(description="Revoke selected tokens")
+    def revoke_tokens(self, request, queryset):
+        for token in queryset.filter(revoked_at__isnull=True):
+            services.apitoken_revoke(token=token)
+            self.log_change(request, token, "Revoked")
+        messages.success(request, "Revoked.")

@@ -1,0 +1,105 @@
+"""Broker accounts and API tokens."""
+
+import datetime as dt
+import hashlib
+import secrets
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from accounts.fields import EncryptedTextField
+
+IST = dt.timezone(dt.timedelta(hours=5, minutes=30), "IST")
+SESSION_EXPIRY_TIME_IST = dt.time(6, 0)
+
+
+def session_expiry_after(issued_at: dt.datetime) -> dt.datetime:
+    """Kite access tokens expire at 06:00 IST on the day after they were issued."""
+    issued_ist = issued_at.astimezone(IST)
+    next_day = issued_ist.date() + dt.timedelta(days=1)
+    return dt.datetime.combine(next_day, SESSION_EXPIRY_TIME_IST, tzinfo=IST)
+
+
+class KiteAccount(models.Model):
+    """A Kite Connect app + user whose session streams ticks and calls the REST API."""
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        DISABLED = "disabled", "Disabled"
+        SESSION_EXPIRED = "session_expired", "Session expired (login needed)"
+        ERROR = "error", "Error"
+
+    label = models.CharField(max_length=64, unique=True)
+    api_key = models.CharField(max_length=64, unique=True)
+    api_secret = EncryptedTextField(blank=True)
+    access_token = EncryptedTextField(blank=True)
+    kite_user_id = models.CharField(max_length=32, blank=True)
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.ACTIVE, db_index=True
+    )
+    token_issued_at = models.DateTimeField(null=True, blank=True)
+    token_expires_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["label"]
+
+    def __str__(self) -> str:
+        return self.label
+
+    def __repr__(self) -> str:
+        return f"<KiteAccount {self.pk}: {self.label} ({self.status})>"
+
+    @property
+    def needs_login(self) -> bool:
+        """True when the account cannot stream until someone logs in to Kite again."""
+        if self.status == self.Status.DISABLED:
+            return False
+        if self.status == self.Status.SESSION_EXPIRED or not self.access_token_is_set:
+            return True
+        return self.token_expires_at is not None and self.token_expires_at <= timezone.now()
+
+    @property
+    def access_token_is_set(self) -> bool:
+        return bool(self.__dict__.get("access_token"))
+
+    @property
+    def api_secret_is_set(self) -> bool:
+        return bool(self.__dict__.get("api_secret"))
+
+
+class ApiToken(models.Model):
+    """A bearer token for programs on the WebSocket API; only its SHA-256 is stored."""
+
+    PREFIX_LENGTH = 8
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
+    name = models.CharField(max_length=64)
+    prefix = models.CharField(max_length=PREFIX_LENGTH, db_index=True, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @staticmethod
+    def hash_key(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    @staticmethod
+    def new_key() -> str:
+        return secrets.token_urlsafe(32)
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None

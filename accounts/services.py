@@ -1,0 +1,105 @@
+"""Writes to broker accounts: sessions, status, API tokens, key rotation."""
+
+import datetime as dt
+
+import structlog
+from cryptography.fernet import InvalidToken
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.fields import Ciphertext, DecryptionError, rotate_ciphertext
+from accounts.models import ApiToken, KiteAccount, session_expiry_after
+
+log = structlog.get_logger(__name__)
+
+ENCRYPTED_FIELDS = ("api_secret", "access_token")
+
+
+def account_set_session(
+    *, account: KiteAccount, access_token: str, user_id: str = "", issued_at: dt.datetime | None = None
+) -> KiteAccount:
+    """Store a fresh access token: the account becomes active until 06:00 IST tomorrow."""
+    issued_at = issued_at or timezone.now()
+    account.access_token = access_token
+    account.token_issued_at = issued_at
+    account.token_expires_at = session_expiry_after(issued_at)
+    account.status = KiteAccount.Status.ACTIVE
+    account.last_error = ""
+    if user_id:
+        account.kite_user_id = user_id
+    account.save()
+    log.info("account.session_set", account=account.label, expires_at=account.token_expires_at)
+    return account
+
+
+def account_mark_session_expired(*, account_id: int, reason: str) -> bool:
+    """Mark an account's session expired (Kite said 403); True if this call changed it."""
+    changed = (
+        KiteAccount.objects.filter(pk=account_id)
+        .exclude(status__in=[KiteAccount.Status.SESSION_EXPIRED, KiteAccount.Status.DISABLED])
+        .update(status=KiteAccount.Status.SESSION_EXPIRED, last_error=reason, updated_at=timezone.now())
+    )
+    if changed:
+        log.warning("account.session_expired", account_id=account_id, reason=reason)
+    return bool(changed)
+
+
+def accounts_expire_sessions(*, now: dt.datetime | None = None) -> list[str]:
+    """Mark every active account whose token has passed its expiry; returns their labels."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        expired = list(
+            KiteAccount.objects.select_for_update()
+            .filter(status=KiteAccount.Status.ACTIVE, token_expires_at__lte=now)
+            .values_list("pk", "label")
+        )
+        KiteAccount.objects.filter(pk__in=[pk for pk, _ in expired]).update(
+            status=KiteAccount.Status.SESSION_EXPIRED,
+            last_error="access token expired at 06:00 IST; log in to Kite again",
+            updated_at=now,
+        )
+    labels = [label for _, label in expired]
+    if labels:
+        log.info("accounts.sessions_expired", accounts=labels)
+    return labels
+
+
+def apitoken_create(*, user, name: str) -> tuple[ApiToken, str]:
+    """Create an API token; the plain key is returned once and never stored."""
+    key = ApiToken.new_key()
+    token = ApiToken.objects.create(
+        user=user, name=name, prefix=key[: ApiToken.PREFIX_LENGTH], key_hash=ApiToken.hash_key(key)
+    )
+    log.info("apitoken.created", user=user.get_username(), prefix=token.prefix)
+    return token, key
+
+
+def apitoken_revoke(*, token: ApiToken) -> None:
+    ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    log.info("apitoken.revoked", prefix=token.prefix)
+
+
+def secrets_rotate_encryption_keys() -> int:
+    """Re-encrypt every stored secret under the newest FIELD_ENCRYPTION_KEYS key.
+
+    Returns the number of rows rewritten. Rows are updated with their raw column values, so
+    the plaintext never passes through a model instance.
+    """
+    rewritten = 0
+    with transaction.atomic():
+        rows = KiteAccount.objects.select_for_update().values_list("pk", "api_secret", "access_token")
+        for pk, *values in rows:
+            changes = {}
+            for name, value in zip(ENCRYPTED_FIELDS, values, strict=True):
+                if not value:
+                    continue
+                try:
+                    # Ciphertext so that .update() stores the token as it is.
+                    changes[name] = Ciphertext(rotate_ciphertext(value))
+                except InvalidToken:
+                    raise DecryptionError(model=KiteAccount._meta.label, field=name, pk=pk) from None
+            if changes:
+                KiteAccount.objects.filter(pk=pk).update(**changes)
+                rewritten += 1
+    log.info("secrets.rotated", rows=rewritten)
+    return rewritten

@@ -1,0 +1,62 @@
+"""What the engine records: underlying bars, account leases and its heartbeat."""
+
+from django.db import models
+
+
+class UnderlyingBar(models.Model):
+    """A 1-minute OHLCV bar of an underlying built from ticks; a minute with no tick is a gap."""
+
+    instrument = models.ForeignKey(
+        "subscriptions.Instrument", on_delete=models.CASCADE, related_name="bars"
+    )
+    start = models.DateTimeField(help_text="Start of the minute (exchange time).")
+    open = models.FloatField(null=True)
+    high = models.FloatField(null=True)
+    low = models.FloatField(null=True)
+    close = models.FloatField(null=True)
+    volume = models.BigIntegerField(default=0)
+    tick_count = models.PositiveIntegerField(default=0)
+    is_gap = models.BooleanField(default=False, help_text="No tick arrived in this minute.")
+    is_mock = models.BooleanField(default=False)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["instrument", "start"], name="underlyingbar_uniq"),
+            models.CheckConstraint(
+                condition=models.Q(is_gap=True) | models.Q(open__isnull=False),
+                name="underlyingbar_prices_unless_gap",
+            ),
+        ]
+        ordering = ["instrument", "start"]
+
+    def __str__(self) -> str:
+        return f"{self.instrument_id} {self.start:%Y-%m-%d %H:%M}"
+
+
+class AccountLease(models.Model):
+    """Which runticker process streams an account; renewed while it lives, taken over after."""
+
+    account = models.OneToOneField(
+        "accounts.KiteAccount", on_delete=models.CASCADE, related_name="lease", primary_key=True
+    )
+    owner = models.CharField(max_length=200, help_text="Engine id: host, pid and a random suffix.")
+    acquired_at = models.DateTimeField()
+    renewed_at = models.DateTimeField()
+    expires_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.account_id} -> {self.owner}"
+
+
+class EngineHeartbeat(models.Model):
+    """The last state a runticker process reported: per account and per task."""
+
+    engine_id = models.CharField(max_length=200, primary_key=True)
+    hostname = models.CharField(max_length=200)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    updated_at = models.DateTimeField(db_index=True)
+    state = models.JSONField(default=dict)
+
+    def __str__(self) -> str:
+        return self.engine_id

@@ -1,0 +1,208 @@
+"""Settings for every process of tickerproj, read once from the environment.
+
+With no environment set the project runs on embedded defaults: a SQLite file, the in-memory
+channel layer and periodic jobs run in-process (``manage.py demo``). ``DATABASE_URL`` and
+``REDIS_URL`` switch to PostgreSQL (psycopg 3 with a connection pool), channels-redis and
+Celery on Redis. See README.md for the full table.
+"""
+
+from pathlib import Path
+
+import environ
+from cryptography.fernet import Fernet
+from django.core.exceptions import ImproperlyConfigured
+
+from tickerproj.logging import configure_logging
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(environ.Env().str("TICKERPROJ_VAR_DIR", default=str(BASE_DIR / "var")))
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+DATABASE_URL = env.str("DATABASE_URL", default="")
+REDIS_URL = env.str("REDIS_URL", default="")
+EMBEDDED = not DATABASE_URL
+"""True on embedded defaults (SQLite, no Redis): the single-process demo set-up."""
+
+DEBUG = env.bool("DEBUG", default=False)
+if EMBEDDED:
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _embedded_secret(name: str, make) -> str:
+    """A secret for the embedded demo, generated once into var/ so it survives restarts."""
+    path = VAR_DIR / name
+    if not path.exists():
+        path.write_text(make())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+if EMBEDDED:
+    SECRET_KEY = env.str(
+        "SECRET_KEY", default="") or _embedded_secret("secret_key", lambda: Fernet.generate_key().decode())
+    _default_keys = _embedded_secret("field_encryption_key", lambda: Fernet.generate_key().decode())
+else:
+    SECRET_KEY = env.str("SECRET_KEY", default="")
+    _default_keys = ""
+    if not SECRET_KEY:
+        raise ImproperlyConfigured("SECRET_KEY must be set when DATABASE_URL is set")
+
+FIELD_ENCRYPTION_KEYS = env.list("FIELD_ENCRYPTION_KEYS", default=[_default_keys] if _default_keys else [])
+"""Fernet keys for secrets at rest, newest first; independent of SECRET_KEY."""
+if not FIELD_ENCRYPTION_KEYS:
+    raise ImproperlyConfigured("FIELD_ENCRYPTION_KEYS must be set when DATABASE_URL is set")
+
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_celery_beat",
+    "accounts",
+    "subscriptions",
+    "streaming",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "tickerproj.urls"
+ASGI_APPLICATION = "tickerproj.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+if EMBEDDED:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": VAR_DIR / "tickerproj.sqlite3",
+            # WAL and a busy timeout let the demo's web, engine and job threads share the file.
+            "OPTIONS": {
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+        }
+    }
+else:
+    DATABASES = {"default": env.db_url_config(DATABASE_URL)}
+    DATABASES["default"].setdefault("OPTIONS", {})
+    DATABASES["default"]["OPTIONS"].update(
+        {
+            "pool": {
+                "min_size": env.int("DATABASE_POOL_MIN", default=1),
+                "max_size": env.int("DATABASE_POOL_MAX", default=10),
+                "timeout": 10,
+            },
+            "application_name": env.str("DATABASE_APPLICATION_NAME", default="tickerproj"),
+        }
+    )
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    if test_name := env.str("TEST_DATABASE_NAME", default=""):
+        DATABASES["default"]["TEST"] = {"NAME": test_name}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [REDIS_URL],
+                "prefix": env.str("CHANNEL_LAYER_PREFIX", default="tickerproj"),
+                "capacity": env.int("CHANNEL_LAYER_CAPACITY", default=1000),
+                "expiry": 10,
+            },
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# Celery: broker and results on Redis when configured; on embedded defaults the demo runs
+# the periodic jobs in-process, so no broker is needed.
+CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_RESULT_BACKEND = REDIS_URL or "cache+memory://"
+CELERY_TASK_ALWAYS_EAGER = False
+CELERY_TIMEZONE = "Asia/Kolkata"
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT_S", default=600)
+CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT_S", default=540)
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+# Kite Connect. Defaults are Kite's production endpoints; point them at `manage.py kitesim`
+# to run everything against the loopback simulator.
+KITE_API_ROOT = env.str("KITE_API_ROOT", default="https://api.kite.trade")
+KITE_WS_URL = env.str("KITE_WS_URL", default="wss://ws.kite.trade")
+KITE_LOGIN_URL = env.str("KITE_LOGIN_URL", default="https://kite.zerodha.com/connect/login")
+
+# Greeks and the engine.
+RISK_FREE_RATE = env.float("RISK_FREE_RATE", default=0.065)
+"""Annual rate that discounts option premia (a T-bill-like 6.5%, not NSE's fixed 10%)."""
+DIVIDEND_YIELD = env.float("DIVIDEND_YIELD", default=0.0)
+TICKER_FLUSH_INTERVAL_MS = env.int("TICKER_FLUSH_INTERVAL_MS", default=100)
+TICKER_WATCHDOG_S = env.float("TICKER_WATCHDOG_S", default=10.0)
+TICKER_HEARTBEAT_INTERVAL_S = env.float("TICKER_HEARTBEAT_INTERVAL_S", default=2.0)
+TICKER_LEASE_TTL_S = env.float("TICKER_LEASE_TTL_S", default=15.0)
+TICKER_STALE_UNDERLYING_S = env.float("TICKER_STALE_UNDERLYING_S", default=30.0)
+MOCK_MARKET_ENABLED = env.bool("MOCK_MARKET_ENABLED", default=True)
+"""Drive the pipeline from the synthetic market outside market hours."""
+MARKET_HOLIDAYS = env.list("MARKET_HOLIDAYS", default=[])
+"""NSE trading holidays as ISO dates; the market is closed on them."""
+
+# Browser WebSockets.
+WS_MAX_SUBSCRIPTIONS = env.int("WS_MAX_SUBSCRIPTIONS", default=2000)
+WS_MAX_MESSAGES_PER_S = env.int("WS_MAX_MESSAGES_PER_S", default=20)
+WS_SEND_WINDOW = env.int("WS_SEND_WINDOW", default=4)
+HEALTH_HEARTBEAT_MAX_AGE_S = env.float("HEALTH_HEARTBEAT_MAX_AGE_S", default=15.0)
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "Asia/Kolkata"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+WHITENOISE_USE_FINDERS = True
+LOGIN_URL = "admin:login"
+
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=not EMBEDDED)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOG_JSON = env.bool("LOG_JSON", default=not DEBUG)
+LOGGING_CONFIG = None
+configure_logging(json=LOG_JSON, level=LOG_LEVEL)

@@ -1,0 +1,8 @@
+"""HTTP routes; WebSockets are routed in tickerproj/asgi.py."""
+
+from django.contrib import admin
+from django.urls import path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+]
