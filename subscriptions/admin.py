@@ -78,7 +78,7 @@ def _log_bulk_change(request, queryset, message: str) -> None:
 class SubscriptionAdmin(admin.ModelAdmin):
     list_display = [
         "instrument", "mode", "status", "source", "pinned_account", "assigned_account",
-        "unassigned_reason", "status_reason", "updated_at",
+        "streamed_mode", "unassigned_reason", "status_reason", "updated_at",
     ]
     list_filter = [
         "status", "mode", "source", "pinned_account", "assigned_account", "instrument__segment",
@@ -86,7 +86,7 @@ class SubscriptionAdmin(admin.ModelAdmin):
     search_fields = ["instrument__tradingsymbol", "instrument__name", "=instrument__instrument_token"]
     autocomplete_fields = ["instrument"]
     list_select_related = ["instrument", "pinned_account", "assigned_account"]
-    readonly_fields = ["assigned_account", "unassigned_reason", "created_at", "updated_at"]
+    readonly_fields = ["assigned_account", "streamed_mode", "unassigned_reason", "created_at", "updated_at"]
     actions = ["activate", "deactivate"]
     paginator = EstimatedCountPaginator
     show_full_result_count = False

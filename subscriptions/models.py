@@ -97,6 +97,9 @@ class Subscription(models.Model):
         editable=False,
         help_text="Where the engine streams it now.",
     )
+    streamed_mode = models.CharField(
+        max_length=8, blank=True, editable=False, help_text="The mode the engine streams it in now."
+    )
     unassigned_reason = models.CharField(max_length=200, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
