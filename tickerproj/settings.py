@@ -187,6 +187,8 @@ WS_MAX_SUBSCRIPTIONS = env.int("WS_MAX_SUBSCRIPTIONS", default=2000)
 WS_MAX_MESSAGES_PER_S = env.int("WS_MAX_MESSAGES_PER_S", default=20)
 WS_SEND_WINDOW = env.int("WS_SEND_WINDOW", default=4)
 HEALTH_HEARTBEAT_MAX_AGE_S = env.float("HEALTH_HEARTBEAT_MAX_AGE_S", default=15.0)
+HEALTH_STREAM_STALL_S = env.float("HEALTH_STREAM_STALL_S", default=30.0)
+"""A live account streaming instruments with no tick for this long makes /health 503."""
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "Asia/Kolkata"

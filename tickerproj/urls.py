@@ -1,8 +1,9 @@
 """HTTP routes; WebSockets are routed in tickerproj/asgi.py."""
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("", include("streaming.urls")),
 ]

@@ -1,0 +1,196 @@
+"""What `/health` checks: small functions that each return the reasons the service is degraded.
+
+Each check takes a :class:`HealthContext` (settings read once by the view, plus lazily loaded
+engine heartbeats) and returns a list of reasons, each a dict with a snake_case ``code`` and
+whatever identifies the culprit (``account``, ``engine``, ``task``). An empty list from every
+check means healthy. Adding a check is adding one function to :data:`CHECKS`.
+
+Reasons:
+- ``database_down``: PostgreSQL (or the embedded SQLite) did not answer ``SELECT 1``.
+- ``redis_down``: Redis (when configured) did not answer PING within the timeout.
+- ``no_heartbeat``: no runticker process wrote a heartbeat within HEALTH_HEARTBEAT_MAX_AGE_S.
+- ``session_expired``: an account that is not disabled needs a Kite login.
+- ``stream_stalled``: an account streams instruments but its last tick is too old.
+- ``task_failed``: an engine task crashed and is restarting or gave up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from django.db import DatabaseError, connection
+from django.utils import timezone
+
+from accounts.models import KiteAccount
+from streaming.models import EngineHeartbeat
+
+Reason = dict[str, Any]
+
+
+@dataclass
+class HealthContext:
+    """Values the checks need, read once per request; heartbeats load on first use."""
+
+    redis_url: str
+    heartbeat_max_age_s: float
+    stream_stall_s: float
+    redis_timeout_s: float = 1.0
+    now: dt.datetime = field(default_factory=timezone.now)
+    database_ok: bool = True
+    _heartbeats: list[EngineHeartbeat] | None = None
+
+    @property
+    def heartbeats(self) -> list[EngineHeartbeat]:
+        """Heartbeats written within the maximum age: the engines considered alive."""
+        if self._heartbeats is None:
+            self._heartbeats = heartbeat_list_fresh(
+                since=self.now - dt.timedelta(seconds=self.heartbeat_max_age_s)
+            )
+        return self._heartbeats
+
+
+def heartbeat_list_fresh(*, since: dt.datetime) -> list[EngineHeartbeat]:
+    return list(EngineHeartbeat.objects.filter(updated_at__gte=since).order_by("engine_id"))
+
+
+def check_database(ctx: HealthContext) -> list[Reason]:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+    except DatabaseError as exc:
+        ctx.database_ok = False
+        return [{"code": "database_down", "error": str(exc)[:200]}]
+    return []
+
+
+def check_redis(ctx: HealthContext) -> list[Reason]:
+    if not ctx.redis_url:
+        return []
+    client = redis.Redis.from_url(
+        ctx.redis_url,
+        socket_timeout=ctx.redis_timeout_s,
+        socket_connect_timeout=ctx.redis_timeout_s,
+    )
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return [{"code": "redis_down", "error": str(exc)[:200]}]
+    finally:
+        client.close()
+    return []
+
+
+def check_heartbeat(ctx: HealthContext) -> list[Reason]:
+    if not ctx.database_ok:
+        return []
+    if not ctx.heartbeats:
+        return [{"code": "no_heartbeat", "max_age_s": ctx.heartbeat_max_age_s}]
+    return []
+
+
+def check_sessions(ctx: HealthContext) -> list[Reason]:
+    """Accounts needing a login, from the database and from what the engines saw."""
+    if not ctx.database_ok:
+        return []
+    labels = set(
+        KiteAccount.objects.filter(status=KiteAccount.Status.SESSION_EXPIRED).values_list(
+            "label", flat=True
+        )
+    )
+    for hb in ctx.heartbeats:
+        for label, acc in _accounts(hb).items():
+            if acc.get("session") == "expired" or acc.get("state") == "session_expired":
+                labels.add(label)
+    return [{"code": "session_expired", "account": label} for label in sorted(labels)]
+
+
+def check_streams(ctx: HealthContext) -> list[Reason]:
+    """Accounts that stream instruments yet have had no tick for longer than the stall limit."""
+    if not ctx.database_ok:
+        return []
+    reasons = []
+    for hb in ctx.heartbeats:
+        if hb.state.get("mode") != "live":
+            continue
+        for label, acc in _accounts(hb).items():
+            if acc.get("state") != "streaming" or not acc.get("instruments"):
+                continue
+            age_s = acc.get("last_tick_age_s")
+            if age_s is None or age_s > ctx.stream_stall_s:
+                reasons.append(
+                    {
+                        "code": "stream_stalled",
+                        "account": label,
+                        "engine": hb.engine_id,
+                        "last_tick_age_s": age_s,
+                    }
+                )
+    return reasons
+
+
+def check_tasks(ctx: HealthContext) -> list[Reason]:
+    if not ctx.database_ok:
+        return []
+    reasons = []
+    for hb in ctx.heartbeats:
+        tasks = hb.state.get("tasks") or {}
+        for name, task in sorted(tasks.items()):
+            if task.get("state") in ("restarting", "failed"):
+                reasons.append(
+                    {
+                        "code": "task_failed",
+                        "task": name,
+                        "engine": hb.engine_id,
+                        "state": task.get("state"),
+                        "restarts": task.get("restarts", 0),
+                        "last_error": task.get("last_error", ""),
+                    }
+                )
+    return reasons
+
+
+def _accounts(hb: EngineHeartbeat) -> dict[str, dict[str, Any]]:
+    accounts = hb.state.get("accounts") if isinstance(hb.state, dict) else None
+    return accounts if isinstance(accounts, dict) else {}
+
+
+CHECKS: list[Callable[[HealthContext], list[Reason]]] = [
+    check_database,
+    check_redis,
+    check_heartbeat,
+    check_sessions,
+    check_streams,
+    check_tasks,
+]
+"""Run in order; the database check runs first so the others can skip when it is down."""
+
+
+def health_report(ctx: HealthContext) -> dict[str, Any]:
+    """Run every check; ``ok`` is True when no check found a reason."""
+    reasons: list[Reason] = []
+    for check in CHECKS:
+        reasons.extend(check(ctx))
+    engines = []
+    if ctx.database_ok:
+        for hb in ctx.heartbeats:
+            engines.append(
+                {
+                    "engine_id": hb.engine_id,
+                    "age_s": round((ctx.now - hb.updated_at).total_seconds(), 1),
+                    "mode": hb.state.get("mode"),
+                    "accounts": sorted(_accounts(hb)),
+                    "streamed_count": hb.state.get("streamed_count"),
+                    "ticks_per_s": hb.state.get("ticks_per_s"),
+                }
+            )
+    return {
+        "status": "ok" if not reasons else "degraded",
+        "reasons": reasons,
+        "engines": engines,
+        "checked_at": ctx.now.isoformat(),
+    }
