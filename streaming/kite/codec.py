@@ -110,13 +110,16 @@ TICK_DTYPE: Final = np.dtype(
         ("exchange_timestamp", np.int64),
         ("depth_buy_quantity", np.int64, (DEPTH_LEVELS,)),
         ("depth_buy_price", np.float64, (DEPTH_LEVELS,)),
-        ("depth_buy_orders", np.int32, (DEPTH_LEVELS,)),
         ("depth_sell_quantity", np.int64, (DEPTH_LEVELS,)),
         ("depth_sell_price", np.float64, (DEPTH_LEVELS,)),
+        # The two int32 blocks sit together at the end so no field needs padding.
+        ("depth_buy_orders", np.int32, (DEPTH_LEVELS,)),
         ("depth_sell_orders", np.int32, (DEPTH_LEVELS,)),
     ],
     align=True,
 )
+# No padding bytes: a row's bytes are all field bytes, so equal ticks have equal bytes.
+assert TICK_DTYPE.itemsize == sum(TICK_DTYPE.fields[name][0].itemsize for name in TICK_DTYPE.names)
 
 
 def empty_ticks(n: int) -> np.ndarray:
