@@ -626,6 +626,13 @@ class SyntheticMarket:
             raise KeyError(f"unknown instrument_token(s): {t[~found][:10].tolist()}")
         return self._order[pos_clipped[found]]
 
+    def locate(self, tokens: Iterable[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows of the known tokens, mask of which tokens are known), without raising."""
+        t = np.asarray(tokens if isinstance(tokens, np.ndarray) else list(tokens), dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted_token, t), len(self._sorted_token) - 1)
+        found = self._sorted_token[pos] == t
+        return self._order[pos[found]], found
+
     def has_token(self, token: int) -> bool:
         return len(self.rows_of([token], strict=False)) == 1
 
