@@ -26,8 +26,8 @@ EMBEDDED = not DATABASE_URL
 """True on embedded defaults (SQLite, no Redis): the single-process demo set-up."""
 
 DEBUG = env.bool("DEBUG", default=False)
-if EMBEDDED:
-    VAR_DIR.mkdir(parents=True, exist_ok=True)
+# Runtime files: the embedded SQLite database and secrets, collected static files.
+(VAR_DIR / "static").mkdir(parents=True, exist_ok=True)
 
 
 def _embedded_secret(name: str, make) -> str:
@@ -40,8 +40,9 @@ def _embedded_secret(name: str, make) -> str:
 
 
 if EMBEDDED:
-    SECRET_KEY = env.str(
-        "SECRET_KEY", default="") or _embedded_secret("secret_key", lambda: Fernet.generate_key().decode())
+    SECRET_KEY = env.str("SECRET_KEY", default="") or _embedded_secret(
+        "secret_key", lambda: Fernet.generate_key().decode()
+    )
     _default_keys = _embedded_secret("field_encryption_key", lambda: Fernet.generate_key().decode())
 else:
     SECRET_KEY = env.str("SECRET_KEY", default="")

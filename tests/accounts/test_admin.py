@@ -1,0 +1,73 @@
+"""The KiteAccount admin: staff only, secrets write-only, blank keeps the stored value."""
+
+import pytest
+from django.urls import reverse
+
+from accounts.models import IST, KiteAccount
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def account():
+    return KiteAccount.objects.create(
+        label="primary", api_key="key1", api_secret="s3cret-api", access_token="tok-123"
+    )
+
+
+def _form_data(account: KiteAccount, **overrides) -> dict:
+    data = {
+        "label": account.label,
+        "api_key": account.api_key,
+        "api_secret": "",
+        "access_token": "",
+        "kite_user_id": account.kite_user_id,
+        "status": account.status,
+    }
+    data.update(overrides)
+    return data
+
+
+def test_change_form_never_renders_the_secrets(admin_client, account):
+    html = admin_client.get(reverse("admin:accounts_kiteaccount_change", args=[account.pk])).content.decode()
+    assert "s3cret-api" not in html
+    assert "tok-123" not in html
+    assert 'name="api_secret"' in html and 'type="password"' in html
+
+
+def test_blank_secret_keeps_the_stored_value(admin_client, account):
+    url = reverse("admin:accounts_kiteaccount_change", args=[account.pk])
+    response = admin_client.post(url, _form_data(account, kite_user_id="AB1234"))
+    assert response.status_code == 302, response.content.decode()[:2000]
+    account = KiteAccount.objects.get(pk=account.pk)
+    assert account.kite_user_id == "AB1234"
+    assert account.api_secret == "s3cret-api"
+    assert account.access_token == "tok-123"
+
+
+def test_new_token_replaces_and_starts_a_session(admin_client, account):
+    url = reverse("admin:accounts_kiteaccount_change", args=[account.pk])
+    response = admin_client.post(url, _form_data(account, access_token="fresh-token"))
+    assert response.status_code == 302
+    account = KiteAccount.objects.get(pk=account.pk)
+    assert account.access_token == "fresh-token"
+    assert account.api_secret == "s3cret-api"
+    expires_ist = account.token_expires_at.astimezone(IST)
+    issued_ist = account.token_issued_at.astimezone(IST)
+    assert (expires_ist.hour, expires_ist.minute) == (6, 0)
+    assert (expires_ist.date() - issued_ist.date()).days == 1
+    assert account.status == KiteAccount.Status.ACTIVE
+
+
+def test_changelist_shows_secret_presence_not_values(admin_client, account):
+    html = admin_client.get(reverse("admin:accounts_kiteaccount_changelist")).content.decode()
+    assert "api secret set" in html and "token set" in html
+    assert "s3cret-api" not in html and "tok-123" not in html
+
+
+def test_admin_is_staff_only(client, django_user_model, account):
+    user = django_user_model.objects.create_user(username="ops", password="pw-for-test")
+    client.force_login(user)
+    response = client.get(reverse("admin:accounts_kiteaccount_changelist"))
+    assert response.status_code == 302
+    assert "/admin/login/" in response["Location"]
