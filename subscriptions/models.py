@@ -146,6 +146,12 @@ class RebalanceRule(models.Model):
     cooldown_s = models.PositiveIntegerField(default=300)
     enabled = models.BooleanField(default=True)
     center_strike = models.FloatField(null=True, blank=True, editable=False)
+    centers = models.JSONField(
+        default=dict,
+        blank=True,
+        editable=False,
+        help_text="The band's centre strike per ISO expiry; center_strike shows the nearest one.",
+    )
     last_rebalanced_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_result = models.TextField(blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -224,3 +230,57 @@ class JobLock(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} held by {self.owner}"
+
+
+class DriftReport(models.Model):
+    """What the reconciler last found between the wanted subscriptions and what engines stream.
+
+    One row per report name (``subscriptions``), overwritten on each run: the admin and
+    ``/health`` show the latest finding.
+    """
+
+    name = models.CharField(max_length=32, primary_key=True)
+    checked_at = models.DateTimeField()
+    ok = models.BooleanField()
+    desired = models.PositiveIntegerField(help_text="Active subscriptions.")
+    streamed = models.PositiveIntegerField(help_text="Active subscriptions an engine assigned.")
+    heartbeat_streamed = models.PositiveIntegerField(
+        null=True, help_text="What the live engines' heartbeats say they stream."
+    )
+    engines_alive = models.PositiveSmallIntegerField()
+    missing = models.PositiveIntegerField(help_text="Active, not assigned, and no reason given.")
+    unassigned = models.PositiveIntegerField(help_text="Active, not assigned, with a reason.")
+    extra = models.PositiveIntegerField(help_text="Inactive but still assigned to an account.")
+    mode_mismatch = models.PositiveIntegerField(help_text="Streamed in another mode than wanted.")
+    summary = models.TextField(blank=True)
+    details = models.JSONField(default=dict, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} {'ok' if self.ok else 'drift'} at {self.checked_at:%Y-%m-%d %H:%M:%S}"
+
+
+class HistoryCoverage(models.Model):
+    """A span of an option's candles whose Greeks are all stored in CandleGreeks.
+
+    The history endpoint serves a request from the database only when one span covers it.
+    """
+
+    instrument = models.ForeignKey(Instrument, on_delete=models.CASCADE, related_name="+")
+    interval = models.CharField(max_length=16)
+    start = models.DateTimeField()
+    end = models.DateTimeField()
+    underlying_token = models.PositiveBigIntegerField(
+        help_text="The future or index the Greeks were computed against."
+    )
+    computed_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["instrument", "interval", "start"], name="historycoverage_span_idx")
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(end__gte=models.F("start")), name="historycoverage_ordered")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.instrument_id} {self.interval} {self.start:%Y-%m-%d} to {self.end:%Y-%m-%d}"
