@@ -276,6 +276,7 @@ class KiteSimulator:
         enforce_rate_limits: bool = False,
         require_kite_version: bool = True,
         clock: Callable[[], float] = time.time,
+        monotonic_fn: Callable[[], float] = time.monotonic,
     ) -> None:
         if tick_interval_ms <= 0 or heartbeat_interval_ms <= 0:
             raise ValueError(
@@ -296,6 +297,7 @@ class KiteSimulator:
         self.enforce_rate_limits = enforce_rate_limits
         self.require_kite_version = require_kite_version
         self._clock = clock
+        self._monotonic = monotonic_fn
         self._host = host
         self._port = port
         self._accounts: dict[str, _Account] = {}
@@ -700,7 +702,7 @@ class KiteSimulator:
         else:
             bucket, limit = "other", OTHER_REQUESTS_PER_S
         window = account.rate_windows.setdefault(bucket, deque())
-        now = time.monotonic()
+        now = self._monotonic()
         while window and now - window[0] >= 1.0:
             window.popleft()
         if len(window) >= limit:
