@@ -1,0 +1,1 @@
+"""runticker's parts: plain classes with their collaborators passed in."""
