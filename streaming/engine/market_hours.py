@@ -1,0 +1,88 @@
+"""Whether the NSE market is open now, and so whether the engine streams live or mock data.
+
+The session is 09:15 to 15:30 IST, Monday to Friday, minus the MARKET_HOLIDAYS setting. The
+calendar helpers live in ``streaming.market`` (shared with the synthetic market), so the
+simulator and the engine agree on when a session opens and closes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from streaming.market import (
+    is_trading_day,
+    ist_date,
+    session_close_epoch_s,
+    session_open_epoch_s,
+)
+
+EngineMode = Literal["live", "mock"]
+
+_MAX_DAYS_TO_NEXT_SESSION = 30
+
+
+def parse_holidays(values: Iterable[str | dt.date]) -> frozenset[dt.date]:
+    """MARKET_HOLIDAYS as dates; a malformed entry raises with the value that failed."""
+    out = set()
+    for value in values:
+        if isinstance(value, dt.date):
+            out.add(value)
+            continue
+        try:
+            out.add(dt.date.fromisoformat(value.strip()))
+        except ValueError as exc:
+            raise ValueError(f"MARKET_HOLIDAYS: expected ISO date, got {value!r}") from exc
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class MarketHours:
+    """The NSE cash/F&O session calendar with a holiday list."""
+
+    holidays: frozenset[dt.date] = frozenset()
+
+    def is_open(self, now_epoch_s: float) -> bool:
+        day = ist_date(now_epoch_s)
+        if not is_trading_day(day, self.holidays):
+            return False
+        return session_open_epoch_s(day) <= now_epoch_s < session_close_epoch_s(day)
+
+    def next_change_epoch_s(self, now_epoch_s: float) -> float:
+        """When the market next opens (if closed) or closes (if open)."""
+        day = ist_date(now_epoch_s)
+        if self.is_open(now_epoch_s):
+            return session_close_epoch_s(day)
+        for offset in range(_MAX_DAYS_TO_NEXT_SESSION):
+            candidate = day + dt.timedelta(days=offset)
+            if not is_trading_day(candidate, self.holidays):
+                continue
+            opens = session_open_epoch_s(candidate)
+            if opens > now_epoch_s:
+                return opens
+        # Thirty holidays in a row do not happen; re-check in a day rather than loop forever.
+        return now_epoch_s + 86400.0
+
+
+@dataclass(frozen=True)
+class ModePolicy:
+    """Chooses live or mock: forced by the command line, else by the clock and the setting."""
+
+    hours: MarketHours
+    mock_enabled: bool
+    force: EngineMode | None = None
+
+    def mode_at(self, now_epoch_s: float) -> EngineMode:
+        if self.force is not None:
+            return self.force
+        if self.hours.is_open(now_epoch_s) or not self.mock_enabled:
+            return "live"
+        return "mock"
+
+    def next_check_epoch_s(self, now_epoch_s: float) -> float | None:
+        """When the mode may next change; None when it never changes (forced or mock off)."""
+        if self.force is not None or not self.mock_enabled:
+            return None
+        return self.hours.next_change_epoch_s(now_epoch_s)

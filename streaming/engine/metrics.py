@@ -1,0 +1,93 @@
+"""Prometheus metrics of one engine, in a registry of its own (no global default registry).
+
+Counters are incremented per frame or per flush with counts, never per tick.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_FLUSH_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_RELOAD_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class EngineMetrics:
+    """Every metric runticker exports; pass it to the components that count."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.ticks_in = Counter(
+            "tickerproj_engine_ticks_in",
+            "Ticks ingested into the pipeline.",
+            ["source", "account"],
+            registry=r,
+        )
+        self.snapshots_out = Counter(
+            "tickerproj_engine_snapshots_out", "Snapshots published.", registry=r
+        )
+        self.group_messages_out = Counter(
+            "tickerproj_engine_group_messages_out",
+            "Channel-layer group messages sent (one per group per flush).",
+            registry=r,
+        )
+        self.flush_seconds = Histogram(
+            "tickerproj_engine_flush_seconds",
+            "Time to compute Greeks for what changed and publish it.",
+            buckets=_FLUSH_BUCKETS_S,
+            registry=r,
+        )
+        self.pending_snapshots = Gauge(
+            "tickerproj_engine_pending_snapshots",
+            "Instruments changed since the last flush (the queue a flush drains).",
+            registry=r,
+        )
+        self.loop_lag_seconds = Gauge(
+            "tickerproj_engine_loop_lag_seconds",
+            "How late the flush loop woke up: a growing value is a growing backlog.",
+            registry=r,
+        )
+        self.reconnects = Counter(
+            "tickerproj_engine_reconnects", "Kite WebSocket reconnects.", ["account"], registry=r
+        )
+        self.dropped = Counter(
+            "tickerproj_engine_dropped_messages",
+            "Messages dropped, by reason (malformed frames, full channels, unknown tokens).",
+            ["reason"],
+            registry=r,
+        )
+        self.task_crashes = Counter(
+            "tickerproj_engine_task_crashes", "Supervised task crashes.", ["task"], registry=r
+        )
+        self.instruments = Gauge(
+            "tickerproj_engine_instruments",
+            "Instruments this engine streams, per account ('mock' for the mock market).",
+            ["account"],
+            registry=r,
+        )
+        self.unassigned = Gauge(
+            "tickerproj_engine_unassigned_subscriptions",
+            "Active subscriptions no account can stream.",
+            registry=r,
+        )
+        self.leases_held = Gauge(
+            "tickerproj_engine_leases_held", "Account leases this engine holds.", registry=r
+        )
+        self.reloads = Counter(
+            "tickerproj_engine_reloads", "Reloads of accounts and subscriptions.", ["trigger"],
+            registry=r,
+        )
+        self.reload_seconds = Histogram(
+            "tickerproj_engine_reload_seconds",
+            "Time from a reload's start to its changes being applied.",
+            buckets=_RELOAD_BUCKETS_S,
+            registry=r,
+        )
+        self.bars_closed = Counter(
+            "tickerproj_engine_bars_closed", "Underlying 1-minute bars closed.", registry=r
+        )
+
+    def serve(self, port: int, *, addr: str = "127.0.0.1"):
+        """Expose /metrics on ``port`` (a daemon thread of prometheus_client's)."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return server
