@@ -1,0 +1,70 @@
+"""The engine's heartbeat: its state written to EngineHeartbeat every few seconds.
+
+/health and the Celery rebalancer read it. The state dict is built by the engine (see
+``Engine.heartbeat_state``); this class only owns the timing and the write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from django.db import DatabaseError
+
+from streaming.engine.store import heartbeat_write, run_db
+
+log = structlog.get_logger(__name__)
+
+
+class HeartbeatWriter:
+    """Writes ``state_fn()`` to this engine's heartbeat row every ``interval_s``."""
+
+    def __init__(
+        self,
+        *,
+        engine_id: str,
+        interval_s: float,
+        state_fn: Callable[[], dict[str, Any]],
+        started_at: dt.datetime,
+        write_timeout_s: float = 5.0,
+    ) -> None:
+        self.engine_id = engine_id
+        self.interval_s = interval_s
+        self._state_fn = state_fn
+        self._started_at = started_at
+        self._write_timeout_s = write_timeout_s
+        self._hostname = socket.gethostname()
+        self._pid = os.getpid()
+        self.writes = 0
+
+    async def run(self) -> None:
+        """The supervised loop: a failed write is logged and retried at the next beat."""
+        while True:
+            await self.write_once()
+            await asyncio.sleep(self.interval_s)
+
+    async def write_once(self) -> bool:
+        state = self._state_fn()
+        try:
+            await asyncio.wait_for(
+                run_db(
+                    heartbeat_write,
+                    engine_id=self.engine_id,
+                    hostname=self._hostname,
+                    pid=self._pid,
+                    started_at=self._started_at,
+                    state=state,
+                ),
+                timeout=self._write_timeout_s,
+            )
+        except (DatabaseError, TimeoutError) as exc:
+            # A missing heartbeat is exactly what /health reports; nothing else to do here.
+            log.warning("heartbeat.write_failed", engine_id=self.engine_id, error=repr(exc))
+            return False
+        self.writes += 1
+        return True

@@ -1,0 +1,297 @@
+"""Which runticker process streams each account: a lease row per account, renewed while alive.
+
+Multi-instance safety comes from conditional UPDATEs, not locks (healthchecks' sendalerts
+style): a process takes an account's lease when the row has expired or is already its own,
+and checks the row count. Times come from the database clock (``Now()``), so servers with
+skewed clocks still agree on when a lease expires.
+
+The guard that keeps Kite's 3-connections-per-api_key limit during a takeover is local: a
+process trusts a lease only until ``request start + ttl - margin`` by its monotonic clock, and
+when that passes without a successful renewal it stops the account's connections, which is
+before the row's ``expires_at`` (set from a later database clock) lets anyone else take it.
+
+Besides accounts, one engine at a time holds the "mock pool" job lock (``JobLock`` row): in
+mock mode it alone drives the subscriptions no account can stream, so two engines never
+publish two different synthetic markets for the same instrument.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import structlog
+from django.db import DatabaseError, IntegrityError, transaction
+from django.db.models import Case, DateTimeField, ExpressionWrapper, F, Q, Value, When
+from django.db.models.functions import Now
+
+from streaming.engine.store import run_db
+from streaming.models import AccountLease
+from subscriptions.locks import joblock_acquire, joblock_release
+
+log = structlog.get_logger(__name__)
+
+MOCK_POOL_LOCK = "runticker.mock_pool"
+"""JobLock name of the engine that mocks the subscriptions no account can stream."""
+
+
+def make_engine_id() -> str:
+    """host:pid:random, unique per process start (pids are reused across restarts)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"[:200]
+
+
+def _expires_in(ttl_s: float) -> ExpressionWrapper:
+    return ExpressionWrapper(
+        Now() + Value(dt.timedelta(seconds=ttl_s)), output_field=DateTimeField()
+    )
+
+
+# --- database operations (sync; run in a worker thread through run_db) -----------------------
+
+
+def lease_try_acquire(*, account_id: int, owner: str, ttl_s: float) -> bool:
+    """Take or renew the account's lease for ``owner``; True if ``owner`` holds it now."""
+    taken = (
+        AccountLease.objects.filter(account_id=account_id)
+        .filter(Q(expires_at__lt=Now()) | Q(owner=owner))
+        .update(
+            acquired_at=Case(When(owner=owner, then=F("acquired_at")), default=Now()),
+            owner=owner,
+            renewed_at=Now(),
+            expires_at=_expires_in(ttl_s),
+        )
+    )
+    if taken:
+        return True
+    try:
+        # A savepoint: losing the INSERT race must not break a caller's transaction.
+        with transaction.atomic():
+            AccountLease.objects.create(
+                account_id=account_id,
+                owner=owner,
+                acquired_at=Now(),
+                renewed_at=Now(),
+                expires_at=_expires_in(ttl_s),
+            )
+    except IntegrityError:
+        # Either another process holds it or the account was deleted meanwhile.
+        return False
+    return True
+
+
+def lease_renew(*, account_ids: Iterable[int], owner: str, ttl_s: float) -> set[int]:
+    """Extend the leases ``owner`` still holds among ``account_ids``; returns those held.
+
+    A lease of ours that expired but that no one took is renewed too: it is still ours.
+    """
+    ids = list(account_ids)
+    if not ids:
+        return set()
+    with transaction.atomic():
+        AccountLease.objects.filter(account_id__in=ids, owner=owner).update(
+            renewed_at=Now(), expires_at=_expires_in(ttl_s)
+        )
+        return set(
+            AccountLease.objects.filter(account_id__in=ids, owner=owner).values_list(
+                "account_id", flat=True
+            )
+        )
+
+
+def lease_release(*, account_ids: Iterable[int], owner: str) -> int:
+    """Give leases back at once so another process can take them without waiting."""
+    ids = list(account_ids)
+    if not ids:
+        return 0
+    deleted, _ = AccountLease.objects.filter(account_id__in=ids, owner=owner).delete()
+    return deleted
+
+
+def lease_owners() -> dict[int, tuple[str, dt.datetime]]:
+    """account_id -> (owner, expires_at) of every lease row."""
+    return {
+        aid: (owner, expires)
+        for aid, owner, expires in AccountLease.objects.values_list(
+            "account_id", "owner", "expires_at"
+        )
+    }
+
+
+# --- the manager --------------------------------------------------------------------------
+
+
+@dataclass
+class _Held:
+    valid_until_monotonic: float
+
+
+LeaseCallback = Callable[[int], Awaitable[None]]
+
+
+class LeaseManager:
+    """Keeps the leases of the accounts this engine wants; tells the engine what it gained/lost.
+
+    ``on_acquired(account_id)`` runs after a lease is taken; ``on_lost(account_id)`` runs when
+    a lease is lost or about to lapse, and must stop the account's connections before it
+    returns. ``run()`` is the supervised loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        owner: str,
+        ttl_s: float,
+        on_acquired: LeaseCallback,
+        on_lost: LeaseCallback,
+        on_mock_pool: Callable[[bool], Awaitable[None]] | None = None,
+        check_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl_s < 3.0:
+            raise ValueError(f"lease ttl_s must be at least 3 s, got {ttl_s}")
+        self.owner = owner
+        self.ttl_s = ttl_s
+        self.renew_every_s = ttl_s / 3.0
+        # Stop connections this long before the row can expire: room to close them.
+        self.margin_s = ttl_s / 3.0
+        self._on_acquired = on_acquired
+        self._on_lost = on_lost
+        self._on_mock_pool = on_mock_pool
+        self._check_interval_s = check_interval_s
+        self._clock = clock
+        self._wanted: set[int] = set()
+        self._held: dict[int, _Held] = {}
+        self._mock_pool_until: float | None = None
+        self._last_round_monotonic = float("-inf")
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    # --- what the engine tells it ----------------------------------------------------------
+
+    def set_wanted(self, account_ids: Iterable[int]) -> None:
+        """The accounts this engine would stream (streamable, within --accounts)."""
+        wanted = set(account_ids)
+        if wanted != self._wanted:
+            self._wanted = wanted
+            self._wake.set()
+
+    @property
+    def held(self) -> set[int]:
+        return set(self._held)
+
+    @property
+    def holds_mock_pool(self) -> bool:
+        return self._mock_pool_until is not None
+
+    def holds(self, account_id: int) -> bool:
+        return account_id in self._held
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Renew every ttl/3, take wanted leases, and drop any about to lapse."""
+        while not self._closed:
+            await self._expire_local()
+            now = self._clock()
+            if self._wake.is_set() or now - self._last_round_monotonic >= self.renew_every_s:
+                self._wake.clear()
+                self._last_round_monotonic = now
+                await self._round()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._check_interval_s)
+
+    async def _round(self) -> None:
+        started = self._clock()
+        valid_until = started + self.ttl_s - self.margin_s
+        # Renew what we hold.
+        held_ids = list(self._held)
+        if held_ids:
+            still = await self._db(
+                lease_renew, account_ids=held_ids, owner=self.owner, ttl_s=self.ttl_s
+            )
+            if still is not None:
+                for aid in held_ids:
+                    if aid in still:
+                        self._held[aid].valid_until_monotonic = valid_until
+                    else:
+                        log.warning("lease.lost", account_id=aid, owner=self.owner)
+                        await self._lose(aid)
+        # Give back what we no longer want (an account disabled or outside --accounts).
+        unwanted = [aid for aid in self._held if aid not in self._wanted]
+        for aid in unwanted:
+            await self._lose(aid)
+        if unwanted:
+            await self._db(lease_release, account_ids=unwanted, owner=self.owner)
+        # Take what we want and do not hold.
+        for aid in sorted(self._wanted - set(self._held)):
+            got = await self._db(
+                lease_try_acquire, account_id=aid, owner=self.owner, ttl_s=self.ttl_s
+            )
+            if got:
+                self._held[aid] = _Held(valid_until_monotonic=valid_until)
+                log.info("lease.acquired", account_id=aid, owner=self.owner)
+                await self._on_acquired(aid)
+        await self._round_mock_pool(valid_until)
+
+    async def _round_mock_pool(self, valid_until: float) -> None:
+        if self._on_mock_pool is None:
+            return
+        got = await self._db(
+            joblock_acquire, name=MOCK_POOL_LOCK, owner=self.owner, ttl_s=self.ttl_s
+        )
+        had = self._mock_pool_until is not None
+        if got:
+            self._mock_pool_until = valid_until
+            if not had:
+                log.info("lease.mock_pool_acquired", owner=self.owner)
+                await self._on_mock_pool(True)
+        elif got is False and had:
+            self._mock_pool_until = None
+            log.info("lease.mock_pool_lost", owner=self.owner)
+            await self._on_mock_pool(False)
+
+    async def _expire_local(self) -> None:
+        """Stop streaming accounts whose lease we could not renew in time."""
+        now = self._clock()
+        for aid, held in list(self._held.items()):
+            if now >= held.valid_until_monotonic:
+                log.error("lease.lapsing", account_id=aid, owner=self.owner)
+                await self._lose(aid)
+        if self._mock_pool_until is not None and now >= self._mock_pool_until:
+            self._mock_pool_until = None
+            if self._on_mock_pool is not None:
+                await self._on_mock_pool(False)
+
+    async def _lose(self, account_id: int) -> None:
+        if self._held.pop(account_id, None) is not None:
+            await self._on_lost(account_id)
+
+    async def _db(self, fn, **kwargs):
+        """A lease query with a deadline; None when the database did not answer in time."""
+        try:
+            return await asyncio.wait_for(run_db(fn, **kwargs), timeout=self.renew_every_s)
+        except TimeoutError:
+            log.warning("lease.db_timeout", op=fn.__name__, owner=self.owner)
+        except DatabaseError as exc:
+            log.warning("lease.db_error", op=fn.__name__, owner=self.owner, error=repr(exc))
+        return None
+
+    async def release_all(self) -> None:
+        """On shutdown, after the connections are closed: hand every lease over at once."""
+        self._closed = True
+        ids = list(self._held)
+        for aid in ids:
+            await self._lose(aid)
+        if ids:
+            await self._db(lease_release, account_ids=ids, owner=self.owner)
+        if self._mock_pool_until is not None and self._on_mock_pool is not None:
+            self._mock_pool_until = None
+            await self._db(joblock_release, name=MOCK_POOL_LOCK, owner=self.owner)
+        log.info("lease.released_all", accounts=ids, owner=self.owner)

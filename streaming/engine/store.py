@@ -1,0 +1,242 @@
+"""The engine's database reads and writes, run off the event loop.
+
+Everything here is a plain sync function over the ORM (selectors/services style), run through
+:func:`run_db` in a worker thread. ``thread_sensitive=False`` so a slow bulk write of 100k
+subscriptions never holds up a lease renewal queued behind it; each worker thread closes
+unusable connections before and after (healthchecks' sendalerts does the same), so a database
+restart costs one failed call, not a stuck engine.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import structlog
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections, transaction
+from django.utils import timezone
+
+from accounts.models import KiteAccount
+from accounts.selectors import account_list_streamable
+from accounts.services import account_mark_session_expired
+from streaming.engine.allocator import AccountInfo, Allocation, SubscriptionWish
+from streaming.models import EngineHeartbeat, UnderlyingBar
+from subscriptions.models import Instrument, Subscription
+from subscriptions.selectors import subscription_list_active
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+INSTRUMENT_FIELDS = (
+    "instrument_token",
+    "exchange_token",
+    "tradingsymbol",
+    "name",
+    "last_price",
+    "expiry",
+    "strike",
+    "tick_size",
+    "lot_size",
+    "instrument_type",
+    "segment",
+    "exchange",
+)
+_BULK_BATCH = 2000
+
+
+def _in_worker(fn: Callable[..., T], kwargs: Mapping[str, Any]) -> T:
+    close_old_connections()
+    try:
+        return fn(**kwargs)
+    finally:
+        close_old_connections()
+
+
+async def run_db(fn: Callable[..., T], /, **kwargs: Any) -> T:
+    """Run a sync ORM function in a worker thread with fresh-connection hygiene."""
+    return await sync_to_async(_in_worker, thread_sensitive=False)(fn, kwargs)
+
+
+# --- what the engine reads ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccountRow:
+    """An account as the engine needs it; the token is only in memory, never logged."""
+
+    account_id: int
+    label: str
+    api_key: str
+    status: str
+    streamable: bool
+    access_token: str = field(repr=False, default="")
+
+    @property
+    def token_fingerprint(self) -> str:
+        """Tells a new login from the old one without comparing secrets in logs."""
+        return hashlib.sha256(self.access_token.encode()).hexdigest()[:16]
+
+    def info(self) -> AccountInfo:
+        return AccountInfo(
+            account_id=self.account_id,
+            label=self.label,
+            streamable=self.streamable,
+            status=self.status,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionRow:
+    """An active subscription and what the engine last wrote about it."""
+
+    token: int
+    mode: str
+    pinned_account_id: int | None
+    assigned_account_id: int | None
+    streamed_mode: str
+    unassigned_reason: str
+
+    def wish(self) -> SubscriptionWish:
+        return SubscriptionWish(
+            token=self.token,
+            mode=self.mode,
+            pinned_account_id=self.pinned_account_id,
+            current_account_id=self.assigned_account_id,
+        )
+
+
+@dataclass
+class World:
+    """Accounts and active subscriptions at one moment."""
+
+    accounts: list[AccountRow]
+    subscriptions: list[SubscriptionRow]
+
+
+def world_load() -> World:
+    """Every non-disabled account (streamable or not) and every active subscription."""
+    streamable_ids = set(account_list_streamable().values_list("pk", flat=True))
+    accounts = []
+    for acc in KiteAccount.objects.exclude(status=KiteAccount.Status.DISABLED).order_by("pk"):
+        streamable = acc.pk in streamable_ids
+        if streamable or acc.status != KiteAccount.Status.ACTIVE:
+            status = acc.status
+        elif not acc.access_token_is_set:
+            status = "no_access_token"
+        else:
+            status = "token_expired"
+        accounts.append(
+            AccountRow(
+                account_id=acc.pk,
+                label=acc.label,
+                api_key=acc.api_key,
+                status=status,
+                streamable=streamable,
+                # Decrypted only for accounts the engine may stream.
+                access_token=acc.access_token if streamable else "",
+            )
+        )
+    subs = [
+        SubscriptionRow(*row)
+        for row in subscription_list_active()
+        .order_by()
+        .values_list(
+            "instrument_id",
+            "mode",
+            "pinned_account_id",
+            "assigned_account_id",
+            "streamed_mode",
+            "unassigned_reason",
+        )
+        .iterator(chunk_size=10_000)
+    ]
+    return World(accounts=accounts, subscriptions=subs)
+
+
+def instruments_load(*, tokens: Iterable[int]) -> list[dict[str, Any]]:
+    """Instrument rows of ``tokens`` plus the index/future rows their options refer to."""
+    wanted = list(tokens)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(wanted), 20_000):
+        chunk = wanted[start : start + 20_000]
+        rows.extend(Instrument.objects.filter(pk__in=chunk).values(*INSTRUMENT_FIELDS))
+    return rows
+
+
+def assignments_save(
+    *, allocation: Allocation, subscriptions: Sequence[SubscriptionRow]
+) -> int:
+    """Write where each subscription streams (or why not), only for rows that changed."""
+    changed: list[Subscription] = []
+    for sub in subscriptions:
+        account_id = allocation.account_of.get(sub.token)
+        mode = sub.mode if account_id is not None else ""
+        reason = "" if account_id is not None else allocation.unassigned.get(sub.token, "")
+        reason = reason[:200]
+        if (account_id, mode, reason) == (
+            sub.assigned_account_id,
+            sub.streamed_mode,
+            sub.unassigned_reason,
+        ):
+            continue
+        changed.append(
+            Subscription(
+                instrument_id=sub.token,
+                assigned_account_id=account_id,
+                streamed_mode=mode,
+                unassigned_reason=reason,
+            )
+        )
+    if not changed:
+        return 0
+    # Subscription's primary key is its OneToOne instrument: bulk_update filters on it.
+    # Done in one transaction so the admin never sees half an allocation.
+    with transaction.atomic():
+        Subscription.objects.bulk_update(
+            changed,
+            ["assigned_account", "streamed_mode", "unassigned_reason"],
+            batch_size=_BULK_BATCH,
+        )
+    return len(changed)
+
+
+def account_expire_session(*, account_id: int, reason: str) -> bool:
+    return account_mark_session_expired(account_id=account_id, reason=reason)
+
+
+# --- heartbeat and bars ---------------------------------------------------------------------
+
+
+def heartbeat_write(
+    *, engine_id: str, hostname: str, pid: int, started_at: dt.datetime, state: dict[str, Any]
+) -> None:
+    EngineHeartbeat.objects.update_or_create(
+        engine_id=engine_id,
+        defaults={
+            "hostname": hostname,
+            "pid": pid,
+            "started_at": started_at,
+            "updated_at": timezone.now(),
+            "state": state,
+        },
+    )
+
+
+def bars_save(*, bars: Sequence[Mapping[str, Any]]) -> int:
+    """Upsert closed 1-minute bars (a restarted engine may close the same minute again)."""
+    if not bars:
+        return 0
+    objs = [UnderlyingBar(**bar) for bar in bars]
+    UnderlyingBar.objects.bulk_create(
+        objs,
+        update_conflicts=True,
+        unique_fields=["instrument", "start"],
+        update_fields=["open", "high", "low", "close", "volume", "tick_count", "is_gap", "is_mock"],
+        batch_size=_BULK_BATCH,
+    )
+    return len(objs)
