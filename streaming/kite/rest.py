@@ -33,7 +33,8 @@ import datetime as dt
 import enum
 import hashlib
 import io
-import random
+import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -45,9 +46,6 @@ import redis
 import requests
 import structlog
 from kiteconnect import KiteConnect
-from limits import RateLimitItemPerSecond
-from limits.storage import MemoryStorage, RedisStorage, Storage
-from limits.strategies import MovingWindowRateLimiter
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from tenacity import (
     RetryCallState,
@@ -93,6 +91,8 @@ REQUESTS_PER_S: Final[dict[str, int]] = {
 
 ERROR_TEXT_MAX_CHARS: Final = 300
 """Kite's messages (and kiteconnect's, which can embed a whole response body) are cut here."""
+
+REDACT_MIN_CHARS: Final = 8
 
 _KITE_TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
 
@@ -222,19 +222,50 @@ class KiteRateLimiterUnavailable(KiteError):
 
 # --- rate limits --------------------------------------------------------------------------
 
+RATE_MARGIN: Final = 0.05
+"""Requests are paced 5% slower than Kite's limit: Kite counts them on arrival, and network
+jitter can bring two requests sent exactly one interval apart closer together."""
+
+# GCRA ("generic cell rate algorithm") by reservation, atomically on Redis's own clock.
+# KEYS[1]: the api key's bucket of one endpoint class. ARGV[1]: interval between requests
+# (ms), ARGV[2]: longest acceptable wait (ms). The bucket holds the "theoretical arrival time"
+# (ms) of the next free slot. Returns {wait_ms, slot_ms}, or {-1, slot_ms} without booking
+# when the wait would exceed the maximum.
+_GCRA_LUA: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local slot = tonumber(redis.call('GET', KEYS[1]) or now)
+if slot < now then slot = now end
+local wait = slot - now
+if wait > tonumber(ARGV[2]) then return {-1, slot} end
+redis.call('SET', KEYS[1], slot + interval, 'PX', wait + interval + 1000)
+return {wait, slot}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RateSlot:
+    """A booked request slot: when it may be sent (the limiter's clock, ms) and the wait."""
+
+    send_at_ms: int
+    waited_s: float
+
 
 class KiteRateLimiter:
-    """Kite's REST rate limits per api key and endpoint class, shared through ``storage``.
+    """Kite's REST rate limits per api key and endpoint class, shared by every process.
 
-    Built on the ``limits`` library's moving window: at most N requests in any window of one
-    second, atomically checked by a Lua script in Redis, so every process on the same Redis
-    shares each api key's budget. On embedded defaults (no Redis) the same strategy runs on
-    ``limits``' in-process memory storage. ``acquire`` blocks until a slot is free: it sleeps
-    until the oldest request leaves the window (plus a little jitter, so waiting processes
-    do not all retry at the same instant) and gives up after ``max_wait_s``.
+    Each request books the next free send time of its (api key, endpoint class) and sleeps
+    until then: requests are paced one interval apart (1 s / limit, plus ``RATE_MARGIN``), so
+    no window of one second ever holds more than the limit, and waiting callers are served
+    in the order they asked, without polling. With a Redis URL the bookings live in Redis
+    (one Lua script, Redis's clock, so hosts' clock skew does not matter); without one they
+    live in this process (the embedded single-process set-up).
 
-    ``limits`` stamps requests with each process's own clock; hosts sharing one Redis must
-    run NTP. A 429 from Kite (clock skew, network jitter) is still retried by the client.
+    Hand-written rather than the ``limits`` or ``pyrate-limiter`` packages: both count hits in
+    windows stamped with each client's own clock and make a blocked caller poll until a slot
+    frees, and ``limits`` has whole-second windows only, so it cannot leave the margin for
+    network jitter that Kite's arrival-side counting needs. Booking by GCRA is a dozen lines.
     """
 
     KEY_PREFIX: Final = "tickerproj:kite:rate"
@@ -242,52 +273,71 @@ class KiteRateLimiter:
     def __init__(
         self,
         *,
-        storage: Storage,
+        redis_client: redis.Redis | None = None,
+        requests_per_s: dict[str, float] | None = None,
+        margin: float = RATE_MARGIN,
         max_wait_s: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._strategy = MovingWindowRateLimiter(storage)
-        self._items = {name: RateLimitItemPerSecond(n) for name, n in REQUESTS_PER_S.items()}
+        rates = {**REQUESTS_PER_S, **(requests_per_s or {})}
+        self.interval_ms = {name: 1000.0 * (1 + margin) / n for name, n in rates.items()}
+        self._redis = redis_client
+        self._script = redis_client.register_script(_GCRA_LUA) if redis_client is not None else None
+        self._local_slots: dict[str, float] = {}
+        self._local_lock = threading.Lock()
         self._max_wait_s = max_wait_s
         self._sleep = sleep
 
     @classmethod
     def from_redis_url(cls, redis_url: str, **kwargs: Any) -> KiteRateLimiter:
         """The deployment's limiter: shared through Redis when a URL is given, else in-process."""
-        storage: Storage
-        if redis_url:
-            storage = RedisStorage(redis_url, key_prefix=cls.KEY_PREFIX)
-        else:
-            storage = MemoryStorage()
-        return cls(storage=storage, **kwargs)
+        client = redis.Redis.from_url(redis_url) if redis_url else None
+        return cls(redis_client=client, **kwargs)
 
-    def acquire(self, *, api_key: str, rate_class: RateClass, endpoint: str = "") -> float:
-        """Block until one request of ``rate_class`` may be sent; returns the seconds waited."""
-        item = self._items[rate_class]
-        started = time.monotonic()
-        deadline = started + self._max_wait_s
-        while True:
-            try:
-                if self._strategy.hit(item, api_key, rate_class):
-                    return time.monotonic() - started
-                reset_at_epoch_s, _ = self._strategy.get_window_stats(item, api_key, rate_class)
-            except redis.RedisError as exc:
-                raise KiteRateLimiterUnavailable(
-                    f"rate limiter storage failed: {type(exc).__name__}: {_short(str(exc))}",
-                    endpoint=endpoint or rate_class,
-                ) from None
-            delay_s = max(reset_at_epoch_s - time.time(), 0.0) + random.uniform(0.0, 0.01)
-            if time.monotonic() + delay_s > deadline:
-                raise KiteRateLimitTimeout(
-                    f"no {rate_class} rate-limit slot within {self._max_wait_s}s",
-                    endpoint=endpoint or rate_class,
-                )
-            self._sleep(delay_s)
+    def _key(self, api_key: str, rate_class: str) -> str:
+        return f"{self.KEY_PREFIX}:{api_key}:{rate_class}"
+
+    def _book(self, key: str, interval_ms: float, max_wait_ms: float) -> tuple[float, float]:
+        if self._script is not None:
+            # Redis keeps integers; rounding the interval up keeps the margin.
+            wait_ms, slot_ms = self._script(keys=[key], args=[math.ceil(interval_ms), int(max_wait_ms)])
+            return float(wait_ms), float(slot_ms)
+        with self._local_lock:
+            now_ms = time.monotonic() * 1000.0
+            slot_ms = max(self._local_slots.get(key, now_ms), now_ms)
+            wait_ms = slot_ms - now_ms
+            if wait_ms > max_wait_ms:
+                return -1.0, slot_ms
+            self._local_slots[key] = slot_ms + interval_ms
+            return wait_ms, slot_ms
+
+    def acquire(self, *, api_key: str, rate_class: RateClass, endpoint: str = "") -> RateSlot:
+        """Book the next slot for one request of ``rate_class`` and sleep until it."""
+        key = self._key(api_key, rate_class)
+        try:
+            wait_ms, slot_ms = self._book(key, self.interval_ms[rate_class], self._max_wait_s * 1000)
+        except redis.RedisError as exc:
+            raise KiteRateLimiterUnavailable(
+                f"rate limiter storage failed: {type(exc).__name__}: {_short(str(exc))}",
+                endpoint=endpoint or rate_class,
+            ) from None
+        if wait_ms < 0:
+            raise KiteRateLimitTimeout(
+                f"no {rate_class} rate-limit slot for {api_key} within {self._max_wait_s}s",
+                endpoint=endpoint or rate_class,
+            )
+        if wait_ms > 0:
+            self._sleep(wait_ms / 1000.0)
+        return RateSlot(send_at_ms=int(slot_ms), waited_s=wait_ms / 1000.0)
 
     def clear(self, *, api_key: str) -> None:
-        """Forget the recorded requests of an api key (tests, and after changing a key)."""
-        for rate_class, item in self._items.items():
-            self._strategy.clear(item, api_key, rate_class)
+        """Forget an api key's bookings (tests, and after replacing a key)."""
+        keys = [self._key(api_key, name) for name in self.interval_ms]
+        if self._redis is not None:
+            self._redis.delete(*keys)
+        with self._local_lock:
+            for key in keys:
+                self._local_slots.pop(key, None)
 
 
 # --- historical candles -------------------------------------------------------------------
@@ -606,7 +656,8 @@ class KiteRestClient:
 
     def _redact(self, text: str, extra_secrets: Iterable[str] = ()) -> str:
         for secret in (*self._secrets, *extra_secrets):
-            if secret:
+            # Kite's tokens and secrets are 32 characters; a short test value would garble text.
+            if len(secret) >= REDACT_MIN_CHARS:
                 text = text.replace(secret, "***")
         return _short(text)
 
@@ -726,7 +777,11 @@ class KiteRestClient:
             if not isinstance(data, dict):
                 raise KiteResponseError(endpoint=endpoint, field="data", got=type(data).__name__,
                                         reason="not an object keyed by instrument")
+            requested = set(chunk)
             for key, item in data.items():
+                if key not in requested:
+                    raise KiteResponseError(endpoint=endpoint, field="data", got=key,
+                                            reason="holds an instrument that was not requested")
                 out[key] = validate_item(model, item, endpoint=endpoint, instrument=key)
         return out
 
