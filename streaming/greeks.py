@@ -285,6 +285,9 @@ _REGION_UPPER = 2
 #: A Householder step smaller than this (relative) ends the iteration: the error left after
 #: a third-order step of relative size e is O(e^4), far below double precision.
 _STEP_TOLERANCE = 1e-7
+_EPSILON = float(np.finfo(np.float64).eps)
+#: A time value within this many ulps of the premium is indistinguishable from none.
+_NOISE_ULPS = 16.0
 _MAX_ITERATIONS = 12
 
 
@@ -685,7 +688,9 @@ def _greeks_kernel(
         otm_undiscounted = undiscounted
         if undiscounted >= max_price:
             flags |= _F_ABOVE_MAX
-        elif undiscounted <= intrinsic:
+        elif undiscounted - intrinsic <= _NOISE_ULPS * _EPSILON * undiscounted:
+            # At or below intrinsic, or a time value within rounding noise of the premium,
+            # which would pin the IV on the last bits of the inputs.
             flags |= _F_BELOW_INTRINSIC
         else:
             if solve_sign * x > 0.0:
