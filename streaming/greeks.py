@@ -50,6 +50,7 @@ from scipy.special import ndtr
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_MAX_ITERATIONS",
     "DEFAULT_MIN_VEGA_PER_POINT",
     "DEFAULT_RISK_FREE_RATE",
     "IST",
@@ -288,7 +289,8 @@ _STEP_TOLERANCE = 1e-7
 _EPSILON = float(np.finfo(np.float64).eps)
 #: A time value within this many ulps of the premium is indistinguishable from none.
 _NOISE_ULPS = 16.0
-_MAX_ITERATIONS = 12
+#: Safety cap on Householder steps; typical solves take 2, reaching it flags NO_CONVERGENCE.
+DEFAULT_MAX_ITERATIONS = 12
 
 
 @njit(cache=True, fastmath=False, inline="always")
@@ -441,7 +443,7 @@ def _inverse_lower_map(x, f):
 
 
 @njit(cache=True, fastmath=False)
-def _normalised_iv(beta, x):
+def _normalised_iv(beta, x, max_iterations):
     """s = sigma sqrt(T) such that b(x, s) = beta, for x <= 0 and 0 < beta < e^{x/2}.
 
     Returns (s, iterations); s is NaN if beta is out of range or the iteration fails.
@@ -523,7 +525,7 @@ def _normalised_iv(beta, x):
     if not (s > 0.0 and s < math.inf):
         s = s_c if s_c > 0.0 else 1.0
     iterations = 0
-    while iterations < _MAX_ITERATIONS:
+    while iterations < max_iterations:
         iterations += 1
         vega = _normalised_vega(x, s)
         inv_s = 1.0 / s
@@ -613,6 +615,7 @@ def _greeks_kernel(
     dividend_yield,
     spot_mode,
     min_vega_per_point,
+    max_iterations,
     out_iv,
     out_delta,
     out_gamma,
@@ -702,7 +705,7 @@ def _greeks_kernel(
             elif not (beta < math.exp(0.5 * x_otm)):
                 flags |= _F_ABOVE_MAX
             else:
-                s, _ = _normalised_iv(beta, x_otm)
+                s, _ = _normalised_iv(beta, x_otm, max_iterations)
                 if s != s:
                     flags |= _F_NO_CONVERGENCE
         if s != s:
@@ -782,6 +785,7 @@ def _run(
     dividend_yield,
     spot_mode: bool,
     min_vega_per_point: float,
+    max_iterations: int,
     block_size: int,
 ) -> GreeksBatch:
     if block_size < 1:
@@ -816,7 +820,7 @@ def _run(
         block = [a if a.shape[0] == 1 else a[lo:hi] for a in flat.values()]
         p, u, k, t, c, rr, pp, st, q = block
         _greeks_kernel(
-            p, pp, u, k, t, c, rr, st, q, spot_mode, float(min_vega_per_point),
+            p, pp, u, k, t, c, rr, st, q, spot_mode, float(min_vega_per_point), int(max_iterations),
             *(o[lo:hi] for o in out), out_flags[lo:hi],
         )  # fmt: skip
     iv, delta, gamma, theta, vega, rho = (o.reshape(shape) for o in out)
@@ -834,6 +838,7 @@ def compute_greeks(
     pair_price=None,
     stale=None,
     min_vega_per_point: float = DEFAULT_MIN_VEGA_PER_POINT,
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> GreeksBatch:
     """IV and Black-76 Greeks of a batch of options (live ticks and historical candles alike).
@@ -854,7 +859,9 @@ def compute_greeks(
     Reason codes (see :class:`Flag`): NaN forward -> NO_FORWARD; NaN/<=0 price to solve ->
     NO_PRICE; ``t_years <= 0`` -> EXPIRED; ``stale`` mask -> STALE_UNDERLYING; premium at or
     below intrinsic -> BELOW_INTRINSIC; at or above F (call) / K (put) undiscounted ->
-    ABOVE_MAX; vega below ``min_vega_per_point`` (rupees per vol point; 0 disables) -> LOW_VEGA.
+    ABOVE_MAX; vega below ``min_vega_per_point`` (rupees per vol point; 0 disables) -> LOW_VEGA;
+    strike <= 0 or NaN, NaN time or rate -> BAD_INPUT; the solver still moving after
+    ``max_iterations`` steps (a safety cap; solves take 1-3) -> NO_CONVERGENCE.
     Where any failure flag is set, IV and Greeks are NaN. Nothing raises for one bad option.
 
     Units: iv a fraction; delta dV/dF and gamma d2V/dF2 of the discounted premium w.r.t. the
@@ -873,6 +880,7 @@ def compute_greeks(
         dividend_yield=0.0,
         spot_mode=False,
         min_vega_per_point=min_vega_per_point,
+        max_iterations=max_iterations,
         block_size=block_size,
     )
 
@@ -889,6 +897,7 @@ def compute_greeks_spot(
     pair_price=None,
     stale=None,
     min_vega_per_point: float = DEFAULT_MIN_VEGA_PER_POINT,
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> GreeksBatch:
     """Black-Scholes on spot with rate ``r`` and dividend yield ``q``: the explicit fallback.
@@ -911,6 +920,7 @@ def compute_greeks_spot(
         dividend_yield=q,
         spot_mode=True,
         min_vega_per_point=min_vega_per_point,
+        max_iterations=max_iterations,
         block_size=block_size,
     )
 
@@ -931,6 +941,7 @@ def implied_volatility(
         is_call=is_call,
         r=r,
         min_vega_per_point=0.0,
+        max_iterations=DEFAULT_MAX_ITERATIONS,
         block_size=block_size,
     )
     return batch.iv, batch.flags
