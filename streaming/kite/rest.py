@@ -248,7 +248,7 @@ return {wait, slot}
 class RateSlot:
     """A booked request slot: when it may be sent (the limiter's clock, ms) and the wait."""
 
-    send_at_ms: int
+    send_at_ms: float
     waited_s: float
 
 
@@ -328,7 +328,7 @@ class KiteRateLimiter:
             )
         if wait_ms > 0:
             self._sleep(wait_ms / 1000.0)
-        return RateSlot(send_at_ms=int(slot_ms), waited_s=wait_ms / 1000.0)
+        return RateSlot(send_at_ms=slot_ms, waited_s=wait_ms / 1000.0)
 
     def clear(self, *, api_key: str) -> None:
         """Forget an api key's bookings (tests, and after replacing a key)."""
