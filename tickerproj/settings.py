@@ -182,6 +182,14 @@ MOCK_MARKET_ENABLED = env.bool("MOCK_MARKET_ENABLED", default=True)
 """Drive the pipeline from the synthetic market outside market hours."""
 MARKET_HOLIDAYS = env.list("MARKET_HOLIDAYS", default=[])
 """NSE trading holidays as ISO dates; the market is closed on them."""
+MOCK_TICK_INTERVAL_MS = env.int("MOCK_TICK_INTERVAL_MS", default=250)
+"""How often the mock market steps and emits ticks for every mocked instrument."""
+MOCK_MARKET_SEED = env.int("MOCK_MARKET_SEED", default=0)
+"""Seed of the engine's synthetic market (the same seed gives the same instruments)."""
+TICKER_RELOAD_DEBOUNCE_MS = env.int("TICKER_RELOAD_DEBOUNCE_MS", default=200)
+"""A burst of change notices settles this long before the engine reloads once."""
+TICKER_SAFETY_RELOAD_S = env.float("TICKER_SAFETY_RELOAD_S", default=60.0)
+"""The engine reloads this often even without a notice, in case one was lost."""
 
 # Browser WebSockets.
 WS_MAX_SUBSCRIPTIONS = env.int("WS_MAX_SUBSCRIPTIONS", default=2000)
