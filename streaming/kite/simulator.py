@@ -62,6 +62,7 @@ import orjson
 import structlog
 from aiohttp import WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from yarl import URL
 
 from streaming.kite.codec import (
     MAX_PACKETS_PER_FRAME,
@@ -88,6 +89,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 WS_PATH: Final = "/ws"
+LOGIN_PATH: Final = "/connect/login"
 HEARTBEAT_FRAME: Final = b"\x00"
 KITE_VERSION: Final = "3"
 _PROBE_MASK: Final = 0xFFFFFFFF
@@ -201,6 +203,7 @@ class _Account:
     api_secret: str
     user_id: str
     access_token: str | None
+    redirect_url: str | None = None
     request_tokens: set[str] = field(default_factory=set)
     orders: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # id -> history
     trades: list[dict[str, Any]] = field(default_factory=list)
@@ -372,6 +375,11 @@ class KiteSimulator:
         return f"http://{self._host}:{self.port}"
 
     @property
+    def login_url(self) -> str:
+        """Kite's login page (KITE_LOGIN_URL): ``?api_key=...&v=3`` redirects with a request token."""
+        return f"http://{self._host}:{self.port}{LOGIN_PATH}"
+
+    @property
     def ws_url(self) -> str:
         """Ticker root (KITE_WS_URL); clients append ``?api_key=&access_token=``."""
         return f"ws://{self._host}:{self.port}{WS_PATH}"
@@ -385,8 +393,13 @@ class KiteSimulator:
         api_secret: str,
         access_token: str | None = None,
         user_id: str | None = None,
+        redirect_url: str | None = None,
     ) -> None:
-        """Add an API key; ``access_token`` makes it logged in at once."""
+        """Add an API key; ``access_token`` makes it logged in at once.
+
+        ``redirect_url`` is the app's registered redirect: ``login_url`` sends the browser
+        there with a fresh ``request_token``, as Kite's login page does after a login.
+        """
         if api_key in self._accounts:
             raise ValueError(f"api_key already registered: {api_key}")
         self._accounts[api_key] = _Account(
@@ -394,6 +407,7 @@ class KiteSimulator:
             api_secret=api_secret,
             user_id=user_id or f"ZS{len(self._accounts) + 1:04d}",
             access_token=access_token,
+            redirect_url=redirect_url,
         )
 
     def issue_request_token(self, api_key: str) -> str:
@@ -606,6 +620,7 @@ class KiteSimulator:
     def _add_routes(self, app: web.Application) -> None:
         e = self._endpoint
         app.router.add_get(WS_PATH, self._ws_handler)
+        app.router.add_get(LOGIN_PATH, self._login_page)
         app.router.add_get("/instruments", e("market.instruments.all", self._instruments, auth=False))
         app.router.add_get(
             "/instruments/historical/{instrument_token}/{interval}",
@@ -795,6 +810,20 @@ class KiteSimulator:
         raise _input_error(f"Invalid `{name}` date: {value!r}.")
 
     # --- REST: session and user -----------------------------------------------------------
+
+    async def _login_page(self, request: web.Request) -> web.StreamResponse:
+        """Stands in for a successful login on Kite's page: redirect with a request token."""
+        api_key = request.query.get("api_key", "")
+        account = self._accounts.get(api_key)
+        if account is None:
+            raise _input_error(f"Invalid `api_key`: {api_key!r}.")
+        if not account.redirect_url:
+            raise _input_error(f"No redirect URL registered for api_key {api_key!r}.")
+        request_token = self.issue_request_token(api_key)
+        target = URL(account.redirect_url).update_query(
+            action="login", type="login", status="success", request_token=request_token
+        )
+        raise web.HTTPFound(location=str(target))
 
     async def _session_token(self, request: web.Request, _: _Account | None) -> web.Response:
         form = await request.post()
@@ -1372,6 +1401,10 @@ class SimulatorThread:
     @property
     def ws_url(self) -> str:
         return self.sim.ws_url
+
+    @property
+    def login_url(self) -> str:
+        return self.sim.login_url
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._main, name="kitesim", daemon=True)

@@ -6,6 +6,7 @@ import hashlib
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
@@ -366,3 +367,26 @@ def test_login_time_is_ist_wall_clock(sim):
     session = KiteConnect(API_KEY, root=sim.http_url).generate_session(request_token, API_SECRET)
     now_ist = datetime.now(IST).replace(tzinfo=None)
     assert abs(session["login_time"] - now_ist) < timedelta(minutes=1)
+
+
+def test_login_page_redirects_with_a_request_token_that_buys_a_session():
+    market = SyntheticMarket(seed=2, strikes_each_side=1)
+    simulator = KiteSimulator(market=market)
+    simulator.register_account(
+        api_key="loginkey", api_secret="loginsecret", redirect_url="http://app.invalid/kite/callback?next=x"
+    )
+    with SimulatorThread(simulator) as sim:
+        response = requests.get(
+            sim.login_url, params={"api_key": "loginkey", "v": "3"}, allow_redirects=False, timeout=5
+        )
+        assert response.status_code == 302
+        target = urlsplit(response.headers["Location"])
+        assert (target.netloc, target.path) == ("app.invalid", "/kite/callback")
+        query = parse_qs(target.query)
+        assert query["status"] == ["success"] and query["next"] == ["x"]
+        kite = KiteConnect("loginkey", root=sim.http_url)
+        session = kite.generate_session(query["request_token"][0], "loginsecret")
+        assert kite.profile()["user_id"] == session["user_id"]
+        unknown = requests.get(sim.login_url, params={"api_key": "nope"}, allow_redirects=False, timeout=5)
+        assert unknown.status_code == 400
+        assert unknown.json()["error_type"] == "InputException"
