@@ -1,6 +1,11 @@
 """Writes to subscriptions. Every write tells the running engines to reload after commit."""
 
-from collections.abc import Iterable
+import dataclasses
+import datetime as dt
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 from django.db import transaction
@@ -8,6 +13,9 @@ from django.utils import timezone
 
 from streaming.control import notify_engines_on_commit
 from subscriptions.models import Instrument, RebalanceRule, Subscription
+
+if TYPE_CHECKING:
+    from streaming.kite.schemas import InstrumentRow
 
 log = structlog.get_logger(__name__)
 
@@ -71,3 +79,249 @@ def subscription_set_mode(*, subscription: Subscription, mode: str) -> None:
     with transaction.atomic():
         Subscription.objects.filter(pk=subscription.pk).update(mode=mode, updated_at=timezone.now())
         notify_engines_on_commit()
+
+
+# --- instrument registry refresh (Kite's daily dump) ----------------------------------------
+
+INSTRUMENT_FIELDS = (
+    "exchange_token", "tradingsymbol", "name", "last_price", "expiry", "strike", "tick_size",
+    "lot_size", "instrument_type", "segment", "exchange",
+)
+"""The columns the dump sets, in the order rows are compared."""
+
+INSTRUMENT_REFRESH_BATCH_SIZE = 2000
+"""Rows per INSERT … ON CONFLICT statement: 12 columns stay far below PostgreSQL's 65535
+parameters, and Django lowers it further on SQLite."""
+
+INSTRUMENT_REFRESH_MIN_KEEP_RATIO = 0.5
+"""A dump with fewer than half the rows we hold for an exchange is refused (unless forced):
+a truncated or partial download would otherwise delete half the registry."""
+
+IST_TZ = dt.timezone(dt.timedelta(hours=5, minutes=30), "IST")
+
+
+class InstrumentSource(Protocol):
+    """What the refresh needs of the REST client: KiteRestClient.instruments."""
+
+    def instruments(self, exchange: str | None = None) -> list["InstrumentRow"]: ...
+
+
+class InstrumentDumpSuspicious(ValueError):
+    """The dump is much smaller than what we hold; nothing was changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstrumentRefreshResult:
+    """What one refresh did; every count is of instruments unless it says subscriptions."""
+
+    fetched: int
+    created: int
+    updated: int
+    unchanged: int
+    reassigned: int
+    """Tokens Kite now uses for another contract, or symbols that moved to a new token."""
+    deleted: int
+    """No longer in the dump and referenced by nothing: removed."""
+    kept_delisted: int
+    """No longer in the dump but referenced (a subscription, history): kept."""
+    subscriptions_deactivated: int
+    duration_s: float
+
+    def summary(self) -> str:
+        return (
+            f"fetched {self.fetched}: created {self.created}, updated {self.updated}, "
+            f"unchanged {self.unchanged}, reassigned {self.reassigned}, deleted {self.deleted}, "
+            f"kept delisted {self.kept_delisted}; subscriptions deactivated "
+            f"{self.subscriptions_deactivated} ({self.duration_s:.1f} s)"
+        )
+
+
+def _instrument_label(exchange: str, tradingsymbol: str) -> str:
+    return f"{exchange}:{tradingsymbol}"
+
+
+def _referenced_instrument_tokens(tokens: list[int]) -> set[int]:
+    """Tokens among ``tokens`` that any model points at (subscriptions, history, bars)."""
+    referenced: set[int] = set()
+    # Hidden reverse relations (related_name="+") count too: history rows point here.
+    relations = [
+        f for f in Instrument._meta.get_fields(include_hidden=True)
+        if f.is_relation and f.auto_created and not f.concrete
+    ]
+    for relation in relations:
+        field = relation.field
+        for start in range(0, len(tokens), 10_000):
+            chunk = tokens[start : start + 10_000]
+            referenced.update(
+                relation.related_model._base_manager.filter(**{f"{field.name}__in": chunk})
+                .values_list(field.attname, flat=True)
+                .distinct()
+            )
+    return referenced
+
+
+def _deactivate_with_reasons(reasons: dict[int, str]) -> int:
+    """Deactivate active subscriptions of instruments, one UPDATE per distinct reason."""
+    by_reason: dict[str, list[int]] = {}
+    active = Subscription.objects.filter(
+        status=Subscription.Status.ACTIVE, instrument_id__in=list(reasons)
+    ).values_list("pk", "instrument_id")
+    for pk, token in active:
+        by_reason.setdefault(reasons[token], []).append(pk)
+    return sum(
+        subscriptions_set_status(subscription_ids=ids, status=Subscription.Status.INACTIVE, reason=reason)
+        for reason, ids in by_reason.items()
+    )
+
+
+def subscriptions_deactivate_expired(*, today: dt.date) -> int:
+    """Deactivate active subscriptions whose instrument expired before ``today`` (IST)."""
+    expired = (
+        Subscription.objects.filter(status=Subscription.Status.ACTIVE, instrument__expiry__lt=today)
+        .values_list("pk", "instrument__expiry")
+    )
+    by_expiry: dict[dt.date, list[int]] = {}
+    for pk, expiry in expired:
+        by_expiry.setdefault(expiry, []).append(pk)
+    return sum(
+        subscriptions_set_status(
+            subscription_ids=ids, status=Subscription.Status.INACTIVE,
+            reason=f"instrument expired on {expiry.isoformat()}",
+        )
+        for expiry, ids in sorted(by_expiry.items())
+    )
+
+
+def instruments_refresh(
+    *,
+    client: InstrumentSource,
+    exchanges: Sequence[str] | None = None,
+    batch_size: int = INSTRUMENT_REFRESH_BATCH_SIZE,
+    today: dt.date | None = None,
+    force: bool = False,
+) -> InstrumentRefreshResult:
+    """Bring the Instrument registry in line with Kite's dump (all exchanges, or some).
+
+    The dump is downloaded and validated whole before anything is written, then applied in
+    one transaction: new and changed rows are upserted in batches, rows Kite no longer lists
+    are deleted unless something references them, and subscriptions are deactivated with a
+    reason when their instrument expired (before ``today``, IST), left the dump, or its token
+    now denotes another contract (Kite reuses tokens). A symbol that moved to a new token is
+    renamed out of the way first, since (exchange, tradingsymbol) is unique.
+    """
+    started = time.monotonic()
+    today = today or dt.datetime.now(IST_TZ).date()
+    rows = []
+    for exchange in exchanges or [None]:
+        rows.extend(client.instruments(exchange))
+    dump = {row.instrument_token: row for row in rows}
+    if len(dump) != len(rows):
+        raise InstrumentDumpSuspicious("the exchanges' dumps repeat an instrument_token")
+    in_scope = set(exchanges) if exchanges else None
+
+    with transaction.atomic():
+        existing = {
+            token: values
+            for token, *values in Instrument.objects.values_list(
+                "instrument_token", *INSTRUMENT_FIELDS
+            ).iterator(chunk_size=10_000)
+        }
+        symbol_at = {(v[-1], v[1]): token for token, v in existing.items()}
+        scope_tokens = [
+            token for token, v in existing.items() if in_scope is None or v[-1] in in_scope
+        ]
+        if not force:
+            _check_dump_size(rows, existing, scope_tokens)
+
+        to_write: list[Instrument] = []
+        created = unchanged = 0
+        reasons: dict[int, str] = {}
+        move_aside: set[int] = set()
+        for token, row in dump.items():
+            values = tuple(getattr(row, name) for name in INSTRUMENT_FIELDS)
+            old = existing.get(token)
+            if old is None:
+                created += 1
+            elif tuple(old) == values:
+                unchanged += 1
+                continue
+            elif (old[-1], old[1]) != (row.exchange, row.tradingsymbol):
+                reasons[token] = (
+                    f"instrument token {token} now denotes "
+                    f"{_instrument_label(row.exchange, row.tradingsymbol)} "
+                    f"(was {_instrument_label(old[-1], old[1])})"
+                )
+                move_aside.add(token)
+            holder = symbol_at.get((row.exchange, row.tradingsymbol))
+            if holder is not None and holder != token:
+                move_aside.add(holder)
+                reasons.setdefault(
+                    holder,
+                    f"{_instrument_label(row.exchange, row.tradingsymbol)} moved from token "
+                    f"{holder} to {token}",
+                )
+            to_write.append(Instrument(instrument_token=token, **dict(zip(INSTRUMENT_FIELDS, values, strict=True))))
+
+        # Free the (exchange, tradingsymbol) pairs the upsert is about to take: PostgreSQL
+        # checks the unique constraint row by row, not at the end of the statement.
+        for token in move_aside:
+            old = existing[token]
+            Instrument.objects.filter(pk=token).update(tradingsymbol=f"{old[1][:40]}~{token}")
+        Instrument.objects.bulk_create(
+            to_write,
+            batch_size=batch_size,
+            update_conflicts=True,
+            unique_fields=["instrument_token"],
+            update_fields=[*INSTRUMENT_FIELDS, "updated_at"],
+        )
+
+        gone = [token for token in scope_tokens if token not in dump]
+        referenced = _referenced_instrument_tokens(gone)
+        deletable = [token for token in gone if token not in referenced]
+        for start in range(0, len(deletable), batch_size):
+            Instrument.objects.filter(pk__in=deletable[start : start + batch_size]).delete()
+        for token in referenced:
+            old = existing[token]
+            reasons.setdefault(
+                token, f"instrument {_instrument_label(old[-1], old[1])} is no longer listed by Kite"
+            )
+
+        deactivated = subscriptions_deactivate_expired(today=today)
+        deactivated += _deactivate_with_reasons(reasons)
+        updated = len(to_write) - created
+        if updated or reasons:
+            notify_engines_on_commit()
+
+    result = InstrumentRefreshResult(
+        fetched=len(rows),
+        created=created,
+        updated=updated,
+        unchanged=unchanged,
+        reassigned=len(move_aside),
+        deleted=len(deletable),
+        kept_delisted=len(referenced),
+        subscriptions_deactivated=deactivated,
+        duration_s=time.monotonic() - started,
+    )
+    log.info("instruments.refreshed", exchanges=list(exchanges or []), **dataclasses.asdict(result))
+    return result
+
+
+def _check_dump_size(
+    rows: Sequence["InstrumentRow"], existing: dict[int, list], scope_tokens: list[int]
+) -> None:
+    held: dict[str, int] = {}
+    for token in scope_tokens:
+        exchange = existing[token][-1]
+        held[exchange] = held.get(exchange, 0) + 1
+    fetched: dict[str, int] = {}
+    for row in rows:
+        fetched[row.exchange] = fetched.get(row.exchange, 0) + 1
+    for exchange, count in sorted(held.items()):
+        got = fetched.get(exchange, 0)
+        if got < count * INSTRUMENT_REFRESH_MIN_KEEP_RATIO:
+            raise InstrumentDumpSuspicious(
+                f"Kite's dump lists {got} {exchange} instruments, we hold {count}: refusing to "
+                f"apply a dump under {INSTRUMENT_REFRESH_MIN_KEEP_RATIO:.0%} of the registry "
+                "(force to apply it anyway)"
+            )
