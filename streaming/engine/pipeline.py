@@ -1,0 +1,569 @@
+"""The snapshot pipeline: ticks in, one pre-serialised message per channel-layer group out.
+
+How the engine drives it (all calls from one asyncio task; the pipeline has no locks)::
+
+    pipeline = SnapshotPipeline(universe, r=settings.RISK_FREE_RATE,
+                                stale_after_s=settings.TICKER_STALE_UNDERLYING_S)
+    pipeline.ingest(decoded.ticks, is_mock=False)        # per frame, vectorised
+    batches = pipeline.flush(time.time(), watched=publisher.watched)   # every flush interval
+    await publisher.publish(batches)                     # one group_send per group
+    tokens, items = pipeline.latest(request.tokens)      # initial state for a subscriber
+    pipeline.set_universe(new_universe)                  # on reload; state of kept tokens stays
+
+A flush does, in order and vectorised over everything at once:
+
+1. takes the slots whose published fields changed since the last flush;
+2. computes the forward of every chain (underlying, expiry): the same-expiry future's LTP if
+   it has ticked within ``stale_after_s``, else put-call parity near the money (the pair with
+   the smallest |C - P|, as :func:`streaming.greeks.forward_from_parity`), else the stale
+   future, else stale parity (both flagged STALE_UNDERLYING), else none (NO_FORWARD);
+3. recomputes IV and Greeks, in one :func:`streaming.greeks.compute_greeks` call, for the
+   options that changed, their pairs (the OTM convention takes an ITM option's IV from its
+   pair), and every option of a chain whose forward changed. A chain whose forward moves
+   while its options do not is refreshed at most once per ``chain_refresh_interval_s``:
+   without that bound a ticking future would recompute every option of its chains on every
+   flush;
+4. writes the JSON of each changed instrument in a watched group (column-wise, see
+   :func:`streaming.schema.encode_snapshots`), caches it as the slot's latest item, and
+   returns one :class:`GroupBatch` per group. Changed instruments in unwatched groups are
+   only marked; :meth:`latest` serialises them on demand.
+
+An instrument subscribed by several accounts is one slot: it is computed and published once.
+Mock and live data never mix: a slot takes the source of its last tick (switching resets it),
+and an option's Greeks use a forward, pair and underlying of the same source only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import structlog
+
+from streaming import schema
+from streaming.engine.state import IngestResult, TickState, differs
+from streaming.engine.universe import InstrumentUniverse
+from streaming.greeks import (
+    DEFAULT_MIN_VEGA_PER_POINT,
+    compute_greeks,
+    flag_names,
+    years_to_expiry,
+)
+
+__all__ = ["FlushStats", "GroupBatch", "SnapshotPipeline"]
+
+log = structlog.get_logger(__name__)
+
+#: A chain whose forward moved while its options did not is recomputed at most this often.
+DEFAULT_CHAIN_REFRESH_INTERVAL_S: Final = 1.0
+
+# Where a chain's forward came from (heartbeat and tests).
+FORWARD_NONE: Final = 0
+FORWARD_FUTURE: Final = 1
+FORWARD_PARITY: Final = 2
+
+_GREEK_COLUMNS: Final = ("iv", "delta", "gamma", "theta", "vega", "rho")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupBatch:
+    """The snapshots of one channel-layer group in one flush: ``items[i]`` is ``tokens[i]``'s."""
+
+    group: str
+    tokens: list[int]
+    items: list[bytes]
+
+    def message(self, *, initial: bool = False) -> dict[str, Any]:
+        """The ``snapshots.batch`` channel-layer message of this batch."""
+        return schema.snapshots_batch_message(
+            group=self.group, tokens=self.tokens, items=self.items, initial=initial
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FlushStats:
+    """What one flush did, for metrics and the heartbeat."""
+
+    changed: int  # slots whose fields changed since the last flush
+    greeks: int  # options whose IV and Greeks were recomputed
+    snapshots: int  # snapshots serialised and returned in batches
+    groups: int  # batches returned (one per watched group with changes)
+    duration_s: float
+
+
+class SnapshotPipeline:
+    """Latest state per instrument in arrays, flushed as Greeks snapshots grouped per group.
+
+    ``r`` discounts option premia (RISK_FREE_RATE); ``stale_after_s`` is how old the forward
+    source's last tick may be before options are flagged STALE_UNDERLYING
+    (TICKER_STALE_UNDERLYING_S). ``clock`` stamps ticks as received (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        universe: InstrumentUniverse,
+        *,
+        r: float,
+        stale_after_s: float,
+        chain_refresh_interval_s: float = DEFAULT_CHAIN_REFRESH_INTERVAL_S,
+        min_vega_per_point: float = DEFAULT_MIN_VEGA_PER_POINT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not (math.isfinite(r) and math.isfinite(stale_after_s) and stale_after_s > 0):
+            raise ValueError(f"bad pipeline settings: r={r} stale_after_s={stale_after_s}")
+        self._r = float(r)
+        self._stale_after_s = float(stale_after_s)
+        self._chain_refresh_interval_s = float(chain_refresh_interval_s)
+        self._min_vega_per_point = float(min_vega_per_point)
+        self._clock = clock
+        self._flag_pieces: dict[int, bytes] = {}
+        self._watched_source: object = None
+        self._watched_mask: np.ndarray | None = None
+        self.last_flush: FlushStats | None = None
+        self._install(universe, _empty_carry(universe))
+
+    # --- universe ---------------------------------------------------------------------------
+
+    @property
+    def universe(self) -> InstrumentUniverse:
+        return self._u
+
+    def _install(self, u: InstrumentUniverse, carry: _Carry) -> None:
+        n = len(u)
+        n_chains = len(u.chain_und)
+        self._u = u
+        self._state = carry.state
+        self._greeks = carry.greeks
+        self._flags = carry.flags
+        self._forward_used = carry.forward_used
+        self._items = carry.items
+        self._chain_forward = carry.chain_forward
+        self._chain_stale = carry.chain_stale
+        self._chain_forward_mock = carry.chain_forward_mock
+        self._chain_source = carry.chain_source
+        self._chain_pending = carry.chain_pending
+        self._chain_refreshed_s = carry.chain_refreshed_s
+        self._option_slots = np.flatnonzero(u.is_option)
+        # Parity pairs are sorted by chain: where each chain's run starts, for reduceat.
+        if u.pair_chain.size:
+            self._pair_chains, self._pair_starts = np.unique(u.pair_chain, return_index=True)
+        else:
+            self._pair_chains = np.zeros(0, dtype=np.int64)
+            self._pair_starts = np.zeros(0, dtype=np.int64)
+        self._mark = np.zeros(n, dtype=bool)
+        self._watched_source = None
+        self._watched_mask = None
+        assert self._chain_forward.shape == (n_chains,)
+
+    def set_universe(self, universe: InstrumentUniverse) -> None:
+        """Switch to a new universe; tokens in both keep their state, Greeks and latest item.
+
+        Removed tokens are forgotten; added tokens start empty. Nothing is marked changed, so
+        instruments in both universes see no extra snapshot. Chains are matched by
+        (underlying, expiry), so their forward history carries over too.
+        """
+        old = self._u
+        _, old_slots, new_slots = np.intersect1d(
+            old.tokens, universe.tokens, assume_unique=True, return_indices=True
+        )
+        carry = _empty_carry(universe)
+        carry.state = self._state.carried_to(len(universe), old_slots, new_slots)
+        for name in _GREEK_COLUMNS:
+            carry.greeks[name][new_slots] = self._greeks[name][old_slots]
+        carry.flags[new_slots] = self._flags[old_slots]
+        carry.forward_used[new_slots] = self._forward_used[old_slots]
+        carry.items[new_slots] = self._items[old_slots]
+        old_chain = {
+            (old.underlyings[u], d): c
+            for c, (u, d) in enumerate(zip(old.chain_und.tolist(), old.chain_expiry, strict=True))
+        }
+        pairs = [
+            (old_chain[key], c)
+            for c, key in enumerate(
+                (universe.underlyings[u], d)
+                for u, d in zip(universe.chain_und.tolist(), universe.chain_expiry, strict=True)
+            )
+            if key in old_chain
+        ]
+        if pairs:
+            oc, nc = (np.asarray(x, dtype=np.int64) for x in zip(*pairs, strict=True))
+            carry.chain_forward[nc] = self._chain_forward[oc]
+            carry.chain_stale[nc] = self._chain_stale[oc]
+            carry.chain_forward_mock[nc] = self._chain_forward_mock[oc]
+            carry.chain_source[nc] = self._chain_source[oc]
+            carry.chain_pending[nc] = self._chain_pending[oc]
+            carry.chain_refreshed_s[nc] = self._chain_refreshed_s[oc]
+        self._install(universe, carry)
+        log.info(
+            "pipeline.universe_set",
+            instruments=len(universe),
+            kept=int(new_slots.size),
+            added=len(universe) - int(new_slots.size),
+            removed=len(old) - int(old_slots.size),
+        )
+
+    # --- ingest -----------------------------------------------------------------------------
+
+    def ingest(
+        self, ticks: np.ndarray, *, is_mock: bool, received_epoch_s: float | None = None
+    ) -> IngestResult:
+        """Take a batch of decoded ticks (TICK_DTYPE); unknown tokens are counted and dropped."""
+        if len(ticks) == 0:
+            return IngestResult(ticks=0)
+        received = self._clock() if received_epoch_s is None else received_epoch_s
+        slots, known = self._u.slots_of(ticks["instrument_token"])
+        unknown = len(ticks) - slots.size
+        if unknown:
+            ticks = ticks[known]
+        result = self._state.ingest(slots, ticks, is_mock=is_mock, received_s=received)
+        if unknown:
+            return IngestResult(
+                ticks=result.ticks + unknown,
+                unknown=unknown,
+                older=result.older,
+                changed=result.changed,
+                source_resets=result.source_resets,
+            )
+        return result
+
+    @property
+    def pending(self) -> int:
+        """Instruments changed since the last flush (the backlog a flush drains)."""
+        return self._state.pending
+
+    # --- flush ------------------------------------------------------------------------------
+
+    def flush(
+        self, now_epoch_s: float, *, watched: Collection[str] | None = None
+    ) -> list[GroupBatch]:
+        """Compute and serialise what changed; one :class:`GroupBatch` per watched group.
+
+        ``watched`` holds the group names someone listens to (``Publisher.watched``); None
+        means every group. Pass the same object again to reuse its compiled mask.
+        """
+        started = time.perf_counter()
+        u, st = self._u, self._state
+        dirty = st.take_dirty()
+        forward_changed = self._update_forwards(now_epoch_s)
+        recompute = self._options_to_recompute(dirty, forward_changed, now_epoch_s)
+        moved = self._compute_greeks(recompute, now_epoch_s) if recompute.size else recompute
+        mark = self._mark
+        mark[dirty] = True
+        mark[moved] = True
+        mark &= st.has_data
+        published = np.flatnonzero(mark)
+        mark[published] = False
+        self._items[published] = None
+        if published.size:
+            mask = self._watched(watched)
+            if mask is not None:
+                published = published[mask[u.group[published]]]
+        batches = self._batches(published)
+        self.last_flush = FlushStats(
+            changed=int(dirty.size),
+            greeks=int(recompute.size),
+            snapshots=int(published.size),
+            groups=len(batches),
+            duration_s=time.perf_counter() - started,
+        )
+        return batches
+
+    def _watched(self, watched: Collection[str] | None) -> np.ndarray | None:
+        if watched is None:
+            return None
+        if watched is not self._watched_source or self._watched_mask is None:
+            names = self._u.group_names
+            self._watched_mask = np.fromiter(
+                (name in watched for name in names), dtype=bool, count=len(names)
+            )
+            self._watched_source = watched
+        return self._watched_mask
+
+    def _update_forwards(self, now: float) -> np.ndarray:
+        """Recompute every chain's forward; return the mask of chains whose forward changed."""
+        u, st = self._u, self._state
+        n_chains = len(u.chain_und)
+        if n_chains == 0:
+            return np.zeros(0, dtype=bool)
+        t_years = np.maximum(
+            years_to_expiry(now_epoch_s=now, expiry_epoch_s=u.chain_expiry_epoch_s), 0.0
+        )
+        stale_before = now - self._stale_after_s
+
+        fut = u.chain_future
+        has_fut = fut >= 0
+        f = np.where(has_fut, fut, 0)
+        fut_price = np.where(has_fut & st.has_data[f], st.ltp[f], np.nan)
+        fut_ok = fut_price > 0
+        fut_fresh = fut_ok & (st.received_s[f] >= stale_before)
+
+        par_price, par_received, par_mock = self._parity(t_years)
+        par_ok = par_price > 0
+        par_fresh = par_ok & (par_received >= stale_before)
+
+        # Preference: fresh future, fresh parity, stale future, stale parity.
+        use_fut = fut_fresh | (fut_ok & ~par_fresh)
+        use_par = ~use_fut & par_ok
+        forward = np.where(use_fut, fut_price, np.where(use_par, par_price, np.nan))
+        stale = np.where(use_fut, ~fut_fresh, use_par & ~par_fresh)
+        forward_mock = np.where(use_fut, st.is_mock[f], use_par & par_mock)
+        source = np.where(use_fut, FORWARD_FUTURE, np.where(use_par, FORWARD_PARITY, FORWARD_NONE))
+
+        old = self._chain_forward
+        changed = (old != forward) & ~(np.isnan(old) & np.isnan(forward))
+        changed |= self._chain_stale != stale
+        changed |= self._chain_forward_mock != forward_mock
+        self._chain_forward = forward
+        self._chain_stale = stale
+        self._chain_forward_mock = forward_mock
+        self._chain_source = source.astype(np.int8)
+        return changed
+
+    def _parity(self, t_years: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per chain: parity forward (NaN if none), when its pair last ticked, its source.
+
+        The rule of :func:`streaming.greeks.forward_from_parity` (both legs priced, smallest
+        |C - P|, F = K + e^{rT}(C - P), positive), segmented over all chains in one pass;
+        a pair counts only if both legs come from the same source.
+        """
+        u, st = self._u, self._state
+        n_chains = len(u.chain_und)
+        forward = np.full(n_chains, np.nan)
+        received = np.full(n_chains, -np.inf)
+        mock = np.zeros(n_chains, dtype=bool)
+        if u.pair_call.size == 0:
+            return forward, received, mock
+        calls, puts = u.pair_call, u.pair_put
+        c = st.ltp[calls]
+        p = st.ltp[puts]
+        usable = (c > 0) & (p > 0) & (st.is_mock[calls] == st.is_mock[puts])
+        diff = c - p
+        distance = np.where(usable, np.abs(diff), np.inf)
+        best = np.minimum.reduceat(distance, self._pair_starts)
+        counts = np.diff(np.append(self._pair_starts, distance.size))
+        at_best = np.flatnonzero((distance == np.repeat(best, counts)) & usable)
+        # The first pair at the minimum of each chain (lowest strike on ties).
+        chains_at = u.pair_chain[at_best]
+        first = np.ones(at_best.size, dtype=bool)
+        first[1:] = chains_at[1:] != chains_at[:-1]
+        chosen = at_best[first]
+        chain_ids = u.pair_chain[chosen]
+        f = u.pair_strike[chosen] + np.exp(self._r * t_years[chain_ids]) * diff[chosen]
+        forward[chain_ids] = np.where(f > 0, f, np.nan)
+        received[chain_ids] = np.maximum(st.received_s[calls[chosen]], st.received_s[puts[chosen]])
+        mock[chain_ids] = st.is_mock[calls[chosen]]
+        return forward, received, mock
+
+    def _options_to_recompute(
+        self, dirty: np.ndarray, forward_changed: np.ndarray, now: float
+    ) -> np.ndarray:
+        u = self._u
+        mark = np.zeros(len(u), dtype=bool)
+        dirty_options = dirty[u.is_option[dirty]]
+        mark[dirty_options] = True
+        # An in-the-money option takes its IV from its OTM pair: recompute the ITM pairs of
+        # changed options (an OTM option's own numbers do not depend on its pair).
+        pairs = u.pair[dirty_options]
+        pairs = pairs[pairs >= 0]
+        forward = self._chain_forward[u.chain[pairs]]
+        strike = u.strike[pairs]
+        itm = np.where(u.is_call[pairs], forward > strike, forward < strike)
+        mark[pairs[itm]] = True
+        if forward_changed.size:
+            pending = self._chain_pending | forward_changed
+            due = pending & (now - self._chain_refreshed_s >= self._chain_refresh_interval_s)
+            if due.any():
+                options = self._option_slots
+                mark[options[due[u.chain[options]]]] = True
+                self._chain_refreshed_s[due] = now
+            self._chain_pending = pending & ~due
+        mark &= self._state.has_data
+        return np.flatnonzero(mark)
+
+    def _compute_greeks(self, slots: np.ndarray, now: float) -> np.ndarray:
+        """Recompute ``slots``' IV and Greeks; return those whose numbers or flags changed."""
+        u, st = self._u, self._state
+        chain = u.chain[slots]
+        mock = st.is_mock[slots]
+        forward = np.where(
+            self._chain_forward_mock[chain] == mock, self._chain_forward[chain], np.nan
+        )
+        pair = u.pair[slots]
+        p = np.where(pair >= 0, pair, 0)
+        pair_ok = (pair >= 0) & st.has_data[p] & (st.is_mock[p] == mock)
+        batch = compute_greeks(
+            price=st.ltp[slots],
+            forward=forward,
+            strike=u.strike[slots],
+            t_years=years_to_expiry(now_epoch_s=now, expiry_epoch_s=u.expiry_epoch_s[slots]),
+            is_call=u.is_call[slots],
+            r=self._r,
+            pair_price=np.where(pair_ok, st.ltp[p], np.nan),
+            stale=self._chain_stale[chain],
+            min_vega_per_point=self._min_vega_per_point,
+        )
+        moved = (self._flags[slots] != batch.flags) | differs(self._forward_used[slots], forward)
+        for name in _GREEK_COLUMNS:
+            column = self._greeks[name]
+            values = getattr(batch, name)
+            moved |= differs(column[slots], values)
+            column[slots] = values
+        self._flags[slots] = batch.flags
+        self._forward_used[slots] = forward
+        return slots[moved]
+
+    # --- serialisation ----------------------------------------------------------------------
+
+    def _flag_piece_list(self, flags: np.ndarray) -> list[bytes]:
+        cache = self._flag_pieces
+        for value in np.unique(flags).tolist():
+            if value not in cache:
+                cache[value] = schema.flags_piece(flag_names(value))
+        return list(map(cache.__getitem__, flags.tolist()))
+
+    def _encode(self, slots: np.ndarray) -> list[bytes]:
+        """Serialise the snapshots of ``slots`` and cache them as their latest items."""
+        if slots.size == 0:
+            return []
+        u, st = self._u, self._state
+        ltp = st.ltp[slots]
+        close = st.close[slots]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            change = np.where(close > 0, (ltp - close) * 100.0 / close, np.nan)
+        mock = st.is_mock[slots]
+        spot = u.und_spot[u.und[slots]]
+        s = np.where(spot >= 0, spot, 0)
+        underlying = np.where(
+            (spot >= 0) & st.has_data[s] & (st.is_mock[s] == mock), st.ltp[s], np.nan
+        )
+        ts = st.exchange_ts[slots]
+        g = self._greeks
+        items = schema.encode_snapshots(
+            prefixes=u.prefixes[slots].tolist(),
+            ltp=ltp,
+            change=change,
+            bid=st.bid[slots],
+            ask=st.ask[slots],
+            bid_qty=st.bid_qty[slots],
+            ask_qty=st.ask_qty[slots],
+            volume=st.volume[slots],
+            oi=st.oi[slots],
+            iv=g["iv"][slots],
+            delta=g["delta"][slots],
+            gamma=g["gamma"][slots],
+            theta=g["theta"][slots],
+            vega=g["vega"][slots],
+            rho=g["rho"][slots],
+            forward=self._forward_used[slots],
+            underlying=underlying,
+            flags=self._flag_piece_list(self._flags[slots]),
+            exchange_ts=np.where(ts > 0, ts * 1000, -1),
+            is_mock=mock,
+        )
+        self._items[slots] = items
+        return items
+
+    def _batches(self, slots: np.ndarray) -> list[GroupBatch]:
+        if slots.size == 0:
+            return []
+        u = self._u
+        groups = u.group[slots]
+        order = np.argsort(groups, kind="stable")
+        slots = slots[order]
+        groups = groups[order]
+        items = self._encode(slots)
+        tokens = u.tokens[slots].tolist()
+        bounds = np.flatnonzero(groups[1:] != groups[:-1]) + 1
+        starts = [0, *bounds.tolist()]
+        ends = [*bounds.tolist(), slots.size]
+        names = u.group_names
+        group_ids = groups[starts].tolist()
+        return [
+            GroupBatch(group=names[g], tokens=tokens[a:b], items=items[a:b])
+            for g, a, b in zip(group_ids, starts, ends, strict=True)
+        ]
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def latest(self, tokens: Iterable[int] | np.ndarray) -> tuple[list[int], list[bytes]]:
+        """The latest snapshot of each known token that has data: (tokens, items), in order.
+
+        Snapshots changed in unwatched groups since their last serialisation are written now.
+        """
+        slots, _ = self._u.slots_of(tokens)
+        slots = slots[self._state.has_data[slots]]
+        if slots.size == 0:
+            return [], []
+        missing = np.unique(slots[np.equal(self._items[slots], None)])
+        if missing.size:
+            self._encode(missing)
+        return self._u.tokens[slots].tolist(), self._items[slots].tolist()
+
+    def groups_of(self, tokens: Iterable[int] | np.ndarray) -> set[str]:
+        """The groups the given tokens publish to (to mark them watched on a request)."""
+        return self._u.groups_of(tokens)
+
+    def forward_of(self, name: str, expiry: Any) -> tuple[float, str, bool]:
+        """(forward, source "future"|"parity"|"none", stale) of one chain, for tests and ops."""
+        u = self._u
+        for c, (und, d) in enumerate(zip(u.chain_und.tolist(), u.chain_expiry, strict=True)):
+            if u.underlyings[und] == name and d == expiry:
+                source = ("none", "future", "parity")[int(self._chain_source[c])]
+                return float(self._chain_forward[c]), source, bool(self._chain_stale[c])
+        raise KeyError(f"no chain {name} {expiry}")
+
+    def underlying_summary(self) -> dict[str, dict[str, Any]]:
+        """Per underlying: spot price, its exchange time and the forwards by expiry (heartbeat)."""
+        u, st = self._u, self._state
+        out: dict[str, dict[str, Any]] = {}
+        for und, name in enumerate(u.underlyings):
+            s = int(u.und_spot[und])
+            has = s >= 0 and bool(st.has_data[s])
+            ts = int(st.exchange_ts[s]) if has else 0
+            out[name] = {
+                "price": float(st.ltp[s]) if has else None,
+                "ts": ts if ts > 0 else None,
+                "forwards": {},
+            }
+        forwards = self._chain_forward.tolist()
+        for c, (und, d) in enumerate(zip(u.chain_und.tolist(), u.chain_expiry, strict=True)):
+            if not math.isnan(forwards[c]):
+                out[u.underlyings[und]]["forwards"][d.isoformat()] = round(forwards[c], 4)
+        return out
+
+
+@dataclass
+class _Carry:
+    state: TickState
+    greeks: dict[str, np.ndarray]
+    flags: np.ndarray
+    forward_used: np.ndarray
+    items: np.ndarray
+    chain_forward: np.ndarray
+    chain_stale: np.ndarray
+    chain_forward_mock: np.ndarray
+    chain_source: np.ndarray
+    chain_pending: np.ndarray
+    chain_refreshed_s: np.ndarray
+
+
+def _empty_carry(u: InstrumentUniverse) -> _Carry:
+    n = len(u)
+    n_chains = len(u.chain_und)
+    return _Carry(
+        state=TickState(n),
+        greeks={name: np.full(n, np.nan) for name in _GREEK_COLUMNS},
+        flags=np.zeros(n, dtype=np.uint16),
+        forward_used=np.full(n, np.nan),
+        items=np.full(n, None, dtype=object),
+        chain_forward=np.full(n_chains, np.nan),
+        chain_stale=np.zeros(n_chains, dtype=bool),
+        chain_forward_mock=np.zeros(n_chains, dtype=bool),
+        chain_source=np.zeros(n_chains, dtype=np.int8),
+        chain_pending=np.zeros(n_chains, dtype=bool),
+        chain_refreshed_s=np.full(n_chains, -np.inf),
+    )
