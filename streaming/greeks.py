@@ -284,8 +284,10 @@ _REGION_MIDDLE = 1
 _REGION_UPPER = 2
 
 #: A Householder step smaller than this (relative) ends the iteration: the error left after
-#: a third-order step of relative size e is O(e^4), far below double precision.
-_STEP_TOLERANCE = 1e-7
+#: a third-order step of relative size e is about C e^4 with C ~ 30 on these objectives
+#: (measured on 30k random (x, s): stopping at 1e-3 leaves 3e-11, at 1e-4 the same 9e-12
+#: round-off floor as stopping at 1e-7), so 1e-4 leaves ~1e-15 and saves a confirming step.
+_STEP_TOLERANCE = 1e-4
 _EPSILON = float(np.finfo(np.float64).eps)
 #: A time value within this many ulps of the premium is indistinguishable from none.
 _NOISE_ULPS = 16.0
@@ -443,25 +445,21 @@ def _inverse_lower_map(x, f):
 
 
 @njit(cache=True, fastmath=False)
-def _normalised_iv(beta, x, max_iterations):
-    """s = sigma sqrt(T) such that b(x, s) = beta, for x <= 0 and 0 < beta < e^{x/2}.
+def _normalised_iv(beta, x, ex2, max_iterations):
+    """s = sigma sqrt(T) such that b(x, s) = beta, for x <= 0 and 0 < beta < ex2 = e^{x/2}.
 
     Returns (s, iterations); s is NaN if beta is out of range or the iteration fails.
     """
-    ex2 = math.exp(0.5 * x)
     emx2 = 1.0 / ex2
     b_max = ex2
     if not (beta > 0.0) or not (beta < b_max):
         return math.nan, 0
 
     # Initial guess: four branches around the inflection point s_c = sqrt(2|x|).
+    # At s_c, x/s + s/2 = 0, so b_c = e^{x/2}/2 - e^{-x/2} N(-s_c) and b'(s_c) = e^{x/2} n(0).
     s_c = math.sqrt(-2.0 * x)
-    if s_c > 0.0:
-        b_c = _normalised_call(x, s_c, ex2, emx2)
-        v_c = _normalised_vega(x, s_c)
-    else:
-        b_c = 0.0
-        v_c = _INV_SQRT_2PI
+    b_c = 0.5 * ex2 - emx2 * _norm_cdf(-s_c) if s_c > 0.0 else 0.0
+    v_c = ex2 * _INV_SQRT_2PI
     if beta <= b_c:
         s_l = s_c - b_c / v_c
         if s_l > 0.0:
@@ -636,6 +634,11 @@ def _greeks_kernel(
     ss = 1 if stale.shape[0] > 1 else 0
     sq = 1 if dividend_yield.shape[0] > 1 else 0
     nan = math.nan
+    # The last normalised solve: a call and its put at one strike, side by side with their
+    # pair prices, solve the same OTM problem (Sensibull's convention); the second reuses it.
+    last_beta = nan
+    last_x = nan
+    last_s = nan
     for i in range(n):
         flags = _F_SPOT if spot_mode else 0
         k = strike[i * sk]
@@ -700,14 +703,21 @@ def _greeks_kernel(
                 otm_undiscounted = undiscounted - intrinsic
             beta = otm_undiscounted / (math.sqrt(f) * math.sqrt(k))
             x_otm = -abs(x)
+            b_max = math.exp(0.5 * x_otm)
             if not (beta > 0.0):
                 flags |= _F_BELOW_INTRINSIC
-            elif not (beta < math.exp(0.5 * x_otm)):
+            elif not (beta < b_max):
                 flags |= _F_ABOVE_MAX
+            elif beta == last_beta and x_otm == last_x:
+                s = last_s
             else:
-                s, _ = _normalised_iv(beta, x_otm, max_iterations)
+                s, _ = _normalised_iv(beta, x_otm, b_max, max_iterations)
                 if s != s:
                     flags |= _F_NO_CONVERGENCE
+                else:
+                    last_beta = beta
+                    last_x = x_otm
+                    last_s = s
         if s != s:
             out_iv[i] = nan
             out_delta[i] = nan
