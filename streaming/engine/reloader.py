@@ -91,10 +91,12 @@ class Reloader:
         self.reloads = 0
 
     async def run(self) -> None:
+        """Reload at once (on start and after a crash), then once per trigger."""
+        reason = "start" if self.reloads == 0 else "restart"
         while True:
-            reason = await self._trigger.wait()
             await self._reload(reason)
             self.reloads += 1
+            reason = await self._trigger.wait()
 
 
 class RedisNoticeListener:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import structlog
 from asgiref.sync import sync_to_async
-from django.db import close_old_connections, transaction
+from django.db import DatabaseError, close_old_connections, transaction
 from django.utils import timezone
 
 from accounts.models import KiteAccount
@@ -31,6 +31,9 @@ from subscriptions.selectors import subscription_list_active
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+StoreError = DatabaseError
+"""What a store call raises when the database fails (so engine code needs no Django import)."""
 
 INSTRUMENT_FIELDS = (
     "instrument_token",
@@ -94,6 +97,7 @@ class AccountRow:
 class SubscriptionRow:
     """An active subscription and what the engine last wrote about it."""
 
+    pk: int
     token: int
     mode: str
     pinned_account_id: int | None
@@ -146,6 +150,7 @@ def world_load() -> World:
         for row in subscription_list_active()
         .order_by()
         .values_list(
+            "pk",
             "instrument_id",
             "mode",
             "pinned_account_id",
@@ -186,6 +191,7 @@ def assignments_save(
             continue
         changed.append(
             Subscription(
+                pk=sub.pk,
                 instrument_id=sub.token,
                 assigned_account_id=account_id,
                 streamed_mode=mode,
@@ -194,8 +200,7 @@ def assignments_save(
         )
     if not changed:
         return 0
-    # Subscription's primary key is its OneToOne instrument: bulk_update filters on it.
-    # Done in one transaction so the admin never sees half an allocation.
+    # One transaction, so the admin never sees half an allocation.
     with transaction.atomic():
         Subscription.objects.bulk_update(
             changed,

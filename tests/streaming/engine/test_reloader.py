@@ -2,6 +2,7 @@
 and the diff sends only what changed."""
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -56,9 +57,9 @@ async def test_a_burst_of_1000_notices_causes_one_reload():
             trigger.notify()
             if _ % 100 == 0:
                 await asyncio.sleep(0.01)  # spread over ~0.1 s, as a bulk edit would
-        await wait_for(lambda: reload.calls == ["notice"])
+        await wait_for(lambda: reload.calls == ["start", "notice"])
         await asyncio.sleep(0.5)
-        assert reload.calls == ["notice"]
+        assert reload.calls == ["start", "notice"]
         assert trigger.notices == 1000
     finally:
         await stop(task)
@@ -69,8 +70,9 @@ async def test_continuous_notices_still_reload_within_the_max_delay():
     reload = CountingReload()
     task = await run_reloader(trigger, reload)
     try:
+        await wait_for(lambda: reload.calls == ["start"])
         started = time.monotonic()
-        while not reload.calls:
+        while len(reload.calls) < 2:
             trigger.notify()  # every 50 ms: never quiet for 200 ms
             await asyncio.sleep(0.05)
             assert time.monotonic() - started < 2.0
@@ -84,13 +86,12 @@ async def test_notices_during_a_reload_cause_exactly_one_more():
     reload = CountingReload(delay_s=0.5)
     task = await run_reloader(trigger, reload)
     try:
-        trigger.notify()
-        await wait_for(lambda: len(reload.calls) == 1)
-        for _ in range(50):  # all while the first reload runs
+        await wait_for(lambda: len(reload.calls) == 1)  # the start reload, running 0.5 s
+        for _ in range(50):  # all while it runs
             trigger.notify()
         await wait_for(lambda: len(reload.calls) == 2)
         await asyncio.sleep(1.0)
-        assert len(reload.calls) == 2
+        assert reload.calls == ["start", "notice"]
     finally:
         await stop(task)
 
@@ -100,8 +101,9 @@ async def test_periodic_safety_reload_without_notices():
     reload = CountingReload()
     task = await run_reloader(trigger, reload)
     try:
-        await wait_for(lambda: len(reload.calls) >= 2)
-        assert set(reload.calls) == {"periodic"}
+        await wait_for(lambda: len(reload.calls) >= 3)
+        assert reload.calls[0] == "start"
+        assert set(reload.calls[1:]) == {"periodic"}
     finally:
         await stop(task)
 
@@ -143,6 +145,26 @@ async def test_in_process_notices_from_another_thread_reach_the_trigger():
     notifier.notify()
     await asyncio.sleep(0.05)
     assert trigger.notices == 1
+
+
+async def test_a_crashed_reloader_reloads_at_once_when_restarted():
+    trigger = ReloadTrigger(debounce_s=0.05, safety_interval_s=60)
+    calls = []
+
+    async def reload(reason):
+        calls.append(reason)
+        if len(calls) == 1:
+            raise ConnectionError("database away")
+
+    reloader = Reloader(trigger=trigger, reload=reload)
+    with contextlib.suppress(ConnectionError):
+        await reloader.run()
+    task = asyncio.create_task(reloader.run())  # what the supervisor does after a crash
+    try:
+        await wait_for(lambda: calls == ["start", "start"])
+        assert reloader.reloads == 1
+    finally:
+        await stop(task)
 
 
 def test_diff_sends_only_changes():

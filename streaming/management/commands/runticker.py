@@ -1,0 +1,122 @@
+"""``manage.py runticker``: the engine process (Kite streams, Greeks, bars, publishing).
+
+Settings are read once here and passed in as values. SIGTERM and SIGINT set a stop event:
+the engine drains, closes its Kite connections, writes a final heartbeat and releases its
+account leases at once so another process takes them over without waiting for expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import structlog
+from channels.layers import get_channel_layer
+from django.apps import apps
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connections
+
+from streaming.engine.app import Engine, EngineConfig
+from streaming.engine.market_hours import EngineMode
+from streaming.engine.metrics import EngineMetrics
+
+log = structlog.get_logger(__name__)
+
+APPLICATION_NAME = "runticker"
+
+
+def build_engine(
+    *,
+    force_mode: EngineMode | None = None,
+    engine_id: str | None = None,
+    account_labels: list[str] | None = None,
+    metrics: EngineMetrics | None = None,
+    channel_layer: Any = None,
+) -> Engine:
+    """The engine from this process's settings (runticker, and the demo running it in-process).
+
+    On embedded defaults (no REDIS_URL) change notices come from the in-process notifier.
+    """
+    config = EngineConfig.from_settings(
+        settings, engine_id=engine_id, force_mode=force_mode, account_labels=account_labels
+    )
+    notifier = None if settings.REDIS_URL else apps.get_app_config("streaming").change_notifier
+    return Engine.build(
+        config,
+        channel_layer=channel_layer or get_channel_layer(),
+        notifier=notifier,
+        metrics=metrics,
+    )
+
+
+def set_application_name(name: str) -> None:
+    """Name our PostgreSQL sessions (pg_stat_activity) before any connection opens."""
+    for conn in connections.all():
+        if conn.vendor != "postgresql":
+            continue
+        conn.close()
+        close_pool = getattr(conn, "close_pool", None)
+        if close_pool is not None:
+            close_pool()
+        conn.settings_dict.setdefault("OPTIONS", {})["application_name"] = name
+
+
+class Command(BaseCommand):
+    help = (
+        "Stream Kite ticks for the accounts this process holds a lease on, compute Greeks and "
+        "publish snapshots; outside market hours (or with --mock) drive the same pipeline from "
+        "the synthetic market."
+    )
+
+    def add_arguments(self, parser):
+        mode = parser.add_mutually_exclusive_group()
+        mode.add_argument("--mock", action="store_true", help="stream the mock market only")
+        mode.add_argument(
+            "--no-mock", action="store_true", help="stream live even outside market hours"
+        )
+        parser.add_argument("--engine-id", default=None, help="default: host:pid:random")
+        parser.add_argument(
+            "--metrics-port", type=int, default=0, help="serve Prometheus metrics (0: off)"
+        )
+        parser.add_argument(
+            "--metrics-addr", default="127.0.0.1", help="address for the metrics server"
+        )
+        parser.add_argument(
+            "--accounts",
+            default="",
+            help="comma-separated account labels this process may stream (default: all)",
+        )
+
+    def handle(self, *args, **options):
+        set_application_name(APPLICATION_NAME)
+        force_mode: EngineMode | None = None
+        if options["mock"]:
+            force_mode = "mock"
+        elif options["no_mock"]:
+            force_mode = "live"
+        labels = [s.strip() for s in options["accounts"].split(",") if s.strip()] or None
+        metrics = EngineMetrics()
+        if options["metrics_port"]:
+            try:
+                metrics.serve(options["metrics_port"], addr=options["metrics_addr"])
+            except OSError as exc:
+                raise CommandError(
+                    f"cannot serve metrics on {options['metrics_addr']}:{options['metrics_port']}: "
+                    f"{exc}"
+                ) from exc
+        engine = build_engine(
+            force_mode=force_mode,
+            engine_id=options["engine_id"],
+            account_labels=labels,
+            metrics=metrics,
+        )
+        asyncio.run(self._run(engine))
+
+    async def _run(self, engine: Engine) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await engine.run(stop)

@@ -1,0 +1,151 @@
+"""Shared set-up for the runtime tests: instruments from the synthetic market, accounts,
+subscriptions, waiting on conditions, and runticker subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection
+
+from accounts.models import KiteAccount
+from streaming.market import SyntheticMarket
+from subscriptions.models import Instrument, Subscription
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def instruments_from_market(market: SyntheticMarket) -> list[Instrument]:
+    """Save every instrument of the market (as Kite's dump would list them)."""
+    rows = [
+        Instrument(
+            instrument_token=r["instrument_token"],
+            exchange_token=int(r["exchange_token"]),
+            tradingsymbol=r["tradingsymbol"],
+            name=r["name"],
+            last_price=r["last_price"],
+            expiry=r["expiry"],
+            strike=r["strike"],
+            tick_size=r["tick_size"],
+            lot_size=r["lot_size"],
+            instrument_type=r["instrument_type"],
+            segment=r["segment"],
+            exchange=r["exchange"],
+        )
+        for r in market.instruments
+    ]
+    Instrument.objects.bulk_create(rows, batch_size=2000)
+    return rows
+
+
+def subscribe(tokens: Iterable[int], *, mode: str = "full", pinned: KiteAccount | None = None):
+    return Subscription.objects.bulk_create(
+        [Subscription(instrument_id=t, mode=mode, pinned_account=pinned) for t in tokens],
+        batch_size=2000,
+    )
+
+
+def make_account(label: str, *, api_key: str, access_token: str) -> KiteAccount:
+    from accounts.services import account_set_session
+
+    account = KiteAccount.objects.create(label=label, api_key=api_key, api_secret="secret")
+    return account_set_session(account=account, access_token=access_token)
+
+
+def wait_until(predicate: Callable[[], object], *, timeout_s: float, interval_s: float = 0.05,
+               what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout_s} s")
+        time.sleep(interval_s)
+
+
+async def async_wait_until(predicate: Callable[[], object], *, timeout_s: float,
+                           interval_s: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout_s} s")
+        await asyncio.sleep(interval_s)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a manage.py subprocess on this test's database and Redis db."""
+    db = settings.DATABASES["default"]
+    env = dict(os.environ)
+    env.update(
+        {
+            "DATABASE_URL": (
+                f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/"
+                f"{connection.settings_dict['NAME']}"
+            ),
+            "REDIS_URL": settings.REDIS_URL,
+            "LOG_JSON": "true",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+class ManagePy:
+    """A ``manage.py`` subprocess whose output goes to a file (read it on failure)."""
+
+    def __init__(self, args: list[str], *, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "manage.py"), *args],
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, *, timeout_s: float = 20.0) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        try:
+            if self.alive():
+                self.terminate()
+        except subprocess.TimeoutExpired:
+            self.kill()
+        finally:
+            if not self._log.closed:
+                self._log.close()
