@@ -5,6 +5,7 @@ import datetime as dt
 import structlog
 from cryptography.fernet import InvalidToken
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from accounts.fields import Ciphertext, DecryptionError, rotate_ciphertext
@@ -103,3 +104,18 @@ def secrets_rotate_encryption_keys() -> int:
                 rewritten += 1
     log.info("secrets.rotated", rows=rewritten)
     return rewritten
+
+
+APITOKEN_TOUCH_INTERVAL_S = 60
+"""last_used_at is refreshed at most this often, so that reconnect storms write little."""
+
+
+def apitoken_mark_used(*, token_id: int, now: dt.datetime | None = None) -> bool:
+    """Record that a token was used; True if this call wrote (throttled, one conditional UPDATE)."""
+    now = now or timezone.now()
+    stale_before = now - dt.timedelta(seconds=APITOKEN_TOUCH_INTERVAL_S)
+    return bool(
+        ApiToken.objects.filter(pk=token_id)
+        .filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=stale_before))
+        .update(last_used_at=now)
+    )

@@ -92,3 +92,60 @@ def instrument_list_underlyings() -> list[str]:
 
 def rebalance_rule_list_enabled() -> QuerySet[RebalanceRule]:
     return RebalanceRule.objects.filter(enabled=True).select_related("pinned_account").order_by("pk")
+
+
+# Lookups for the WebSocket API, chunked so that a large subscribe stays under the databases'
+# bound-parameter limits (SQLite's is 32 766).
+_LOOKUP_CHUNK = 2000
+
+
+def instrument_list_by_tokens(*, tokens: list[int]) -> list[Instrument]:
+    """The instruments among ``tokens`` that exist, in no particular order."""
+    found: list[Instrument] = []
+    for i in range(0, len(tokens), _LOOKUP_CHUNK):
+        found.extend(Instrument.objects.filter(instrument_token__in=tokens[i : i + _LOOKUP_CHUNK]))
+    return found
+
+
+def instrument_list_by_symbols(*, keys: list[tuple[str, str]]) -> list[Instrument]:
+    """The instruments among ``(exchange, tradingsymbol)`` pairs that exist."""
+    by_exchange: dict[str, list[str]] = {}
+    for exchange, symbol in keys:
+        by_exchange.setdefault(exchange, []).append(symbol)
+    found: list[Instrument] = []
+    for exchange, symbols in by_exchange.items():
+        for i in range(0, len(symbols), _LOOKUP_CHUNK):
+            found.extend(
+                Instrument.objects.filter(
+                    exchange=exchange, tradingsymbol__in=symbols[i : i + _LOOKUP_CHUNK]
+                )
+            )
+    return found
+
+
+def instrument_nearest_future_price(*, underlying: str, on_or_after: dt.date) -> float | None:
+    """The stored last price of an underlying's nearest future, if known (non-zero)."""
+    price = (
+        Instrument.objects.filter(
+            name=underlying,
+            instrument_type=Instrument.Type.FUTURE,
+            expiry__gte=on_or_after,
+            last_price__gt=0,
+        )
+        .order_by("expiry")
+        .values_list("last_price", flat=True)
+        .first()
+    )
+    return float(price) if price is not None else None
+
+
+def subscription_tokens_active(*, tokens: list[int]) -> set[int]:
+    """Which of ``tokens`` have an active subscription (are streamed, or meant to be)."""
+    active: set[int] = set()
+    for i in range(0, len(tokens), _LOOKUP_CHUNK):
+        active.update(
+            Subscription.objects.filter(
+                instrument_id__in=tokens[i : i + _LOOKUP_CHUNK], status=Subscription.Status.ACTIVE
+            ).values_list("instrument_id", flat=True)
+        )
+    return active

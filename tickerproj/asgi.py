@@ -1,10 +1,113 @@
-"""ASGI entry point: HTTP to Django, WebSockets to Channels consumers."""
+"""ASGI entry point: HTTP to Django, WebSockets to Channels consumers.
 
+``application`` is what ``daphne tickerproj.asgi:application`` serves. WebSockets at
+``/ws/v1/`` go through API-token or session authentication (streaming/ws_auth.py; session
+connections behind AllowedHostsOriginValidator) to streaming.consumers.TickerConsumer.
+``/metrics`` serves this process's Prometheus metrics to staff users and to direct loopback
+clients. The demo (``manage.py demo``) builds its own application with
+:func:`build_application` so that the engine's metrics are served alongside.
+"""
+
+import ipaddress
 import os
+import time
+from collections.abc import Callable, Iterable
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tickerproj.settings")
+# Django is set up before anything imports models.
 django_asgi_app = get_asgi_application()
 
-application = django_asgi_app
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
+from prometheus_client import REGISTRY, CollectorRegistry  # noqa: E402
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest  # noqa: E402
+
+from streaming.consumers import ConsumerSettings, WebSocketMetrics  # noqa: E402
+from streaming.routing import websocket_routes  # noqa: E402
+from streaming.ws_auth import ApiTokenOrSessionAuth  # noqa: E402
+
+METRICS_PATH = "/metrics"
+_PROXY_HEADERS = frozenset({b"x-forwarded-for", b"x-real-ip", b"forwarded"})
+
+
+def _direct_loopback(scope) -> bool:
+    """A client on this machine that did not come through a reverse proxy."""
+    client = scope.get("client")
+    if not client or any(name in _PROXY_HEADERS for name, _ in scope.get("headers", ())):
+        return False
+    try:
+        return ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class MetricsEndpoint:
+    """ASGI app serving Prometheus text for the given registries, to staff or loopback only."""
+
+    def __init__(self, registries: Iterable[CollectorRegistry]) -> None:
+        self._registries = tuple(registries)
+
+    async def __call__(self, scope, receive, send) -> None:
+        user = scope.get("user")
+        allowed = _direct_loopback(scope) or bool(
+            user is not None and user.is_authenticated and user.is_active and user.is_staff
+        )
+        if not allowed:
+            await _respond(send, 403, b"text/plain", b"staff or loopback only\n")
+            return
+        body = b"".join(generate_latest(r) for r in self._registries)
+        await _respond(send, 200, CONTENT_TYPE_LATEST.encode(), body)
+
+
+async def _respond(send, status: int, content_type: bytes, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), (b"cache-control", b"no-store")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class _HttpRouter:
+    """``/metrics`` to the metrics endpoint (with session auth), everything else to Django."""
+
+    def __init__(self, django_app, metrics_app) -> None:
+        self._django = django_app
+        self._metrics = AuthMiddlewareStack(metrics_app)
+
+    async def __call__(self, scope, receive, send):
+        if scope["path"].rstrip("/") == METRICS_PATH:
+            return await self._metrics(scope, receive, send)
+        return await self._django(scope, receive, send)
+
+
+def build_application(
+    *,
+    metrics: WebSocketMetrics,
+    config: ConsumerSettings | None = None,
+    extra_registries: Iterable[CollectorRegistry] = (),
+    clock: Callable[[], float] = time.monotonic,
+) -> ProtocolTypeRouter:
+    """The whole ASGI application; settings are read here, once, unless ``config`` is given.
+
+    ``clock`` is the consumers' rate-limit clock (monotonic seconds).
+    """
+    config = config or ConsumerSettings.from_settings(settings)
+    # The default registry carries the process collectors (RSS, CPU, open fds).
+    registries = [REGISTRY, metrics.registry, *extra_registries]
+    return ProtocolTypeRouter(
+        {
+            "http": _HttpRouter(django_asgi_app, MetricsEndpoint(registries)),
+            "websocket": ApiTokenOrSessionAuth(
+                URLRouter(websocket_routes(config=config, metrics=metrics, clock=clock))
+            ),
+        }
+    )
+
+
+application = build_application(metrics=WebSocketMetrics(CollectorRegistry()))

@@ -1,0 +1,669 @@
+"""The WebSocket API for browsers and programs (protocol v1, docs/websocket-protocol.md).
+
+One :class:`TickerConsumer` per connection. It resolves what a client subscribes to (tokens,
+``EXCHANGE:TRADINGSYMBOL`` or a whole chain) through the selectors, joins the channel-layer
+groups those instruments publish to, asks the engines for the latest state of each, and then
+forwards the engine's pre-serialised snapshot items, keeping only its own instruments.
+
+Delivery is latest-wins under credit-based flow control. Every ``snapshots`` frame carries a
+``seq``; the client acknowledges with ``{"action": "ack", "seq": n}``. At most ``send_window``
+frames are unacknowledged at any time. While the window is full, arriving items only
+overwrite the pending bytes of their token (a dict bounded by the connection's subscriptions)
+and each overwrite counts as a drop. Daphne does not apply back-pressure to ASGI sends (it
+buffers whatever it is given), so this window, not TCP, is what keeps memory per connection
+bounded when a client stops reading: at most ``send_window`` frames in daphne's buffers plus
+one item per subscribed instrument here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from itertools import islice
+from typing import Any
+
+import structlog
+from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.db import DatabaseError
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from streaming import schema
+from streaming.engine.universe import UNIVERSE_FIELDS, InstrumentUniverse, UniverseError
+from streaming.health import heartbeat_list_fresh
+from streaming.protocol import (
+    SUBPROTOCOL,
+    Ack,
+    ChainSpec,
+    CloseCode,
+    ErrorCode,
+    InstrumentRef,
+    Ping,
+    ProtocolError,
+    Subscribe,
+    Unsubscribe,
+    error_message,
+    hello_message,
+    parse_client_message,
+    pong_message,
+    snapshots_frame,
+    subscribed_message,
+    unsubscribed_message,
+)
+from subscriptions.models import Instrument
+from subscriptions.selectors import (
+    instrument_list_by_symbols,
+    instrument_list_by_tokens,
+    instrument_list_chain,
+    instrument_nearest_future_price,
+    subscription_tokens_active,
+)
+
+log = structlog.get_logger(__name__)
+
+MAX_ITEMS_PER_FRAME = 1000
+"""A frame never carries more items, so a 9000-instrument subscribe becomes 9 frames (and the
+window bounds bytes in flight, not only frames)."""
+MAX_UNRESOLVED_REPORTED = 100
+"""An ``unknown_instrument`` error lists at most this many references."""
+
+
+class WebSocketMetrics:
+    """Prometheus metrics of the web process's WebSocket connections, in a registry passed in."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.connections = Gauge(
+            "tickerproj_ws_connections", "Open authenticated WebSocket connections.", registry=registry
+        )
+        self.frames_sent = Counter(
+            "tickerproj_ws_frames_sent", "Snapshot frames sent to clients.", registry=registry
+        )
+        self.items_sent = Counter(
+            "tickerproj_ws_items_sent", "Instrument snapshots sent to clients.", registry=registry
+        )
+        self.items_dropped = Counter(
+            "tickerproj_ws_items_dropped",
+            "Snapshots overwritten by a newer one of the same instrument before a slow client "
+            "acknowledged enough frames to receive it (latest-wins).",
+            registry=registry,
+        )
+        self.client_messages = Counter(
+            "tickerproj_ws_client_messages",
+            "Client messages received, by action (invalid ones as 'invalid').",
+            ["action"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "tickerproj_ws_errors", "Error messages sent to clients, by code.", ["code"],
+            registry=registry,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSettings:
+    """The consumer's limits, read once from Django settings at the edge (tickerproj/asgi.py)."""
+
+    max_subscriptions: int
+    max_messages_per_s: int
+    send_window: int
+    heartbeat_max_age_s: float
+    flood_factor: int = 5
+    """A client sending more than this many times the message limit in one second is closed."""
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ConsumerSettings:
+        return cls(
+            max_subscriptions=settings.WS_MAX_SUBSCRIPTIONS,
+            max_messages_per_s=settings.WS_MAX_MESSAGES_PER_S,
+            send_window=settings.WS_SEND_WINDOW,
+            heartbeat_max_age_s=settings.HEALTH_HEARTBEAT_MAX_AGE_S,
+        )
+
+    def limits(self) -> dict[str, int]:
+        return {
+            "max_subscriptions": self.max_subscriptions,
+            "max_messages_per_s": self.max_messages_per_s,
+            "send_window": self.send_window,
+            "max_items_per_frame": MAX_ITEMS_PER_FRAME,
+        }
+
+
+class Verdict(Enum):
+    OK = "ok"
+    LIMITED = "limited"
+    FLOOD = "flood"
+
+
+class MessageRateLimiter:
+    """Counts one connection's messages in one-second windows.
+
+    Hand-written rather than taken from ``limits``: its limiters key a shared storage, while
+    here one integer per connection, owned by one task, is all the state there is.
+    """
+
+    def __init__(self, *, per_s: int, flood_factor: int, clock: Callable[[], float]) -> None:
+        self._per_s = per_s
+        self._flood = per_s * flood_factor
+        self._clock = clock
+        self._window_start = -1.0
+        self._count = 0
+
+    def hit(self) -> Verdict:
+        now = self._clock()
+        if now - self._window_start >= 1.0:
+            self._window_start = now
+            self._count = 0
+        self._count += 1
+        if self._count > self._flood:
+            return Verdict.FLOOD
+        if self._count > self._per_s:
+            return Verdict.LIMITED
+        return Verdict.OK
+
+
+# --- resolving what a client asks for ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedInstrument:
+    token: int
+    group: str
+    exchange: str
+    tradingsymbol: str
+    description: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Resolution:
+    instruments: list[ResolvedInstrument] = field(default_factory=list)
+    unresolved: list[Any] = field(default_factory=list)
+    chain: dict[str, Any] | None = None
+
+
+def instrument_kind(instrument: Instrument) -> str:
+    """CE / PE / FUT / EQ / INDEX, as in the snapshot schema."""
+    if instrument.segment == "INDICES":
+        return "INDEX"
+    return instrument.instrument_type
+
+
+def _describe(instrument: Instrument, *, group: str, streamed: bool) -> ResolvedInstrument:
+    kind = instrument_kind(instrument)
+    return ResolvedInstrument(
+        token=instrument.instrument_token,
+        group=group,
+        exchange=instrument.exchange,
+        tradingsymbol=instrument.tradingsymbol,
+        description={
+            "token": instrument.instrument_token,
+            "exchange": instrument.exchange,
+            "tradingsymbol": instrument.tradingsymbol,
+            "name": instrument.name,
+            "kind": kind,
+            "expiry": instrument.expiry.isoformat() if instrument.expiry else None,
+            "strike": instrument.strike if instrument.is_option else None,
+            "streamed": streamed,
+        },
+    )
+
+
+def _universe_row(instrument: Instrument) -> dict[str, Any]:
+    return {f: getattr(instrument, f) for f in UNIVERSE_FIELDS}
+
+
+def instrument_groups(instruments: Sequence[Instrument]) -> dict[int, str]:
+    """The channel-layer group each instrument publishes to, computed exactly as the engine
+    does (through InstrumentUniverse); instruments the engine could not place are left out."""
+    try:
+        universe = InstrumentUniverse.from_rows(_universe_row(i) for i in instruments)
+        return {i.instrument_token: universe.group_of(i.instrument_token) for i in instruments}
+    except UniverseError:
+        pass  # one bad row (e.g. an option without expiry): place the others one by one
+    groups = {}
+    for i in instruments:
+        try:
+            universe = InstrumentUniverse.from_rows([_universe_row(i)])
+        except UniverseError as exc:
+            log.warning("ws.instrument_unplaceable", token=i.instrument_token, error=str(exc))
+            continue
+        groups[i.instrument_token] = universe.group_of(i.instrument_token)
+    return groups
+
+
+def reference_price(
+    *, underlying: str, expiry: dt.date, heartbeat_max_age_s: float, now: dt.datetime
+) -> tuple[float | None, str | None]:
+    """The price that decides the at-the-money strike, and where it came from.
+
+    In order: the engines' forward for this expiry, their underlying price (both from fresh
+    heartbeats), the stored price of the nearest future. None when nothing is known.
+    """
+    since = now - dt.timedelta(seconds=heartbeat_max_age_s)
+    underlying_price = None
+    for beat in heartbeat_list_fresh(since=since):
+        entry = (beat.state or {}).get("underlyings", {}).get(underlying)
+        if not isinstance(entry, dict):
+            continue
+        forwards = entry.get("forwards")
+        forward = forwards.get(expiry.isoformat()) if isinstance(forwards, dict) else None
+        if _positive(forward):
+            return float(forward), "forward"
+        if underlying_price is None and _positive(entry.get("price")):
+            underlying_price = float(entry["price"])
+    if underlying_price is not None:
+        return underlying_price, "underlying"
+    future = instrument_nearest_future_price(underlying=underlying, on_or_after=now.date())
+    if future is not None:
+        return future, "future"
+    return None, None
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def _resolve_chain(
+    spec: ChainSpec, *, heartbeat_max_age_s: float, now: dt.datetime
+) -> tuple[list[Instrument], dict[str, Any] | None]:
+    options = list(instrument_list_chain(underlying=spec.underlying, expiry=spec.expiry))
+    if not options:
+        return [], None
+    strikes = sorted({o.strike for o in options})
+    price, source = reference_price(
+        underlying=spec.underlying,
+        expiry=spec.expiry,
+        heartbeat_max_age_s=heartbeat_max_age_s,
+        now=now,
+    )
+    if price is None:
+        # Nothing known about the price: the middle of the listed strikes is the best guess.
+        price, source = strikes[len(strikes) // 2], "strikes"
+    atm_index = min(range(len(strikes)), key=lambda i: abs(strikes[i] - price))
+    if spec.strikes_around_atm is not None:
+        n = spec.strikes_around_atm
+        kept = set(strikes[max(0, atm_index - n) : atm_index + n + 1])
+        options = [o for o in options if o.strike in kept]
+    info = {
+        "underlying": spec.underlying,
+        "expiry": spec.expiry.isoformat(),
+        "strikes_around_atm": spec.strikes_around_atm,
+        "atm_strike": strikes[atm_index],
+        "reference_price": price,
+        "reference": source,
+        "strikes": sorted({o.strike for o in options}),
+    }
+    return options, info
+
+
+def resolve_selection(
+    *,
+    refs: Sequence[InstrumentRef],
+    chain: ChainSpec | None,
+    heartbeat_max_age_s: float,
+    now: dt.datetime | None = None,
+) -> Resolution:
+    """Instruments named by a subscribe message, with what could not be found (sync, DB)."""
+    now = now or dt.datetime.now(dt.UTC)
+    result = Resolution()
+    found: dict[int, Instrument] = {}
+    tokens = [r.token for r in refs if r.token is not None]
+    if tokens:
+        by_token = {i.instrument_token: i for i in instrument_list_by_tokens(tokens=tokens)}
+        found.update(by_token)
+        result.unresolved.extend(t for t in dict.fromkeys(tokens) if t not in by_token)
+    keys = [(r.exchange, r.tradingsymbol) for r in refs if r.token is None]
+    if keys:
+        by_key = {
+            (i.exchange, i.tradingsymbol): i for i in instrument_list_by_symbols(keys=keys)
+        }
+        for key in dict.fromkeys(keys):
+            if key in by_key:
+                found[by_key[key].instrument_token] = by_key[key]
+            else:
+                result.unresolved.append(f"{key[0]}:{key[1]}")
+    if chain is not None:
+        options, result.chain = _resolve_chain(
+            chain, heartbeat_max_age_s=heartbeat_max_age_s, now=now
+        )
+        if not options:
+            result.unresolved.append(
+                {"underlying": chain.underlying, "expiry": chain.expiry.isoformat()}
+            )
+        found.update((o.instrument_token, o) for o in options)
+    streamed = subscription_tokens_active(tokens=list(found))
+    groups = instrument_groups(list(found.values()))
+    result.instruments = [
+        _describe(found[t], group=groups[t], streamed=t in streamed) for t in found if t in groups
+    ]
+    result.unresolved.extend(t for t in found if t not in groups)
+    return result
+
+
+# --- the consumer -----------------------------------------------------------------------------
+
+
+class TickerConsumer(AsyncWebsocketConsumer):
+    """One WebSocket connection: subscriptions, flow-controlled snapshots, errors, never a crash."""
+
+    def __init__(
+        self,
+        *,
+        config: ConsumerSettings,
+        metrics: WebSocketMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._config = config
+        self._metrics = metrics
+        self._limiter = MessageRateLimiter(
+            per_s=config.max_messages_per_s, flood_factor=config.flood_factor, clock=clock
+        )
+        self._open = False
+        self._counted = False
+        self._subs: dict[int, str] = {}  # token -> group
+        self._symbols: dict[tuple[str, str], int] = {}  # (exchange, symbol) -> token
+        self._group_refs: dict[str, int] = {}  # group -> subscribed tokens in it
+        self._pending: dict[int, bytes] = {}  # token -> latest unsent item
+        self._seq = 0  # last frame sent
+        self._acked = 0  # last frame acknowledged
+        self._dropped = 0
+        self._frames = 0
+        self._log = log
+
+    # Channels' dispatch closes stale DB connections (a thread hop) before every message; the
+    # snapshot hot path never touches the database and resolve_selection runs through
+    # database_sync_to_async, which does that itself.
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "snapshots.batch":
+            await self.snapshots_batch(message)
+        elif kind == "websocket.receive":
+            await self.websocket_receive(message)
+        elif kind == "websocket.connect":
+            await self.websocket_connect(message)
+        elif kind == "websocket.disconnect":
+            await self.websocket_disconnect(message)
+        else:
+            # Another component's message sent to this channel: not ours to act on.
+            self._log.warning("ws.unexpected_message", type=str(kind)[:60])
+
+    # --- connection life ----------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        offered = self.scope.get("subprotocols") or []
+        subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
+        await self.accept(subprotocol)
+        user = self.scope.get("user")
+        auth = self.scope.get("auth_method", "session")
+        self._log = log.bind(auth=auth, client=_client_label(self.scope))
+        if self.scope.get("token_via_subprotocol") and subprotocol is None:
+            await self._refuse(
+                ErrorCode.SUBPROTOCOL_REQUIRED,
+                f"a token sent as a subprotocol must come with the {SUBPROTOCOL!r} subprotocol",
+                CloseCode.SUBPROTOCOL_REQUIRED,
+            )
+            return
+        if user is None or not user.is_authenticated:
+            why = "invalid or revoked API token" if self.scope.get("auth_error") else (
+                "log in, or send an API token"
+            )
+            await self._refuse(ErrorCode.UNAUTHORIZED, why, CloseCode.UNAUTHORIZED)
+            return
+        self._open = True
+        self._counted = True
+        self._metrics.connections.inc()
+        self._log = self._log.bind(user=user.get_username())
+        self._log.info("ws.connected")
+        await self.send(
+            text_data=hello_message(user=user.get_username(), auth=auth, limits=self._config.limits())
+        )
+
+    async def _refuse(self, code: ErrorCode, message: str, close_code: int) -> None:
+        self._log.info("ws.refused", code=str(code))
+        await self._send_error(code, message)
+        await self.close(close_code)
+
+    async def disconnect(self, code: int) -> None:
+        self._open = False
+        for group in list(self._group_refs):
+            await self.channel_layer.group_discard(group, self.channel_name)
+        self._group_refs.clear()
+        self._subs.clear()
+        self._pending.clear()
+        if self._counted:
+            self._counted = False
+            self._metrics.connections.dec()
+            self._log.info(
+                "ws.disconnected", code=code, frames=self._frames, dropped=self._dropped
+            )
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        await self.disconnect(message.get("code", 1006))
+        raise StopConsumer
+
+    # --- client messages ----------------------------------------------------------------------
+
+    async def websocket_receive(self, message: dict[str, Any]) -> None:
+        if not self._open:
+            return  # refused or closing: the client's last words need no answer
+        text = message.get("text")
+        if text is None:
+            self._metrics.client_messages.labels("invalid").inc()
+            if await self._admit():
+                await self._send_error(
+                    ErrorCode.INVALID_MESSAGE,
+                    "binary frames are not supported; send JSON objects as text frames",
+                )
+            return
+        try:
+            msg = parse_client_message(text)
+        except ProtocolError as exc:
+            self._metrics.client_messages.labels("invalid").inc()
+            if await self._admit():
+                await self._send_error(exc.code, exc.message, request_id=exc.request_id)
+            return
+        self._metrics.client_messages.labels(msg.action).inc()
+        if isinstance(msg, Ack) and self._acked < msg.seq <= self._seq:
+            # Acks of new frames are free: their rate is bounded by the server's own sends.
+            self._acked = msg.seq
+            await self._pump()
+            return
+        if not await self._admit():
+            return
+        if isinstance(msg, Ack):
+            if msg.seq > self._seq:
+                await self._send_error(
+                    ErrorCode.INVALID_MESSAGE,
+                    f"ack of seq {msg.seq}, but the last frame sent is {self._seq}",
+                )
+            # An ack at or below the last one changes nothing.
+        elif isinstance(msg, Ping):
+            await self.send(
+                text_data=pong_message(request_id=msg.id, server_ts_ms=time.time_ns() // 1_000_000)
+            )
+        elif isinstance(msg, Subscribe):
+            await self._subscribe(msg)
+        elif isinstance(msg, Unsubscribe):
+            await self._unsubscribe(msg)
+
+    async def _admit(self) -> bool:
+        """Count one message against the rate limit; False (after answering) if refused."""
+        verdict = self._limiter.hit()
+        if verdict is Verdict.OK:
+            return True
+        if verdict is Verdict.LIMITED:
+            await self._send_error(
+                ErrorCode.RATE_LIMITED,
+                f"more than {self._config.max_messages_per_s} messages per second; "
+                "this message was ignored",
+            )
+            return False
+        self._log.warning("ws.flood", limit_per_s=self._config.max_messages_per_s)
+        await self._send_error(
+            ErrorCode.FLOOD,
+            f"more than {self._config.max_messages_per_s * self._config.flood_factor} "
+            "messages in one second; closing",
+        )
+        self._open = False
+        await self.close(CloseCode.FLOOD)
+        return False
+
+    async def _send_error(
+        self, code: ErrorCode, message: str, *, request_id: Any = None, **detail: Any
+    ) -> None:
+        self._metrics.errors.labels(str(code)).inc()
+        await self.send(text_data=error_message(code, message, request_id=request_id, **detail))
+
+    async def _subscribe(self, msg: Subscribe) -> None:
+        try:
+            res = await database_sync_to_async(resolve_selection)(
+                refs=msg.instruments,
+                chain=msg.chain,
+                heartbeat_max_age_s=self._config.heartbeat_max_age_s,
+            )
+        except DatabaseError as exc:
+            self._log.warning("ws.resolve_failed", error=str(exc)[:200])
+            await self._send_error(
+                ErrorCode.UNAVAILABLE,
+                "the instrument database is unavailable; try again",
+                request_id=msg.id,
+            )
+            return
+        new = [i for i in res.instruments if i.token not in self._subs]
+        limit = self._config.max_subscriptions
+        if len(self._subs) + len(new) > limit:
+            await self._send_error(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"{len(self._subs)} subscribed + {len(new)} requested exceeds the limit of "
+                f"{limit} per connection; nothing was subscribed",
+                request_id=msg.id,
+                limit=limit,
+                subscriptions=len(self._subs),
+                requested=len(new),
+            )
+            return
+        joined = []
+        for inst in new:
+            self._subs[inst.token] = inst.group
+            self._symbols[(inst.exchange, inst.tradingsymbol)] = inst.token
+            refs = self._group_refs.get(inst.group, 0)
+            if refs == 0:
+                joined.append(inst.group)
+            self._group_refs[inst.group] = refs + 1
+        for group in joined:
+            await self.channel_layer.group_add(group, self.channel_name)
+        if res.instruments:
+            await self.send(
+                text_data=subscribed_message(
+                    request_id=msg.id,
+                    instruments=[i.description for i in res.instruments],
+                    chain=res.chain,
+                    unresolved=res.unresolved,
+                    subscriptions=len(self._subs),
+                )
+            )
+        if res.unresolved:
+            await self._send_error(
+                ErrorCode.UNKNOWN_INSTRUMENT,
+                f"{len(res.unresolved)} instrument(s) not found",
+                request_id=msg.id,
+                instruments=res.unresolved[:MAX_UNRESOLVED_REPORTED],
+            )
+        if res.instruments:
+            # The full current state, not only later changes: the engines answer this channel.
+            await self.channel_layer.group_send(
+                schema.SNAPSHOT_REQUESTS_GROUP,
+                schema.snapshot_request_message(
+                    reply_to=self.channel_name, tokens=[i.token for i in res.instruments]
+                ),
+            )
+
+    async def _unsubscribe(self, msg: Unsubscribe) -> None:
+        if msg.all:
+            removed = list(self._subs)
+        else:
+            removed = self._tokens_named(msg.instruments)
+            if msg.chain is not None:
+                group = schema.chain_group(name=msg.chain.underlying, expiry=msg.chain.expiry)
+                removed.extend(t for t, g in self._subs.items() if g == group)
+        left = []
+        gone = []
+        for token in dict.fromkeys(removed):
+            group = self._subs.pop(token, None)
+            if group is None:
+                continue
+            gone.append(token)
+            self._pending.pop(token, None)
+            refs = self._group_refs[group] - 1
+            if refs == 0:
+                del self._group_refs[group]
+                left.append(group)
+            else:
+                self._group_refs[group] = refs
+        if gone:
+            gone_set = set(gone)
+            self._symbols = {k: t for k, t in self._symbols.items() if t not in gone_set}
+        for group in left:
+            await self.channel_layer.group_discard(group, self.channel_name)
+        await self.send(
+            text_data=unsubscribed_message(
+                request_id=msg.id,
+                tokens=gone,
+                subscriptions=len(self._subs),
+            )
+        )
+
+    def _tokens_named(self, refs: Iterable[InstrumentRef]) -> list[int]:
+        tokens = []
+        for ref in refs:
+            if ref.token is not None:
+                tokens.append(ref.token)
+            elif (token := self._symbols.get((ref.exchange, ref.tradingsymbol))) is not None:
+                tokens.append(token)
+        return tokens
+
+    # --- snapshots ----------------------------------------------------------------------------
+
+    async def snapshots_batch(self, message: dict[str, Any]) -> None:
+        """Keep the latest item of each subscribed token; send what the window allows."""
+        if not self._open:
+            return
+        subs = self._subs
+        pending = self._pending
+        dropped = 0
+        # Not strict: a malformed engine message is truncated, it does not crash every client.
+        for token, item in zip(message["tokens"], message["items"], strict=False):
+            if token in subs:
+                if token in pending:
+                    dropped += 1
+                pending[token] = item
+        if dropped:
+            self._dropped += dropped
+            self._metrics.items_dropped.inc(dropped)
+        await self._pump()
+
+    async def _pump(self) -> None:
+        """Send frames of pending items while fewer than send_window are unacknowledged."""
+        pending = self._pending
+        while pending and self._seq - self._acked < self._config.send_window:
+            if len(pending) <= MAX_ITEMS_PER_FRAME:
+                items = list(pending.values())
+                pending.clear()
+            else:
+                tokens = list(islice(pending, MAX_ITEMS_PER_FRAME))
+                items = [pending.pop(t) for t in tokens]
+            self._seq += 1
+            self._frames += 1
+            await self.send(text_data=snapshots_frame(seq=self._seq, items=items))
+            self._metrics.frames_sent.inc()
+            self._metrics.items_sent.inc(len(items))
+
+
+def _client_label(scope: dict[str, Any]) -> str | None:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else None

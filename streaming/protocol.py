@@ -1,0 +1,312 @@
+"""The WebSocket protocol (version 1): client messages as pydantic models, server messages as bytes.
+
+Documented for users in docs/websocket-protocol.md; this module is its one truth. Everything
+here is pure (no Django, no I/O) so that the consumer, the tests and the docs' examples agree.
+
+Client -> server (JSON text frames, one object each, ``action`` names the message):
+``subscribe``, ``unsubscribe``, ``ping`` and ``ack`` (credit-based flow control).
+
+Server -> client (JSON text frames, ``type`` names the message): ``hello``, ``subscribed``,
+``unsubscribed``, ``snapshots`` (pre-serialised engine items, never re-encoded here),
+``pong`` and ``error``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from enum import StrEnum
+from typing import Annotated, Any, Final, Literal
+
+import orjson
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+PROTOCOL_VERSION: Final = 1
+SUBPROTOCOL: Final = "tickerproj.v1"
+"""The WebSocket subprotocol the server selects whenever a client offers it."""
+TOKEN_SUBPROTOCOL_PREFIX: Final = "tickerproj.token."  # noqa: S105 (a prefix, not a secret)
+"""A client may carry its API token as the subprotocol ``tickerproj.token.<key>``."""
+
+MAX_TEXT_FRAME_BYTES: Final = 512 * 1024
+"""Larger client frames are refused before parsing (a 10 000-token subscribe is ~100 KiB)."""
+MAX_INSTRUMENTS_PER_MESSAGE: Final = 20_000
+MAX_STRIKES_AROUND_ATM: Final = 1_000
+MAX_ID_LENGTH: Final = 64
+
+KNOWN_ACTIONS: Final = frozenset({"subscribe", "unsubscribe", "ping", "ack"})
+
+
+class ErrorCode(StrEnum):
+    """The ``code`` of an ``error`` message; clients branch on these, never on ``message``."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_MESSAGE = "invalid_message"
+    UNKNOWN_ACTION = "unknown_action"
+    UNKNOWN_INSTRUMENT = "unknown_instrument"
+    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+    RATE_LIMITED = "rate_limited"
+    FLOOD = "flood"
+    UNAUTHORIZED = "unauthorized"
+    SUBPROTOCOL_REQUIRED = "subprotocol_required"
+    UNAVAILABLE = "unavailable"
+
+
+class CloseCode:
+    """WebSocket close codes the server uses (4000-4999 are the application's own)."""
+
+    SUBPROTOCOL_REQUIRED: Final = 4400
+    UNAUTHORIZED: Final = 4401
+    FLOOD: Final = 4008
+
+
+# --- client messages --------------------------------------------------------------------------
+
+RequestId = StrictInt | Annotated[StrictStr, Field(max_length=MAX_ID_LENGTH)]
+"""A client-chosen id echoed in the replies to that request."""
+
+
+class InstrumentRef(BaseModel):
+    """One instrument as a client names it: an instrument_token or ``EXCHANGE:TRADINGSYMBOL``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    token: int | None = None
+    exchange: str | None = None
+    tradingsymbol: str | None = None
+
+    @property
+    def label(self) -> str | int:
+        """The reference as the client wrote it, for replies."""
+        if self.token is not None:
+            return self.token
+        return f"{self.exchange}:{self.tradingsymbol}"
+
+
+def _parse_instrument_ref(value: Any) -> InstrumentRef:
+    if isinstance(value, bool):
+        raise ValueError("an instrument is a token (integer) or 'EXCHANGE:TRADINGSYMBOL'")
+    if isinstance(value, int):
+        if not 0 < value < 2**63:
+            raise ValueError("instrument_token out of range")
+        return InstrumentRef(token=value)
+    if isinstance(value, str):
+        if value.isascii() and value.isdigit() and 0 < len(value) <= 19:
+            return _parse_instrument_ref(int(value))
+        exchange, sep, symbol = value.partition(":")
+        if not sep or not exchange or not symbol or len(value) > 100:
+            raise ValueError(f"expected 'EXCHANGE:TRADINGSYMBOL', got {value[:100]!r}")
+        return InstrumentRef(exchange=exchange.upper(), tradingsymbol=symbol)
+    raise ValueError("an instrument is a token (integer) or 'EXCHANGE:TRADINGSYMBOL'")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChainSpec(_Strict):
+    """A whole option chain: one underlying and expiry, optionally N strikes each side of ATM."""
+
+    underlying: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    expiry: dt.date
+    strikes_around_atm: Annotated[StrictInt, Field(ge=0, le=MAX_STRIKES_AROUND_ATM)] | None = None
+
+
+InstrumentRefField = Annotated[InstrumentRef, BeforeValidator(_parse_instrument_ref)]
+
+
+class _Selection(_Strict):
+    id: RequestId | None = None
+    instruments: Annotated[
+        list[InstrumentRefField], Field(max_length=MAX_INSTRUMENTS_PER_MESSAGE)
+    ] = Field(default_factory=list)
+    chain: ChainSpec | None = None
+
+
+class Subscribe(_Selection):
+    """Add instruments and/or a chain to the connection; the server replies ``subscribed``."""
+
+    action: Literal["subscribe"]
+
+    @model_validator(mode="after")
+    def _something(self) -> Subscribe:
+        if not self.instruments and self.chain is None:
+            raise ValueError("subscribe needs 'instruments' or 'chain'")
+        return self
+
+
+class Unsubscribe(_Selection):
+    """Remove instruments, a chain, or everything (``all``); the server replies ``unsubscribed``."""
+
+    action: Literal["unsubscribe"]
+    all: StrictBool = False
+
+    @model_validator(mode="after")
+    def _something(self) -> Unsubscribe:
+        if not self.instruments and self.chain is None and not self.all:
+            raise ValueError("unsubscribe needs 'instruments', 'chain' or 'all': true")
+        return self
+
+
+class Ping(_Strict):
+    """Liveness check; the server replies ``pong`` with the same id."""
+
+    action: Literal["ping"]
+    id: RequestId | None = None
+
+
+class Ack(_Strict):
+    """Acknowledges every ``snapshots`` frame up to and including ``seq`` (cumulative)."""
+
+    action: Literal["ack"]
+    seq: Annotated[StrictInt, Field(ge=0, lt=2**53)]
+
+
+ClientMessage = Annotated[Subscribe | Unsubscribe | Ping | Ack, Field(discriminator="action")]
+_CLIENT_MESSAGE: Final = TypeAdapter(ClientMessage)
+
+
+class ProtocolError(Exception):
+    """A client message the server refuses; becomes an ``error`` frame, never a crash."""
+
+    def __init__(self, code: ErrorCode, message: str, *, request_id: Any = None, **detail: Any):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.detail = detail
+
+
+def parse_client_message(text: str) -> Subscribe | Unsubscribe | Ping | Ack:
+    """Parse one client text frame; raises ProtocolError with the right code on any problem."""
+    if len(text) > MAX_TEXT_FRAME_BYTES:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f"message of {len(text)} characters exceeds {MAX_TEXT_FRAME_BYTES}",
+        )
+    try:
+        raw = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, f"expected a JSON object, got {type(raw).__name__}"
+        )
+    request_id = raw.get("id")
+    if not isinstance(request_id, int | str) or isinstance(request_id, bool) or (isinstance(request_id, str) and len(request_id) > MAX_ID_LENGTH):
+        request_id = None
+    action = raw.get("action")
+    if not isinstance(action, str):
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, "missing 'action' (a string)", request_id=request_id
+        )
+    if action not in KNOWN_ACTIONS:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_ACTION,
+            f"unknown action {action[:40]!r}; expected one of {sorted(KNOWN_ACTIONS)}",
+            request_id=request_id,
+        )
+    try:
+        return _CLIENT_MESSAGE.validate_python(raw)
+    except ValidationError as exc:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f"invalid {action}: {_validation_summary(exc)}",
+            request_id=request_id,
+        ) from None
+
+
+def _validation_summary(exc: ValidationError, limit: int = 3) -> str:
+    """pydantic's errors as one short line (location: message), without input values."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:limit]:
+        loc = ".".join(str(p) for p in err["loc"][1:] if p not in ("function-after",))
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = len(exc.errors()) - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+# --- server messages --------------------------------------------------------------------------
+
+
+def _dumps(message: dict[str, Any]) -> str:
+    return orjson.dumps(message).decode()
+
+
+def hello_message(*, user: str, auth: str, limits: dict[str, int]) -> str:
+    return _dumps(
+        {"type": "hello", "v": PROTOCOL_VERSION, "user": user, "auth": auth, "limits": limits}
+    )
+
+
+def error_message(
+    code: ErrorCode | str, message: str, *, request_id: Any = None, **detail: Any
+) -> str:
+    body: dict[str, Any] = {"type": "error", "code": str(code), "message": message}
+    if request_id is not None:
+        body["id"] = request_id
+    body.update(detail)
+    return _dumps(body)
+
+
+def pong_message(*, request_id: Any, server_ts_ms: int) -> str:
+    return _dumps({"type": "pong", "id": request_id, "ts": server_ts_ms})
+
+
+def subscribed_message(
+    *,
+    request_id: Any,
+    instruments: Sequence[dict[str, Any]],
+    chain: dict[str, Any] | None,
+    unresolved: Sequence[Any],
+    subscriptions: int,
+) -> str:
+    return _dumps(
+        {
+            "type": "subscribed",
+            "id": request_id,
+            "instruments": list(instruments),
+            "chain": chain,
+            "unresolved": list(unresolved),
+            "subscriptions": subscriptions,
+        }
+    )
+
+
+def unsubscribed_message(*, request_id: Any, tokens: Iterable[int], subscriptions: int) -> str:
+    return _dumps(
+        {
+            "type": "unsubscribed",
+            "id": request_id,
+            "tokens": sorted(tokens),
+            "subscriptions": subscriptions,
+        }
+    )
+
+
+_FRAME_HEAD: Final = b'{"type":"snapshots","v":%d,"seq":%d,"data":['
+_FRAME_TAIL: Final = b"]}"
+
+
+def snapshots_frame(*, seq: int, items: Iterable[bytes]) -> str:
+    """One ``snapshots`` frame from pre-serialised items: concatenated, never re-encoded.
+
+    Returned as text (a UTF-8 decode, a copy at memory speed) so that browsers and programs
+    receive a text frame they can JSON.parse directly.
+    """
+    return (
+        (_FRAME_HEAD % (PROTOCOL_VERSION, seq)) + b",".join(items) + _FRAME_TAIL
+    ).decode()

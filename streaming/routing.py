@@ -1,0 +1,26 @@
+"""WebSocket routes: the v1 API, and a polite refusal for every other path."""
+
+import time
+from collections.abc import Callable
+
+from channels.security.websocket import WebsocketDenier
+from django.urls import re_path
+
+from streaming.consumers import ConsumerSettings, TickerConsumer, WebSocketMetrics
+
+WS_PATH = "/ws/v1/"
+
+
+def websocket_routes(
+    *,
+    config: ConsumerSettings,
+    metrics: WebSocketMetrics,
+    clock: Callable[[], float] = time.monotonic,
+) -> list:
+    """URL patterns for the WebSocket router; the consumer's collaborators are passed in."""
+    consumer = TickerConsumer.as_asgi(config=config, metrics=metrics, clock=clock)
+    return [
+        re_path(r"^ws/v1/?$", consumer),
+        # Unknown paths are refused at the handshake instead of raising in the router.
+        re_path(r"", WebsocketDenier.as_asgi()),
+    ]

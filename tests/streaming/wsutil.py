@@ -1,0 +1,222 @@
+"""Helpers for the WebSocket API tests: a channels-redis layer per test, a small instrument
+universe, logged-in users and a stand-in engine that answers snapshot requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.conf import settings as django_settings
+from django.contrib.auth import get_user_model
+from django.test import Client
+from prometheus_client import CollectorRegistry
+
+from streaming import schema
+from streaming.consumers import ConsumerSettings, WebSocketMetrics
+from subscriptions.models import Instrument, Subscription
+from tests.conftest import make_option
+
+EXPIRY = dt.date(2030, 1, 29)
+EXPIRY2 = dt.date(2030, 2, 26)
+NIFTY_INDEX = 256265
+NIFTY_FUT = 9_000_001
+STRIKES = [24000.0 + 50 * i for i in range(11)]  # 24000 .. 24500, ATM band tests use 24250
+ORIGIN = (b"origin", b"http://127.0.0.1:8000")
+
+
+def option_token(strike: float, kind: str, expiry: dt.date = EXPIRY) -> int:
+    base = 10_000_000 if expiry == EXPIRY else 20_000_000
+    return base + int(strike) * 10 + (1 if kind == "CE" else 2)
+
+
+def create_universe(*, subscribe: bool = True) -> dict[str, Any]:
+    """NIFTY index, one future and two 11-strike chains, all subscribed (unless told not to)."""
+    rows = [
+        Instrument(
+            instrument_token=NIFTY_INDEX,
+            exchange_token=1001,
+            tradingsymbol="NIFTY 50",
+            name="NIFTY 50",
+            instrument_type="EQ",
+            segment="INDICES",
+            exchange="NSE",
+        ),
+        Instrument(
+            instrument_token=NIFTY_FUT,
+            exchange_token=35000,
+            tradingsymbol="NIFTY30JANFUT",
+            name="NIFTY",
+            expiry=EXPIRY,
+            instrument_type="FUT",
+            segment="NFO-FUT",
+            exchange="NFO",
+            last_price=24105.0,
+        ),
+    ]
+    for expiry in (EXPIRY, EXPIRY2):
+        for strike in STRIKES:
+            for kind in ("CE", "PE"):
+                rows.append(
+                    make_option(
+                        token=option_token(strike, kind, expiry),
+                        name="NIFTY",
+                        expiry=expiry,
+                        strike=strike,
+                        kind=kind,
+                    )
+                )
+    Instrument.objects.bulk_create(rows)
+    if subscribe:
+        Subscription.objects.bulk_create(
+            Subscription(instrument=r) for r in rows if r.instrument_token != option_token(24500, "PE")
+        )
+    return {r.instrument_token: r for r in rows}
+
+
+def snapshot_item(token: int, *, ltp: float, **extra: Any) -> bytes:
+    """A snapshot as the engine serialises it (only the fields these tests look at)."""
+    return orjson.dumps({"v": 1, "token": token, "ltp": ltp, "is_mock": True, **extra})
+
+
+@pytest.fixture
+def redis_layer(settings):
+    """CHANNEL_LAYERS on the real channels-redis, with a prefix of this test's own."""
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [django_settings.REDIS_URL],
+                "prefix": f"test_web_{uuid.uuid4().hex[:12]}",
+                "capacity": 1000,
+                "expiry": 10,
+            },
+        }
+    }
+    return get_channel_layer()
+
+
+@pytest.fixture
+def user(django_user_model):
+    return django_user_model.objects.create_user(username="trader", password="pw-123456")
+
+
+def session_cookie_for(user) -> tuple[bytes, bytes]:
+    client = Client()
+    client.force_login(user)
+    cookie = client.cookies[django_settings.SESSION_COOKIE_NAME].value
+    return (b"cookie", f"{django_settings.SESSION_COOKIE_NAME}={cookie}".encode())
+
+
+def staff_user(username: str = "ops"):
+    return get_user_model().objects.create_user(username=username, password="pw", is_staff=True)
+
+
+def make_config(**overrides: Any) -> ConsumerSettings:
+    values = {
+        "max_subscriptions": 100,
+        "max_messages_per_s": 50,
+        "send_window": 4,
+        "heartbeat_max_age_s": 15.0,
+    }
+    values.update(overrides)
+    return ConsumerSettings(**values)
+
+
+def make_app(config: ConsumerSettings | None = None, clock: Callable[[], float] | None = None):
+    """The project's ASGI application with fresh metrics; returns (app, metrics)."""
+    from tickerproj.asgi import build_application
+
+    metrics = WebSocketMetrics(CollectorRegistry())
+    extra = {"clock": clock} if clock is not None else {}
+    return build_application(metrics=metrics, config=config or make_config(), **extra), metrics
+
+
+async def ws_connect(app, *, headers=(), subprotocols=None, path="/ws/v1/"):
+    """An accepted, greeted communicator (the hello is read and returned)."""
+    comm = WebsocketCommunicator(app, path, headers=list(headers), subprotocols=subprotocols)
+    connected, _ = await comm.connect(timeout=5)
+    assert connected
+    hello = await recv(comm)
+    assert hello["type"] == "hello", hello
+    return comm, hello
+
+
+async def recv(comm: WebsocketCommunicator, wait_s: float = 5) -> dict[str, Any]:
+    return orjson.loads(await comm.receive_from(wait_s))
+
+
+async def recv_until(
+    comm: WebsocketCommunicator, pred: Callable[[dict], bool], wait_s: float = 5
+) -> dict[str, Any]:
+    """The first message matching ``pred`` within ``wait_s`` (others are skipped)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        remaining = deadline - loop.time()
+        assert remaining > 0, "no matching message before the deadline"
+        msg = await recv(comm, wait_s=remaining)
+        if pred(msg):
+            return msg
+
+
+async def expect_close(comm: WebsocketCommunicator, wait_s: float = 5) -> int:
+    out = await comm.receive_output(wait_s)
+    assert out["type"] == "websocket.close", out
+    return out.get("code")
+
+
+async def send(comm: WebsocketCommunicator, message: dict[str, Any]) -> None:
+    await comm.send_to(text_data=orjson.dumps(message).decode())
+
+
+class FakeEngine:
+    """Answers ``snapshot.request`` on the real channel layer like a runticker would."""
+
+    def __init__(self, layer, latest: dict[int, bytes]) -> None:
+        self.layer = layer
+        self.latest = latest
+        self.requests: list[dict] = []
+        self._task: asyncio.Task | None = None
+        self._channel = ""
+
+    async def __aenter__(self) -> FakeEngine:
+        self._channel = await self.layer.new_channel()
+        await self.layer.group_add(schema.SNAPSHOT_REQUESTS_GROUP, self._channel)
+        self._task = asyncio.create_task(self._serve(), name="fake-engine")
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self.layer.group_discard(schema.SNAPSHOT_REQUESTS_GROUP, self._channel)
+
+    async def _serve(self) -> None:
+        while True:
+            message = await self.layer.receive(self._channel)
+            request = schema.parse_snapshot_request(message)
+            self.requests.append(message)
+            tokens = [t for t in request.tokens if t in self.latest]
+            if tokens:
+                await self.layer.send(
+                    request.reply_to,
+                    schema.snapshots_batch_message(
+                        group="", tokens=tokens, items=[self.latest[t] for t in tokens], initial=True
+                    ),
+                )
+
+
+async def publish(layer, group: str, items: dict[int, bytes]) -> None:
+    await layer.group_send(
+        group,
+        schema.snapshots_batch_message(group=group, tokens=list(items), items=list(items.values())),
+    )
