@@ -753,8 +753,9 @@ class SyntheticMarket:
             self._token[rows].astype(np.uint64) << np.uint64(20)
         ) ^ np.uint64(self._step_count & 0xFFFFF)
         h = _mix64(seed[:, None] * np.uint64(16) + np.arange(2 * _DEPTH_LEVELS, dtype=np.uint64))
-        qty = (1 + (h % np.uint64(40)).astype(np.int64)) * lot[:, None]
-        orders = 1 + ((h >> np.uint64(16)) % np.uint64(12)).astype(np.int64)
+        # Bit masks, not modulo: uint64 division is the slowest step of the tick hot path.
+        qty = (1 + (h & np.uint64(31)).astype(np.int64)) * lot[:, None]  # 1-32 lots
+        orders = 1 + ((h >> np.uint64(16)) & np.uint64(15)).astype(np.int64)  # 1-16 orders
         live = tradable[:, None] & (bid_price > 0)
         bid_qty = np.where(live, qty[:, :_DEPTH_LEVELS], 0)
         bid_orders = np.where(live, orders[:, :_DEPTH_LEVELS], 0)
@@ -851,18 +852,33 @@ class SyntheticMarket:
             return out
         lengths = np.broadcast_to(np.asarray(packet_lengths, dtype=np.uint16), (len(rows),))
         s = self.state_at(rows)
+        uniform = bool(lengths.min() == lengths.max())
+
+        def kinds(*wanted: int) -> np.ndarray | bool:
+            # One packet kind for all rows (the simulator's case) needs no per-row masks.
+            if uniform:
+                return int(lengths[0]) in wanted
+            return np.isin(lengths, wanted)
+
+        def put(name: str, values: np.ndarray, where: np.ndarray | bool) -> None:
+            if where is True:
+                out[name] = values
+            elif where is not False:
+                mask = where if values.ndim == 1 else where[:, None]
+                out[name] = np.where(mask, values, 0)
+
         out["instrument_token"] = s["instrument_token"]
         out["packet_length"] = lengths
         out["tradable"] = s["tradable"]
         out["is_index"] = ~s["tradable"]
         out["last_price"] = s["last_price"]
-        has_ohlc = lengths != PACKET_LTP
+        has_ohlc = kinds(PACKET_INDEX_QUOTE, PACKET_INDEX_FULL, PACKET_QUOTE, PACKET_FULL)
         for name in ("open", "high", "low", "close"):
-            out[name] = np.where(has_ohlc, s[name], 0.0)
+            put(name, s[name], has_ohlc)
         with np.errstate(divide="ignore", invalid="ignore"):
             change = (s["last_price"] - s["close"]) * 100.0 / s["close"]
-        out["change"] = np.where(has_ohlc & (s["close"] != 0), change, 0.0)
-        quote = (lengths == PACKET_QUOTE) | (lengths == PACKET_FULL)
+        put("change", np.where(s["close"] != 0, change, 0.0), has_ohlc)
+        quote = kinds(PACKET_QUOTE, PACKET_FULL)
         for name in (
             "last_traded_quantity",
             "average_traded_price",
@@ -870,17 +886,15 @@ class SyntheticMarket:
             "total_buy_quantity",
             "total_sell_quantity",
         ):
-            out[name] = np.where(quote, s[name], 0)
-        full = lengths == PACKET_FULL
+            put(name, s[name], quote)
+        full = kinds(PACKET_FULL)
         for name in ("last_trade_time", "oi", "oi_day_high", "oi_day_low"):
-            out[name] = np.where(full, s[name], 0)
-        stamped = full | (lengths == PACKET_INDEX_FULL)
-        out["exchange_timestamp"] = np.where(stamped, s["exchange_timestamp"], 0)
-        f = full[:, None]
+            put(name, s[name], full)
+        put("exchange_timestamp", s["exchange_timestamp"], kinds(PACKET_INDEX_FULL, PACKET_FULL))
         for side, prefix in (("buy", "bid"), ("sell", "ask")):
-            out[f"depth_{side}_quantity"] = np.where(f, s[f"{prefix}_qty"], 0)
-            out[f"depth_{side}_price"] = np.where(f, s[f"{prefix}_price"], 0.0)
-            out[f"depth_{side}_orders"] = np.where(f, s[f"{prefix}_orders"], 0)
+            put(f"depth_{side}_quantity", s[f"{prefix}_qty"], full)
+            put(f"depth_{side}_price", s[f"{prefix}_price"], full)
+            put(f"depth_{side}_orders", s[f"{prefix}_orders"], full)
         return out
 
     def quote(self, tokens: Iterable[int]) -> dict[int, dict[str, Any]]:

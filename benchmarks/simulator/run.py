@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -190,6 +192,8 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    # The simulator logs connections at info level; the table is what this run is for.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     market = make_market()
     plan, accounts = make_plan(market, args.connections)
     subscribed = args.connections * TOKENS_PER_CONNECTION

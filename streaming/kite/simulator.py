@@ -96,6 +96,9 @@ _PROBE_MASK: Final = 0xFFFFFFFF
 _CLOSE_GOING_AWAY: Final = 1001
 _CLOSE_POLICY_VIOLATION: Final = 1008
 _SHUTDOWN_TIMEOUT_S: Final = 2.0
+# How long a close waits for the peer's close frame (a stalled client must not hang stop()).
+_CLOSE_TIMEOUT_S: Final = 2.0
+_MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 
 TOKEN_ERROR_MESSAGE: Final = "Incorrect `api_key` or `access_token`."  # noqa: S105 - not a secret
 RATE_ERROR_MESSAGE: Final = "Too many requests"
@@ -263,7 +266,20 @@ class ConnectionInfo:
 
 
 class KiteSimulator:
-    """Loopback Kite Connect: REST and ticker on one port, driven by a SyntheticMarket."""
+    """Loopback Kite Connect: REST and ticker on one port, driven by a SyntheticMarket.
+
+    ``tick_interval_ms``: how often the market steps and every connection gets its ticks.
+    ``heartbeat_interval_ms``: silence after which a one-byte heartbeat is sent (Kite: 1 s).
+    ``max_packets_per_frame``: split a connection's ticks into frames of at most this many.
+    ``latency_probe``: stamp the send time in full packets' ``last_trade_time`` (module doc).
+    ``step_market``: False leaves the market still (tests that move it with ``set_spot``).
+    ``enforce_rate_limits``: answer 429 beyond Kite's per-second REST limits per API key.
+    ``require_kite_version``: refuse REST calls without ``X-Kite-Version: 3``, as Kite does.
+    ``clock``: wall clock for order and session timestamps; ``monotonic_fn``: the
+    rate-limit windows' clock (injectable so tests need not sleep).
+    The market belongs to the simulator's event loop once started; from another thread go
+    through :class:`SimulatorThread`.
+    """
 
     def __init__(
         self,
@@ -332,12 +348,18 @@ class KiteSimulator:
             app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT_S
         )
         await runner.setup()
+        # Binding our own socket makes port 0 work and tells us the port without private API.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self._host, self._port))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self._host, self._port))
+            site = web.SockSite(runner, sock)
+            await site.start()
+        except OSError:
+            sock.close()
+            await runner.cleanup()
+            raise
         self._actual_port = sock.getsockname()[1]
-        site = web.SockSite(runner, sock)
-        await site.start()
         self._runner = runner
         self._tick_task = asyncio.create_task(self._tick_loop(), name="kitesim.tick_loop")
         log.info("kitesim.started", http_url=self.http_url, ws_url=self.ws_url)
@@ -1181,7 +1203,9 @@ class KiteSimulator:
         if self.connection_count(api_key) >= MAX_CONNECTIONS_PER_API_KEY:
             log.info("kitesim.ws.rejected", api_key=api_key, status=429)
             return web.Response(status=429, text="429 Too Many Requests: connection limit reached")
-        ws = web.WebSocketResponse(autoping=False, compress=False, max_msg_size=4 * 1024 * 1024)
+        ws = web.WebSocketResponse(
+            autoping=False, compress=False, timeout=_CLOSE_TIMEOUT_S, max_msg_size=_MAX_MESSAGE_BYTES
+        )
         conn = _Connection(
             id=self._next_connection_id, api_key=api_key, ws=ws, transport=request.transport
         )
@@ -1266,11 +1290,19 @@ class KiteSimulator:
         heartbeat_s = self.heartbeat_interval_ms / 1000.0
         conn.last_sent_s = time.monotonic()
         while conn.id in self._connections and not conn.ws.closed:
-            timeout = max(heartbeat_s - (time.monotonic() - conn.last_sent_s), 0.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(conn.wake.wait(), timeout=timeout)
+            stalled = self._is_stalled(conn.api_key)
+            # Stalled, only a wake (a tick, resume, a close) can change anything: no timeout.
+            timeout = None if stalled else heartbeat_s - (time.monotonic() - conn.last_sent_s)
+            if timeout is None or timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(conn.wake.wait(), timeout=timeout)
             conn.wake.clear()
-            if conn.id not in self._connections or self._is_stalled(conn.api_key):
+            if conn.id not in self._connections:
+                return
+            if self._is_stalled(conn.api_key):
+                if any(kind == "close" for kind, _ in conn.outbox):  # an expired token still closes
+                    await conn.ws.close(code=_CLOSE_POLICY_VIOLATION, message=b"access token expired")
+                    return
                 continue
             while conn.outbox:
                 kind, payload = conn.outbox.popleft()

@@ -359,3 +359,15 @@ async def test_stop_closes_live_connections(sim):
             while True:
                 await ws.recv()
     await sim.start()  # the fixture's exit stops it again
+
+
+async def test_expire_token_closes_even_a_stalled_connection(sim):
+    async with connect(url(sim)) as ws:
+        sim.stall()
+        sim.expire_token(API_KEY)
+        with pytest.raises(ConnectionClosed) as error:
+            async with asyncio.timeout(WAIT_S):
+                while True:
+                    await ws.recv()
+        assert error.value.rcvd is not None and error.value.rcvd.code == 1008
+    await wait_until(lambda: sim.connection_count(API_KEY) == 0)
