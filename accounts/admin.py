@@ -2,7 +2,9 @@
 
 from django import forms
 from django.contrib import admin, messages
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.html import format_html
 
 from accounts import services
 from accounts.models import ApiToken, KiteAccount
@@ -49,16 +51,24 @@ class KiteAccountAdmin(admin.ModelAdmin):
     form = KiteAccountForm
     list_display = [
         "label", "api_key", "kite_user_id", "status", "needs_login_display", "token_expires_at",
-        "secrets_display", "updated_at",
+        "secrets_display", "kite_login_link", "updated_at",
     ]
     list_filter = ["status"]
     search_fields = ["label", "api_key", "kite_user_id"]
-    readonly_fields = ["token_issued_at", "token_expires_at", "last_error", "created_at", "updated_at"]
+    readonly_fields = [
+        "kite_login_link", "token_issued_at", "token_expires_at", "last_error", "created_at", "updated_at",
+    ]
     actions = ["disable_accounts", "enable_accounts"]
 
     @admin.display(description="needs login", boolean=True)
     def needs_login_display(self, obj: KiteAccount) -> bool:
         return obj.needs_login
+
+    @admin.display(description="Kite login")
+    def kite_login_link(self, obj: KiteAccount) -> str:
+        if obj.pk is None:
+            return "save the account first"
+        return format_html('<a href="{}">Log in to Kite</a>', reverse("accounts:kite_login", args=[obj.pk]))
 
     @admin.display(description="secrets")
     def secrets_display(self, obj: KiteAccount) -> str:

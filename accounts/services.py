@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from accounts.fields import Ciphertext, DecryptionError, rotate_ciphertext
 from accounts.models import ApiToken, KiteAccount, session_expiry_after
+from streaming.control import notify_engines_on_commit
 
 log = structlog.get_logger(__name__)
 
@@ -119,3 +120,35 @@ def apitoken_mark_used(*, token_id: int, now: dt.datetime | None = None) -> bool
         .filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=stale_before))
         .update(last_used_at=now)
     )
+
+
+class AccountLoginError(Exception):
+    """A Kite login cannot be completed for a reason of ours (no secret, another Kite user)."""
+
+
+def account_login_complete(*, account: KiteAccount, request_token: str, client) -> KiteAccount:
+    """Finish a Kite login: exchange the request token for a session and store it.
+
+    ``client`` is a ``streaming.kite.rest.KiteRestClient`` for the account's api key; its
+    ``KiteError`` subclasses (an invalid or expired request token is a ``KiteTokenError``)
+    propagate. A session for another Kite user than the one the account is bound to is
+    refused, so an account never streams or trades on someone else's login. Running engines
+    are told to reload, so they reconnect with the new token.
+    """
+    if client.api_key != account.api_key:
+        raise ValueError(f"client is for api key {client.api_key}, account {account.label} uses {account.api_key}")
+    if not account.api_secret_is_set:
+        raise AccountLoginError(f"account {account.label} has no api secret: set it in the admin first")
+    session = client.generate_session(request_token=request_token, api_secret=account.api_secret)
+    if account.kite_user_id and session.user_id != account.kite_user_id:
+        raise AccountLoginError(
+            f"Kite logged in user {session.user_id}, but account {account.label} belongs to "
+            f"{account.kite_user_id}: log in to Kite as {account.kite_user_id}"
+        )
+    with transaction.atomic():
+        account = account_set_session(
+            account=account, access_token=session.access_token, user_id=session.user_id
+        )
+        notify_engines_on_commit()
+    log.info("account.login_completed", account=account.label, user_id=session.user_id)
+    return account
