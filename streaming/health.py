@@ -11,7 +11,9 @@ Reasons:
 - ``no_heartbeat``: no runticker process wrote a heartbeat within HEALTH_HEARTBEAT_MAX_AGE_S.
 - ``session_expired``: an account that is not disabled needs a Kite login.
 - ``stream_stalled``: an account streams instruments but its last tick is too old.
-- ``task_failed``: an engine task crashed and is restarting or gave up.
+- ``task_failed``: an engine task is restarting or gave up, or crashed within the last
+  HEALTH_HEARTBEAT_MAX_AGE_S (so a crash that healed at once is still seen for a while).
+- ``account_unleased``: an engine streams live but no engine holds a streamable account.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, connections
 from django.utils import timezone
 
 from accounts.models import KiteAccount
-from streaming.models import EngineHeartbeat
+from accounts.selectors import account_list_streamable
+from streaming.models import AccountLease, EngineHeartbeat
 
 Reason = dict[str, Any]
 
@@ -39,6 +42,7 @@ class HealthContext:
     heartbeat_max_age_s: float
     stream_stall_s: float
     redis_timeout_s: float = 1.0
+    db_alias: str = "default"
     now: dt.datetime = field(default_factory=timezone.now)
     database_ok: bool = True
     _heartbeats: list[EngineHeartbeat] | None = None
@@ -59,7 +63,7 @@ def heartbeat_list_fresh(*, since: dt.datetime) -> list[EngineHeartbeat]:
 
 def check_database(ctx: HealthContext) -> list[Reason]:
     try:
-        with connection.cursor() as cursor:
+        with connections[ctx.db_alias].cursor() as cursor:
             cursor.execute("SELECT 1")
             cursor.fetchone()
     except DatabaseError as exc:
@@ -138,9 +142,12 @@ def check_tasks(ctx: HealthContext) -> list[Reason]:
         return []
     reasons = []
     for hb in ctx.heartbeats:
+        hb_age_s = (ctx.now - hb.updated_at).total_seconds()
         tasks = hb.state.get("tasks") or {}
         for name, task in sorted(tasks.items()):
-            if task.get("state") in ("restarting", "failed"):
+            crash_age_s = task.get("last_crash_age_s")
+            recent = crash_age_s is not None and crash_age_s + hb_age_s < ctx.heartbeat_max_age_s
+            if task.get("state") in ("restarting", "failed") or recent:
                 reasons.append(
                     {
                         "code": "task_failed",
@@ -152,6 +159,20 @@ def check_tasks(ctx: HealthContext) -> list[Reason]:
                     }
                 )
     return reasons
+
+
+def check_leases(ctx: HealthContext) -> list[Reason]:
+    """Streamable accounts that no engine holds while engines stream live."""
+    if not ctx.database_ok or not any(hb.state.get("mode") == "live" for hb in ctx.heartbeats):
+        return []
+    leased = set(
+        AccountLease.objects.filter(expires_at__gt=ctx.now).values_list("account_id", flat=True)
+    )
+    return [
+        {"code": "account_unleased", "account": label}
+        for pk, label in account_list_streamable().order_by("label").values_list("pk", "label")
+        if pk not in leased
+    ]
 
 
 def _accounts(hb: EngineHeartbeat) -> dict[str, dict[str, Any]]:
@@ -166,6 +187,7 @@ CHECKS: list[Callable[[HealthContext], list[Reason]]] = [
     check_sessions,
     check_streams,
     check_tasks,
+    check_leases,
 ]
 """Run in order; the database check runs first so the others can skip when it is down."""
 
