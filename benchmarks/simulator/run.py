@@ -181,7 +181,7 @@ async def serve_and_measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=4)
-    parser.add_argument("--intervals", type=float, nargs="+", default=[100.0, 50.0, 25.0])
+    parser.add_argument("--intervals", type=float, nargs="+", default=[100.0, 50.0, 25.0, 10.0])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--client", nargs=4, metavar=("WS_URL", "PLAN", "WARMUP", "SECONDS"))
