@@ -40,12 +40,19 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from typing import Any, Final
 
 import numpy as np
 
-from streaming.greeks import DEFAULT_RISK_FREE_RATE, black76_price
+from streaming.greeks import (
+    DEFAULT_RISK_FREE_RATE,
+    IST,
+    SECONDS_PER_YEAR,
+    black76_price,
+    expiry_close_epoch_s,
+    years_to_expiry,
+)
 from streaming.kite.codec import (
     PACKET_FULL,
     PACKET_INDEX_FULL,
@@ -68,16 +75,12 @@ __all__ = [
     "weekly_expiries",
 ]
 
-#: India has no daylight saving time, so a fixed offset is exact.
-IST: Final = timezone(timedelta(hours=5, minutes=30), "IST")
-
 #: The low byte of a Kite instrument_token names its segment (as KiteTicker reads it).
 NSE_SEGMENT_ID: Final = 1
 NFO_SEGMENT_ID: Final = 2
 INDICES_SEGMENT_ID: Final = 9
 
 TICK_SIZE: Final = 0.05
-SECONDS_PER_YEAR: Final = 365.0 * 86400.0
 MARKET_OPEN_MINUTE_IST: Final = 9 * 60 + 15
 MARKET_CLOSE_MINUTE_IST: Final = 15 * 60 + 30
 MINUTES_PER_SESSION: Final = MARKET_CLOSE_MINUTE_IST - MARKET_OPEN_MINUTE_IST  # 375
@@ -205,8 +208,8 @@ def ist_date(epoch_s: float) -> date:
 
 
 def session_close_epoch_s(day: date) -> float:
-    """Epoch seconds of 15:30 IST on ``day``: when that day's contracts expire."""
-    return datetime(day.year, day.month, day.day, 15, 30, tzinfo=IST).timestamp()
+    """Epoch seconds of 15:30 IST on ``day``: the close, when that day's contracts expire."""
+    return expiry_close_epoch_s(day)
 
 
 def session_open_epoch_s(day: date) -> float:
@@ -561,8 +564,10 @@ class SyntheticMarket:
         """Tick-rounded prices of ``rows`` given each row's underlying spot."""
         kind = self._kind[rows]
         und = self._und[rows]
-        t = np.maximum(self._expiry_s[rows] - now_epoch_s, 0.0) / SECONDS_PER_YEAR
-        t = np.where(np.isfinite(t), t, 0.0)
+        t = np.maximum(
+            years_to_expiry(now_epoch_s=now_epoch_s, expiry_epoch_s=self._expiry_s[rows]), 0.0
+        )
+        t = np.where(np.isfinite(t), t, 0.0)  # indices: no expiry
         forward = spot * np.exp((self._r - self._und_q[und]) * t)
         strike = self._strike[rows]
         is_option = (kind == KIND_CALL) | (kind == KIND_PUT)
@@ -665,7 +670,10 @@ class SyntheticMarket:
     def sigma(self, tokens: Iterable[int]) -> np.ndarray:
         """The model volatility the market prices each option with at its current state."""
         rows = self.rows_of(tokens)
-        t = np.maximum(self._expiry_s[rows] - self._now, 0.0) / SECONDS_PER_YEAR
+        t = np.maximum(
+            years_to_expiry(now_epoch_s=self._now, expiry_epoch_s=self._expiry_s[rows]), 0.0
+        )
+        t = np.where(np.isfinite(t), t, 0.0)
         und = self._und[rows]
         forward = self._spot[und] * np.exp((self._r - self._und_q[und]) * t)
         strike = np.where(self._is_option[rows], self._strike[rows], forward)
