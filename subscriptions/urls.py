@@ -1,0 +1,11 @@
+"""HTTP API of the subscriptions app (mounted under /api/)."""
+
+from django.urls import path
+
+from subscriptions import views
+
+app_name = "subscriptions"
+
+urlpatterns = [
+    path("history/<int:instrument_token>", views.history, name="history"),
+]
