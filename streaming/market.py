@@ -70,8 +70,12 @@ __all__ = [
     "SyntheticMarket",
     "UnderlyingSpec",
     "future_tradingsymbol",
+    "is_trading_day",
+    "ist_date",
     "monthly_expiries",
     "option_tradingsymbol",
+    "session_close_epoch_s",
+    "session_open_epoch_s",
     "weekly_expiries",
 ]
 
