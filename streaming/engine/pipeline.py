@@ -67,6 +67,10 @@ FORWARD_FUTURE: Final = 1
 FORWARD_PARITY: Final = 2
 
 _GREEK_COLUMNS: Final = ("iv", "delta", "gamma", "theta", "vega", "rho")
+# A parity forward drifts with time through e^{rT} (about 1e-9 of its value per second);
+# a real move is at least one 0.05 tick of a premium (about 2e-6 of an index forward).
+# Changes below this fraction do not make a chain's options "changed".
+_FORWARD_CHANGE_RELATIVE: Final = 1e-7
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +318,9 @@ class SnapshotPipeline:
         source = np.where(use_fut, FORWARD_FUTURE, np.where(use_par, FORWARD_PARITY, FORWARD_NONE))
 
         old = self._chain_forward
-        changed = (old != forward) & ~(np.isnan(old) & np.isnan(forward))
+        with np.errstate(invalid="ignore"):
+            moved = np.abs(forward - old) > _FORWARD_CHANGE_RELATIVE * np.abs(old)
+        changed = moved | (np.isnan(old) != np.isnan(forward))
         changed |= self._chain_stale != stale
         changed |= self._chain_forward_mock != forward_mock
         self._chain_forward = forward
