@@ -1,0 +1,347 @@
+// The live option chain: one WebSocket (protocol v1, docs/websocket-protocol.md), cells
+// updated in place, every snapshots frame acknowledged after it is drawn (the server's
+// credit-based flow control: a hidden or slow tab simply gets the latest state later).
+"use strict";
+
+(function () {
+  const cfg = JSON.parse(document.getElementById("chain-config").textContent);
+  const $ = (id) => document.getElementById(id);
+  const SIDES = ["ce", "pe"];
+  // Column order per side, mirrored around the strike (calls read right-to-left).
+  const FIELDS_CE = ["flags", "oi", "volume", "vega", "theta", "gamma", "delta", "iv", "change", "ltp"];
+  const FIELDS_PE = FIELDS_CE.slice().reverse();
+  const STALE_MS = 10000;
+  const PING_MS = 20000;
+  const BACKOFF_MIN_MS = 500;
+  const BACKOFF_MAX_MS = 10000;
+
+  const inr = new Intl.NumberFormat("en-IN");
+  const istTime = new Intl.DateTimeFormat("en-IN", {
+    timeZone: "Asia/Kolkata", hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false,
+  });
+  const fmt = {
+    ltp: (v) => v.toFixed(2),
+    change: (v) => (v > 0 ? "+" : "") + v.toFixed(2),
+    oi: (v) => inr.format(v),
+    volume: (v) => inr.format(v),
+    iv: (v) => (v * 100).toFixed(2),
+    delta: (v) => v.toFixed(3),
+    gamma: (v) => v.toFixed(5),
+    theta: (v) => v.toFixed(2),
+    vega: (v) => v.toFixed(2),
+  };
+
+  // token -> {row, side}; strike -> row; row = {tr, strike, cells: {ce: {...}, pe: {...}}}
+  let byToken = new Map();
+  let rows = [];
+  let atmRow = null;
+  let forward = null;
+  let scrolledToAtm = false;
+
+  const pending = new Map(); // token -> latest item not yet drawn
+  let lastSeq = 0;
+  let ackedSeq = 0;
+  let renderScheduled = false;
+  let lastDataAt = 0;
+  let feedMock = null;
+
+  let ws = null;
+  let attempt = 0;
+  let reconnectTimer = null;
+  let pingSentAt = 0;
+  let stopped = false;
+
+  // --- header controls --------------------------------------------------------------------
+
+  const pickers = $("pickers");
+  pickers.querySelectorAll("select").forEach((s) => s.addEventListener("change", () => {
+    // A new underlying has other expiries: let the server pick its nearest one.
+    if (s.name === "underlying") pickers.elements.expiry.disabled = true;
+    pickers.submit();
+  }));
+
+  function setBadge(id, cls, text, title) {
+    const el = $(id);
+    el.className = "badge " + cls;
+    el.textContent = text;
+    if (title !== undefined) el.title = title;
+  }
+
+  function showMessage(text) {
+    const el = $("message");
+    el.textContent = text;
+    el.hidden = !text;
+  }
+
+  // --- table ------------------------------------------------------------------------------
+
+  function buildTable(instruments, chain) {
+    const body = $("chain-body");
+    const strikes = new Map();
+    for (const inst of instruments) {
+      if ((inst.kind !== "CE" && inst.kind !== "PE") || inst.expiry !== cfg.expiry) continue;
+      if (!strikes.has(inst.strike)) strikes.set(inst.strike, {});
+      strikes.get(inst.strike)[inst.kind.toLowerCase()] = inst;
+    }
+    byToken = new Map();
+    rows = [];
+    atmRow = null;
+    const frag = document.createDocumentFragment();
+    for (const strike of [...strikes.keys()].sort((a, b) => a - b)) {
+      const tr = document.createElement("tr");
+      tr.dataset.strike = strike;
+      const row = { tr, strike, cells: { ce: {}, pe: {} } };
+      const pair = strikes.get(strike);
+      const addSide = (side, fields) => {
+        const inst = pair[side];
+        for (const f of fields) {
+          const td = document.createElement("td");
+          td.dataset.side = side;
+          td.dataset.field = f;
+          if (f === "flags") td.className = "flags flags-" + side;
+          td.textContent = inst ? "" : "·";
+          tr.appendChild(td);
+          row.cells[side][f] = td;
+        }
+        if (inst) {
+          byToken.set(inst.token, { row, side });
+          if (!inst.streamed) {
+            row.cells[side].flags.appendChild(flagBadge("not streamed",
+              "no active subscription for this instrument", false));
+          }
+        }
+      };
+      addSide("ce", FIELDS_CE);
+      const st = document.createElement("td");
+      st.className = "strike";
+      st.textContent = strike.toLocaleString("en-IN");
+      tr.appendChild(st);
+      addSide("pe", FIELDS_PE);
+      rows.push(row);
+      frag.appendChild(tr);
+    }
+    body.replaceChildren(frag);
+    if (!rows.length) {
+      body.innerHTML = '<tr><td colspan="21" class="empty">No options for this expiry.</td></tr>';
+    }
+    if (chain && chain.atm_strike != null) {
+      setForward(forward ?? (chain.reference === "forward" ? chain.reference_price : null),
+                 chain.atm_strike);
+    }
+    if (!scrolledToAtm && atmRow) {
+      scrolledToAtm = true;
+      atmRow.tr.scrollIntoView({ block: "center" });
+    }
+  }
+
+  function flagBadge(label, hint, failure) {
+    const span = document.createElement("span");
+    span.className = "flag" + (failure ? " failure" : "");
+    span.textContent = label;
+    if (hint) span.title = hint;
+    return span;
+  }
+
+  function setText(td, text) {
+    if (td.textContent !== text) td.textContent = text;
+  }
+
+  function applyItem(item) {
+    const where = byToken.get(item.token);
+    if (item.forward != null && item.expiry === cfg.expiry) forward = item.forward;
+    if (item.underlying != null) setText($("underlying-price"), item.underlying.toFixed(2));
+    if (item.is_mock != null) feedMock = item.is_mock;
+    if (!where) return;
+    const cells = where.row.cells[where.side];
+    for (const f of Object.keys(fmt)) {
+      const v = item[f];
+      const td = cells[f];
+      if (v == null || Number.isNaN(v)) {
+        setText(td, "—");
+        td.classList.add("na");
+        continue;
+      }
+      td.classList.remove("na");
+      if (f === "ltp") {
+        const prev = parseFloat(td.dataset.value);
+        if (!Number.isNaN(prev) && prev !== v) {
+          td.classList.toggle("up", v > prev);
+          td.classList.toggle("down", v < prev);
+        }
+        td.dataset.value = v;
+      } else if (f === "change") {
+        td.classList.toggle("up", v > 0);
+        td.classList.toggle("down", v < 0);
+      }
+      setText(td, fmt[f](v));
+    }
+    const names = (item.flags || []).join(",");
+    const ft = cells.flags;
+    if (ft.dataset.names !== names) {
+      ft.dataset.names = names;
+      ft.replaceChildren(...(item.flags || []).map((n) => {
+        const meta = cfg.flags[n] || { label: n.replaceAll("_", " "), hint: "", failure: true };
+        return flagBadge(meta.label, meta.hint, meta.failure);
+      }));
+    }
+  }
+
+  function setForward(value, atmStrike) {
+    if (value != null) setText($("forward"), value.toFixed(2));
+    let best = null;
+    if (atmStrike != null) {
+      best = rows.find((r) => r.strike === atmStrike) || null;
+    } else if (value != null && rows.length) {
+      best = rows.reduce((a, r) => (Math.abs(r.strike - value) < Math.abs(a.strike - value) ? r : a));
+    }
+    if (best && best !== atmRow) {
+      if (atmRow) atmRow.tr.classList.remove("atm");
+      best.tr.classList.add("atm");
+      atmRow = best;
+      setText($("atm"), best.strike.toLocaleString("en-IN"));
+    }
+    const ref = value ?? (atmRow ? atmRow.strike : null);
+    if (ref == null) return;
+    for (const r of rows) {
+      const callItm = r.strike < ref;
+      for (const td of Object.values(r.cells.ce)) td.classList.toggle("itm", callItm);
+      for (const td of Object.values(r.cells.pe)) td.classList.toggle("itm", r.strike > ref);
+    }
+  }
+
+  function render() {
+    renderScheduled = false;
+    let latestTs = 0;
+    for (const item of pending.values()) {
+      applyItem(item);
+      if (item.exchange_ts > latestTs) latestTs = item.exchange_ts;
+    }
+    pending.clear();
+    if (forward != null) setForward(forward, null);
+    if (latestTs) {
+      setText($("updated"), istTime.format(new Date(latestTs)) + " IST");
+    }
+    updateFeedBadge();
+    // Acknowledge only what has been drawn: the server sends more when we are ready.
+    if (lastSeq > ackedSeq && ws && ws.readyState === WebSocket.OPEN) {
+      ws.send(JSON.stringify({ action: "ack", seq: lastSeq }));
+      ackedSeq = lastSeq;
+    }
+  }
+
+  function scheduleRender() {
+    if (renderScheduled) return;
+    renderScheduled = true;
+    // A hidden tab gets no animation frames: it stops acking and the server keeps only the
+    // latest state for it, which it draws when it becomes visible again.
+    requestAnimationFrame(render);
+  }
+
+  function updateFeedBadge() {
+    if (!lastDataAt) {
+      setBadge("feed-badge", "feed-none", "no data");
+    } else if (Date.now() - lastDataAt > STALE_MS) {
+      setBadge("feed-badge", "feed-stale", "stale", "no update for more than " + STALE_MS / 1000 + " s");
+    } else if (feedMock) {
+      setBadge("feed-badge", "feed-mock", "MOCK", "mock market: synthetic prices (outside market hours or demo)");
+    } else {
+      setBadge("feed-badge", "feed-live", "LIVE", "live prices from Kite");
+    }
+  }
+
+  // --- connection -------------------------------------------------------------------------
+
+  function connect() {
+    clearTimeout(reconnectTimer);
+    const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + cfg.wsPath;
+    const sock = new WebSocket(url, ["tickerproj.v1"]);
+    ws = sock;
+    lastSeq = 0;
+    ackedSeq = 0;
+    pending.clear();
+    sock.onmessage = (ev) => onMessage(sock, ev);
+    sock.onclose = (ev) => onClose(sock, ev);
+  }
+
+  function onMessage(sock, ev) {
+    if (sock !== ws) return;
+    let msg;
+    try {
+      msg = JSON.parse(ev.data);
+    } catch (e) {
+      return;
+    }
+    switch (msg.type) {
+      case "snapshots":
+        for (const item of msg.data) pending.set(item.token, item);
+        lastSeq = msg.seq;
+        lastDataAt = Date.now();
+        scheduleRender();
+        break;
+      case "hello":
+        sock.send(JSON.stringify({
+          action: "subscribe",
+          id: "chain",
+          chain: { underlying: cfg.underlying, expiry: cfg.expiry, strikes_around_atm: cfg.strikesAroundAtm },
+        }));
+        break;
+      case "subscribed":
+        if (msg.id === "chain") {
+          buildTable(msg.instruments, msg.chain);
+          attempt = 0;
+          showMessage("");
+          setBadge("conn-badge", "conn-live", "live", "connected; receiving updates");
+        }
+        break;
+      case "pong":
+        setBadge("conn-badge", "conn-live", "live", "round trip " + (Date.now() - pingSentAt) + " ms");
+        break;
+      case "error":
+        showMessage("Server: " + msg.message + " (" + msg.code + ")");
+        break;
+    }
+  }
+
+  function onClose(sock, ev) {
+    if (sock !== ws) return;
+    ws = null;
+    if (ev.code === 4401) {
+      stopped = true;
+      setBadge("conn-badge", "conn-closed", "signed out");
+      const el = $("message");
+      el.hidden = false;
+      el.replaceChildren("Your session has ended. ");
+      const a = document.createElement("a");
+      a.href = cfg.loginUrl;
+      a.textContent = "Log in again";
+      el.appendChild(a);
+      return;
+    }
+    // Exponential backoff with jitter, so a restarted server is not hit by every tab at once.
+    const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** attempt) * (0.5 + Math.random() / 2);
+    attempt += 1;
+    setBadge("conn-badge", "conn-reconnecting", "reconnecting",
+             "connection lost (" + ev.code + "); retrying in " + (delay / 1000).toFixed(1) + " s");
+    reconnectTimer = setTimeout(connect, delay);
+  }
+
+  function tick() {
+    updateFeedBadge();
+    if (ws && ws.readyState === WebSocket.OPEN && Date.now() - pingSentAt > PING_MS) {
+      pingSentAt = Date.now();
+      ws.send(JSON.stringify({ action: "ping", id: pingSentAt }));
+    }
+  }
+
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden && pending.size) render();
+  });
+  window.addEventListener("online", () => {
+    if (!ws && !stopped) connect();
+  });
+
+  if (cfg.underlying && cfg.expiry) {
+    connect();
+    setInterval(tick, 1000);
+  }
+})();
