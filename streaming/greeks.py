@@ -53,6 +53,7 @@ __all__ = [
     "DEFAULT_MAX_ITERATIONS",
     "DEFAULT_MIN_VEGA_PER_POINT",
     "DEFAULT_RISK_FREE_RATE",
+    "FAILURE_FLAGS",
     "IST",
     "SECONDS_PER_YEAR",
     "Flag",
@@ -295,17 +296,17 @@ _NOISE_ULPS = 16.0
 DEFAULT_MAX_ITERATIONS = 12
 
 
-@njit(cache=True, fastmath=False, inline="always")
+@njit(cache=True, fastmath=False, error_model="numpy", inline="always")
 def _norm_cdf(z):
     return 0.5 * math.erfc(-z * _INV_SQRT_2)
 
 
-@njit(cache=True, fastmath=False, inline="always")
+@njit(cache=True, fastmath=False, error_model="numpy", inline="always")
 def _norm_pdf(z):
     return _INV_SQRT_2PI * math.exp(-0.5 * z * z)
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True, fastmath=False, error_model="numpy")
 def _inverse_norm_cdf(p):
     """Acklam's rational approximation of N^{-1}(p), relative error < 1.2e-9.
 
@@ -335,7 +336,7 @@ def _inverse_norm_cdf(p):
            * rr + 6.680131188771972e01) * rr - 1.328068155288572e01) * rr + 1.0)
 
 
-@njit(cache=True, fastmath=False, inline="always")
+@njit(cache=True, fastmath=False, error_model="numpy", inline="always")
 def _normalised_call(x, s, ex2, emx2):
     """b(x, s) for x <= 0 (OTM call form); ex2 = e^{x/2}, emx2 = e^{-x/2}."""
     if s <= 0.0:
@@ -345,7 +346,7 @@ def _normalised_call(x, s, ex2, emx2):
     return ex2 * _norm_cdf(h + t) - emx2 * _norm_cdf(h - t)
 
 
-@njit(cache=True, fastmath=False, inline="always")
+@njit(cache=True, fastmath=False, error_model="numpy", inline="always")
 def _normalised_call_complement(x, s, ex2, emx2):
     """b_max - b(x, s) = e^{x/2} N(-x/s - s/2) + e^{-x/2} N(x/s - s/2), no cancellation."""
     h = x / s
@@ -353,7 +354,7 @@ def _normalised_call_complement(x, s, ex2, emx2):
     return ex2 * _norm_cdf(-h - t) + emx2 * _norm_cdf(h - t)
 
 
-@njit(cache=True, fastmath=False, inline="always")
+@njit(cache=True, fastmath=False, error_model="numpy", inline="always")
 def _normalised_vega(x, s):
     """b'(s) = dB/ds."""
     if s <= 0.0:
@@ -363,7 +364,7 @@ def _normalised_vega(x, s):
     return _INV_SQRT_2PI * math.exp(-0.5 * (h * h + t * t))
 
 
-@njit(cache=True, fastmath=False, inline="always")
+@njit(cache=True, fastmath=False, error_model="numpy", inline="always")
 def _rational_cubic(x, x_l, x_r, y_l, y_r, d_l, d_r, r):
     """Delbourgo-Gregory rational cubic through (x_l, y_l), (x_r, y_r) with slopes d_l, d_r.
 
@@ -387,7 +388,7 @@ def _rational_cubic(x, x_l, x_r, y_l, y_r, d_l, d_r, r):
     return numerator / (1.0 + (r - 3.0) * t * omt)
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True, fastmath=False, error_model="numpy")
 def _rational_cubic_control(x_l, x_r, y_l, y_r, d_l, d_r, second_derivative, at_right):
     """Control parameter r that gives ``second_derivative`` at one end, kept shape-preserving.
 
@@ -416,7 +417,7 @@ def _rational_cubic_control(x_l, x_r, y_l, y_r, d_l, d_r, second_derivative, at_
     return min(max(r, -1.0 + 1e-12), 1e16)
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True, fastmath=False, error_model="numpy")
 def _lower_map(x, s):
     """f(s) = (2 pi |x| / (3 sqrt 3)) N(x / (sqrt 3 s))^3 and df/ds, d2f/ds2 (x < 0).
 
@@ -435,7 +436,7 @@ def _lower_map(x, s):
     return f, df, d2f
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True, fastmath=False, error_model="numpy")
 def _inverse_lower_map(x, f):
     y = (f / (_LOWER_MAP_SCALE * -x)) ** (1.0 / 3.0)
     z = _inverse_norm_cdf(y)
@@ -444,7 +445,7 @@ def _inverse_lower_map(x, f):
     return x / (_SQRT_3 * z)
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True, fastmath=False, error_model="numpy")
 def _normalised_iv(beta, x, ex2, max_iterations):
     """s = sigma sqrt(T) such that b(x, s) = beta, for x <= 0 and 0 < beta < ex2 = e^{x/2}.
 
@@ -600,7 +601,7 @@ _F_SPOT = int(Flag.SPOT_FALLBACK)
 _F_PAIR = int(Flag.PAIR_IV)
 
 
-@njit(cache=True, fastmath=False, nogil=True)
+@njit(cache=True, fastmath=False, error_model="numpy", nogil=True)
 def _greeks_kernel(
     price,
     pair_price,
