@@ -560,8 +560,13 @@ class Engine:
                     continue
                 # The lease is checked right before the start, with no await in between: a
                 # lease lost while this apply waited on the database is never restarted.
-                if self.leases.holds(aid):
-                    self.connections.ensure(account, conns)
+                if not self.leases.holds(aid):
+                    continue
+                self.connections.start(account)
+                wanted: dict[int, str] = {}
+                for conn in conns:
+                    wanted.update(conn)
+                await self.connections.update(account, wanted)
             self.mock_feed.set_tokens(plan.mock)
             self._plan = plan
             for aid in plan.accounts:
@@ -656,6 +661,8 @@ class Engine:
             stats.rate_per_s = (stats.ticks - stats.ticks_at_last_beat) / dt_s
             stats.ticks_at_last_beat = stats.ticks
             conn = conn_states.get(aid, {})
+            if "reconnects" in conn:
+                self.metrics.reconnects.labels(self._label(aid)).set(conn["reconnects"])
             expired = aid in self._expired
             if expired:
                 state = "session_expired"

@@ -8,7 +8,8 @@ login, and stops it, awaited, when the lease is lost or the account is no longer
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import asyncio
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -17,26 +18,27 @@ import structlog
 from streaming.engine.metrics import EngineMetrics
 from streaming.engine.store import AccountRow
 from streaming.engine.supervisor import Supervisor
+from streaming.kite.ticker import ClientHealth, ConnectionState, KiteTickerClient, SessionState
 
 log = structlog.get_logger(__name__)
 
 
 class TickerClient(Protocol):
-    """What the engine needs of a Kite ticker client (streaming.kite.ticker)."""
+    """What the engine needs of a Kite ticker client (``streaming.kite.ticker``)."""
 
     async def run(self) -> None: ...
 
-    def set_subscriptions(self, connections: Sequence[Mapping[int, str]]) -> None: ...
+    async def set_subscriptions(self, wanted: Mapping[int, str]) -> None: ...
 
-    def update_token(self, access_token: str) -> None: ...
+    async def update_token(self, access_token: str) -> None: ...
 
-    def health(self) -> dict[str, Any]: ...
+    def health(self) -> ClientHealth: ...
 
-    async def close(self) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 ClientFactory = Callable[..., TickerClient]
-"""Builds a client: (account, ws_url, watchdog_s, on_ticks, on_session_expired, on_reconnect)."""
+"""Builds a client: keyword arguments account, ws_url, watchdog_s, on_ticks, on_session_expired."""
 
 
 def default_client_factory(
@@ -45,11 +47,8 @@ def default_client_factory(
     ws_url: str,
     watchdog_s: float,
     on_ticks: Callable[[np.ndarray], None],
-    on_session_expired: Callable[[str], None],
-    on_reconnect: Callable[[], None],
+    on_session_expired: Callable[[], None],
 ) -> TickerClient:
-    from streaming.kite.ticker import KiteTickerClient
-
     return KiteTickerClient(
         api_key=account.api_key,
         access_token=account.access_token,
@@ -57,19 +56,37 @@ def default_client_factory(
         watchdog_s=watchdog_s,
         on_ticks=on_ticks,
         on_session_expired=on_session_expired,
-        on_reconnect=on_reconnect,
-        label=account.label,
+        account=account.label,
     )
 
 
+def client_state(health: ClientHealth) -> dict[str, Any]:
+    """A client's health as the heartbeat reports an account."""
+    wanted = [c for c in health.connections if c.instruments]
+    up = [c for c in wanted if c.state is ConnectionState.CONNECTED]
+    if health.session is SessionState.EXPIRED:
+        state = "session_expired"
+    elif len(up) == len(wanted):
+        state = "streaming"
+    else:
+        state = "connecting"
+    return {
+        "state": state,
+        "connections": sum(c.state is ConnectionState.CONNECTED for c in health.connections),
+        "reconnects": sum(c.reconnects for c in health.connections),
+        "session": "expired" if health.session is SessionState.EXPIRED else "ok",
+        "malformed": sum(c.malformed_parts for c in health.connections),
+        "last_error": next((c.last_error for c in health.connections if c.last_error), None),
+    }
+
+
 class _Running:
-    __slots__ = ("client", "label", "reconnects", "token_fingerprint")
+    __slots__ = ("client", "label", "token_fingerprint")
 
     def __init__(self, client: TickerClient, label: str, token_fingerprint: str) -> None:
         self.client = client
         self.label = label
         self.token_fingerprint = token_fingerprint
-        self.reconnects = 0
 
 
 class ConnectionManager:
@@ -85,6 +102,7 @@ class ConnectionManager:
         on_session_expired: Callable[[int, str], None],
         metrics: EngineMetrics,
         client_factory: ClientFactory | None = None,
+        close_timeout_s: float = 3.0,
     ) -> None:
         self._supervisor = supervisor
         self._ws_url = ws_url
@@ -93,26 +111,27 @@ class ConnectionManager:
         self._on_session_expired = on_session_expired
         self._metrics = metrics
         self._factory = client_factory or default_client_factory
+        self._close_timeout_s = close_timeout_s
         self._running: dict[int, _Running] = {}
 
     def running(self) -> set[int]:
         return set(self._running)
 
-    def ensure(self, account: AccountRow, connections: Sequence[Mapping[int, str]]) -> None:
-        """Stream ``connections`` (token -> mode per connection) on the account's client.
+    def start(self, account: AccountRow) -> None:
+        """Start the account's client if it is not running (no await: see the engine's apply)."""
+        if account.account_id not in self._running:
+            self._start(account)
 
-        Synchronous on purpose: the caller checks the lease and starts the client with no
-        await in between, so a lease lost meanwhile cannot be followed by a late start.
-        """
-        aid = account.account_id
-        running = self._running.get(aid)
+    async def update(self, account: AccountRow, wanted: Mapping[int, str]) -> None:
+        """Stream ``wanted`` (token -> mode) on the running client; it sends only the diff."""
+        running = self._running.get(account.account_id)
         if running is None:
-            running = self._start(account)
-        elif running.token_fingerprint != account.token_fingerprint:
+            return
+        if running.token_fingerprint != account.token_fingerprint:
             log.info("connections.token_updated", account=account.label)
-            running.client.update_token(account.access_token)
             running.token_fingerprint = account.token_fingerprint
-        running.client.set_subscriptions(connections)
+            await running.client.update_token(account.access_token)
+        await running.client.set_subscriptions(wanted)
 
     def _start(self, account: AccountRow) -> _Running:
         aid = account.account_id
@@ -121,14 +140,8 @@ class ConnectionManager:
         def on_ticks(ticks: np.ndarray) -> None:
             self._on_ticks(aid, ticks)
 
-        def on_session_expired(reason: str) -> None:
-            self._on_session_expired(aid, reason)
-
-        def on_reconnect() -> None:
-            state = self._running.get(aid)
-            if state is not None:
-                state.reconnects += 1
-            self._metrics.reconnects.labels(label).inc()
+        def on_session_expired() -> None:
+            self._on_session_expired(aid, "Kite refused the access token on the ticker (HTTP 403)")
 
         client = self._factory(
             account=account,
@@ -136,7 +149,6 @@ class ConnectionManager:
             watchdog_s=self._watchdog_s,
             on_ticks=on_ticks,
             on_session_expired=on_session_expired,
-            on_reconnect=on_reconnect,
         )
         running = _Running(client, label, account.token_fingerprint)
         self._running[aid] = running
@@ -145,28 +157,29 @@ class ConnectionManager:
         return running
 
     async def stop(self, account_id: int) -> None:
-        """Close the account's client and wait for it; a no-op if it is not running."""
+        """Close the account's sockets and wait until its client has stopped."""
         running = self._running.pop(account_id, None)
         if running is None:
             return
         try:
-            await self._supervisor.stop(f"kite:{running.label}")
+            # A clean close first (close frames); a client stuck past the timeout is cancelled.
+            await asyncio.wait_for(running.client.aclose(), timeout=self._close_timeout_s)
+        except TimeoutError:
+            log.warning("connections.close_timeout", account=running.label)
         finally:
-            await running.client.close()
+            await self._supervisor.stop(f"kite:{running.label}")
         log.info("connections.stopped", account=running.label)
 
     async def stop_all(self) -> None:
-        for aid in list(self._running):
-            await self.stop(aid)
+        await asyncio.gather(*(self.stop(aid) for aid in list(self._running)))
 
     def states(self) -> dict[int, dict[str, Any]]:
-        """Per account: state, connections, reconnects, from the clients themselves."""
+        """Per account: state, connections, reconnects and session, from the clients."""
         out: dict[int, dict[str, Any]] = {}
         for aid, running in self._running.items():
-            health = dict(running.client.health())
-            health.setdefault("reconnects", running.reconnects)
+            state = client_state(running.client.health())
             task = self._supervisor.state(f"kite:{running.label}")
             if task is not None and task.state in ("restarting", "failed"):
-                health["state"] = "error"
-            out[aid] = health
+                state["state"] = "error"
+            out[aid] = state
         return out

@@ -47,8 +47,11 @@ class EngineMetrics:
             "How late the flush loop woke up: a growing value is a growing backlog.",
             registry=r,
         )
-        self.reconnects = Counter(
-            "tickerproj_engine_reconnects", "Kite WebSocket reconnects.", ["account"], registry=r
+        self.reconnects = Gauge(
+            "tickerproj_engine_kite_reconnects",
+            "Kite WebSocket reconnects since the account's client started.",
+            ["account"],
+            registry=r,
         )
         self.dropped = Counter(
             "tickerproj_engine_dropped_messages",
