@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import os
 import secrets
 import signal
 from collections.abc import Callable, Sequence
@@ -54,6 +55,7 @@ from subscriptions.services import (
     instruments_refresh,
     subscription_activate,
 )
+from tickerproj.logging import configure_logging
 
 log = structlog.get_logger(__name__)
 
@@ -284,6 +286,9 @@ class Command(BaseCommand):
                 "the demo runs on embedded defaults only: unset DATABASE_URL (it creates its "
                 "own SQLite database in TICKERPROJ_VAR_DIR and a demo superuser)"
             )
+        if "LOG_JSON" not in os.environ:
+            # Someone is reading this terminal: readable log lines unless JSON was asked for.
+            configure_logging(json=False, level=settings.LOG_LEVEL)
         var_dir = Path(settings.VAR_DIR)
         self.stdout.write(f"Preparing the demo in {var_dir} ...")
         call_command("migrate", interactive=False, verbosity=0)
