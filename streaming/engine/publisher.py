@@ -224,7 +224,9 @@ class Publisher:
     async def serve_snapshot_requests(self, pipeline: _Pipeline) -> None:
         """Answer initial-state requests until cancelled (run it as a supervised task)."""
         layer = self._layer
-        channel = await layer.new_channel(prefix="engine")
+        # The default "specific" prefix: channels-redis reads all of a process's channels of
+        # one prefix with a single BRPOP, so a second prefix would wait behind the first.
+        channel = await layer.new_channel()
         await layer.group_add(schema.SNAPSHOT_REQUESTS_GROUP, channel)
         log.info("publisher.serving_requests", channel=channel)
         try:

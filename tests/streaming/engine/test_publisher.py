@@ -1,0 +1,225 @@
+"""The publisher on a real channels-redis layer: one group_send per group, watched groups,
+initial-state requests, bars, and failures that name what was not sent."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+from channels.layers import InMemoryChannelLayer
+from channels_redis.core import RedisChannelLayer
+from django.conf import settings
+
+from streaming import schema
+from streaming.engine.bars import Bar
+from streaming.engine.pipeline import GroupBatch, SnapshotPipeline
+from streaming.engine.publisher import MAX_ITEMS_PER_REPLY, Publisher, PublishError
+from streaming.engine.universe import InstrumentUniverse
+from tests.streaming.engine.test_universe import (
+    E1,
+    NIFTY_FUT,
+    NIFTY_INDEX,
+    NOW_S,
+    nifty_rows,
+    option_token,
+    tick,
+    ticks,
+)
+
+RECEIVE_TIMEOUT_S = 5.0
+CE = option_token(E1, 26000.0, "CE")
+PE = option_token(E1, 26000.0, "PE")
+CHAIN_E1 = "chain.NIFTY.20261124"
+
+
+@pytest.fixture
+async def layer():
+    layer = RedisChannelLayer(hosts=[settings.REDIS_URL], prefix="test-pipeline")
+    await layer.flush()
+    yield layer
+    await layer.flush()
+    await layer.close_pools()
+
+
+def pipeline_with_data():
+    p = SnapshotPipeline(InstrumentUniverse.from_rows(nifty_rows()), r=0.065, stale_after_s=30.0)
+    p.ingest(
+        ticks(tick(NIFTY_INDEX, 26000.0, length=32), tick(NIFTY_FUT, 26050.0), tick(CE, 120.0), tick(PE, 70.0)),
+        is_mock=False,
+        received_epoch_s=NOW_S,
+    )
+    return p
+
+
+async def receive(layer, channel):
+    return await asyncio.wait_for(layer.receive(channel), RECEIVE_TIMEOUT_S)
+
+
+async def channel_is_empty(layer, channel):
+    """No message waits on ``channel`` (channels-redis has no non-blocking receive: read the
+    length of the channel's queue)."""
+    connection = layer.connection(layer.consistent_hash(channel))
+    return await connection.zcard(layer.prefix + layer.non_local_name(channel)) == 0
+
+
+async def until(predicate, *, timeout_s=RECEIVE_TIMEOUT_S):
+    """Wait for a condition on Redis (nothing to await on: it is polled); fails on timeout."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if await predicate():
+                return
+            await asyncio.sleep(0.01)
+
+
+async def test_one_group_send_per_group_reaches_the_groups_members(layer):
+    p = pipeline_with_data()
+    consumer = await layer.new_channel()
+    await layer.group_add("und.NIFTY", consumer)
+    await layer.group_add(CHAIN_E1, consumer)
+    publisher = Publisher(layer)
+    batches = p.flush(NOW_S)
+    result = await publisher.publish(batches)
+    assert (result.groups, result.snapshots, result.failed) == (2, 4, [])
+    got = [await receive(layer, consumer), await receive(layer, consumer)]
+    assert await channel_is_empty(layer, consumer)
+    by_group = {m["group"]: m for m in got}
+    assert set(by_group) == {"und.NIFTY", CHAIN_E1}
+    for message in got:
+        assert message["type"] == schema.SNAPSHOTS_BATCH_TYPE
+        assert "initial" not in message
+    chain = by_group[CHAIN_E1]
+    assert sorted(chain["tokens"]) == sorted([CE, PE])
+    assert [orjson.loads(i)["token"] for i in chain["items"]] == chain["tokens"]
+    assert chain["items"] == next(b for b in batches if b.group == CHAIN_E1).items
+
+
+@pytest.mark.parametrize("max_concurrency", [1, 8])
+async def test_many_groups_each_get_exactly_one_message(layer, max_concurrency):
+    consumer = await layer.new_channel()
+    groups = [f"chain.TEST.{i:08d}" for i in range(20)]
+    for g in groups:
+        await layer.group_add(g, consumer)
+    batches = [GroupBatch(group=g, tokens=[i], items=[b'{"token":%d}' % i]) for i, g in enumerate(groups)]
+    result = await Publisher(layer, max_concurrency=max_concurrency).publish(batches)
+    assert result.groups == 20
+    received = sorted([(await receive(layer, consumer))["group"] for _ in groups])
+    assert received == groups
+    assert await channel_is_empty(layer, consumer)
+
+
+async def test_watched_groups_come_from_the_layer(layer):
+    p = pipeline_with_data()
+    publisher = Publisher(layer)
+    assert publisher.watched is None  # unknown: a flush sends everything
+    consumer = await layer.new_channel()
+    await layer.group_add(CHAIN_E1, consumer)
+    watched = await publisher.refresh_watched(p.universe.group_names)
+    assert watched == frozenset({CHAIN_E1}) == publisher.watched
+    assert [b.group for b in p.flush(NOW_S, watched=publisher.watched)] == [CHAIN_E1]
+    publisher.mark_watched({"und.NIFTY"})
+    assert publisher.watched == {CHAIN_E1, "und.NIFTY"}
+    await layer.group_discard(CHAIN_E1, consumer)
+    assert await publisher.refresh_watched(p.universe.group_names) == frozenset()
+
+
+async def test_watched_groups_on_the_in_memory_layer():
+    layer = InMemoryChannelLayer()
+    publisher = Publisher(layer)
+    consumer = await layer.new_channel()
+    await layer.group_add("und.NIFTY", consumer)
+    assert await publisher.refresh_watched(["und.NIFTY", CHAIN_E1]) == {"und.NIFTY"}
+    batches = pipeline_with_data().flush(NOW_S, watched=publisher.watched)
+    await publisher.publish(batches)
+    message = await asyncio.wait_for(layer.receive(consumer), RECEIVE_TIMEOUT_S)
+    assert message["group"] == "und.NIFTY"
+    assert sorted(message["tokens"]) == [NIFTY_INDEX, NIFTY_FUT]
+
+
+async def test_an_unknown_layer_means_every_group_is_sent():
+    class OtherLayer:
+        pass
+
+    publisher = Publisher(OtherLayer())
+    assert await publisher.refresh_watched(["und.NIFTY"]) is None
+    assert publisher.watched is None
+
+
+async def test_initial_state_requests_are_answered_and_mark_groups_watched(layer):
+    p = pipeline_with_data()
+    p.flush(NOW_S, watched=frozenset())  # nothing watched: nothing serialised yet
+    publisher = Publisher(layer)
+    await publisher.refresh_watched(p.universe.group_names)
+    assert publisher.watched == frozenset()
+    server = asyncio.create_task(publisher.serve_snapshot_requests(p), name="snapshot-requests")
+    try:
+        await until(lambda: _has_members(publisher, schema.SNAPSHOT_REQUESTS_GROUP))
+        consumer = await layer.new_channel()
+        await layer.group_add(CHAIN_E1, consumer)
+        # A malformed request is refused without stopping the loop.
+        await layer.group_send(schema.SNAPSHOT_REQUESTS_GROUP, {"type": "snapshot.request", "tokens": "x"})
+        await layer.group_send(
+            schema.SNAPSHOT_REQUESTS_GROUP,
+            schema.snapshot_request_message(reply_to=consumer, tokens=[CE, PE, 424242]),
+        )
+        message = await receive(layer, consumer)
+        assert message["initial"] is True and message["group"] == ""
+        assert message["tokens"] == [CE, PE]
+        assert [orjson.loads(i)["ltp"] for i in message["items"]] == [120.0, 70.0]
+        assert publisher.requests_rejected == 1 and publisher.requests_answered == 1
+        assert publisher.watched == {CHAIN_E1}
+        # From now on a change in that chain is published to it.
+        p.ingest(tick(CE, 121.0), is_mock=False, received_epoch_s=NOW_S + 0.1)
+        await publisher.publish(p.flush(NOW_S + 0.1, watched=publisher.watched))
+        update = await receive(layer, consumer)
+        assert update["group"] == CHAIN_E1 and CE in update["tokens"]
+    finally:
+        server.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await server
+    assert not await _has_members(publisher, schema.SNAPSHOT_REQUESTS_GROUP)
+
+
+async def _has_members(publisher, group):
+    return bool(await publisher._groups_with_members([group]))
+
+
+async def test_large_initial_answers_are_split(layer):
+    consumer = await layer.new_channel()
+    n = 2 * MAX_ITEMS_PER_REPLY + 5
+    tokens = list(range(n))
+    items = [b'{"token":%d}' % t for t in tokens]
+    assert await Publisher(layer).send_initial(consumer, tokens, items) == n
+    parts = [await receive(layer, consumer) for _ in range(3)]
+    assert [len(m["tokens"]) for m in parts] == [MAX_ITEMS_PER_REPLY, MAX_ITEMS_PER_REPLY, 5]
+    assert [t for m in parts for t in m["tokens"]] == tokens
+    assert [i for m in parts for i in m["items"]] == items
+
+
+async def test_closed_bars_go_to_their_bars_group(layer):
+    consumer = await layer.new_channel()
+    await layer.group_add(schema.bars_group("NIFTY"), consumer)
+    bars = [
+        Bar(NIFTY_INDEX, "NIFTY", int(NOW_S), 1.0, 2.0, 0.5, 1.5, 0, 3, False, False),
+        Bar(NIFTY_INDEX, "NIFTY", int(NOW_S) + 60, None, None, None, None, 0, 0, True, False),
+    ]
+    assert await Publisher(layer).publish_bars(bars) == 2
+    got = [await receive(layer, consumer), await receive(layer, consumer)]
+    assert [m["type"] for m in got] == [schema.BAR_CLOSED_TYPE] * 2
+    assert [orjson.loads(m["item"])["is_gap"] for m in got] == [False, True]
+
+
+async def test_a_failed_send_names_the_groups_not_sent():
+    # A real layer pointed at a port where nothing listens: the connection is refused.
+    dead = RedisChannelLayer(hosts=["redis://127.0.0.1:1/0"], prefix="test-pipeline")
+    batches = [GroupBatch(group=g, tokens=[1], items=[b"{}"]) for g in ("und.A", "und.B")]
+    with pytest.raises(PublishError) as err:
+        await Publisher(dead).publish(batches)
+    assert sorted(err.value.failed_groups) == ["und.A", "und.B"]
+    assert "und." in str(err.value)
+    await dead.close_pools()
+
+
+def test_max_concurrency_is_checked():
+    with pytest.raises(ValueError, match="max_concurrency"):
+        Publisher(InMemoryChannelLayer(), max_concurrency=0)
