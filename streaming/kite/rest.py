@@ -381,6 +381,14 @@ class CandleSeries:
         )
 
 
+CANDLE_INTERVAL_S: Final[dict[str, int]] = {
+    "minute": 60, "3minute": 180, "5minute": 300, "10minute": 600, "15minute": 900,
+    "30minute": 1800, "60minute": 3600, "day": 86400,
+}
+"""How long one candle of each interval lasts; Kite stamps a candle with its start (a day
+candle with midnight IST), so a candle that began before the requested start can overlap it."""
+
+
 def historical_chunks(
     start: dt.datetime, end: dt.datetime, *, interval: str
 ) -> list[tuple[dt.datetime, dt.datetime]]:
@@ -573,6 +581,7 @@ def parse_candles(
         return f"{instrument} candle {index} ({when})"
 
     candles = validate_list(Candle, items, endpoint=endpoint, describe=describe)
+    candle_length = dt.timedelta(seconds=CANDLE_INTERVAL_S[interval])
     previous: dt.datetime | None = None
     for index, candle in enumerate(candles):
         if oi and candle.oi is None:
@@ -582,7 +591,8 @@ def parse_candles(
             raise KiteResponseError(endpoint=endpoint, instrument=describe(index, items[index]),
                                     field="date", got=candle.date.isoformat(),
                                     reason=f"not after the previous candle ({previous.isoformat()})")
-        if (start is not None and candle.date < start) or (end is not None and candle.date > end):
+        began_before = start is not None and candle.date + candle_length <= start
+        if began_before or (end is not None and candle.date > end):
             raise KiteResponseError(endpoint=endpoint, instrument=describe(index, items[index]),
                                     field="date", got=candle.date.isoformat(),
                                     reason="outside the requested range")
@@ -814,6 +824,10 @@ class KiteRestClient:
             )
             chunk = parse_candles(data, instrument_token=instrument_token, interval=interval,
                                   oi=oi, start=chunk_start, end=chunk_end)
+            if candles:
+                # A candle that straddles a chunk boundary (a day candle, when the range
+                # starts mid-day) comes back with both chunks: keep the first copy.
+                chunk = [c for c in chunk if c.date > candles[-1].date]
             candles.extend(chunk)
         return CandleSeries.from_candles(candles, instrument_token=instrument_token,
                                          interval=interval, oi=oi)

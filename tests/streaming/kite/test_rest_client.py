@@ -352,3 +352,16 @@ def test_error_classes_keep_kites_error_type():
     assert error.retryable and "HTTP 502" in str(error)
     error = KiteGeneralError("bad", endpoint="quote", error_type="GeneralException", status=400)
     assert not error.retryable
+
+
+def test_day_candles_of_a_range_starting_mid_day_are_kept_once(client, sim):
+    token = client.instruments("NSE")[0].instrument_token
+    start, end = dt.datetime(2025, 3, 3, 11, 0), dt.datetime(2026, 11, 18, 15, 30)
+    series = client.historical(token, start, end, "day")
+    assert requests_to(sim, "market.historical") == 1
+    assert series.ts[0] == np.datetime64("2025-03-02T18:30:00")  # 3 March 00:00 IST
+    # 2000 days on, the second call starts at 11:00 on a Tuesday whose candle both calls return.
+    long = client.historical(token, dt.datetime(2020, 3, 5, 11, 0), end, "day")
+    assert requests_to(sim, "market.historical") == 1 + 2  # more than 2000 days: two calls
+    assert np.all(np.diff(long.ts.astype(np.int64)) > 0)
+    assert long.ts[-len(series):].tolist() == series.ts.tolist()
