@@ -451,7 +451,7 @@ def _response_error(
     """The first problem of a ValidationError as a KiteResponseError; secrets redacted."""
     first = exc.errors(include_url=False)[0]
     loc = first["loc"][loc_offset:]
-    got = first.get("input")
+    got = first.get("input", "<hidden>")  # models of secrets hide their inputs
     if any(part in SECRET_FIELDS for part in loc):
         got = "<redacted>"
     return KiteResponseError(
