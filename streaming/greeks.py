@@ -284,10 +284,10 @@ _REGION_LOWER = 0
 _REGION_MIDDLE = 1
 _REGION_UPPER = 2
 
-#: A Householder step smaller than this (relative) ends the iteration: the error left after
-#: a third-order step of relative size e is about C e^4 with C ~ 30 on these objectives
-#: (measured on 30k random (x, s): stopping at 1e-3 leaves 3e-11, at 1e-4 the same 9e-12
-#: round-off floor as stopping at 1e-7), so 1e-4 leaves ~1e-15 and saves a confirming step.
+#: A Householder step smaller than this (relative) ends the iteration. After a third-order
+#: step of relative size e the error left in s is about C e^4 s, and C <= 1.2 in every region
+#: (measured from starts 1e-2 and 1e-3 off the root on 900 random (x, s)), so the error left
+#: is at round-off; stopping at 1e-7 instead costs a confirming step on 40 % of a chain.
 _STEP_TOLERANCE = 1e-4
 _EPSILON = float(np.finfo(np.float64).eps)
 #: A time value within this many ulps of the premium is indistinguishable from none.

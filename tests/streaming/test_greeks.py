@@ -228,6 +228,19 @@ def test_itm_option_takes_the_iv_of_its_otm_pair():
     assert g.rho[0] == pytest.approx(-T * parity_call / 100, rel=1e-12)
 
 
+def test_reused_solve_of_a_neighbour_keeps_each_options_own_time():
+    """Neighbours with the same normalised problem but different expiries get their own IV."""
+    times = np.array([3 / 365, 10 / 365])
+    undiscounted = 80.0
+    prices = undiscounted * np.exp(-R * times)  # same undiscounted premium, same F and K
+    iv, flags = implied_volatility(price=prices, forward=F, strike=24_500.0, t_years=times,
+                                   is_call=True, r=R)  # fmt: skip
+    assert (flags == 0).all()
+    assert iv[0] * math.sqrt(times[0]) == pytest.approx(iv[1] * math.sqrt(times[1]), rel=1e-15)
+    for i in range(2):
+        assert abs(iv[i] - vollib_iv(prices[i], F, 24_500.0, R, times[i], "c")) <= 1e-9
+
+
 def test_itm_option_without_a_usable_pair_uses_its_own_time_value():
     strike = 23_500.0
     call = float(price(strike, 0.16, True))
