@@ -219,6 +219,8 @@ class KiteConnection:
         self._wake = asyncio.Event()  # desired / session / closing changed
         self._dirty = asyncio.Event()  # desired changed while connected
         self._closed_on_purpose = False  # set by the syncer before it closes the socket
+        self._opening: asyncio.Timeout | None = None  # the pending upgrade's deadline
+        self._connected_at: float | None = None
         self.connect_attempts = 0
         self.connects = 0
         self.ticks_received = 0
@@ -235,6 +237,9 @@ class KiteConnection:
         """Wake the slot: its instruments, the session or the client's state changed."""
         self._wake.set()
         self._dirty.set()
+        if self._client.closing and self._opening is not None:
+            # Shutting down: end a pending upgrade now rather than after connect_timeout_s.
+            self._opening.reschedule(asyncio.get_running_loop().time())
 
     def health(self, now: float) -> ConnectionHealth:
         age = None if self.last_message_at is None else max(0.0, now - self.last_message_at)
@@ -265,7 +270,7 @@ class KiteConnection:
                 if client.closing:
                     return
                 token, generation = client._credentials()
-                started = client._clock()
+                self._connected_at = None
                 outcome = await self._connect_and_stream(token)
                 if outcome is _Outcome.CLOSING:
                     return
@@ -276,8 +281,13 @@ class KiteConnection:
                     failures = 0
                     await client._session_rejected(generation, connection=self.index)
                     continue
-                stayed_up_s = client._clock() - started
-                if outcome is _Outcome.DROPPED and stayed_up_s >= client.backoff_reset_after_s:
+                # A socket that stayed up long enough was a success: start the backoff over.
+                # One the server accepted and soon closed was not, or a server that accepts
+                # and closes would be hammered at the shortest delay forever.
+                if (
+                    self._connected_at is not None
+                    and client._clock() - self._connected_at >= client.backoff_reset_after_s
+                ):
                     failures = 1
                 else:
                     failures += 1
@@ -312,20 +322,21 @@ class KiteConnection:
         self.connect_attempts += 1
         self.state = ConnectionState.CONNECTING
         try:
-            ws = await connect(
-                client._url(token),
-                additional_headers=[KITE_VERSION_HEADER],
-                user_agent_header=USER_AGENT,
-                compression=None,
-                open_timeout=client.connect_timeout_s,
-                close_timeout=client.close_timeout_s,
-                # Kite sends a heartbeat every second; our watchdog on incoming data replaces
-                # websockets' ping/pong keepalive (Kite does not promise to answer pings).
-                ping_interval=None,
-                max_size=MAX_MESSAGE_BYTES,
-                proxy=client.proxy,
-                logger=_WIRE_LOG,
-            )
+            async with asyncio.timeout(client.connect_timeout_s) as self._opening:
+                ws = await connect(
+                    client._url(token),
+                    additional_headers=[KITE_VERSION_HEADER],
+                    user_agent_header=USER_AGENT,
+                    compression=None,
+                    open_timeout=None,  # the timeout around this call, which aclose() can cut
+                    close_timeout=client.close_timeout_s,
+                    # Kite sends a heartbeat every second; our watchdog on incoming data
+                    # replaces websockets' ping/pong keepalive (Kite need not answer pings).
+                    ping_interval=None,
+                    max_size=MAX_MESSAGE_BYTES,
+                    proxy=client.proxy,
+                    logger=_WIRE_LOG,
+                )
         except InvalidStatus as exc:
             status = exc.response.status_code
             self.last_error = f"HTTP {status} on upgrade"
@@ -335,9 +346,18 @@ class KiteConnection:
                 return _Outcome.RATE_LIMITED
             return _Outcome.FAILED
         except (InvalidHandshake, OSError, TimeoutError) as exc:
-            self.last_error = redact(f"{type(exc).__name__}: {exc}", token)
+            if client.closing:
+                return _Outcome.CLOSING
+            detail = str(exc) or f"no upgrade within {client.connect_timeout_s} s"
+            self.last_error = redact(f"{type(exc).__name__}: {detail}", token)
             return _Outcome.FAILED
+        finally:
+            self._opening = None
+        if client.closing:
+            await ws.close()
+            return _Outcome.CLOSING
         self.connects += 1
+        self._connected_at = client._clock()
         self.state = ConnectionState.CONNECTED
         self.last_error = None
         self.last_message_at = client._clock()
