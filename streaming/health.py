@@ -14,6 +14,12 @@ Reasons:
 - ``task_failed``: an engine task is restarting or gave up, or crashed within the last
   HEALTH_HEARTBEAT_MAX_AGE_S (so a crash that healed at once is still seen for a while).
 - ``account_unleased``: an engine streams live but no engine holds a streamable account.
+- ``needs_login``: an account that is not disabled has no access token, or its token has
+  passed 06:00 IST before the expire_sessions job marked it (then it is ``session_expired``).
+- ``subscription_drift``: the reconciler found active subscriptions no engine streams, inactive
+  ones still streamed, or a wrong mode (from a DriftReport younger than its maximum age).
+- ``subscriptions_unassigned``: engines cannot stream some active subscriptions (the reasons,
+  e.g. capacity, are in the report and on each subscription).
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from django.db import DatabaseError, connections
 from django.utils import timezone
 
 from accounts.models import KiteAccount
-from accounts.selectors import account_list_streamable
+from accounts.selectors import account_list_needing_login, account_list_streamable
 from streaming.models import AccountLease, EngineHeartbeat
+from subscriptions.jobs import drift_report_latest
 
 Reason = dict[str, Any]
 
@@ -43,6 +50,8 @@ class HealthContext:
     stream_stall_s: float
     redis_timeout_s: float = 1.0
     db_alias: str = "default"
+    #: The reconciler writes every 30 s; an older report is not trusted (the job is not running).
+    drift_report_max_age_s: float = 300.0
     now: dt.datetime = field(default_factory=timezone.now)
     database_ok: bool = True
     _heartbeats: list[EngineHeartbeat] | None = None
@@ -175,6 +184,51 @@ def check_leases(ctx: HealthContext) -> list[Reason]:
     ]
 
 
+def check_needs_login(ctx: HealthContext) -> list[Reason]:
+    """Accounts that need a Kite login but are not (yet) marked session_expired."""
+    if not ctx.database_ok:
+        return []
+    rows = (
+        account_list_needing_login()
+        .exclude(status=KiteAccount.Status.SESSION_EXPIRED)
+        .values_list("label", "token_expires_at")  # never the token itself
+    )
+    return [
+        {"code": "needs_login", "account": label,
+         "why": "token_expired" if expires is not None and expires <= ctx.now else "no_token"}
+        for label, expires in rows
+    ]  # fmt: skip
+
+
+def check_subscription_drift(ctx: HealthContext) -> list[Reason]:
+    """The reconciler's latest finding, if recent: drift, and subscriptions no engine can take."""
+    if not ctx.database_ok:
+        return []
+    report = drift_report_latest()
+    if report is None or (ctx.now - report.checked_at).total_seconds() > ctx.drift_report_max_age_s:
+        return []
+    reasons: list[Reason] = []
+    if report.missing or report.extra or report.mode_mismatch:
+        reasons.append(
+            {
+                "code": "subscription_drift",
+                "missing": report.missing,
+                "extra": report.extra,
+                "mode_mismatch": report.mode_mismatch,
+                "checked_at": report.checked_at.isoformat(),
+            }
+        )
+    if report.unassigned:
+        reasons.append(
+            {
+                "code": "subscriptions_unassigned",
+                "count": report.unassigned,
+                "reasons": report.details.get("unassigned_reasons", []),
+            }
+        )
+    return reasons
+
+
 def _accounts(hb: EngineHeartbeat) -> dict[str, dict[str, Any]]:
     accounts = hb.state.get("accounts") if isinstance(hb.state, dict) else None
     return accounts if isinstance(accounts, dict) else {}
@@ -188,6 +242,8 @@ CHECKS: list[Callable[[HealthContext], list[Reason]]] = [
     check_streams,
     check_tasks,
     check_leases,
+    check_needs_login,
+    check_subscription_drift,
 ]
 """Run in order; the database check runs first so the others can skip when it is down."""
 

@@ -1,15 +1,19 @@
 """Admin for ops: a read-only instrument registry fast at 100k rows, and subscriptions."""
 
+from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.contenttypes.models import ContentType
 from django.core.paginator import Paginator
 from django.db import connection
+from django.http import HttpResponseRedirect
+from django.urls import path, reverse
 from django.utils.functional import cached_property
 
 from streaming.control import notify_engines_on_commit
-from subscriptions import services
-from subscriptions.models import HistoryRange, Instrument, RebalanceRule, Subscription
+from subscriptions import services, tasks
+from subscriptions.jobs import drift_report_latest
+from subscriptions.models import DriftReport, HistoryRange, Instrument, RebalanceRule, Subscription
 
 
 class EstimatedCountPaginator(Paginator):
@@ -35,6 +39,7 @@ class EstimatedCountPaginator(Paginator):
 
 @admin.register(Instrument)
 class InstrumentAdmin(admin.ModelAdmin):
+    change_list_template = "admin/subscriptions/instrument/change_list.html"
     list_display = [
         "tradingsymbol", "exchange", "segment", "instrument_type", "name", "expiry", "strike",
         "lot_size", "tick_size", "instrument_token",
@@ -54,6 +59,23 @@ class InstrumentAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    def get_urls(self):
+        refresh = path(
+            "refresh/",
+            self.admin_site.admin_view(self.refresh_now_view),
+            name="subscriptions_instrument_refresh",
+        )
+        return [refresh, *super().get_urls()]
+
+    def refresh_now_view(self, request):
+        """POST from the changelist's "Refresh instruments now" button: run the refresh job."""
+        changelist = reverse("admin:subscriptions_instrument_changelist")
+        if request.method != "POST" or not request.user.has_perm("subscriptions.view_instrument"):
+            return HttpResponseRedirect(changelist)
+        outcome = tasks.job_dispatch(tasks.refresh_instruments, embedded=settings.EMBEDDED)
+        messages.info(request, f"Instrument refresh {outcome}.")
+        return HttpResponseRedirect(changelist)
 
 
 def _log_bulk_change(request, queryset, message: str) -> None:
@@ -96,6 +118,15 @@ class SubscriptionAdmin(admin.ModelAdmin):
         super().save_model(request, obj, form, change)
         notify_engines_on_commit()
 
+    def changelist_view(self, request, extra_context=None):
+        report = drift_report_latest()
+        if report is not None and not report.ok:
+            messages.warning(
+                request,
+                f"Drift found at {report.checked_at:%H:%M:%S}: {report.summary} (see Drift reports).",
+            )
+        return super().changelist_view(request, extra_context)
+
     def delete_model(self, request, obj):
         super().delete_model(request, obj)
         notify_engines_on_commit()
@@ -128,7 +159,18 @@ class RebalanceRuleAdmin(admin.ModelAdmin):
         "hysteresis_steps", "cooldown_s", "enabled", "center_strike", "last_rebalanced_at",
     ]
     list_filter = ["enabled", "underlying"]
-    readonly_fields = ["center_strike", "last_rebalanced_at", "last_result", "created_at", "updated_at"]
+    readonly_fields = [
+        "center_strike", "centers", "last_rebalanced_at", "last_result", "created_at", "updated_at",
+    ]
+    actions = ["rebalance_now"]
+
+    @admin.action(description="Rebalance selected rules now", permissions=["change"])
+    def rebalance_now(self, request, queryset):
+        rule_ids = list(queryset.values_list("pk", flat=True))
+        outcome = tasks.job_dispatch(
+            tasks.rebalance_strikes, embedded=settings.EMBEDDED, rule_ids=rule_ids
+        )
+        messages.info(request, f"Rebalance of {len(rule_ids)} rule(s) {outcome}.")
 
 
 @admin.register(HistoryRange)
@@ -137,3 +179,20 @@ class HistoryRangeAdmin(admin.ModelAdmin):
     list_filter = ["enabled", "interval"]
     autocomplete_fields = ["instrument"]
     readonly_fields = ["last_run_at", "last_result"]
+
+
+@admin.register(DriftReport)
+class DriftReportAdmin(admin.ModelAdmin):
+    """What the reconciler found last: read-only, written every run."""
+
+    list_display = [
+        "name", "ok", "checked_at", "desired", "streamed", "heartbeat_streamed", "engines_alive",
+        "missing", "extra", "mode_mismatch", "unassigned", "summary",
+    ]
+    readonly_fields = [f.name for f in DriftReport._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

@@ -200,8 +200,6 @@ HEALTH_STREAM_STALL_S = env.float("HEALTH_STREAM_STALL_S", default=30.0)
 """A live account streaming instruments with no tick for this long makes /health 503."""
 RECONCILE_GRACE_S = env.float("RECONCILE_GRACE_S", default=20.0)
 """The reconciler ignores subscriptions changed this recently: engines reload within seconds."""
-HEALTH_DRIFT_REPORT_MAX_AGE_S = env.float("HEALTH_DRIFT_REPORT_MAX_AGE_S", default=300.0)
-"""/health reports the reconciler's drift only from a report younger than this."""
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "Asia/Kolkata"
