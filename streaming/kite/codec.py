@@ -136,14 +136,6 @@ MALFORMED_REASONS: Final = (
     "zero_length_packet",  # a length prefix of 0
     "trailing_bytes",  # bytes left over after the promised packets
 )
-(
-    _R_EMPTY,
-    _R_COUNT_EXCEEDS,
-    _R_TRUNCATED,
-    _R_UNKNOWN_LENGTH,
-    _R_ZERO_LENGTH,
-    _R_TRAILING,
-) = range(len(MALFORMED_REASONS))
 
 
 class DecodedFrame(NamedTuple):
@@ -310,13 +302,14 @@ def decode_frame(data: bytes | bytearray | memoryview) -> DecodedFrame:
     """Decode one binary WebSocket message; never raises on malformed input.
 
     Bad parts (see ``MALFORMED_REASONS``) are counted and skipped; every well-formed packet
-    before them is kept. The returned ``ticks`` may be a view of a slightly larger buffer.
+    before them is kept. ``ticks`` is a fresh array per frame (possibly a view of a slightly
+    larger one), except that frames without ticks share one read-only empty array.
     """
     n = len(data)
     if n == 1:
         return DecodedFrame(_EMPTY_TICKS, True, 0, _CLEAN)
     if n < _FRAME_HEADER_BYTES:
-        return DecodedFrame(_EMPTY_TICKS, False, 1, (MALFORMED_REASONS[_R_EMPTY],))
+        return DecodedFrame(_EMPTY_TICKS, False, 1, ("empty_frame",))
     count = (data[0] << 8) | data[1]
     capacity = min(count, (n - _FRAME_HEADER_BYTES) // _MIN_PACKET_WITH_PREFIX_BYTES)
     buf = data if type(data) is bytes else np.frombuffer(data, dtype=np.uint8)

@@ -191,3 +191,13 @@ def test_any_cut_of_a_good_frame_yields_a_prefix_of_its_ticks(lengths, data):
         assert k == len(lengths) and decoded.malformed == 0
     else:
         assert decoded.malformed >= 1 or cut == 1
+
+
+def test_bytearray_and_memoryview_decode_like_bytes():
+    frame = encode_frame(ticks_of([PACKET_FULL, PACKET_LTP, PACKET_QUOTE]))
+    expected = decode_frame(frame).ticks
+    for variant in (bytearray(frame), memoryview(frame), memoryview(bytearray(frame))):
+        decoded = decode_frame(variant)
+        assert decoded.malformed == 0
+        assert decoded.ticks.tobytes() == expected.tobytes()
+    assert decode_frame(bytearray(b"\x00")).heartbeat
