@@ -72,12 +72,13 @@ async def until(predicate, *, timeout_s=RECEIVE_TIMEOUT_S):
             await asyncio.sleep(0.01)
 
 
-async def test_one_group_send_per_group_reaches_the_groups_members(layer):
+@pytest.mark.parametrize("bulk", [True, False])
+async def test_one_message_per_group_reaches_the_groups_members(layer, bulk):
     p = pipeline_with_data()
     consumer = await layer.new_channel()
     await layer.group_add("und.NIFTY", consumer)
     await layer.group_add(CHAIN_E1, consumer)
-    publisher = Publisher(layer)
+    publisher = Publisher(layer, bulk=bulk)
     batches = p.flush(NOW_S)
     result = await publisher.publish(batches)
     assert (result.groups, result.snapshots, result.failed) == (2, 4, [])
@@ -94,18 +95,56 @@ async def test_one_group_send_per_group_reaches_the_groups_members(layer):
     assert chain["items"] == next(b for b in batches if b.group == CHAIN_E1).items
 
 
-@pytest.mark.parametrize("max_concurrency", [1, 8])
-async def test_many_groups_each_get_exactly_one_message(layer, max_concurrency):
-    consumer = await layer.new_channel()
+@pytest.mark.parametrize(("bulk", "max_concurrency"), [(True, 1), (False, 1), (False, 8)])
+async def test_many_groups_each_get_exactly_one_message(layer, bulk, max_concurrency):
+    consumers = [await layer.new_channel(), await layer.new_channel()]
+    # A second layer instance stands for a second daphne process: its own channel key.
+    other_process = RedisChannelLayer(hosts=[settings.REDIS_URL], prefix="test-pipeline")
+    remote = await other_process.new_channel()
     groups = [f"chain.TEST.{i:08d}" for i in range(20)]
+    empty_groups = [f"chain.EMPTY.{i:08d}" for i in range(5)]
+    for i, g in enumerate(groups):
+        await layer.group_add(g, consumers[i % 2])
+        await layer.group_add(g, remote)
+    batches = [
+        GroupBatch(group=g, tokens=[i], items=[b'{"token":%d}' % i])
+        for i, g in enumerate(groups + empty_groups)
+    ]
+    publisher = Publisher(layer, bulk=bulk, max_concurrency=max_concurrency)
+    result = await publisher.publish(batches)
+    assert result.groups == 25 and result.snapshots == 25
+    for c, consumer in enumerate(consumers):
+        got = sorted([(await receive(layer, consumer))["group"] for _ in groups[c::2]])
+        assert got == groups[c::2]
+    # Both local channels share one Redis key (the process's): nothing more is queued on it.
+    assert await channel_is_empty(layer, consumers[0])
+    got = [await receive(other_process, remote) for _ in groups]
+    assert sorted(m["group"] for m in got) == groups
+    assert all(m["items"] == [b'{"token":%d}' % m["tokens"][0]] for m in got)
+    assert await channel_is_empty(other_process, remote)
+    await other_process.close_pools()
+
+
+async def test_bulk_sending_respects_channel_capacity():
+    layer = RedisChannelLayer(hosts=[settings.REDIS_URL], prefix="test-pipeline", capacity=3)
+    await layer.flush()
+    consumer = await layer.new_channel()
+    groups = [f"und.CAP{i}" for i in range(5)]
     for g in groups:
         await layer.group_add(g, consumer)
-    batches = [GroupBatch(group=g, tokens=[i], items=[b'{"token":%d}' % i]) for i, g in enumerate(groups)]
-    result = await Publisher(layer, max_concurrency=max_concurrency).publish(batches)
-    assert result.groups == 20
-    received = sorted([(await receive(layer, consumer))["group"] for _ in groups])
-    assert received == groups
+    publisher = Publisher(layer, bulk=True)
+    await publisher.publish([GroupBatch(group=g, tokens=[1], items=[b"{}"]) for g in groups])
+    assert publisher.dropped_full == 2
+    got = [await receive(layer, consumer) for _ in range(3)]
+    assert len({m["group"] for m in got}) == 3
     assert await channel_is_empty(layer, consumer)
+    await layer.flush()
+    await layer.close_pools()
+
+
+def test_bulk_needs_channels_redis():
+    with pytest.raises(ValueError, match="channels-redis"):
+        Publisher(InMemoryChannelLayer(), bulk=True)
 
 
 async def test_watched_groups_come_from_the_layer(layer):
@@ -209,12 +248,13 @@ async def test_closed_bars_go_to_their_bars_group(layer):
     assert [orjson.loads(m["item"])["is_gap"] for m in got] == [False, True]
 
 
-async def test_a_failed_send_names_the_groups_not_sent():
+@pytest.mark.parametrize("bulk", [True, False])
+async def test_a_failed_send_names_the_groups_not_sent(bulk):
     # A real layer pointed at a port where nothing listens: the connection is refused.
     dead = RedisChannelLayer(hosts=["redis://127.0.0.1:1/0"], prefix="test-pipeline")
     batches = [GroupBatch(group=g, tokens=[1], items=[b"{}"]) for g in ("und.A", "und.B")]
     with pytest.raises(PublishError) as err:
-        await Publisher(dead).publish(batches)
+        await Publisher(dead, bulk=bulk).publish(batches)
     assert sorted(err.value.failed_groups) == ["und.A", "und.B"]
     assert "und." in str(err.value)
     await dead.close_pools()
