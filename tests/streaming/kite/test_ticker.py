@@ -432,12 +432,17 @@ async def test_aclose_closes_every_socket_and_ends_run(sim, market, harness):
         await h.client.run()
 
 
-async def test_a_failing_callback_ends_run_with_its_exception(sim, market):
+async def test_a_failing_callback_ends_run_with_its_exception_and_run_can_restart(sim, market):
     class Boom(Exception):
         pass
 
+    seen: list[int] = []
+
     def on_ticks(ticks):
-        raise Boom(f"consumer bug on {len(ticks)} ticks")
+        if not seen:
+            seen.append(0)
+            raise Boom(f"consumer bug on {len(ticks)} ticks")
+        seen.append(len(ticks))
 
     client = KiteTickerClient(
         api_key=API_KEY,
@@ -451,6 +456,15 @@ async def test_a_failing_callback_ends_run_with_its_exception(sim, market):
         async with asyncio.timeout(WAIT_S):
             await client.run()
     await wait_until(lambda: sim.connection_count(API_KEY) == 0)
+    assert [c.state for c in client.health().connections] == [ConnectionState.CLOSED] * 3
+
+    # A supervisor restarting run() gets the same subscriptions streaming again.
+    task = asyncio.create_task(client.run())
+    await wait_until(lambda: len(seen) > 1)
+    assert sim.subscriptions(API_KEY) == {int(market.tokens[0]): MODE_LTP}
+    await client.aclose()
+    async with asyncio.timeout(WAIT_S):
+        await task
 
 
 async def test_the_access_token_never_reaches_logs(sim, market, harness, caplog):
