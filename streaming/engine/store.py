@@ -198,16 +198,21 @@ def assignments_save(
                 unassigned_reason=reason,
             )
         )
-    if not changed:
-        return 0
     # One transaction, so the admin never sees half an allocation.
     with transaction.atomic():
-        Subscription.objects.bulk_update(
-            changed,
-            ["assigned_account", "streamed_mode", "unassigned_reason"],
-            batch_size=_BULK_BATCH,
+        if changed:
+            Subscription.objects.bulk_update(
+                changed,
+                ["assigned_account", "streamed_mode", "unassigned_reason"],
+                batch_size=_BULK_BATCH,
+            )
+        # An inactive subscription streams nowhere: clear what the engine wrote about it.
+        cleared = (
+            Subscription.objects.exclude(status=Subscription.Status.ACTIVE)
+            .exclude(assigned_account=None, streamed_mode="", unassigned_reason="")
+            .update(assigned_account=None, streamed_mode="", unassigned_reason="")
         )
-    return len(changed)
+    return len(changed) + cleared
 
 
 def account_expire_session(*, account_id: int, reason: str) -> bool:

@@ -6,8 +6,11 @@ import contextlib
 import threading
 import time
 
+import pytest
 from django.conf import settings
 
+from accounts.models import KiteAccount
+from streaming import schema
 from streaming.control import CONTROL_CHANNEL, ChangeNotifier
 from streaming.engine.reloader import (
     LocalNoticeListener,
@@ -15,6 +18,21 @@ from streaming.engine.reloader import (
     Reloader,
     ReloadTrigger,
     diff_subscriptions,
+)
+from streaming.engine.store import run_db
+from streaming.market import SyntheticMarket
+from subscriptions.models import Instrument, Subscription
+from subscriptions.services import (
+    subscription_activate,
+    subscription_set_mode,
+    subscriptions_set_status,
+)
+from tests.streaming.engine.runtime_helpers import (
+    InProcessEngine,
+    async_wait_until,
+    instruments_from_market,
+    make_account,
+    subscribe,
 )
 
 
@@ -175,3 +193,107 @@ def test_diff_sends_only_changes():
     assert diff.unsubscribe == [2]
     assert diff.mode_changes == {3: "ltp"}
     assert diff_subscriptions(new, new).empty
+
+
+# --- the running engine --------------------------------------------------------------------
+
+
+@pytest.fixture
+def market_world(transactional_db):
+    market = SyntheticMarket(seed=0)
+    instruments_from_market(market)
+    tokens = sorted(r["instrument_token"] for r in market.instruments)
+    account = make_account("acc1", api_key="k1", access_token="tok-acc1")
+    return market, tokens, account
+
+
+def nifty_chain_group(market):
+    expiry = min(r["expiry"] for r in market.instruments if r["name"] == "NIFTY" and r["expiry"])
+    return schema.chain_group("NIFTY", expiry), expiry
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_subscription_changes_reach_kite_within_2s_without_touching_the_rest(market_world):
+    market, tokens, _account = market_world
+    group, expiry = nifty_chain_group(market)
+    chain = sorted(
+        r["instrument_token"] for r in market.instruments
+        if r["name"] == "NIFTY" and r["expiry"] == expiry and r["instrument_type"] in ("CE", "PE")
+    )
+    removed, mode_changed, untouched = chain[:10], chain[10:15], chain[15:]
+    others = [t for t in tokens if t not in chain]
+    added, kept_others = others[:20], others[20:]
+    await run_db(lambda: subscribe(chain + kept_others))
+
+    async with InProcessEngine(accounts={"acc1": "k1"}) as h:
+        listener = await h.listen(group)
+        await async_wait_until(
+            lambda: len(h.sim.subscriptions("k1")) == len(chain) + len(kept_others),
+            timeout_s=15, what="initial subscriptions at the simulator",
+        )
+        await listener.until(lambda: set(untouched) <= set(listener.latest), timeout_s=10,
+                             what="snapshots of the chain")
+        connections_before = {c.id for c in h.sim.connections("k1")}
+
+        def change():
+            for token in added:
+                subscription_activate(instrument=Instrument.objects.get(pk=token))
+            subscriptions_set_status(
+                subscription_ids=Subscription.objects.filter(instrument_id__in=removed)
+                .values_list("pk", flat=True),
+                status=Subscription.Status.INACTIVE,
+            )
+            for sub in Subscription.objects.filter(instrument_id__in=mode_changed):
+                subscription_set_mode(subscription=sub, mode="ltp")
+
+        await run_db(change)
+        changed_at = time.monotonic()
+        expected = {t: "full" for t in chain + kept_others + added}
+        for t in removed:
+            del expected[t]
+        expected.update(dict.fromkeys(mode_changed, "ltp"))
+        await async_wait_until(lambda: h.sim.subscriptions("k1") == expected, timeout_s=5,
+                               what="the change at the simulator")
+        assert time.monotonic() - changed_at < 2.0
+
+        # Same sockets: nothing was reconnected or resubscribed to apply the change...
+        assert {c.id for c in h.sim.connections("k1")} == connections_before
+        # ...and the untouched instruments keep streaming through it, while the removed ones
+        # stop (after what was already in flight when the change landed).
+        await listener.drain(0.5)
+        listener.received_at.clear()
+        await listener.until(lambda: set(untouched) <= set(listener.received_at), timeout_s=5,
+                             what="fresh snapshots of untouched instruments")
+        assert not set(removed) & set(listener.received_at)
+
+        # The admin shows where each subscription streams.
+        rows = await run_db(lambda: {
+            s.instrument_id: (s.assigned_account_id, s.streamed_mode)
+            for s in Subscription.objects.filter(instrument_id__in=added + removed + mode_changed)
+        })
+        assert all(rows[t] == (_account.pk, "full") for t in added)
+        assert all(rows[t] == (None, "") for t in removed)
+        assert all(rows[t] == (_account.pk, "ltp") for t in mode_changed)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_expired_session_moves_its_instruments_to_another_account(market_world):
+    _market, tokens, acc1 = market_world
+    acc2 = await run_db(lambda: make_account("acc2", api_key="k2", access_token="tok-acc2"))
+    await run_db(lambda: subscribe(tokens[:100]))
+    async with InProcessEngine(accounts={"acc1": "k1", "acc2": "k2"}) as h:
+        await async_wait_until(
+            lambda: len(h.sim.subscriptions("k1")) == 50 and len(h.sim.subscriptions("k2")) == 50,
+            timeout_s=15, what="balanced subscriptions",
+        )
+        h.sim.expire_token("k1")  # closes k1's sockets; the reconnect gets HTTP 403
+        await async_wait_until(lambda: len(h.sim.subscriptions("k2")) == 100, timeout_s=15,
+                               what="acc1's instruments on acc2")
+        assert h.sim.connection_count("k1") == 0
+        status = await run_db(lambda: KiteAccount.objects.get(pk=acc1.pk).status)
+        assert status == KiteAccount.Status.SESSION_EXPIRED
+        assigned = await run_db(lambda: set(
+            Subscription.objects.values_list("assigned_account_id", flat=True)))
+        assert assigned == {acc2.pk}
+        state = h.engine.heartbeat_state()
+        assert state["accounts"]["acc1"]["state"] == "session_expired"
