@@ -140,7 +140,10 @@ if REDIS_URL:
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                # redis-py >= 6 reads with a 5 s socket timeout by default, the same as
+                # channels-redis's 5 s BZPOPMIN in receive(): an idle receive then fails with
+                # TimeoutError instead of returning. The read timeout must exceed it.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}],
                 "prefix": env.str("CHANNEL_LAYER_PREFIX", default="tickerproj"),
                 "capacity": env.int("CHANNEL_LAYER_CAPACITY", default=1000),
                 "expiry": 10,
