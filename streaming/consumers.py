@@ -51,7 +51,7 @@ from streaming.protocol import (
     parse_client_message,
     pong_message,
     snapshots_frame,
-    subscribed_message,
+    subscribed_messages,
     unsubscribed_message,
 )
 from subscriptions.models import Instrument
@@ -68,6 +68,8 @@ log = structlog.get_logger(__name__)
 MAX_ITEMS_PER_FRAME = 1000
 """A frame never carries more items, so a 9000-instrument subscribe becomes 9 frames (and the
 window bounds bytes in flight, not only frames)."""
+MAX_FRAME_BYTES = 512 * 1024
+"""... and never more bytes of items (daphne refuses to send a message over 1 MiB)."""
 MAX_UNRESOLVED_REPORTED = 100
 """An ``unknown_instrument`` error lists at most this many references."""
 
@@ -558,15 +560,14 @@ class TickerConsumer(AsyncWebsocketConsumer):
         for group in joined:
             await self.channel_layer.group_add(group, self.channel_name)
         if res.instruments:
-            await self.send(
-                text_data=subscribed_message(
-                    request_id=msg.id,
-                    instruments=[i.description for i in res.instruments],
-                    chain=res.chain,
-                    unresolved=res.unresolved,
-                    subscriptions=len(self._subs),
-                )
-            )
+            for reply in subscribed_messages(
+                request_id=msg.id,
+                instruments=[i.description for i in res.instruments],
+                chain=res.chain,
+                unresolved=res.unresolved,
+                subscriptions=len(self._subs),
+            ):
+                await self.send(text_data=reply)
         if res.unresolved:
             await self._send_error(
                 ErrorCode.UNKNOWN_INSTRUMENT,
@@ -651,12 +652,21 @@ class TickerConsumer(AsyncWebsocketConsumer):
         """Send frames of pending items while fewer than send_window are unacknowledged."""
         pending = self._pending
         while pending and self._seq - self._acked < self._config.send_window:
-            if len(pending) <= MAX_ITEMS_PER_FRAME:
-                items = list(pending.values())
-                pending.clear()
-            else:
-                tokens = list(islice(pending, MAX_ITEMS_PER_FRAME))
-                items = [pending.pop(t) for t in tokens]
+            items = []
+            size = 0
+            for token in list(islice(pending, MAX_ITEMS_PER_FRAME)):
+                item = pending[token]
+                if size + len(item) > MAX_FRAME_BYTES and items:
+                    break
+                del pending[token]
+                if len(item) > MAX_FRAME_BYTES:
+                    # daphne cannot send it; an engine bug, not a reason to drop the client.
+                    self._log.error("ws.item_too_large", token=token, size=len(item))
+                    continue
+                items.append(item)
+                size += len(item)
+            if not items:
+                continue
             self._seq += 1
             self._frames += 1
             await self.send(text_data=snapshots_frame(seq=self._seq, items=items))

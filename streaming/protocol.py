@@ -43,6 +43,11 @@ MAX_TEXT_FRAME_BYTES: Final = 512 * 1024
 MAX_INSTRUMENTS_PER_MESSAGE: Final = 20_000
 MAX_STRIKES_AROUND_ATM: Final = 1_000
 MAX_ID_LENGTH: Final = 64
+MAX_INSTRUMENTS_PER_REPLY: Final = 2000
+"""A ``subscribed`` reply lists at most this many instruments per part (~300 KB)."""
+MAX_UNRESOLVED_LISTED: Final = 100
+"""Replies list at most this many unresolved references (and say how many there were)."""
+MAX_ERROR_MESSAGE_CHARS: Final = 500
 
 KNOWN_ACTIONS: Final = frozenset({"subscribe", "unsubscribe", "ping", "ack"})
 
@@ -230,13 +235,14 @@ def _validation_summary(exc: ValidationError, limit: int = 3) -> str:
     """pydantic's errors as one short line (location: message), without input values."""
     parts = []
     for err in exc.errors(include_url=False, include_input=False)[:limit]:
-        loc = ".".join(str(p) for p in err["loc"][1:] if p not in ("function-after",))
+        # Locations can be the client's own keys: cut them so an error never echoes a payload.
+        loc = ".".join(str(p)[:40] for p in err["loc"][1:])
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     more = len(exc.errors()) - limit
     if more > 0:
         parts.append(f"and {more} more")
-    return "; ".join(parts)
+    return "; ".join(parts)[:MAX_ERROR_MESSAGE_CHARS]
 
 
 # --- server messages --------------------------------------------------------------------------
@@ -266,24 +272,40 @@ def pong_message(*, request_id: Any, server_ts_ms: int) -> str:
     return _dumps({"type": "pong", "id": request_id, "ts": server_ts_ms})
 
 
-def subscribed_message(
+def subscribed_messages(
     *,
     request_id: Any,
     instruments: Sequence[dict[str, Any]],
     chain: dict[str, Any] | None,
     unresolved: Sequence[Any],
     subscriptions: int,
-) -> str:
-    return _dumps(
-        {
-            "type": "subscribed",
-            "id": request_id,
-            "instruments": list(instruments),
-            "chain": chain,
-            "unresolved": list(unresolved),
-            "subscriptions": subscriptions,
-        }
-    )
+) -> list[str]:
+    """The ``subscribed`` reply, in parts of at most MAX_INSTRUMENTS_PER_REPLY instruments.
+
+    daphne refuses to send a message over 1 MiB, and 9000 instrument descriptions are 1.4 MB.
+    Every part repeats the request's id, chain, unresolved references and count.
+    """
+    chunks = [
+        instruments[i : i + MAX_INSTRUMENTS_PER_REPLY]
+        for i in range(0, len(instruments), MAX_INSTRUMENTS_PER_REPLY)
+    ] or [[]]
+    listed = list(unresolved[:MAX_UNRESOLVED_LISTED])
+    return [
+        _dumps(
+            {
+                "type": "subscribed",
+                "id": request_id,
+                "part": n,
+                "parts": len(chunks),
+                "instruments": list(chunk),
+                "chain": chain,
+                "unresolved": listed,
+                "unresolved_count": len(unresolved),
+                "subscriptions": subscriptions,
+            }
+        )
+        for n, chunk in enumerate(chunks, start=1)
+    ]
 
 
 def unsubscribed_message(*, request_id: Any, tokens: Iterable[int], subscriptions: int) -> str:

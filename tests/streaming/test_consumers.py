@@ -204,6 +204,7 @@ async def test_subscribe_by_token_and_symbol_acks_and_sends_the_latest_state(
         ack = await recv(comm)
         assert ack["type"] == "subscribed" and ack["id"] == 7
         assert ack["subscriptions"] == 2 and ack["unresolved"] == [] and ack["chain"] is None
+        assert (ack["part"], ack["parts"], ack["unresolved_count"]) == (1, 1, 0)
         described = {i["token"]: i for i in ack["instruments"]}
         assert described[CE_24000] == {
             "token": CE_24000,
@@ -546,8 +547,17 @@ async def test_large_subscriptions_are_split_into_frames_of_at_most_1000_items(r
     app, _ = make_app(make_config(max_subscriptions=3000, send_window=2))
     async with FakeEngine(redis_layer, latest):
         comm, _ = await ws_connect(app, headers=headers)
-        await send(comm, {"action": "subscribe", "instruments": tokens})
-        assert (await recv(comm))["subscriptions"] == 2500
+        await send(comm, {"action": "subscribe", "id": "big", "instruments": [*tokens, 1, 2]})
+        # Replies stay far below daphne's 1 MiB message limit: 2000 instruments a part.
+        parts = [await recv(comm), await recv(comm)]
+        assert [(p["type"], p["id"], p["part"], p["parts"]) for p in parts] == [
+            ("subscribed", "big", 1, 2), ("subscribed", "big", 2, 2)
+        ]
+        assert [len(p["instruments"]) for p in parts] == [2000, 500]
+        assert {i["token"] for p in parts for i in p["instruments"]} == set(tokens)
+        assert all(p["subscriptions"] == 2500 and p["unresolved"] == [1, 2] for p in parts)
+        assert all(p["unresolved_count"] == 2 for p in parts)
+        assert (await recv(comm))["code"] == "unknown_instrument"
         first, second = await recv(comm), await recv(comm)
         assert len(first["data"]) == 1000 and len(second["data"]) == 1000
         assert await comm.receive_nothing(0.3)
@@ -612,3 +622,25 @@ async def test_metrics_endpoint_for_loopback_and_staff_only(redis_layer, univers
     staff_cookie = await database_sync_to_async(session_cookie_for)(staff)
     assert (await get(("10.0.0.9", 5555), [staff_cookie]))[0] == 200
 
+
+
+async def test_frames_stay_under_daphnes_message_limit_by_bytes(redis_layer, universe, headers):
+    app, _ = make_app(make_config(send_window=10))
+    comm, _ = await ws_connect(app, headers=headers)
+    await send(comm, {"action": "subscribe", "chain": {"underlying": "NIFTY", "expiry": EXPIRY.isoformat()}})
+    tokens = [i["token"] for i in (await recv(comm))["instruments"]]
+    pad = "x" * 100_000
+    big = {t: b'{"token":%d,"ltp":1.0,"pad":"%s"}' % (t, pad.encode()) for t in tokens}
+    huge = tokens[0]
+    big[huge] = b'{"token":%d,"ltp":1.0,"pad":"%s"}' % (huge, b"y" * 600_000)
+    await publish(redis_layer, CHAIN, big)
+    got = []
+    while len(got) < len(tokens) - 1:
+        raw = await comm.receive_from(5)
+        assert len(raw.encode()) <= 512 * 1024 + 100
+        got.extend(item["token"] for item in orjson.loads(raw)["data"])
+    # Five 100 kB items to a frame; the one item too large to send at all is left out.
+    assert sorted(got) == sorted(tokens[1:])
+    await send(comm, {"action": "ping"})
+    assert (await recv(comm))["type"] == "pong"
+    await comm.disconnect()

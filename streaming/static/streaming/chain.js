@@ -37,6 +37,7 @@
   let atmRow = null;
   let forward = null;
   let scrolledToAtm = false;
+  let subscribedParts = [];
 
   const pending = new Map(); // token -> latest item not yet drawn
   let lastSeq = 0;
@@ -286,8 +287,13 @@
         }));
         break;
       case "subscribed":
+        // A large reply comes in parts; the table is built from all of them.
         if (msg.id === "chain") {
-          buildTable(msg.instruments, msg.chain);
+          if (msg.part === 1) subscribedParts = [];
+          subscribedParts.push(...msg.instruments);
+          if (msg.part !== msg.parts) break;
+          buildTable(subscribedParts, msg.chain);
+          subscribedParts = [];
           attempt = 0;
           showMessage("");
           setBadge("conn-badge", "conn-live", "live", "connected; receiving updates");

@@ -1,0 +1,234 @@
+"""A client that stops reading for 30 s while 9000 instruments tick: daphne's memory stays
+bounded (latest-wins, credit-based flow control), and once the client reads and acks again it
+receives the latest state of every instrument.
+
+A real daphne subprocess serves tickerproj.asgi over the real channels-redis layer; this test
+publishes snapshot batches to the instruments' groups as fast as an engine would, and drives a
+raw ``websockets`` client authenticated by API token.
+"""
+
+import asyncio
+import datetime as dt
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+import websockets
+from django.conf import settings
+
+from accounts.services import apitoken_create
+from streaming import schema
+from subscriptions.models import Instrument
+from tests.streaming.wsutil import user as user
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPIRY = dt.date(2030, 1, 29)
+CHAINS = 30
+STRIKES_PER_CHAIN = 150  # x CE/PE = 300 instruments a chain, 9000 in all
+PAUSE_S = 30.0
+ROUND_INTERVAL_S = 0.25  # every instrument changes 4 times a second
+ITEM_PAD = b"x" * 200  # snapshots of a realistic size (~260 bytes)
+# Bounds. Queuing what is published during the pause would take ~270 MB; the window allows at
+# most 4 frames in flight plus one pending snapshot per instrument (~2.5 MB), and the rest is
+# the allocator's noise.
+MAX_GROWTH_BYTES = 30 * 1024 * 1024
+MAX_LATE_GROWTH_BYTES = 8 * 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def item(token: int, value: int) -> bytes:
+    return b'{"v":1,"token":%d,"ltp":%d,"pad":"%s"}' % (token, value, ITEM_PAD)
+
+
+@pytest.fixture
+def universe():
+    rows = []
+    groups: dict[str, list[int]] = {}
+    for c in range(CHAINS):
+        name = f"SLOW{c:02d}"
+        group = schema.chain_group(name, EXPIRY)
+        for s in range(STRIKES_PER_CHAIN):
+            for k, kind in enumerate(("CE", "PE")):
+                token = 70_000_000 + c * 1000 + s * 2 + k
+                rows.append(
+                    Instrument(
+                        instrument_token=token,
+                        exchange_token=token >> 8,
+                        tradingsymbol=f"{name}30JAN{1000 + s * 10}{kind}",
+                        name=name,
+                        expiry=EXPIRY,
+                        strike=1000.0 + s * 10,
+                        instrument_type=kind,
+                        segment="NFO-OPT",
+                        exchange="NFO",
+                    )
+                )
+                groups.setdefault(group, []).append(token)
+    Instrument.objects.bulk_create(rows)
+    return groups
+
+
+@pytest.fixture
+def layer_prefix(settings):
+    prefix = f"test_web_slow_{uuid.uuid4().hex[:8]}"
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [settings.REDIS_URL], "prefix": prefix, "capacity": 1000, "expiry": 10},
+        }
+    }
+    return prefix
+
+
+@pytest.fixture
+def daphne(layer_prefix, universe):
+    """daphne serving the project on the test database, as `daphne tickerproj.asgi:application`."""
+    db = settings.DATABASES["default"]
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        "REDIS_URL": settings.REDIS_URL,
+        "CHANNEL_LAYER_PREFIX": layer_prefix,
+        "WS_MAX_SUBSCRIPTIONS": "10000",
+        "WS_SEND_WINDOW": "4",
+        "LOG_LEVEL": "WARNING",
+    }
+    env.pop("TEST_DATABASE_NAME", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tickerproj.asgi:application"],
+        cwd=ROOT, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"daphne exited with {proc.returncode}"
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "daphne did not listen within 60 s"
+            time.sleep(0.1)
+        yield proc, port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def publish_round(layer, groups: dict[str, list[int]], value: int) -> int:
+    sent = 0
+    for group, tokens in groups.items():
+        items = [item(t, value) for t in tokens]
+        await layer.group_send(
+            group, schema.snapshots_batch_message(group=group, tokens=tokens, items=items)
+        )
+        sent += sum(map(len, items))
+    return sent
+
+
+async def metric(port: int, name: str) -> float:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    body = (await reader.read()).decode()
+    writer.close()
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_a_client_that_stops_reading_costs_bounded_memory_and_gets_the_latest_state(
+    daphne, universe, user
+):
+    from channels.db import database_sync_to_async
+    from channels.layers import get_channel_layer
+
+    proc, port = daphne
+    _, key = await database_sync_to_async(apitoken_create)(user=user, name="slow")
+    layer = get_channel_layer()
+    tokens = [t for ts in universe.values() for t in ts]
+
+    async with websockets.connect(
+        f"ws://127.0.0.1:{port}/ws/v1/",
+        additional_headers={"Authorization": f"Token {key}"},
+        max_size=None,
+        max_queue=4,  # the library stops reading the socket once 4 frames wait
+        ping_interval=None,
+    ) as ws:
+        assert orjson.loads(await ws.recv())["type"] == "hello"
+        await ws.send(orjson.dumps({"action": "subscribe", "instruments": tokens}).decode())
+        async with asyncio.timeout(60):
+            parts = [orjson.loads(await ws.recv())]
+            while parts[-1]["part"] < parts[-1]["parts"]:
+                parts.append(orjson.loads(await ws.recv()))
+        assert {p["type"] for p in parts} == {"subscribed"} and len(parts) == 5
+        assert parts[-1]["subscriptions"] == len(tokens) == 9000
+
+        latest: dict[int, int] = {}
+
+        async def read_and_ack(until) -> None:
+            while not until():
+                msg = orjson.loads(await ws.recv())
+                assert msg["type"] == "snapshots", msg
+                for snap in msg["data"]:
+                    assert snap["ltp"] >= latest.get(snap["token"], -1), "an older state after a newer one"
+                    latest[snap["token"]] = snap["ltp"]
+                await ws.send(orjson.dumps({"action": "ack", "seq": msg["seq"]}).decode())
+
+        # Warm-up while reading: allocator pools, Redis connections and frames at full size.
+        for value in range(1, 9):
+            await publish_round(layer, universe, value)
+            await asyncio.sleep(ROUND_INTERVAL_S)
+        async with asyncio.timeout(60):
+            await read_and_ack(lambda: len(latest) == 9000 and min(latest.values()) == 8)
+        baseline = rss_bytes(proc.pid)
+
+        # The client stops reading: no recv, no acks, for 30 s while everything ticks.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        value, published, samples = 8, 0, []
+        while loop.time() - started < PAUSE_S:
+            value += 1
+            published += await publish_round(layer, universe, value)
+            samples.append((loop.time() - started, rss_bytes(proc.pid)))
+            await asyncio.sleep(ROUND_INTERVAL_S)
+        peak = max(r for _, r in samples)
+        mid = max(r for t, r in samples if t <= PAUSE_S / 2)
+
+        # The newest state, published while the client still does not read.
+        final = value + 1000
+        await publish_round(layer, universe, final)
+        dropped = await metric(port, "tickerproj_ws_items_dropped_total")
+        async with asyncio.timeout(60):
+            await read_and_ack(lambda: len(latest) == 9000 and min(latest.values()) == final)
+
+    growth = peak - baseline
+    assert published > 5 * MAX_GROWTH_BYTES, f"published only {published} bytes"
+    assert growth < MAX_GROWTH_BYTES, f"daphne grew {growth / 2**20:.1f} MiB (published {published / 2**20:.0f} MiB)"
+    assert peak - mid < MAX_LATE_GROWTH_BYTES, (
+        f"still growing in the second half: {(peak - mid) / 2**20:.1f} MiB"
+    )
+    assert dropped > 0.5 * 9000 * (value - 8), "intermediate snapshots were dropped, not queued"
