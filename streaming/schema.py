@@ -276,12 +276,17 @@ def _float_pieces(key: str, values: np.ndarray) -> list[bytes]:
 def _int_pieces(key: str, values: np.ndarray) -> list[bytes]:
     """Integer pieces; a negative value means "not known" and is written as null."""
     values = np.ascontiguousarray(values, dtype=np.int64)
-    pieces = _keyed(key, orjson.dumps(values, option=_NUMPY)[1:-1])
     missing = values < 0
     if missing.any():
-        column = np.array(pieces, dtype=object)
-        column[missing] = b',"' + key.encode() + b'":null'
-        pieces = column.tolist()
+        values = np.maximum(values, -1)
+    head = b',"' + key.encode() + b'":'
+    body = orjson.dumps(values, option=_NUMPY)[1:-1]
+    # Every piece ends with the separator, so ":-1" + separator is exactly a null.
+    text = head + body.replace(b",", _SEPARATOR + head) + _SEPARATOR
+    if missing.any():
+        text = text.replace(b":-1" + _SEPARATOR, b":null" + _SEPARATOR)
+    pieces = text.split(_SEPARATOR)
+    pieces.pop()
     return pieces
 
 
