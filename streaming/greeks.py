@@ -113,7 +113,8 @@ class Flag(enum.IntFlag):
     LOW_VEGA = 1 << 6
     #: The solver did not converge (never seen in tests; present so it is never silent).
     NO_CONVERGENCE = 1 << 7
-    #: Strike, time or rate is not a finite number (strike must also be positive).
+    #: Strike, time or rate is not a finite number (strike must also be positive), or the
+    #: inputs are so extreme that a Greek overflows double precision.
     BAD_INPUT = 1 << 8
     #: Label: Black-Scholes on spot with r and q, not Black-76 on a forward.
     SPOT_FALLBACK = 1 << 9
@@ -757,11 +758,29 @@ def _greeks_kernel(
             rho += delta * t * f * 0.01
             gamma *= growth * growth
             delta *= growth
+        vega = vega_unit * 0.01
+        # Inputs near the ends of double's range (a strike of 1e307) can overflow a Greek.
+        if not (
+            abs(sigma) < math.inf
+            and abs(delta) < math.inf
+            and abs(gamma) < math.inf
+            and abs(theta) < math.inf
+            and abs(vega) < math.inf
+            and abs(rho) < math.inf
+        ):
+            out_iv[i] = nan
+            out_delta[i] = nan
+            out_gamma[i] = nan
+            out_theta[i] = nan
+            out_vega[i] = nan
+            out_rho[i] = nan
+            out_flags[i] = flags | _F_BAD_INPUT
+            continue
         out_iv[i] = sigma
         out_delta[i] = delta
         out_gamma[i] = gamma
         out_theta[i] = theta
-        out_vega[i] = vega_unit * 0.01
+        out_vega[i] = vega
         out_rho[i] = rho
         out_flags[i] = flags
 

@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from vollib.black.implied_volatility import implied_volatility as vollib_iv
 
 from streaming.greeks import (
@@ -459,3 +461,36 @@ def test_historical_candles_use_the_same_function():
                                    is_call=True, r=R)  # fmt: skip
     assert (flags == 0).all()
     np.testing.assert_allclose(iv, 0.13, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ fuzz
+
+# Mostly plausible market numbers, with any float at all (NaN, ±inf, ±1e308, -0.0) mixed in.
+_any_float = st.one_of(
+    st.floats(1e-4, 1e5), st.floats(allow_nan=True, allow_infinity=True, width=64)
+)
+
+
+def _columns(n: int):
+    floats = [st.lists(_any_float, min_size=n, max_size=n) for _ in range(5)]
+    flags = [st.lists(st.booleans(), min_size=n, max_size=n) for _ in range(2)]
+    return st.tuples(*floats, *flags)
+
+
+_arrays = st.integers(1, 12).flatmap(_columns)
+
+
+@settings(max_examples=300, deadline=None)
+@given(columns=_arrays, r=_any_float)
+def test_garbage_in_gives_flags_not_exceptions(columns, r):
+    """Any floats at all: no exception, no IV of 0 or ±inf, NaN exactly where a failure flag is."""
+    prices, pairs, forwards, strikes, times, calls, stale = (np.array(c) for c in columns)
+    for fn, underlying in ((compute_greeks, "forward"), (compute_greeks_spot, "spot")):
+        g = fn(price=prices, pair_price=pairs, strike=strikes, t_years=times, is_call=calls,
+               r=r, stale=stale, **{underlying: forwards})  # fmt: skip
+        failed = (g.flags & FAILURE_FLAGS) != 0
+        assert np.isnan(g.iv[failed]).all()
+        assert (np.isfinite(g.iv[~failed]) & (g.iv[~failed] > 0)).all()
+        for out in (g.delta, g.gamma, g.theta, g.vega, g.rho):
+            assert np.isnan(out[failed]).all()
+            assert np.isfinite(out[~failed]).all()
