@@ -314,8 +314,11 @@ def _stamp(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, IST).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _candle_stamp(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, IST).strftime("%Y-%m-%dT%H:%M:%S+0530")
+def _candle_stamps(epoch_s: np.ndarray) -> list[str]:
+    """Kite's candle timestamps (IST with offset) of whole-second epoch times, vectorised."""
+    offset_s = int(IST.utcoffset(None).total_seconds())
+    local = (np.asarray(epoch_s, dtype=np.float64).astype(np.int64) + offset_s).astype("datetime64[s]")
+    return [f"{text}+0530" for text in np.datetime_as_string(local, unit="s").tolist()]
 
 
 def _as_ist(value: datetime) -> datetime:
@@ -1037,28 +1040,30 @@ class SyntheticMarket:
         else:
             group = np.arange(MINUTES_PER_SESSION) // minutes_per_candle
             stamp_s = open_s + 60.0 * minutes_per_candle * np.arange(group[-1] + 1)
-        out: list[list[Any]] = []
-        start_s = start.timestamp()
-        end_s = end.timestamp()
-        for g, candle_s in enumerate(stamp_s):
-            members = np.flatnonzero((group == g) & live)
-            if len(members) == 0:
-                continue
-            if minutes_per_candle != MINUTES_PER_SESSION and not (start_s <= candle_s <= end_s):
-                continue
-            first, last = members[0], members[-1]
-            candle = [
-                _candle_stamp(float(candle_s)),
-                round(float(prices[first, 0]), 2),
-                round(float(prices[members, 1].max()), 2),
-                round(float(prices[members, 2].min()), 2),
-                round(float(prices[last, 3]), 2),
-                int(volume[members].sum()),
-            ]
-            if oi:
-                candle.append(int(open_interest[last]))
-            out.append(candle)
-        return out
+        # Which minutes make up each candle: live ones, in candles that start within the
+        # requested range (a day candle is in range whenever its day is). Vectorised over the
+        # day; each value is still rounded by Python's round() as Kite's JSON would carry it.
+        member = live.copy()
+        if minutes_per_candle != MINUTES_PER_SESSION:
+            member &= ((stamp_s >= start.timestamp()) & (stamp_s <= end.timestamp()))[group]
+        idx = np.flatnonzero(member)
+        if idx.size == 0:
+            return []
+        g = group[idx]
+        starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+        first = idx[starts]
+        last = idx[np.r_[starts[1:], idx.size] - 1]
+        columns = [
+            _candle_stamps(stamp_s[g[starts]]),
+            [round(v, 2) for v in prices[first, 0].tolist()],
+            [round(v, 2) for v in np.maximum.reduceat(prices[idx, 1], starts).tolist()],
+            [round(v, 2) for v in np.minimum.reduceat(prices[idx, 2], starts).tolist()],
+            [round(v, 2) for v in prices[last, 3].tolist()],
+            np.add.reduceat(volume[idx], starts).tolist(),
+        ]
+        if oi:
+            columns.append(open_interest[last].tolist())
+        return [list(candle) for candle in zip(*columns, strict=True)]
 
     def _day_activity(self, row: int, day: date) -> tuple[np.ndarray, np.ndarray]:
         """Seeded per-minute volume and open interest of a contract on a day (zeros for indices)."""
