@@ -8,7 +8,8 @@ check means healthy. Adding a check is adding one function to :data:`CHECKS`.
 Reasons:
 - ``database_down``: PostgreSQL (or the embedded SQLite) did not answer ``SELECT 1``.
 - ``redis_down``: Redis (when configured) did not answer PING within the timeout.
-- ``no_heartbeat``: no runticker process wrote a heartbeat within HEALTH_HEARTBEAT_MAX_AGE_S.
+- ``no_heartbeat``: no running runticker process wrote a heartbeat within
+  HEALTH_HEARTBEAT_MAX_AGE_S (an engine's last heartbeat on shutdown says "stopped").
 - ``session_expired``: an account that is not disabled needs a Kite login.
 - ``stream_stalled``: an account streams instruments but its last tick is too old.
 - ``task_failed``: an engine task is restarting or gave up, or crashed within the last
@@ -101,7 +102,7 @@ def check_redis(ctx: HealthContext) -> list[Reason]:
 def check_heartbeat(ctx: HealthContext) -> list[Reason]:
     if not ctx.database_ok:
         return []
-    if not ctx.heartbeats:
+    if not any(hb.state.get("mode") != "stopped" for hb in ctx.heartbeats):
         return [{"code": "no_heartbeat", "max_age_s": ctx.heartbeat_max_age_s}]
     return []
 

@@ -243,6 +243,7 @@ class Engine:
         self._ticks_per_s = 0.0
         self._reload_count = 0
         self._pending_bars: list[Bar] = []
+        self._stopped = False
         self._unsaved_bars: list[dict[str, Any]] = []
 
     # --- construction -----------------------------------------------------------------------
@@ -376,6 +377,8 @@ class Engine:
             await self._flush_once()
         await self.leases.release_all()
         self._plan = StreamPlan()
+        # The last word: this engine streams nothing now (/health stops counting it at once).
+        self._stopped = True
         await self.heartbeat.write_once()
         log.info("engine.stopped", engine_id=self.engine_id)
 
@@ -687,7 +690,7 @@ class Engine:
             }
         underlyings = self.pipeline.underlying_summary()
         return {
-            "mode": self.mode,
+            "mode": "stopped" if self._stopped else self.mode,
             "engine_id": self.engine_id,
             "accounts": accounts,
             "tasks": self.supervisor.states(),

@@ -209,3 +209,12 @@ def test_database_down(broken_database_alias, django_db_blocker):
         reasons = check_database(ctx)
     assert [r["code"] for r in reasons] == ["database_down"]
     assert ctx.database_ok is False
+
+
+@pytest.mark.django_db
+def test_an_engine_that_said_it_stopped_is_no_heartbeat_at_once(client, account, health_settings):
+    beat({"mode": "stopped", "accounts": {}, "tasks": {}})
+    status, body = get(client)
+    assert status == 503
+    assert codes(body) == ["no_heartbeat"]
+    assert body["engines"][0]["mode"] == "stopped"
