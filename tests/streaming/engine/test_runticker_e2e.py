@@ -26,8 +26,8 @@ from tests.streaming.engine.runtime_helpers import (
     ManagePy,
     instruments_from_market,
     make_account,
-    subscribe,
     subprocess_env,
+    subscribe,
     wait_until,
 )
 
