@@ -9,27 +9,21 @@ raw ``websockets`` client authenticated by API token.
 
 import asyncio
 import datetime as dt
-import os
-import socket
-import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 
 import orjson
 import pytest
 import websockets
-from django.conf import settings
 
 from accounts.services import apitoken_create
 from streaming import schema
 from subscriptions.models import Instrument
+from tests.streaming.wsutil import daphne_process, free_port, service_env
+from tests.streaming.wsutil import layer_prefix as layer_prefix
 from tests.streaming.wsutil import user as user
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
-ROOT = Path(__file__).resolve().parents[2]
 EXPIRY = dt.date(2030, 1, 29)
 CHAINS = 30
 STRIKES_PER_CHAIN = 150  # x CE/PE = 300 instruments a chain, 9000 in all
@@ -41,12 +35,6 @@ ITEM_PAD = b"x" * 200  # snapshots of a realistic size (~260 bytes)
 # the allocator's noise.
 MAX_GROWTH_BYTES = 30 * 1024 * 1024
 MAX_LATE_GROWTH_BYTES = 8 * 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:
@@ -89,53 +77,15 @@ def universe():
 
 
 @pytest.fixture
-def layer_prefix(settings):
-    prefix = f"test_web_slow_{uuid.uuid4().hex[:8]}"
-    settings.CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [settings.REDIS_URL], "prefix": prefix, "capacity": 1000, "expiry": 10},
-        }
-    }
-    return prefix
-
-
-@pytest.fixture
-def daphne(layer_prefix, universe):
+def daphne(layer_prefix, universe, tmp_path):
     """daphne serving the project on the test database, as `daphne tickerproj.asgi:application`."""
-    db = settings.DATABASES["default"]
     port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-        "REDIS_URL": settings.REDIS_URL,
-        "CHANNEL_LAYER_PREFIX": layer_prefix,
-        "WS_MAX_SUBSCRIPTIONS": "10000",
-        "WS_SEND_WINDOW": "4",
-        "LOG_LEVEL": "WARNING",
-    }
-    env.pop("TEST_DATABASE_NAME", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tickerproj.asgi:application"],
-        cwd=ROOT, env=env,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"daphne exited with {proc.returncode}"
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.monotonic() < deadline, "daphne did not listen within 60 s"
-            time.sleep(0.1)
-        yield proc, port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    env = service_env(
+        layer_prefix=layer_prefix, WS_MAX_SUBSCRIPTIONS="10000", WS_SEND_WINDOW="4", LOG_LEVEL="WARNING"
+    )
+    server = daphne_process(port=port, env=env, log_dir=tmp_path).start(port=port)
+    yield server, port
+    server.stop()
 
 
 async def publish_round(layer, groups: dict[str, list[int]], value: int) -> int:

@@ -6,8 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -219,4 +225,104 @@ async def publish(layer, group: str, items: dict[int, bytes]) -> None:
     await layer.group_send(
         group,
         schema.snapshots_batch_message(group=group, tokens=list(items), items=list(items.values())),
+    )
+
+
+# --- real processes (daphne, runticker) on the test database --------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service_env(*, layer_prefix: str, **extra: str) -> dict[str, str]:
+    """The environment of a service process on this test's database, Redis db and layer prefix."""
+    db = django_settings.DATABASES["default"]
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        "REDIS_URL": django_settings.REDIS_URL,
+        "CHANNEL_LAYER_PREFIX": layer_prefix,
+        # Plain http on loopback in tests: cookies without the Secure flag.
+        "SESSION_COOKIE_SECURE": "false",
+        **extra,
+    }
+    env.pop("TEST_DATABASE_NAME", None)
+    return env
+
+
+@pytest.fixture
+def layer_prefix(settings) -> str:
+    """A channels-redis prefix shared by this test process and the service processes it starts."""
+    prefix = f"test_web_{uuid.uuid4().hex[:10]}"
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [django_settings.REDIS_URL],
+                "prefix": prefix,
+                "capacity": 1000,
+                "expiry": 10,
+            },
+        }
+    }
+    return prefix
+
+
+class ServiceProcess:
+    """One subprocess (daphne or runticker) with its output in a log file; stop() is graceful."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.args = args
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *, port: int | None = None, wait_s: float = 90) -> ServiceProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=log)
+        log.close()
+        if port is not None:
+            deadline = time.monotonic() + wait_s
+            while True:
+                assert self.proc.poll() is None, (
+                    f"{self.name} exited with {self.proc.returncode}: {self.tail()}"
+                )
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                assert time.monotonic() < deadline, f"{self.name} not listening: {self.tail()}"
+                time.sleep(0.1)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout_s: float = 20) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+
+def daphne_process(*, port: int, env: dict[str, str], log_dir: Path) -> ServiceProcess:
+    return ServiceProcess(
+        "daphne",
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tickerproj.asgi:application"],
+        env,
+        log_dir,
     )
