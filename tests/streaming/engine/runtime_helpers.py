@@ -159,7 +159,8 @@ class InProcessEngine:
     """
 
     def __init__(self, *, accounts: dict[str, str], market_seed: int = 0,
-                 tick_interval_ms: float = 100.0, force_mode: str = "live", **config):
+                 tick_interval_ms: float = 100.0, force_mode: str = "live",
+                 client_factory=None, **config):
         from channels.layers import get_channel_layer
 
         from streaming.kite.simulator import KiteSimulator
@@ -172,6 +173,7 @@ class InProcessEngine:
         self.layer = get_channel_layer()
         self._config = {"force_mode": force_mode, "lease_ttl_s": 6.0, **config}
         self.engine = None
+        self._client_factory = client_factory
         self._stop = asyncio.Event()
         self._task = None
 
@@ -186,7 +188,9 @@ class InProcessEngine:
             redis_url=settings.REDIS_URL,
             **self._config,
         )
-        self.engine = Engine.build(config, channel_layer=self.layer)
+        self.engine = Engine.build(
+            config, channel_layer=self.layer, client_factory=self._client_factory
+        )
         self._task = asyncio.create_task(self.engine.run(self._stop), name="test-engine")
         await asyncio.wait_for(self.engine.started.wait(), timeout=10)
         return self

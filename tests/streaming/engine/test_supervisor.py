@@ -8,7 +8,18 @@ import time
 
 import pytest
 
+from streaming.engine.connections import default_client_factory
+from streaming.engine.store import run_db
 from streaming.engine.supervisor import Supervisor
+from streaming.health import HealthContext, health_report
+from streaming.market import SyntheticMarket
+from tests.streaming.engine.runtime_helpers import (
+    InProcessEngine,
+    async_wait_until,
+    instruments_from_market,
+    make_account,
+    subscribe,
+)
 
 
 async def wait_for(predicate, *, timeout_s=5.0, interval_s=0.01):
@@ -153,3 +164,66 @@ async def test_spawning_a_running_name_twice_is_refused():
     with pytest.raises(RuntimeError, match="already running"):
         sup.spawn("x", forever, owner="o")
     await sup.shutdown()
+
+
+# --- a crash inside the running engine -------------------------------------------------------
+
+
+@pytest.fixture
+def one_account_world(transactional_db):
+    market = SyntheticMarket(seed=0)
+    instruments_from_market(market)
+    subscribe(sorted(r["instrument_token"] for r in market.instruments)[:50])
+    make_account("acc1", api_key="k1", access_token="tok-acc1")
+
+
+def crash_on_third_frame(**kwargs):
+    """The real Kite client, whose tick handling raises once (a bug in a callback, say)."""
+    frames = {"n": 0}
+    on_ticks = kwargs["on_ticks"]
+
+    def flaky(ticks):
+        frames["n"] += 1
+        if frames["n"] == 3:
+            raise ValueError("injected fault in tick handling")
+        on_ticks(ticks)
+
+    return default_client_factory(**{**kwargs, "on_ticks": flaky})
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_crashed_engine_task_is_restarted_reported_in_health_and_heals(one_account_world):
+    async with InProcessEngine(accounts={"acc1": "k1"}, client_factory=crash_on_third_frame) as h:
+        sup = h.engine.supervisor
+        await async_wait_until(
+            lambda: (st := sup.state("kite:acc1")) is not None and st.restarts == 1
+            and st.state == "running",
+            timeout_s=20, what="kite:acc1 restarted",
+        )
+        # It streams again: a new socket, ticks flowing.
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=10,
+                               what="reconnected")
+        ticks_before = h.sim.ticks_sent_to("k1")
+        await async_wait_until(lambda: h.sim.ticks_sent_to("k1") > ticks_before + 100,
+                               timeout_s=10, what="ticks after the restart")
+
+        state = h.engine.heartbeat_state()["tasks"]["kite:acc1"]
+        assert state["restarts"] == 1
+        assert state["last_error"] == "ValueError: injected fault in tick handling"
+        assert h.engine.metrics.task_crashes.labels("kite:acc1")._value.get() == 1
+
+        assert await h.engine.heartbeat.write_once()
+
+        def report(max_age_s):
+            return health_report(
+                HealthContext(redis_url="", heartbeat_max_age_s=max_age_s, stream_stall_s=30)
+            )
+
+        body = await run_db(report, max_age_s=3.0)
+        assert body["status"] == "degraded"
+        assert [(r["code"], r["task"]) for r in body["reasons"]] == [("task_failed", "kite:acc1")]
+        # Healed: once the crash is older than the window, health is green again.
+        await asyncio.sleep(3.0)
+        assert await h.engine.heartbeat.write_once()
+        body = await run_db(report, max_age_s=3.0)
+        assert body["reasons"] == []
