@@ -205,6 +205,7 @@ _FLOAT_FIELDS_BEFORE_QTY: Final = ("ltp", "change", "bid", "ask")
 _INT_FIELDS: Final = ("bid_qty", "ask_qty", "volume", "oi")
 _GREEK_FIELDS: Final = ("iv", "delta", "gamma", "theta", "vega", "rho")
 _PRICE_FIELDS_AFTER_GREEKS: Final = ("forward", "underlying")
+_ROUNDING_LIMIT: Final = 1e15
 _SEPARATOR: Final = b"\x00"  # never appears in orjson number output
 _NUMPY: Final = orjson.OPT_SERIALIZE_NUMPY
 
@@ -244,7 +245,10 @@ def _round_decimals(x: np.ndarray, decimals: int) -> np.ndarray:
     # rint(x * 10^d) / 10^d is the double nearest the short decimal (IEEE division is
     # correctly rounded), so orjson's shortest repr prints the short decimal.
     scale = 10.0**decimals
-    return np.rint(x * scale) / scale
+    with np.errstate(over="ignore", invalid="ignore"):
+        rounded = np.rint(x * scale) / scale
+    # From 1e15 up a double has no decimals left to round (and x * scale could overflow).
+    return np.where(np.abs(x) < _ROUNDING_LIMIT, rounded, x)
 
 
 def _round_significant(x: np.ndarray, digits: int) -> np.ndarray:
@@ -256,7 +260,8 @@ def _round_significant(x: np.ndarray, digits: int) -> np.ndarray:
     # rounded decimal (see _round_decimals); the branch keeps the power an integer.
     power = 10.0 ** np.abs(np.minimum(shift, 22)).astype(np.float64)
     small = shift >= 0
-    out = np.where(small, np.rint(x * power) / power, np.rint(x / power) * power)
+    with np.errstate(over="ignore", invalid="ignore"):  # only in the branch not taken
+        out = np.where(small, np.rint(x * power) / power, np.rint(x / power) * power)
     # Beyond 22 decimal places the power is inexact; such magnitudes are not rounded.
     return np.where(shift > 22, x, out)
 

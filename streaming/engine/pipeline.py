@@ -20,9 +20,9 @@ A flush does, in order and vectorised over everything at once:
 3. recomputes IV and Greeks, in one :func:`streaming.greeks.compute_greeks` call, for the
    options that changed, their pairs (the OTM convention takes an ITM option's IV from its
    pair), and every option of a chain whose forward changed. A chain whose forward moves
-   while its options do not is refreshed at most once per ``chain_refresh_interval_s``:
-   without that bound a ticking future would recompute every option of its chains on every
-   flush;
+   while its options do not is refreshed once per ``chain_refresh_interval_s`` at most, at
+   a phase of its own so that refreshes spread over the interval: without that bound a
+   ticking future would recompute every option of its chains on every flush;
 4. writes the JSON of each changed instrument in a watched group (column-wise, see
    :func:`streaming.schema.encode_snapshots`), caches it as the slot's latest item, and
    returns one :class:`GroupBatch` per group. Changed instruments in unwatched groups are
@@ -71,6 +71,7 @@ _GREEK_COLUMNS: Final = ("iv", "delta", "gamma", "theta", "vega", "rho")
 # a real move is at least one 0.05 tick of a premium (about 2e-6 of an index forward).
 # Changes below this fraction do not make a chain's options "changed".
 _FORWARD_CHANGE_RELATIVE: Final = 1e-7
+_GOLDEN_FRACTION: Final = 0.6180339887498949
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +153,10 @@ class SnapshotPipeline:
         self._chain_pending = carry.chain_pending
         self._chain_refreshed_s = carry.chain_refreshed_s
         self._option_slots = np.flatnonzero(u.is_option)
+        # Golden-ratio phases: evenly spread whatever the number of chains.
+        self._chain_phase_s = (
+            np.arange(n_chains) * _GOLDEN_FRACTION % 1.0 * self._chain_refresh_interval_s
+        )
         # Parity pairs are sorted by chain: where each chain's run starts, for reduceat.
         if u.pair_chain.size:
             self._pair_chains, self._pair_starts = np.unique(u.pair_chain, return_index=True)
@@ -381,7 +386,16 @@ class SnapshotPipeline:
         mark[pairs[itm]] = True
         if forward_changed.size:
             pending = self._chain_pending | forward_changed
-            due = pending & (now - self._chain_refreshed_s >= self._chain_refresh_interval_s)
+            # Each chain refreshes at most once per period of its own phase, so the chains of
+            # a universe whose forwards all move are spread evenly over the interval instead
+            # of all landing on one flush (a 100k-option spike every second).
+            interval = self._chain_refresh_interval_s
+            phase = self._chain_phase_s
+            with np.errstate(invalid="ignore"):
+                due = pending & (
+                    np.floor((now + phase) / interval)
+                    > np.floor((self._chain_refreshed_s + phase) / interval)
+                )
             if due.any():
                 options = self._option_slots
                 mark[options[due[u.chain[options]]]] = True

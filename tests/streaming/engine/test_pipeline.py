@@ -372,6 +372,41 @@ def test_a_moving_future_refreshes_its_chain_at_most_once_per_interval():
     assert p.flush(NOW_S + 2.5) == []
 
 
+def test_chain_refreshes_spread_over_the_interval():
+    """Twenty chains whose futures all move every flush refresh once a second each, a few per
+    flush, not all twenty on one flush."""
+    from tests.streaming.engine.test_universe import future_row, option_row
+
+    names = [f"UND{i:02d}" for i in range(20)]
+    rows, futures = [], {}
+    for i, name in enumerate(names):
+        futures[name] = (20_000 + i) * 256 + 2
+        rows.append(future_row(token=futures[name], name=name))
+        for j, strike in enumerate(STRIKES):
+            for k, kind in enumerate(("CE", "PE")):
+                rows.append(option_row(E1, strike, kind, name=name, token=(30_000 + i * 10 + j * 2 + k) * 256 + 2))
+    p = make_pipeline(rows, chain_refresh_interval_s=1.0)
+    u = p.universe
+    start = NOW_S + 0.05
+    p.ingest(ticks(*(tick(int(t), 50.0 + (t % 7)) for t in u.tokens[u.is_option])), is_mock=False,
+             received_epoch_s=start)
+    p.ingest(ticks(*(tick(t, FORWARD[E1]) for t in futures.values())), is_mock=False, received_epoch_s=start)
+    p.flush(start)
+    refreshed_per_flush = []
+    refreshed = set()
+    for step in range(1, 11):
+        now = start + 0.1 * step
+        p.ingest(ticks(*(tick(t, FORWARD[E1] + step) for t in futures.values())), is_mock=False,
+                 received_epoch_s=now)
+        published = snapshots(p.flush(now))
+        chains = {s["name"] for s in published.values() if s["kind"] != "FUT"}
+        assert not chains & refreshed, "a chain refreshed twice within the interval"
+        refreshed |= chains
+        refreshed_per_flush.append(len(chains))
+    assert refreshed == set(names)
+    assert max(refreshed_per_flush) <= 4, refreshed_per_flush
+
+
 def test_the_stale_transition_alone_republishes_the_chain():
     p = make_pipeline()
     p.ingest(ticks(tick(NIFTY_FUT, FORWARD[E1]), chain_ticks(E1, kinds=("CE",))), is_mock=False,
@@ -483,3 +518,64 @@ def test_ivs_reproduce_the_synthetic_markets_volatility():
             checked += 1
     assert checked >= len(options) // 3
     assert dt.date.fromisoformat(options[0]["expiry"]) in {d for d in p.universe.chain_expiry}
+
+
+# --- the column-wise JSON writer against a plain dict, on drawn values ----------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+_FLOATS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.floats(min_value=-1e6, max_value=1e6),
+    st.sampled_from([0.0, -0.0, 0.05, 1e-300, -1.0]),
+)
+_INTS = st.one_of(st.integers(min_value=-5, max_value=2**40), st.sampled_from([-1, 0, 1]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), n=st.integers(min_value=1, max_value=12))
+def test_encoded_snapshots_parse_to_the_rounded_columns(data, n):
+    floats = {
+        name: data.draw(hnp.arrays(np.float64, n, elements=_FLOATS))
+        for name in ("ltp", "change", "bid", "ask", "iv", "delta", "gamma", "theta", "vega",
+                     "rho", "forward", "underlying")
+    }
+    ints = {name: data.draw(hnp.arrays(np.int64, n, elements=_INTS))
+            for name in ("bid_qty", "ask_qty", "volume", "oi", "exchange_ts")}
+    flags = data.draw(st.lists(st.sampled_from([[], ["no_price"], ["stale_underlying", "pair_iv"]]),
+                               min_size=n, max_size=n))
+    is_mock = data.draw(hnp.arrays(np.bool_, n))
+    prefixes = [
+        schema.snapshot_prefix(token=i, symbol=f'S"{i}', exchange="NFO", name="N", kind="CE",
+                               expiry=E1, strike=100.0 + i)
+        for i in range(n)
+    ]
+    items = schema.encode_snapshots(
+        prefixes=prefixes, **floats, **ints, flags=[schema.flags_piece(f) for f in flags],
+        is_mock=is_mock,
+    )
+    assert len(items) == n
+
+    def expected_float(name, value):
+        if not math.isfinite(value):
+            return None
+        if name in ("iv", "delta", "gamma", "theta", "vega", "rho"):
+            return float(schema._round_significant(np.array([value]), 6)[0])
+        if name == "change":
+            return float(schema._round_decimals(np.array([value]), 2)[0])
+        if name in ("forward", "underlying"):
+            return float(schema._round_decimals(np.array([value]), 4)[0])
+        return value
+
+    for i, item in enumerate(items):
+        snap = orjson.loads(item)
+        assert tuple(snap) == schema.SNAPSHOT_FIELDS
+        assert (snap["token"], snap["symbol"], snap["strike"]) == (i, f'S"{i}', 100.0 + i)
+        for name, column in floats.items():
+            assert snap[name] == expected_float(name, float(column[i])), (name, column[i])
+        for name, column in ints.items():
+            assert snap[name] == (int(column[i]) if column[i] >= 0 else None), name
+        assert snap["flags"] == flags[i]
+        assert snap["is_mock"] is bool(is_mock[i])
