@@ -183,3 +183,38 @@ async def test_demo_refuses_to_run_against_a_configured_database(tmp_path):
     _, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode != 0
     assert b"embedded defaults only" in err
+
+
+async def test_in_process_jobs_run_on_their_schedules_and_survive_a_failing_job():
+    import datetime as dt
+
+    from streaming.management.commands.demo import InProcessJobs
+    from subscriptions.schedules import Cron, JobSchedule
+
+    every = dt.timedelta(seconds=1)
+    ok = JobSchedule(name="ok", task="t.ok", every=every, description="")
+    bad = JobSchedule(name="bad", task="t.bad", every=every, description="")
+    yearly = Cron(minute="0", hour="0", day_of_month="1", month_of_year="1")
+    never = JobSchedule(name="never", task="t.never", every=yearly, description="")
+    calls: list[str] = []
+    enough = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def run_job(spec):  # in a worker thread, as the real jobs are
+        calls.append(spec.name)
+        if calls.count("bad") >= 3 and calls.count("ok") >= 3:
+            loop.call_soon_threadsafe(enough.set)
+        if spec.name == "bad":
+            raise RuntimeError("boom")
+        return {"ok": True}
+
+    jobs = InProcessJobs([ok, bad, never], run_job=run_job, poll_s=0.05)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(jobs.run(stop))
+    async with asyncio.timeout(20):
+        await enough.wait()
+    stop.set()
+    async with asyncio.timeout(5):
+        await runner
+    assert "never" not in calls  # not due until 1 January
+    assert jobs.runs["bad"] >= 3  # a failure is logged, the job runs again when next due

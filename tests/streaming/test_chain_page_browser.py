@@ -1,4 +1,4 @@
-"""The option-chain page end to end, in headless Chromium (Debian's ``chromium``, no download).
+"""The option-chain page: its view (pickers, login), and end to end, in headless Chromium (Debian's ``chromium``, no download).
 
 The production layout in miniature, on the test PostgreSQL and Redis: ``daphne`` serving
 tickerproj.asgi and ``manage.py runticker --mock`` streaming the synthetic market through the
@@ -20,14 +20,15 @@ from streaming.engine.market_hours import parse_holidays
 from streaming.management.commands.demo import demo_universe_load
 from streaming.market import SyntheticMarket
 from tests.streaming.wsutil import (
+    EXPIRY,
+    EXPIRY2,
     ServiceProcess,
+    create_universe,
     daphne_process,
     free_port,
     service_env,
 )
 from tests.streaming.wsutil import layer_prefix as layer_prefix
-
-pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -74,6 +75,8 @@ def wait_for_greeks_to_change(page: Page) -> None:
     )
 
 
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
 def test_chain_page_logs_in_streams_greeks_and_recovers_from_a_server_restart(stack):
     base = f"http://127.0.0.1:{stack['port']}/"
     with sync_playwright() as pw:
@@ -122,3 +125,67 @@ def test_chain_page_logs_in_streams_greeks_and_recovers_from_a_server_restart(st
             assert json.loads(greek_texts(page))
         finally:
             browser.close()
+
+
+# --- the view itself (no browser) ----------------------------------------------------------------
+
+
+@pytest.fixture
+def logged_in(client):
+    user = get_user_model().objects.create_user(username="t", password="pw")
+    client.force_login(user)
+    return client
+
+
+def _config(response) -> dict:
+    html = response.content.decode()
+    return json.loads(
+        re.search(r'<script id="chain-config" type="application/json">(.*?)</script>', html, re.S).group(1)
+    )
+
+
+@pytest.mark.django_db
+def test_chain_page_requires_a_login(client):
+    response = client.get("/")
+    assert response.status_code == 302
+    assert response["Location"] == "/admin/login/?next=/"
+
+
+@pytest.mark.django_db
+def test_chain_page_pickers_default_to_nifty_and_its_nearest_expiry(logged_in):
+    create_universe()
+    response = logged_in.get("/")
+    assert response.status_code == 200
+    config = _config(response)
+    assert config["underlying"] == "NIFTY" and config["expiry"] == EXPIRY.isoformat()
+    assert config["strikesAroundAtm"] == 15 and config["wsPath"] == "/ws/v1/"
+    assert config["flags"]["below_intrinsic"] == {
+        "label": "below intrinsic",
+        "failure": True,
+        "hint": "premium at or below intrinsic value: no volatility fits",
+    }
+    assert config["flags"]["pair_iv"]["failure"] is False
+    assert config["loginUrl"] == "/admin/login/?next=%2F"
+    html = response.content.decode()
+    assert f'<option value="{EXPIRY2.isoformat()}">' in html
+    assert 'id="conn-badge"' in html and 'id="feed-badge"' in html
+
+
+@pytest.mark.django_db
+def test_chain_page_takes_the_choice_from_the_query_and_ignores_nonsense(logged_in):
+    create_universe()
+    config = _config(logged_in.get("/", {"expiry": EXPIRY2.isoformat(), "strikes": "30"}))
+    assert (config["expiry"], config["strikesAroundAtm"]) == (EXPIRY2.isoformat(), 30)
+    config = _config(logged_in.get("/", {"underlying": "NOPE", "expiry": "2031-99-01", "strikes": "x"}))
+    assert (config["underlying"], config["expiry"], config["strikesAroundAtm"]) == (
+        "NIFTY", EXPIRY.isoformat(), 15
+    )
+    assert _config(logged_in.get("/", {"strikes": "7"}))["strikesAroundAtm"] == 15
+
+
+@pytest.mark.django_db
+def test_chain_page_without_instruments_says_what_to_do(logged_in):
+    response = logged_in.get("/")
+    assert response.status_code == 200
+    assert "No option instruments are loaded yet" in response.content.decode()
+    assert _config(response)["underlying"] == ""

@@ -644,3 +644,33 @@ async def test_frames_stay_under_daphnes_message_limit_by_bytes(redis_layer, uni
     await send(comm, {"action": "ping"})
     assert (await recv(comm))["type"] == "pong"
     await comm.disconnect()
+
+
+async def test_token_with_a_foreign_origin_is_rejected(redis_layer, api_key):
+    app, _ = make_app()
+    from channels.testing import WebsocketCommunicator
+
+    comm = WebsocketCommunicator(
+        app,
+        "/ws/v1/",
+        headers=[(b"authorization", f"Token {api_key}".encode()), (b"origin", b"https://evil.example")],
+    )
+    connected, _ = await comm.connect()
+    assert not connected
+
+
+async def test_api_keys_never_reach_the_logs(redis_layer, api_key, caplog, capfd):
+    app, _ = make_app()
+    from channels.testing import WebsocketCommunicator
+
+    caplog.set_level("DEBUG")
+    comm, _ = await ws_connect(app, headers=[(b"authorization", f"Token {api_key}".encode())])
+    await comm.disconnect()
+    wrong = "w" * 43
+    comm = WebsocketCommunicator(app, "/ws/v1/", subprotocols=[SUBPROTOCOL, f"tickerproj.token.{wrong}"])
+    assert (await comm.connect())[0]
+    assert (await recv(comm))["code"] == "unauthorized"
+    await expect_close(comm)
+    logged = caplog.text + "".join(str(r.msg) for r in caplog.records) + "".join(capfd.readouterr())
+    assert "ws.connected" in logged and "ws.token_rejected" in logged
+    assert api_key not in logged and wrong not in logged
