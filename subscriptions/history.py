@@ -19,6 +19,7 @@ and a later request computes only the span it is missing.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -314,76 +315,102 @@ def _nullable(values: np.ndarray) -> list[float | None]:
 
 
 def history_store(*, instrument: Instrument, interval: str, table: HistoryTable) -> int:
-    """Upsert the table into CandleGreeks; returns the rows written."""
+    """Store the table as the complete set of the option's candles between its first and last.
+
+    Rows already stored in that span are replaced (a candle Kite revised, a forming candle
+    that has since closed); rows outside it are kept. Returns the rows written.
+    """
     n = len(table)
     if n == 0:
         return 0
+    first = dt.datetime.fromtimestamp(int(table.ts_s[0]), tz=dt.UTC)
+    last = dt.datetime.fromtimestamp(int(table.ts_s[-1]), tz=dt.UTC)
+    with transaction.atomic():
+        # Two computations of the same option and interval take turns: DELETE + COPY is an
+        # upsert only when no one else inserts into the span meanwhile.
+        _lock_history(instrument.pk, interval)
+        CandleGreeks.objects.filter(
+            instrument=instrument, interval=interval, ts__gte=first, ts__lte=last
+        ).delete()
+        if connection.vendor == "postgresql":
+            _copy_postgresql(instrument.instrument_token, interval, table)
+        else:
+            _insert_orm(instrument.instrument_token, interval, table)
+    return n
+
+
+def _lock_history(token: int, interval: str) -> None:
+    """Hold a transaction-scoped lock on (option, interval) (PostgreSQL; SQLite has one writer)."""
+    if connection.vendor != "postgresql":
+        return
+    digest = hashlib.blake2b(f"history:{token}:{interval}".encode(), digest_size=8).digest()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [int.from_bytes(digest, "big", signed=True)])
+
+
+# psycopg's binary type names for the column types Django creates.
+_BINARY_TYPES: Final[dict[str, str]] = {
+    "bigint": "int8",
+    "integer": "int4",
+    "double precision": "float8",
+    "timestamp with time zone": "timestamptz",
+}
+
+
+def _copy_postgresql(token: int, interval: str, table: HistoryTable) -> None:
+    """COPY the rows in binary: one streamed statement, no per-row SQL, no model instances.
+
+    Measured on a month of minutes: about 0.06 s, against 0.17 s for text COPY, 0.4 s for
+    INSERT ... SELECT FROM unnest(arrays) and over 1 s for bulk_create, which builds a model
+    and 18 bound parameters per row.
+    """
     cols = table.columns
-    if connection.vendor == "postgresql":
-        return _store_postgresql(instrument.instrument_token, interval, table)
+    meta = CandleGreeks._meta
+    fields = {f.attname: f for f in meta.concrete_fields}
+    names = ["instrument_id", "interval", "ts", *_VALUE_FIELDS]
+    types = [
+        _BINARY_TYPES.get(fields[n].db_type(connection).split("(")[0].strip(), "text") for n in names
+    ]
+    ts = [dt.datetime.fromtimestamp(s, tz=dt.UTC) for s in table.ts_s.tolist()]
+    values = []
+    for name in _VALUE_FIELDS:
+        if name in ("volume", "flags"):
+            values.append(cols[name].tolist())
+        elif name == "oi":
+            values.append([None if v != v else int(v) for v in cols[name].tolist()])
+        else:
+            values.append(_nullable(cols[name]))
+    target = ", ".join(f'"{fields[n].column}"' for n in names)
+    sql = f'COPY "{meta.db_table}" ({target}) FROM STDIN (FORMAT BINARY)'
+    connection.ensure_connection()
+    raw = connection.connection  # the psycopg connection under Django's wrapper, same transaction
+    with raw.cursor() as cursor, cursor.copy(sql) as copy:
+        copy.set_types(types)
+        for i, row in enumerate(zip(*values, strict=True)):
+            copy.write_row((token, interval, ts[i], *row))
+
+
+def _insert_orm(token: int, interval: str, table: HistoryTable) -> None:
+    """The same rows through the ORM (SQLite, the embedded demo)."""
+    cols = table.columns
     ts = [dt.datetime.fromtimestamp(s, tz=dt.UTC) for s in table.ts_s.tolist()]
     values = {name: _nullable(cols[name]) for name in _VALUE_FIELDS if name not in ("volume", "flags")}
     volume = cols["volume"].tolist()
     flags = cols["flags"].tolist()
-    objs = [
-        CandleGreeks(
-            instrument_id=instrument.instrument_token,
-            interval=interval,
-            ts=ts[i],
-            volume=volume[i],
-            flags=flags[i],
-            **{name: column[i] for name, column in values.items()},
-        )
-        for i in range(n)
-    ]
     CandleGreeks.objects.bulk_create(
-        objs,
-        batch_size=1000,
-        update_conflicts=True,
-        unique_fields=["instrument", "interval", "ts"],
-        update_fields=list(_VALUE_FIELDS),
+        [
+            CandleGreeks(
+                instrument_id=token,
+                interval=interval,
+                ts=ts[i],
+                volume=volume[i],
+                flags=flags[i],
+                **{name: column[i] for name, column in values.items()},
+            )
+            for i in range(len(table))
+        ],
+        batch_size=500,
     )
-    return n
-
-
-def _store_postgresql(token: int, interval: str, table: HistoryTable) -> int:
-    """One INSERT ... SELECT FROM unnest(arrays) ON CONFLICT UPDATE: one round trip per range.
-
-    Django's bulk_create builds a model instance and 18 bound parameters per row; passing
-    each column as one array parameter is about ten times faster for a month of minutes.
-    """
-    cols = table.columns
-    meta = CandleGreeks._meta
-    column = {f.attname: f.column for f in meta.concrete_fields}
-    names = ["instrument_id", "interval", "ts", *_VALUE_FIELDS]
-    arrays: list[Any] = [
-        [token] * len(table),
-        [interval] * len(table),
-        [dt.datetime.fromtimestamp(s, tz=dt.UTC) for s in table.ts_s.tolist()],
-    ]
-    types = ["bigint", "text", "timestamptz"]
-    for name in _VALUE_FIELDS:
-        if name in ("volume", "flags"):
-            arrays.append(cols[name].tolist())
-            types.append("bigint")
-        elif name == "oi":
-            arrays.append([None if v != v else int(v) for v in cols[name].tolist()])
-            types.append("bigint")
-        else:
-            arrays.append(_nullable(cols[name]))
-            types.append("double precision")
-    target = ", ".join(f'"{column[n]}"' for n in names)
-    unnest = ", ".join(f"%s::{t}[]" for t in types)
-    updates = ", ".join(f'"{column[n]}" = EXCLUDED."{column[n]}"' for n in _VALUE_FIELDS)
-    # Identifiers come from the model's meta; every value is a bound array parameter.
-    sql = (
-        f'INSERT INTO "{meta.db_table}" ({target}) SELECT * FROM unnest({unnest}) '  # noqa: S608
-        f'ON CONFLICT ("{column["instrument_id"]}", "{column["interval"]}", "{column["ts"]}") '
-        f"DO UPDATE SET {updates}"
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, arrays)
-    return len(table)
 
 
 def history_cover(
@@ -399,6 +426,7 @@ def history_cover(
     if end < start:
         return
     with transaction.atomic():
+        _lock_history(instrument.pk, interval)  # spans of one option merge one at a time
         touching = list(
             HistoryCoverage.objects.select_for_update()
             .filter(

@@ -192,7 +192,11 @@ class HistoryRange(models.Model):
 class CandleGreeks(models.Model):
     """One historical candle of an option with the Greeks computed for it."""
 
-    instrument = models.ForeignKey(Instrument, on_delete=models.CASCADE, related_name="+")
+    # No index of its own: the unique (instrument, interval, ts) index serves every lookup,
+    # and a second index would slow the month-at-a-time writes.
+    instrument = models.ForeignKey(
+        Instrument, on_delete=models.CASCADE, related_name="+", db_index=False
+    )
     interval = models.CharField(max_length=16)
     ts = models.DateTimeField()
     open = models.FloatField()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 
 import numpy as np
 import orjson
@@ -274,3 +275,41 @@ def test_candles_without_an_underlying_price_get_flags_not_numbers():
     assert out["underlying_price"][[1, 3]].tolist() == [26_100.0, 26_120.0]
     for name in ("delta", "gamma", "theta", "vega", "rho"):
         assert np.isnan(out[name][[0, 2]]).all()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_requests_computing_the_same_range_at_once_store_it_once(kite_settings, sim, market, redis_client):
+    from subscriptions.history import history_get
+    from subscriptions.models import HistoryCoverage as Coverage
+    from tests.subscriptions.conftest import instruments_from_market, make_account, run_in_threads
+
+    Instrument.objects.bulk_create(instruments_from_market(market))
+    make_account()
+    option = nifty_option(with_future=True)
+    start, end = last_sessions(4)
+
+    both_fetched = threading.Barrier(2)
+
+    class InStep:
+        """The REST client, but both requests reach the database write at the same moment."""
+
+        def __init__(self, kite):
+            self.kite = kite
+            self.calls = 0
+
+        def historical(self, *args, **kwargs):
+            series = self.kite.historical(*args, **kwargs)
+            self.calls += 1
+            if self.calls == 2:  # the underlying: the last fetch before storing
+                both_fetched.wait(timeout=30)
+            return series
+
+    def compute():
+        with sim_client(sim) as kite:
+            return history_get(instrument=option, interval="minute", start=start, end=end,
+                               client_factory=lambda: InStep(kite), r=R, q=0.0)
+
+    results = run_in_threads(compute, count=2)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert {len(r.table) for r in results} == {CandleGreeks.objects.filter(instrument=option).count()}
+    assert Coverage.objects.filter(instrument=option).count() == 1
