@@ -2,7 +2,8 @@
 
 Kite's dump names an index's derivatives (the ``name`` column of NFO/BFO rows, e.g. NIFTY)
 differently from the index's own tradingsymbol (NIFTY 50); a stock's derivatives use the
-stock's tradingsymbol. This table is the one place that knows the difference.
+stock's tradingsymbol. ``streaming.engine.universe.KITE_INDEX_UNDERLYINGS`` is the one table
+of that difference; this module looks instruments up by it.
 """
 
 from __future__ import annotations
@@ -12,16 +13,12 @@ from typing import Final
 
 from django.db.models import Q
 
+from streaming.engine.universe import KITE_INDEX_UNDERLYINGS
 from subscriptions.models import Instrument
 
+#: Derivative name -> the index's tradingsymbol; the engine's universe keeps the one table.
 INDEX_TRADINGSYMBOLS: Final[dict[str, str]] = {
-    "NIFTY": "NIFTY 50",
-    "BANKNIFTY": "NIFTY BANK",
-    "FINNIFTY": "NIFTY FIN SERVICE",
-    "MIDCPNIFTY": "NIFTY MID SELECT",
-    "NIFTYNXT50": "NIFTY NEXT 50",
-    "SENSEX": "SENSEX",
-    "BANKEX": "BANKEX",
+    name: symbol for symbol, name in KITE_INDEX_UNDERLYINGS.items()
 }
 
 
