@@ -367,6 +367,7 @@ class _ChainRow:
     token: int
     expiry: dt.date
     strike: float
+    lot_size: int
 
 
 def rebalance_rule_apply(
@@ -412,6 +413,12 @@ def rebalance_rule_apply(
     return outcome
 
 
+def _lot_text(chain: Sequence[_ChainRow]) -> str:
+    """The chain's lot size from the dump (several when Kite lists a revised lot mid-series)."""
+    lots = sorted({row.lot_size for row in chain})
+    return "/".join(str(lot) for lot in lots) or "?"
+
+
 def _deactivate(queryset, *, reason: str) -> int:
     return queryset.filter(
         status=Subscription.Status.ACTIVE, source=Subscription.Source.REBALANCER
@@ -430,10 +437,10 @@ def _apply_enabled(
     expiries, problems = rule_expiries(rule=rule, today=today)
     outcome.lines.extend(problems)
     rows = [
-        _ChainRow(token, expiry, strike)
-        for token, expiry, strike in Instrument.objects.filter(
+        _ChainRow(token, expiry, strike, lot_size)
+        for token, expiry, strike, lot_size in Instrument.objects.filter(
             name=rule.underlying, instrument_type__in=OPTION_TYPES, expiry__in=expiries
-        ).values_list("instrument_token", "expiry", "strike")
+        ).values_list("instrument_token", "expiry", "strike", "lot_size")
     ]
     by_expiry: dict[dt.date, list[_ChainRow]] = {e: [] for e in expiries}
     for row in rows:
@@ -475,7 +482,8 @@ def _apply_enabled(
         moved_any |= decision.moved
         new_centres[iso] = decision.centre
         outcome.lines.append(
-            f"{iso}: centre {decision.centre:g} ({decision.reason}), step {step:g}, price {price_text}"
+            f"{iso}: centre {decision.centre:g} ({decision.reason}), step {step:g}, "
+            f"lot {_lot_text(chain)}, price {price_text}"
         )
         band = set(band_strikes(strikes, decision.centre, rule.strikes_each_side).tolist())
         targets.extend(

@@ -120,6 +120,7 @@ def test_the_band_follows_the_simulator_across_strikes(sim, sim_instruments, sim
     rule.refresh_from_db()
     assert rule.center_strike == 26_000.0
     assert "REST ltp" in rule.last_result
+    assert "step 50, lot 75" in rule.last_result  # both from the instrument dump
 
     move_forward_to(sim, expiry, 26_028.0)  # 0.56 steps: inside the hysteresis
     out = run()
