@@ -3,8 +3,9 @@
 What runs, in one process: Django's test client calls the history view (auth, query
 validation, the service, JSON with orjson); the service fetches the option's candles and its
 future's candles from the Kite simulator over loopback HTTP (one request each, through the
-validated REST client and its rate limiter), matches them by timestamp, computes IV and Greeks
-for the whole range at once, and upserts the rows into PostgreSQL. Then the same request again,
+validated REST client and its rate limiter, which spaces them by Kite's 3 requests/s),
+matches them by timestamp, computes IV and Greeks for the whole range at once, and writes
+the rows into PostgreSQL. Then the same request again,
 served from PostgreSQL.
 
 Reference, measured side by side in the same run on the same option: the old service's way,
