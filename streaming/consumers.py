@@ -30,6 +30,7 @@ from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import DatabaseError
+from django.utils import timezone
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from streaming import schema
@@ -223,9 +224,13 @@ def instrument_groups(instruments: Sequence[Instrument]) -> dict[int, str]:
     does (through InstrumentUniverse); instruments the engine could not place are left out."""
     try:
         universe = InstrumentUniverse.from_rows(_universe_row(i) for i in instruments)
-        return {i.instrument_token: universe.group_of(i.instrument_token) for i in instruments}
     except UniverseError:
-        pass  # one bad row (e.g. an option without expiry): place the others one by one
+        # One bad row (e.g. an option without expiry): place the others one by one.
+        return _groups_one_by_one(instruments)
+    return {i.instrument_token: universe.group_of(i.instrument_token) for i in instruments}
+
+
+def _groups_one_by_one(instruments: Sequence[Instrument]) -> dict[int, str]:
     groups = {}
     for i in instruments:
         try:
@@ -259,7 +264,8 @@ def reference_price(
             underlying_price = float(entry["price"])
     if underlying_price is not None:
         return underlying_price, "underlying"
-    future = instrument_nearest_future_price(underlying=underlying, on_or_after=now.date())
+    today = timezone.localdate(now)  # the exchange's date (TIME_ZONE is Asia/Kolkata)
+    future = instrument_nearest_future_price(underlying=underlying, on_or_after=today)
     if future is not None:
         return future, "future"
     return None, None

@@ -674,3 +674,21 @@ async def test_api_keys_never_reach_the_logs(redis_layer, api_key, caplog, capfd
     logged = caplog.text + "".join(str(r.msg) for r in caplog.records) + "".join(capfd.readouterr())
     assert "ws.connected" in logged and "ws.token_rejected" in logged
     assert api_key not in logged and wrong not in logged
+
+
+async def test_an_instrument_the_engine_cannot_place_is_reported_not_fatal(redis_layer, universe, headers):
+    from subscriptions.models import Instrument
+
+    # An option row without an expiry: no engine publishes it, so no group to join.
+    await Instrument.objects.acreate(
+        instrument_token=777, exchange_token=3, tradingsymbol="BROKEN", name="NIFTY",
+        instrument_type="CE", segment="NFO-OPT", exchange="NFO", strike=1.0,
+    )  # fmt: skip
+    app, _ = make_app()
+    comm, _ = await ws_connect(app, headers=headers)
+    await send(comm, {"action": "subscribe", "instruments": [777, CE_24000]})
+    ack = await recv(comm)
+    assert [i["token"] for i in ack["instruments"]] == [CE_24000]
+    assert ack["unresolved"] == [777]
+    assert (await recv(comm))["code"] == "unknown_instrument"
+    await comm.disconnect()
