@@ -40,6 +40,7 @@ from streaming.greeks import (
     years_to_expiry,
 )
 from streaming.kite.limits import HISTORICAL_MAX_DAYS_PER_INTERVAL
+from streaming.kite.rest import KiteError
 from subscriptions.models import CandleGreeks, HistoryCoverage, HistoryRange, Instrument
 from subscriptions.underlyings import underlying_future, underlying_spot
 
@@ -604,7 +605,11 @@ def history_payload(result: HistoryResult) -> dict[str, Any]:
 def history_ranges_enrich(
     *, client_factory: Callable[[], CandleSource], r: float, q: float, now: dt.datetime | None = None
 ) -> list[str]:
-    """Compute what is missing of every enabled HistoryRange; returns one line per range."""
+    """Compute what is missing of every enabled HistoryRange; returns one line per range.
+
+    A range Kite refuses is recorded on the range and the others go on; a transient Kite
+    error ends the run so the task's retry picks it up.
+    """
     now = now or timezone.now()
     lines: list[str] = []
     client: CandleSource | None = None
@@ -623,6 +628,11 @@ def history_ranges_enrich(
                                  end=end, client_factory=shared_client, r=r, q=q, now=now)  # fmt: skip
         except HistoryError as exc:
             text = f"{rng.instrument}: {exc}"
+        except KiteError as exc:
+            if exc.retryable:
+                raise  # the whole job is retried later; ranges already stored are kept
+            # This range is refused (e.g. a contract Kite no longer serves): say so, go on.
+            text = f"{rng.instrument}: Kite refused: {exc}"
         else:
             text = f"{rng.instrument}: {result.source}, {len(result.table)} candles"
         HistoryRange.objects.filter(pk=rng.pk).update(last_run_at=now, last_result=text[:2000])

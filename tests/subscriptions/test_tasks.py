@@ -195,3 +195,19 @@ def test_enrich_history_stores_the_configured_ranges(celery_worker, loaded, sim)
     result = run(tasks.enrich_history)
     assert CandleGreeks.objects.filter(instrument=option, interval="15minute").count() == stored
     assert sim.sim.rest_requests["market.historical"] <= calls + 2
+
+
+def test_enrich_history_records_a_range_kite_refuses_and_goes_on(celery_worker, loaded, sim):
+    options = list(Instrument.objects.filter(name="NIFTY", instrument_type="CE", strike=26_000.0).order_by("expiry")[:2])
+    refused = HistoryRange.objects.create(instrument=options[0], interval="60minute", days_back=3)
+    fine = HistoryRange.objects.create(instrument=options[1], interval="60minute", days_back=3)
+    sim.call(sim.sim.fail_next, "market.historical", status=400, error_type="InputException",
+             message="invalid instrument")
+    result = run(tasks.enrich_history)
+    assert len(result["ranges"]) == 2
+    refused.refresh_from_db()
+    fine.refresh_from_db()
+    assert "Kite refused" in refused.last_result and "InputException" in refused.last_result
+    assert "computed" in fine.last_result
+    assert CandleGreeks.objects.filter(instrument=options[1]).exists()
+    assert not CandleGreeks.objects.filter(instrument=options[0]).exists()
