@@ -13,10 +13,16 @@ and each overwrite counts as a drop. Daphne does not apply back-pressure to ASGI
 buffers whatever it is given), so this window, not TCP, is what keeps memory per connection
 bounded when a client stops reading: at most ``send_window`` frames in daphne's buffers plus
 one item per subscribed instrument here.
+
+Each connection re-joins its groups every few minutes (``group_refresh_s``): channels-redis
+forgets group members after a day, and all of them when Redis restarts, which would otherwise
+leave a long-open page silently frozen.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +38,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import DatabaseError
 from django.utils import timezone
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.exceptions import RedisError
 
 from streaming import schema
 from streaming.engine.universe import UNIVERSE_FIELDS, InstrumentUniverse, UniverseError
@@ -117,6 +124,10 @@ class ConsumerSettings:
     heartbeat_max_age_s: float
     flood_factor: int = 5
     """A client sending more than this many times the message limit in one second is closed."""
+    group_refresh_s: float = 300.0
+    """How often a connection re-joins its groups: channels-redis forgets a member after
+    ``group_expiry`` (a day) and forgets every group when Redis restarts without persistence,
+    and a trading desk keeps its chain page open for days."""
 
     @classmethod
     def from_settings(cls, settings: Any) -> ConsumerSettings:
@@ -381,6 +392,7 @@ class TickerConsumer(AsyncWebsocketConsumer):
         self._acked = 0  # last frame acknowledged
         self._dropped = 0
         self._frames = 0
+        self._refresher: asyncio.Task | None = None
         self._log = log
 
     # Channels' dispatch closes stale DB connections (a thread hop) before every message; the
@@ -424,6 +436,10 @@ class TickerConsumer(AsyncWebsocketConsumer):
             return
         self._open = True
         self._counted = True
+        # Owned by this consumer: cancelled and awaited when it disconnects or is cancelled.
+        self._refresher = asyncio.create_task(
+            self._refresh_groups(), name=f"ws-group-refresh:{self.channel_name}"
+        )
         self._metrics.connections.inc()
         self._log = self._log.bind(user=user.get_username())
         self._log.info("ws.connected")
@@ -436,8 +452,23 @@ class TickerConsumer(AsyncWebsocketConsumer):
         await self._send_error(code, message)
         await self.close(close_code)
 
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Also when daphne cancels the application instead of sending a disconnect.
+            await self._stop_refresher()
+
+    async def _stop_refresher(self) -> None:
+        task, self._refresher = self._refresher, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def disconnect(self, code: int) -> None:
         self._open = False
+        await self._stop_refresher()
         for group in list(self._group_refs):
             await self.channel_layer.group_discard(group, self.channel_name)
         self._group_refs.clear()
@@ -449,6 +480,23 @@ class TickerConsumer(AsyncWebsocketConsumer):
             self._log.info(
                 "ws.disconnected", code=code, frames=self._frames, dropped=self._dropped
             )
+
+    async def _refresh_groups(self) -> None:
+        """Re-join this connection's groups every ``group_refresh_s``, for as long as it lives."""
+        while True:
+            await asyncio.sleep(self._config.group_refresh_s)
+            groups = list(self._group_refs)
+            try:
+                for group in groups:
+                    if group in self._group_refs:
+                        await self.channel_layer.group_add(group, self.channel_name)
+                # Left while we were re-joining it: leave again, so nothing leaks.
+                for group in groups:
+                    if group not in self._group_refs:
+                        await self.channel_layer.group_discard(group, self.channel_name)
+            except (OSError, RedisError) as exc:
+                # Redis is away; the next round re-joins what this one could not.
+                self._log.warning("ws.group_refresh_failed", error=str(exc)[:200])
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         await self.disconnect(message.get("code", 1006))

@@ -4,6 +4,8 @@ The test plays the engine: it publishes ``snapshots.batch`` messages to the grou
 ``snapshot.request`` like a runticker (tests/streaming/wsutil.py, FakeEngine).
 """
 
+import asyncio
+import contextlib
 import time
 
 import orjson
@@ -692,3 +694,38 @@ async def test_an_instrument_the_engine_cannot_place_is_reported_not_fatal(redis
     assert ack["unresolved"] == [777]
     assert (await recv(comm))["code"] == "unknown_instrument"
     await comm.disconnect()
+
+
+async def test_groups_are_rejoined_after_redis_forgets_them(redis_layer, universe, headers):
+    """channels-redis drops members after group_expiry, and all groups when Redis restarts."""
+    import redis as redis_lib
+    from django.conf import settings
+
+    app, _ = make_app(make_config(group_refresh_s=0.2))
+    comm, _ = await ws_connect(app, headers=headers)
+    await send(comm, {"action": "subscribe", "instruments": [CE_24000]})
+    await recv(comm)
+    client = redis_lib.Redis.from_url(settings.REDIS_URL)
+    key = redis_layer._group_key(CHAIN)
+    assert client.delete(key) == 1  # what an expiry or a restart leaves behind
+    async with asyncio.timeout(10):
+        # Publish until the refresher has re-joined: receive_nothing waits without consuming.
+        while await comm.receive_nothing(0.1):
+            await publish(redis_layer, CHAIN, {CE_24000: snapshot_item(CE_24000, ltp=9.0)})
+    assert _frame_tokens(await recv(comm)) == {CE_24000: 9.0}
+    assert client.exists(key)
+    await comm.disconnect()
+    client.close()
+
+
+async def test_a_cancelled_consumer_leaves_no_task_behind(redis_layer, universe, headers):
+    app, _ = make_app(make_config(group_refresh_s=0.05))
+    comm, _ = await ws_connect(app, headers=headers)
+    names = {t.get_name() for t in asyncio.all_tasks()}
+    assert any(n.startswith("ws-group-refresh:") for n in names)
+    # What daphne does when a client vanishes without a close and the app does not exit.
+    comm.future.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await comm.future
+    await asyncio.sleep(0)
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("ws-group-refresh:")]
