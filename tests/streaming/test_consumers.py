@@ -38,10 +38,11 @@ from tests.streaming.wsutil import (
     snapshot_item,
     ws_connect,
 )
+from tests.streaming.wsutil import close_db_threads as close_db_threads
 from tests.streaming.wsutil import redis_layer as redis_layer
 from tests.streaming.wsutil import user as user
 
-pytestmark = [pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_db_threads")]
 
 CHAIN = schema.chain_group("NIFTY", EXPIRY)
 CHAIN2 = schema.chain_group("NIFTY", EXPIRY2)

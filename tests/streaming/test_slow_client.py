@@ -18,11 +18,12 @@ import websockets
 from accounts.services import apitoken_create
 from streaming import schema
 from subscriptions.models import Instrument
+from tests.streaming.wsutil import close_db_threads as close_db_threads
 from tests.streaming.wsutil import daphne_process, free_port, service_env
 from tests.streaming.wsutil import layer_prefix as layer_prefix
 from tests.streaming.wsutil import user as user
 
-pytestmark = [pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_db_threads")]
 
 EXPIRY = dt.date(2030, 1, 29)
 CHAINS = 30

@@ -7,7 +7,9 @@ import json
 
 import orjson
 import pytest
+from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.db import connections
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -82,6 +84,8 @@ def scenario(redis_layer, user):
     app, _ = make_app(make_config(max_messages_per_s=10_000, max_subscriptions=50))
     loop = asyncio.new_event_loop()
     yield loop, app, key
+    # The async ORM's worker thread keeps a connection open; close it (see close_db_threads).
+    loop.run_until_complete(sync_to_async(connections.close_all)())
     loop.close()
 
 

@@ -326,3 +326,17 @@ def daphne_process(*, port: int, env: dict[str, str], log_dir: Path) -> ServiceP
         env,
         log_dir,
     )
+
+
+@pytest.fixture
+async def close_db_threads():
+    """Close the database connection that async ORM calls leave open in asgiref's sync thread.
+
+    Django's async ORM runs queries on one shared worker thread and never closes its
+    connection; left open, it keeps the test database busy and its teardown fails.
+    """
+    yield
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    await sync_to_async(connections.close_all)()
