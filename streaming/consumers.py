@@ -457,6 +457,11 @@ class TickerConsumer(AsyncWebsocketConsumer):
             await super().__call__(scope, receive, send)
         finally:
             # Also when daphne cancels the application instead of sending a disconnect.
+            if self._counted:
+                try:
+                    await self.disconnect(1006)
+                except (OSError, RedisError) as exc:
+                    self._log.warning("ws.cleanup_failed", error=str(exc)[:200])
             await self._stop_refresher()
 
     async def _stop_refresher(self) -> None:
