@@ -7,7 +7,8 @@ UV := python3 -m uv
 .PHONY: install install-browser run test lint bench
 
 install:
-	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
+	  || python3 -m pip install --quiet --user --break-system-packages uv
 	$(UV) sync --frozen
 
 # The browser tests drive Debian's Chromium; a browser cannot be downloaded at test time.
