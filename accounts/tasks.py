@@ -9,7 +9,7 @@ from django.db import transaction
 
 from accounts.services import accounts_expire_sessions
 from streaming.control import notify_engines_on_commit
-from subscriptions.locks import job_lock, joblock_owner_id
+from subscriptions.locks import run_locked
 
 EXPIRE_SESSIONS_TIME_LIMIT_S: Final = 60
 
@@ -22,13 +22,16 @@ EXPIRE_SESSIONS_TIME_LIMIT_S: Final = 60
 )
 def expire_sessions(self: Task) -> dict[str, Any]:
     """At 06:00 IST: mark accounts whose access token has expired; the admin shows who must log in."""
-    owner = joblock_owner_id(self.request.id or "")
-    with job_lock(name="expire_sessions", ttl_s=EXPIRE_SESSIONS_TIME_LIMIT_S + 30, owner=owner) as ok:
-        if not ok:
-            return {"skipped": "lock expire_sessions held by another run"}
+
+    def run() -> dict[str, Any]:
         with transaction.atomic():
             labels = accounts_expire_sessions()
             if labels:
                 # Engines drop the expired accounts' connections instead of waiting for a 403.
                 notify_engines_on_commit()
         return {"expired": labels}
+
+    return run_locked(
+        name="expire_sessions", time_limit_s=EXPIRE_SESSIONS_TIME_LIMIT_S,
+        task_id=self.request.id or "", fn=run,
+    )

@@ -13,8 +13,9 @@ import datetime as dt
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import structlog
 from django.db import IntegrityError, transaction
@@ -24,6 +25,11 @@ from django.utils import timezone
 from subscriptions.models import JobLock
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+#: A task's lock outlives its hard time limit by this much, so it never expires under a run.
+LOCK_MARGIN_S = 30
 
 
 def joblock_owner_id(suffix: str = "") -> str:
@@ -83,3 +89,14 @@ def job_lock(*, name: str, ttl_s: float, owner: str | None = None) -> Iterator[b
         yield True
     finally:
         joblock_release(name=name, owner=owner)
+
+
+def run_locked(
+    *, name: str, time_limit_s: float, task_id: str, fn: Callable[[], T]
+) -> T | dict[str, str]:
+    """Run a periodic job's body under its lock; a concurrent run returns a "skipped" result."""
+    owner = joblock_owner_id(task_id)
+    with job_lock(name=name, ttl_s=time_limit_s + LOCK_MARGIN_S, owner=owner) as acquired:
+        if not acquired:
+            return {"skipped": f"lock {name} held by another run"}
+        return fn()

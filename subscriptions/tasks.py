@@ -30,7 +30,7 @@ from streaming.kite.rest import (
 from streaming.models import EngineHeartbeat
 from subscriptions import history, jobs, rebalancer
 from subscriptions.clients import NoKiteSessionError, rest_client_for_service
-from subscriptions.locks import job_lock, joblock_owner_id
+from subscriptions.locks import run_locked
 from subscriptions.models import RebalanceRule, Subscription
 from subscriptions.services import instruments_refresh
 
@@ -70,16 +70,10 @@ REFRESH_TIME_LIMIT_S: Final = 300
 RECONCILE_TIME_LIMIT_S: Final = 60
 REBALANCE_TIME_LIMIT_S: Final = 60
 HISTORY_TIME_LIMIT_S: Final = 900
-#: A lock outlives the task's hard time limit by this much, so it never expires under a run.
-LOCK_MARGIN_S: Final = 30
 
 
 def _locked(task: Task, name: str, time_limit_s: int, fn: Callable[[], T]) -> T | dict[str, str]:
-    owner = joblock_owner_id(task.request.id or "")
-    with job_lock(name=name, ttl_s=time_limit_s + LOCK_MARGIN_S, owner=owner) as acquired:
-        if not acquired:
-            return {"skipped": f"lock {name} held by another run"}
-        return fn()
+    return run_locked(name=name, time_limit_s=time_limit_s, task_id=task.request.id or "", fn=fn)
 
 
 def _client() -> KiteRestClient:
