@@ -576,7 +576,12 @@ def _sync_subscriptions(
             ],
             ignore_conflicts=True,
         )
-    activated = len(create)
+    # Count what was really inserted: rows skipped as conflicts belong to someone else.
+    activated = (
+        Subscription.objects.filter(instrument_id__in=create, rebalance_rule=rule).count()
+        if create
+        else 0
+    )
     if claim:
         activated += (
             Subscription.objects.filter(pk__in=claim, source=Subscription.Source.REBALANCER)
