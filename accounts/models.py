@@ -9,8 +9,8 @@ from django.db import models
 from django.utils import timezone
 
 from accounts.fields import EncryptedTextField
+from streaming.greeks import IST
 
-IST = dt.timezone(dt.timedelta(hours=5, minutes=30), "IST")
 SESSION_EXPIRY_TIME_IST = dt.time(6, 0)
 
 

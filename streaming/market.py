@@ -62,6 +62,7 @@ from streaming.kite.codec import (
     TICK_DTYPE,
 )
 from streaming.kite.limits import MODES
+from streaming.kite.schemas import INSTRUMENT_CSV_COLUMNS
 
 __all__ = [
     "BANKNIFTY",
@@ -89,20 +90,6 @@ MARKET_OPEN_MINUTE_IST: Final = 9 * 60 + 15
 MARKET_CLOSE_MINUTE_IST: Final = 15 * 60 + 30
 MINUTES_PER_SESSION: Final = MARKET_CLOSE_MINUTE_IST - MARKET_OPEN_MINUTE_IST  # 375
 
-INSTRUMENT_CSV_COLUMNS: Final = (
-    "instrument_token",
-    "exchange_token",
-    "tradingsymbol",
-    "name",
-    "last_price",
-    "expiry",
-    "strike",
-    "tick_size",
-    "lot_size",
-    "instrument_type",
-    "segment",
-    "exchange",
-)
 
 _MONTH_ABBR: Final = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 # Kite's weekly-option symbols carry the month as one character: 1-9, then O, N, D.

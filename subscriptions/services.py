@@ -12,6 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from streaming.control import notify_engines_on_commit
+from streaming.greeks import IST
 from subscriptions.models import Instrument, RebalanceRule, Subscription
 
 if TYPE_CHECKING:
@@ -97,7 +98,6 @@ INSTRUMENT_REFRESH_MIN_KEEP_RATIO = 0.5
 """A dump with fewer than half the rows we hold for an exchange is refused (unless forced):
 a truncated or partial download would otherwise delete half the registry."""
 
-IST_TZ = dt.timezone(dt.timedelta(hours=5, minutes=30), "IST")
 
 
 class InstrumentSource(Protocol):
@@ -210,7 +210,7 @@ def instruments_refresh(
     renamed out of the way first, since (exchange, tradingsymbol) is unique.
     """
     started = time.monotonic()
-    today = today or dt.datetime.now(IST_TZ).date()
+    today = today or dt.datetime.now(IST).date()
     rows = []
     for exchange in exchanges or [None]:
         rows.extend(client.instruments(exchange))

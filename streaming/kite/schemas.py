@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-IST: Final = dt.timezone(dt.timedelta(hours=5, minutes=30), "IST")
+from streaming.greeks import IST
 
 SECRET_FIELDS: Final = frozenset({"access_token", "public_token", "enctoken", "refresh_token"})
 """Fields whose values never appear in an error message or a log."""
