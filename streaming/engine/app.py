@@ -22,9 +22,11 @@ import asyncio
 import contextlib
 import datetime as dt
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,7 +43,7 @@ from streaming.engine.leases import LeaseManager, make_engine_id
 from streaming.engine.market_hours import EngineMode, MarketHours, ModePolicy, parse_holidays
 from streaming.engine.metrics import EngineMetrics
 from streaming.engine.mockfeed import MockFeed
-from streaming.engine.pipeline import SnapshotPipeline
+from streaming.engine.pipeline import GroupBatch, SnapshotPipeline
 from streaming.engine.publisher import Publisher, PublishError
 from streaming.engine.reloader import (
     LocalNoticeListener,
@@ -70,7 +72,10 @@ _FLUSH_SAMPLES = 200
 _BARS_INTERVAL_S = 1.0
 _MAX_UNSAVED_BARS = 100_000
 """Closed bars kept while the database is away (one a minute per underlying: days of them)."""
+_LOOP_PROBE_S = 0.05
 _WATCHED_REFRESH_S = 2.0
+_MAX_INBOX_TICKS = 2_000_000
+"""Ticks queued for the pipeline thread beyond which the oldest frames are dropped."""
 """How often the publisher re-reads which groups have listeners."""
 
 
@@ -136,6 +141,33 @@ class _AccountStats:
     last_tick_monotonic: float | None = None
     ticks_at_last_beat: int = 0
     rate_per_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _FlushOutcome:
+    """What the pipeline thread hands back to the event loop after one flush."""
+
+    pending: int
+    batches: list[GroupBatch]
+    bars: list[Bar]
+    unknown: int
+    compute_s: float
+
+
+class _LockedReads:
+    """The pipeline's read side for the snapshot-request loop, behind the pipeline lock."""
+
+    def __init__(self, pipeline: SnapshotPipeline, lock: threading.Lock) -> None:
+        self._pipeline = pipeline
+        self._lock = lock
+
+    def latest(self, tokens: Iterable[int]) -> tuple[list[int], list[bytes]]:
+        with self._lock:
+            return self._pipeline.latest(tokens)
+
+    def groups_of(self, tokens: Iterable[int]) -> set[str]:
+        with self._lock:
+            return self._pipeline.groups_of(tokens)
 
 
 @dataclass
@@ -243,6 +275,17 @@ class Engine:
         self._ticks_per_s = 0.0
         self._reload_count = 0
         self._pending_bars: list[Bar] = []
+        self._apply_wanted = asyncio.Event()
+        # The pipeline and bar aggregator belong to one worker thread (flushes, universe
+        # changes); the event loop only queues ticks. The lock keeps the few synchronous
+        # readers (snapshot requests) from seeing a flush half done.
+        self._pipeline_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self._pipeline_lock = threading.Lock()
+        self._inbox: list[tuple[np.ndarray, bool, float]] = []
+        self._inbox_ticks = 0
+        self._underlyings: dict[str, Any] = {}
+        self._underlyings_at = float("-inf")
+        self._loop_lag_ms = 0.0
         self._stopped = False
         self._unsaved_bars: list[dict[str, Any]] = []
 
@@ -341,6 +384,7 @@ class Engine:
             reloader = Reloader(trigger=self.trigger, reload=self.reload)
             sup.spawn("reloader", reloader.run, owner="engine")
             sup.spawn("leases", self.leases.run, owner="engine")
+            sup.spawn("applier", self._apply_loop, owner="engine")
             if self.config.redis_url:
                 listener = RedisNoticeListener(redis_url=self.config.redis_url,
                                                trigger=self.trigger)
@@ -349,9 +393,12 @@ class Engine:
                 local = LocalNoticeListener(notifier=self._notifier, trigger=self.trigger)
                 sup.spawn("notices", local.run, owner="engine")
             sup.spawn("flush", self._flush_loop, owner="pipeline")
+            sup.spawn("loop_monitor", self._loop_monitor, owner="engine")
             sup.spawn(
                 "snapshot_requests",
-                lambda: self.publisher.serve_snapshot_requests(self.pipeline),
+                lambda: self.publisher.serve_snapshot_requests(
+                    _LockedReads(self.pipeline, self._pipeline_lock)
+                ),
                 owner="publisher",
             )
             sup.spawn("watched_groups", self._watched_loop, owner="publisher")
@@ -376,6 +423,7 @@ class Engine:
         with contextlib.suppress(Exception):  # the last flush is best effort on the way out
             await self._flush_once()
         await self.leases.release_all()
+        self._pipeline_executor.shutdown(wait=True)
         self._plan = StreamPlan()
         # The last word: this engine streams nothing now (/health stops counting it at once).
         self._stopped = True
@@ -384,31 +432,36 @@ class Engine:
 
     # --- ticks in ---------------------------------------------------------------------------
 
+    # Ticks are queued here on the event loop and ingested by the next flush in the pipeline
+    # thread: the loop only appends arrays, so a long flush never stops it reading sockets.
+
     def ingest_live(self, account_id: int, ticks: np.ndarray) -> None:
-        """The Kite clients' tick callback: one decoded frame, vectorised."""
+        """The Kite clients' tick callback: one decoded frame, queued for the next flush."""
         if self.mode != "live":
             # A frame in flight when the market closed: mock owns the slots now.
             self.metrics.dropped.labels("live_in_mock_mode").inc(len(ticks))
             return
-        result = self.pipeline.ingest(ticks, is_mock=False)
-        self._bar_ingest(ticks, is_mock=False)
         n = len(ticks)
         stats = self._account_stats.setdefault(account_id, _AccountStats())
         stats.ticks += n
         stats.last_tick_monotonic = time.monotonic()
-        self._ticks_total += n
-        label = self._label(account_id)
-        self.metrics.ticks_in.labels("live", label).inc(n)
-        if result.unknown:
-            self.metrics.dropped.labels("unknown_token").inc(result.unknown)
+        self.metrics.ticks_in.labels("live", self._label(account_id)).inc(n)
+        self._enqueue(ticks, is_mock=False)
 
     def ingest_mock(self, ticks: np.ndarray) -> None:
-        result = self.pipeline.ingest(ticks, is_mock=True)
-        self._bar_ingest(ticks, is_mock=True)
-        self._ticks_total += len(ticks)
         self.metrics.ticks_in.labels("mock", "mock").inc(len(ticks))
-        if result.unknown:
-            self.metrics.dropped.labels("unknown_token").inc(result.unknown)
+        self._enqueue(ticks, is_mock=True)
+
+    def _enqueue(self, ticks: np.ndarray, *, is_mock: bool) -> None:
+        self._ticks_total += len(ticks)
+        self._inbox.append((ticks, is_mock, self._clock()))
+        self._inbox_ticks += len(ticks)
+        while self._inbox_ticks > _MAX_INBOX_TICKS and len(self._inbox) > 1:
+            # The pipeline thread has fallen far behind: drop the oldest frames (their
+            # instruments' later ticks supersede them), count them, and carry on.
+            old, _, _ = self._inbox.pop(0)
+            self._inbox_ticks -= len(old)
+            self.metrics.dropped.labels("inbox_overflow").inc(len(old))
 
     # --- flush and publish ------------------------------------------------------------------
 
@@ -419,47 +472,105 @@ class Engine:
             delay = next_at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            lag_s = max(0.0, time.monotonic() - next_at)
-            self.metrics.loop_lag_seconds.set(lag_s)
             await self._flush_once()
             next_at += interval_s
             if next_at < time.monotonic():
                 # Behind by more than an interval: do not burst to catch up.
                 next_at = time.monotonic() + interval_s
 
-    async def _flush_once(self) -> None:
-        started = time.perf_counter()
-        self.metrics.pending_snapshots.set(self.pipeline.pending)
-        batches = self.pipeline.flush(self._clock(), watched=self.publisher.watched)
-        if batches:
-            try:
-                result = await self.publisher.publish(batches)
-            except PublishError as exc:
-                # Redis away: this flush's changes are lost for those groups; the next change
-                # of each instrument publishes again. Counted, and the loop carries on.
-                self.metrics.dropped.labels("publish_failed").inc(len(exc.failed_groups))
-                log.warning("engine.publish_failed", groups=len(exc.failed_groups),
-                            error=str(exc.first_error))
-            else:
-                self.metrics.group_messages_out.inc(result.groups)
-                self.metrics.snapshots_out.inc(result.snapshots)
-        elapsed = time.perf_counter() - started
-        self.metrics.flush_seconds.observe(elapsed)
-        self._flush_ms.append(elapsed * 1000.0)
+    async def _loop_monitor(self) -> None:
+        """How late a short sleep wakes up: the event loop's lag, i.e. its backlog."""
+        worst_s = 0.0
+        last_report = time.monotonic()
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(_LOOP_PROBE_S)
+            worst_s = max(worst_s, time.monotonic() - before - _LOOP_PROBE_S)
+            if time.monotonic() - last_report >= 1.0:
+                # The worst lag of the last second: a scrape sees stalls, not their absence.
+                self.metrics.loop_lag_seconds.set(worst_s)
+                self._loop_lag_ms = worst_s * 1000.0
+                worst_s, last_report = 0.0, time.monotonic()
 
-    def _bar_ingest(self, ticks: np.ndarray, *, is_mock: bool) -> None:
-        closed = self.bars.ingest(ticks, is_mock=is_mock)
-        if closed:
-            self._queue_bars(closed)
+    async def _flush_once(self) -> None:
+        """Ingest what arrived, compute Greeks and JSON for what changed (pipeline thread),
+        then send one message per watched group (event loop).
+
+        Only flushes with work are timed (an idle flush is free and would hide the busy
+        ones in the percentiles): ``flush_seconds`` is the computation, ``publish_seconds``
+        the channel-layer sends.
+        """
+        inbox, self._inbox, self._inbox_ticks = self._inbox, [], 0
+        outcome = await self._in_pipeline_thread(
+            self._compute, inbox, self._clock(), self.publisher.watched
+        )
+        self.metrics.pending_snapshots.set(outcome.pending)
+        if outcome.unknown:
+            self.metrics.dropped.labels("unknown_token").inc(outcome.unknown)
+        if outcome.bars:
+            self._queue_bars(outcome.bars)
+        if outcome.pending:
+            self.metrics.flush_seconds.observe(outcome.compute_s)
+            self._flush_ms.append(outcome.compute_s * 1000.0)
+        batches = outcome.batches
+        computed = time.perf_counter()
+        if not batches:
+            return
+        try:
+            result = await self.publisher.publish(batches)
+        except PublishError as exc:
+            # Redis away: this flush's changes are lost for those groups; the next change
+            # of each instrument publishes again. Counted, and the loop carries on.
+            self.metrics.dropped.labels("publish_failed").inc(len(exc.failed_groups))
+            log.warning("engine.publish_failed", groups=len(exc.failed_groups),
+                        error=str(exc.first_error))
+        else:
+            self.metrics.group_messages_out.inc(result.groups)
+            self.metrics.snapshots_out.inc(result.snapshots)
+        self.metrics.publish_seconds.observe(time.perf_counter() - computed)
+
+    def _compute(
+        self, inbox: list[tuple[np.ndarray, bool, float]], now: float, watched: Any
+    ) -> _FlushOutcome:
+        """The pipeline thread's part of a flush; the lock keeps sync readers out."""
+        with self._pipeline_lock:
+            started = time.perf_counter()
+            unknown = 0
+            bars: list[Bar] = []
+            for ticks, is_mock, received in inbox:
+                unknown += self.pipeline.ingest(
+                    ticks, is_mock=is_mock, received_epoch_s=received
+                ).unknown
+                bars.extend(self.bars.ingest(ticks, is_mock=is_mock, received_epoch_s=received))
+            pending = self.pipeline.pending
+            batches = self.pipeline.flush(now, watched=watched)
+            if now - self._underlyings_at >= 1.0:
+                self._underlyings = self.pipeline.underlying_summary()
+                self._underlyings_at = now
+            return _FlushOutcome(
+                pending=pending,
+                batches=batches,
+                bars=bars,
+                unknown=unknown,
+                compute_s=time.perf_counter() - started,
+            )
+
+    async def _in_pipeline_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run pipeline work on its one thread, in order, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pipeline_executor, fn, *args)
 
     def _queue_bars(self, closed: list[Bar]) -> None:
         self._pending_bars.extend(closed)
+
+    def _close_due_bars(self, now: float) -> list[Bar]:
+        with self._pipeline_lock:
+            return self.bars.close_due(now)
 
     async def _bars_loop(self) -> None:
         """Close due bars, publish and persist them once a second, off the flush path."""
         while True:
             await asyncio.sleep(_BARS_INTERVAL_S)
-            self._queue_bars(self.bars.close_due(self._clock()))
+            self._queue_bars(await self._in_pipeline_thread(self._close_due_bars, self._clock()))
             closed, self._pending_bars = self._pending_bars, []
             if closed:
                 self.metrics.bars_closed.inc(len(closed))
@@ -500,10 +611,13 @@ class Engine:
         world: World = await run_db(world_load)
         self._accounts = {a.account_id: a for a in world.accounts}
         self._modes = {s.token: s.mode for s in world.subscriptions}
-        allocation = allocate(
-            subscriptions=[s.wish() for s in world.subscriptions],
-            accounts=[a.info() for a in world.accounts],
-            previous=self._allocation,
+        # Pure work over up to 100k rows: in a thread, off the loop that reads the ticks.
+        allocation = await asyncio.to_thread(
+            lambda: allocate(
+                subscriptions=[s.wish() for s in world.subscriptions],
+                accounts=[a.info() for a in world.accounts],
+                previous=self._allocation,
+            )
         )
         written = await run_db(
             assignments_save, allocation=allocation, subscriptions=world.subscriptions
@@ -588,38 +702,58 @@ class Engine:
             for row in await run_db(instruments_load, tokens=missing):
                 self._instrument_rows[row["instrument_token"]] = row
         rows = [self._instrument_rows[t] for t in tokens if t in self._instrument_rows]
-        universe = InstrumentUniverse.from_rows(rows)
-        self.pipeline.set_universe(universe)
-        self.bars.set_sources(universe.spot_tokens())
+        # Building 100k instruments' arrays and JSON prefixes takes about a second of pure
+        # work: done in a thread so the loop keeps reading ticks and renewing leases.
+        universe = await asyncio.to_thread(InstrumentUniverse.from_rows, rows)
+        await self._in_pipeline_thread(self._install_universe, universe)
         # Rows of instruments we no longer stream are not kept: the cache tracks the universe.
         self._instrument_rows = {t: self._instrument_rows[t] for t in tokens
                                  if t in self._instrument_rows}
 
+    def _install_universe(self, universe: InstrumentUniverse) -> None:
+        with self._pipeline_lock:
+            self.pipeline.set_universe(universe)
+            self.bars.set_sources(universe.spot_tokens())
+            self._underlyings = self.pipeline.underlying_summary()
+
     # --- leases, session expiry and mode ------------------------------------------------------
+
+    # The lease loop calls these; they never wait on engine work (an apply can take a second
+    # at 100k instruments), so renewals keep their rhythm.
 
     async def _on_lease_acquired(self, account_id: int) -> None:
         self._account_stats[account_id] = _AccountStats()
-        await self.apply()
+        self.request_apply()
 
     async def _on_lease_lost(self, account_id: int) -> None:
         # Connections first: another process may take the account as soon as the row lapses.
         await self.connections.stop(account_id)
-        self.trigger.notify()
+        self.request_apply()
 
     async def _on_mock_pool(self, held: bool) -> None:
-        await self.apply()
+        self.request_apply()
+
+    def request_apply(self) -> None:
+        """Ask the applier task for an apply; requests while one runs coalesce into one more."""
+        self._apply_wanted.set()
+
+    async def _apply_loop(self) -> None:
+        while True:
+            await self._apply_wanted.wait()
+            self._apply_wanted.clear()
+            await self.apply()
 
     def session_expired(self, account_id: int, reason: str) -> None:
         """Kite refused the token (403): record it, release the account, reallocate."""
         label = self._label(account_id)
         log.warning("engine.session_expired", account=label, reason=reason)
         self._expired[account_id] = label
-        self.supervisor.spawn(
-            f"expire:{label}:{time.monotonic_ns()}",
-            lambda: self._expire(account_id, reason),
-            owner=f"account:{label}",
-            restart=False,
-        )
+        name = f"expire:{label}"
+        if not self.supervisor.is_running(name):
+            self.supervisor.spawn(
+                name, lambda: self._expire(account_id, reason), owner=f"account:{label}",
+                restart=False,
+            )
 
     async def _expire(self, account_id: int, reason: str) -> None:
         await self.connections.stop(account_id)
@@ -688,7 +822,7 @@ class Engine:
                 "session": "expired" if expired or (account and not account.streamable)
                 else "ok",
             }
-        underlyings = self.pipeline.underlying_summary()
+        underlyings = self._underlyings
         return {
             "mode": "stopped" if self._stopped else self.mode,
             "engine_id": self.engine_id,
@@ -700,6 +834,7 @@ class Engine:
             "unassigned_count": len(self._allocation.unassigned),
             "holds_mock_pool": self.leases.holds_mock_pool,
             "flush_ms_p50": round(statistics.median(self._flush_ms), 2) if self._flush_ms else None,
+            "loop_lag_ms": round(self._loop_lag_ms, 1),
             "ticks_per_s": round(self._ticks_per_s, 1),
             "reloads": self._reload_count,
         }

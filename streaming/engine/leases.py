@@ -138,9 +138,9 @@ LeaseCallback = Callable[[int], Awaitable[None]]
 class LeaseManager:
     """Keeps the leases of the accounts this engine wants; tells the engine what it gained/lost.
 
-    ``on_acquired(account_id)`` runs after a lease is taken; ``on_lost(account_id)`` runs when
-    a lease is lost or about to lapse, and must stop the account's connections before it
-    returns. ``run()`` is the supervised loop.
+    ``on_acquired(account_id)`` runs after a lease is taken and must return quickly (renewals
+    wait for it); ``on_lost(account_id)`` runs when a lease is lost or about to lapse, and must
+    stop the account's connections before it returns. ``run()`` is the supervised loop.
     """
 
     def __init__(
@@ -217,16 +217,17 @@ class LeaseManager:
                 lease_renew, account_ids=held_ids, owner=self.owner, ttl_s=self.ttl_s
             )
             if still is not None:
+                lost = []
                 for aid in held_ids:
                     if aid in still:
                         self._held[aid].valid_until_monotonic = valid_until
                     else:
                         log.warning("lease.lost", account_id=aid, owner=self.owner)
-                        await self._lose(aid)
+                        lost.append(aid)
+                await self._lose_all(lost)
         # Give back what we no longer want (an account disabled or outside --accounts).
         unwanted = [aid for aid in self._held if aid not in self._wanted]
-        for aid in unwanted:
-            await self._lose(aid)
+        await self._lose_all(unwanted)
         if unwanted:
             await self._db(lease_release, account_ids=unwanted, owner=self.owner)
         # Take what we want and do not hold.
@@ -260,18 +261,20 @@ class LeaseManager:
     async def _expire_local(self) -> None:
         """Stop streaming accounts whose lease we could not renew in time."""
         now = self._clock()
-        for aid, held in list(self._held.items()):
-            if now >= held.valid_until_monotonic:
-                log.error("lease.lapsing", account_id=aid, owner=self.owner)
-                await self._lose(aid)
+        lapsing = [aid for aid, held in self._held.items() if now >= held.valid_until_monotonic]
+        for aid in lapsing:
+            log.error("lease.lapsing", account_id=aid, owner=self.owner)
+        await self._lose_all(lapsing)
         if self._mock_pool_until is not None and now >= self._mock_pool_until:
             self._mock_pool_until = None
             if self._on_mock_pool is not None:
                 await self._on_mock_pool(False)
 
-    async def _lose(self, account_id: int) -> None:
-        if self._held.pop(account_id, None) is not None:
-            await self._on_lost(account_id)
+    async def _lose_all(self, account_ids: list[int]) -> None:
+        """Forget these leases and stop their accounts, all at once (each close is bounded)."""
+        gone = [aid for aid in account_ids if self._held.pop(aid, None) is not None]
+        if gone:
+            await asyncio.gather(*(self._on_lost(aid) for aid in gone))
 
     async def _db(self, fn, **kwargs):
         """A lease query with a deadline; None when the database did not answer in time."""
@@ -287,8 +290,7 @@ class LeaseManager:
         """On shutdown, after the connections are closed: hand every lease over at once."""
         self._closed = True
         ids = list(self._held)
-        for aid in ids:
-            await self._lose(aid)
+        await self._lose_all(ids)
         if ids:
             await self._db(lease_release, account_ids=ids, owner=self.owner)
         if self._mock_pool_until is not None and self._on_mock_pool is not None:

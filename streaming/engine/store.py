@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -50,6 +51,7 @@ INSTRUMENT_FIELDS = (
     "exchange",
 )
 _BULK_BATCH = 2000
+_UPDATE_CHUNK = 10_000
 
 
 def _in_worker(fn: Callable[..., T], kwargs: Mapping[str, Any]) -> T:
@@ -176,43 +178,40 @@ def instruments_load(*, tokens: Iterable[int]) -> list[dict[str, Any]]:
 def assignments_save(
     *, allocation: Allocation, subscriptions: Sequence[SubscriptionRow]
 ) -> int:
-    """Write where each subscription streams (or why not), only for rows that changed."""
-    changed: list[Subscription] = []
+    """Write where each subscription streams (or why not), only for rows that changed.
+
+    Rows are grouped by what is written (account, mode, reason: a few dozen combinations)
+    and each group is one ``UPDATE ... WHERE id IN (...)``: bulk_update's per-row CASE is
+    minutes at 100k rows, this is about a second.
+    """
+    groups: dict[tuple[int | None, str, str], list[int]] = defaultdict(list)
     for sub in subscriptions:
         account_id = allocation.account_of.get(sub.token)
         mode = sub.mode if account_id is not None else ""
         reason = "" if account_id is not None else allocation.unassigned.get(sub.token, "")
         reason = reason[:200]
-        if (account_id, mode, reason) == (
+        if (account_id, mode, reason) != (
             sub.assigned_account_id,
             sub.streamed_mode,
             sub.unassigned_reason,
         ):
-            continue
-        changed.append(
-            Subscription(
-                pk=sub.pk,
-                instrument_id=sub.token,
-                assigned_account_id=account_id,
-                streamed_mode=mode,
-                unassigned_reason=reason,
-            )
-        )
+            groups[(account_id, mode, reason)].append(sub.pk)
+    changed = 0
     # One transaction, so the admin never sees half an allocation.
     with transaction.atomic():
-        if changed:
-            Subscription.objects.bulk_update(
-                changed,
-                ["assigned_account", "streamed_mode", "unassigned_reason"],
-                batch_size=_BULK_BATCH,
-            )
+        for (account_id, mode, reason), pks in groups.items():
+            for start in range(0, len(pks), _UPDATE_CHUNK):
+                changed += Subscription.objects.filter(
+                    pk__in=pks[start : start + _UPDATE_CHUNK]
+                ).update(assigned_account_id=account_id, streamed_mode=mode,
+                         unassigned_reason=reason)
         # An inactive subscription streams nowhere: clear what the engine wrote about it.
-        cleared = (
+        changed += (
             Subscription.objects.exclude(status=Subscription.Status.ACTIVE)
             .exclude(assigned_account=None, streamed_mode="", unassigned_reason="")
             .update(assigned_account=None, streamed_mode="", unassigned_reason="")
         )
-    return len(changed) + cleared
+    return changed
 
 
 def account_expire_session(*, account_id: int, reason: str) -> bool:
