@@ -152,6 +152,7 @@ class _FlushOutcome:
     bars: list[Bar]
     unknown: int
     compute_s: float
+    oldest_received: float | None
 
 
 class _LockedReads:
@@ -528,6 +529,8 @@ class Engine:
             self.metrics.group_messages_out.inc(result.groups)
             self.metrics.snapshots_out.inc(result.snapshots)
         self.metrics.publish_seconds.observe(time.perf_counter() - computed)
+        if outcome.oldest_received is not None:
+            self.metrics.tick_to_publish_seconds.observe(self._clock() - outcome.oldest_received)
 
     def _compute(
         self, inbox: list[tuple[np.ndarray, bool, float]], now: float, watched: Any
@@ -553,6 +556,7 @@ class Engine:
                 bars=bars,
                 unknown=unknown,
                 compute_s=time.perf_counter() - started,
+                oldest_received=min((r for _, _, r in inbox), default=None),
             )
 
     async def _in_pipeline_thread(self, fn: Callable[..., Any], *args: Any) -> Any:

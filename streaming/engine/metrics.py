@@ -46,6 +46,12 @@ class EngineMetrics:
             buckets=_FLUSH_BUCKETS_S,
             registry=r,
         )
+        self.tick_to_publish_seconds = Histogram(
+            "tickerproj_engine_tick_to_publish_seconds",
+            "From the oldest tick of a flush arriving to its snapshots sent to the channel layer.",
+            buckets=_FLUSH_BUCKETS_S,
+            registry=r,
+        )
         self.pending_snapshots = Gauge(
             "tickerproj_engine_pending_snapshots",
             "Instruments changed since the last flush (the queue a flush drains).",
