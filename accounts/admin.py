@@ -8,6 +8,7 @@ from django.utils.html import format_html
 
 from accounts import services
 from accounts.models import ApiToken, KiteAccount
+from streaming.control import notify_engines_on_commit
 
 
 class KiteAccountForm(forms.ModelForm):
@@ -84,6 +85,9 @@ class KiteAccountAdmin(admin.ModelAdmin):
             services.account_set_session(account=obj, access_token=form.cleaned_data["access_token"])
         else:
             super().save_model(request, obj, form, change)
+        # Running engines pick up a new token, status or key within seconds, not at their
+        # next periodic reload.
+        notify_engines_on_commit()
 
     @admin.action(description="Disable selected accounts")
     def disable_accounts(self, request, queryset):
@@ -91,6 +95,7 @@ class KiteAccountAdmin(admin.ModelAdmin):
             account.status = KiteAccount.Status.DISABLED
             account.save(update_fields=["status", "updated_at"])
             self.log_change(request, account, "Disabled from the admin action")
+        notify_engines_on_commit()
         messages.success(request, f"Disabled {queryset.count()} account(s).")
 
     @admin.action(description="Enable selected accounts")
@@ -99,6 +104,7 @@ class KiteAccountAdmin(admin.ModelAdmin):
             account.status = KiteAccount.Status.ACTIVE
             account.save(update_fields=["status", "updated_at"])
             self.log_change(request, account, "Enabled from the admin action")
+        notify_engines_on_commit()
         messages.success(request, f"Enabled {queryset.count()} account(s).")
 
 
