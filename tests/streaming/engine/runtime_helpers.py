@@ -160,7 +160,7 @@ class InProcessEngine:
 
     def __init__(self, *, accounts: dict[str, str], market_seed: int = 0,
                  tick_interval_ms: float = 100.0, force_mode: str = "live",
-                 client_factory=None, **config):
+                 client_factory=None, clock=None, **config):
         from channels.layers import get_channel_layer
 
         from streaming.kite.simulator import KiteSimulator
@@ -174,6 +174,7 @@ class InProcessEngine:
         self._config = {"force_mode": force_mode, "lease_ttl_s": 6.0, **config}
         self.engine = None
         self._client_factory = client_factory
+        self._clock = clock
         self._stop = asyncio.Event()
         self._task = None
 
@@ -188,8 +189,9 @@ class InProcessEngine:
             redis_url=settings.REDIS_URL,
             **self._config,
         )
+        extra = {"clock": self._clock} if self._clock is not None else {}
         self.engine = Engine.build(
-            config, channel_layer=self.layer, client_factory=self._client_factory
+            config, channel_layer=self.layer, client_factory=self._client_factory, **extra
         )
         self._task = asyncio.create_task(self.engine.run(self._stop), name="test-engine")
         await asyncio.wait_for(self.engine.started.wait(), timeout=10)
