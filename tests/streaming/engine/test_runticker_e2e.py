@@ -15,6 +15,7 @@ import uuid
 import orjson
 import pytest
 from django.contrib.auth import get_user_model
+from django.db import connection
 from websockets.asyncio.client import connect
 
 from accounts.services import apitoken_create
@@ -130,6 +131,13 @@ def test_simulator_runticker_daphne_client(world, tmp_path):
                 timeout_s=15, what="/health 200 with acc1 streaming",
             )
             assert body["reasons"] == []
+            # Its PostgreSQL sessions are named, so pg_stat_activity shows who is who.
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE application_name = 'runticker' AND datname = current_database()"
+                )
+                assert cursor.fetchone()[0] >= 1
 
             # SIGTERM: drains, exits cleanly and hands the lease back at once.
             assert engine.terminate() == 0, engine.output()[-3000:]
