@@ -1,9 +1,16 @@
 """The engine: wires allocator, connections, pipeline, publisher, mock feed, leases, reloader,
 heartbeat and metrics together, and runs them under one supervisor until told to stop.
 
-``Engine`` holds no logic of its own beyond the wiring and the reload step (load, allocate,
-write back, apply). Every collaborator is passed in or built in :meth:`Engine.build` from an
-:class:`EngineConfig` read once from settings, so a test builds exactly the graph it needs.
+``Engine`` owns the wiring and the steps that need several collaborators at once: the reload
+(load, allocate, write back, apply), the flush (queued ticks into the pipeline on its worker
+thread, then publishing), lease and mode changes, and the heartbeat's state. Every
+collaborator is passed in or built in :meth:`Engine.build` from an :class:`EngineConfig` read
+once from settings, so a test builds exactly the graph it needs.
+
+Threads: the event loop reads sockets, queues decoded frames and talks to Redis; one
+"pipeline" worker thread owns the pipeline and bar aggregator (ingest, Greeks, JSON, universe
+changes), so a 100 ms flush of 100k instruments never stops the loop; database calls run in
+worker threads (store.run_db).
 
 What streams where:
 - live mode: every account this process holds a lease on streams its allocation over its
@@ -19,7 +26,6 @@ request with state it stopped receiving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import statistics
 import threading
@@ -69,14 +75,16 @@ from streaming.market import SyntheticMarket
 log = structlog.get_logger(__name__)
 
 _FLUSH_SAMPLES = 200
+"""Recent flush durations kept for the heartbeat's flush_ms_p50."""
 _BARS_INTERVAL_S = 1.0
 _MAX_UNSAVED_BARS = 100_000
 """Closed bars kept while the database is away (one a minute per underlying: days of them)."""
 _LOOP_PROBE_S = 0.05
+"""The loop monitor's sleep; how late it wakes is the event loop's lag."""
 _WATCHED_REFRESH_S = 2.0
+"""How often the publisher re-reads which groups have listeners."""
 _MAX_INBOX_TICKS = 2_000_000
 """Ticks queued for the pipeline thread beyond which the oldest frames are dropped."""
-"""How often the publisher re-reads which groups have listeners."""
 
 
 @dataclass(frozen=True)
@@ -415,20 +423,29 @@ class Engine:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
-        """Drain: stop feeds and connections, flush once more, final heartbeat, release leases."""
+        """Drain: stop feeds and connections, flush once more, release leases, last heartbeat."""
         log.info("engine.stopping", engine_id=self.engine_id)
-        # The lease loop goes first so it cannot take an account back while we close.
-        await self.supervisor.stop("leases")
-        await self.connections.stop_all()
-        await self.supervisor.shutdown()
-        with contextlib.suppress(Exception):  # the last flush is best effort on the way out
+        closed = False
+        try:
+            # The lease loop goes first so it cannot take an account back while we close.
+            await self.supervisor.stop("leases")
+            await self.connections.stop_all()
+            closed = True
+            await self.supervisor.shutdown()
             await self._flush_once()
-        await self.leases.release_all()
-        self._pipeline_executor.shutdown(wait=True)
-        self._plan = StreamPlan()
-        # The last word: this engine streams nothing now (/health stops counting it at once).
-        self._stopped = True
-        await self.heartbeat.write_once()
+        finally:
+            if closed:
+                # Handed over at once: another process need not wait for the rows to expire.
+                await self.leases.release_all()
+            else:
+                # Sockets may still be open: let the leases expire rather than invite a
+                # second process to open a 4th connection on an api_key.
+                log.error("engine.leases_left_to_expire", engine_id=self.engine_id)
+            self._pipeline_executor.shutdown(wait=True)
+            self._plan = StreamPlan()
+            # The last word: this engine streams nothing now (/health stops counting it).
+            self._stopped = True
+            await self.heartbeat.write_once()
         log.info("engine.stopped", engine_id=self.engine_id)
 
     # --- ticks in ---------------------------------------------------------------------------
