@@ -37,12 +37,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import redis
 import structlog
 
 from streaming.control import ChangeNotifier
 from streaming.engine.allocator import Allocation, allocate
 from streaming.engine.bars import Bar, BarAggregator
+from streaming.engine.barsink import BarSink
 from streaming.engine.connections import ClientFactory, ConnectionManager
 from streaming.engine.heartbeat import HeartbeatWriter
 from streaming.engine.leases import LeaseManager, make_engine_id
@@ -59,11 +59,9 @@ from streaming.engine.reloader import (
 )
 from streaming.engine.store import (
     AccountRow,
-    StoreError,
     World,
     account_expire_session,
     assignments_save,
-    bars_save,
     instruments_load,
     run_db,
     world_load,
@@ -77,8 +75,6 @@ log = structlog.get_logger(__name__)
 _FLUSH_SAMPLES = 200
 """Recent flush durations kept for the heartbeat's flush_ms_p50."""
 _BARS_INTERVAL_S = 1.0
-_MAX_UNSAVED_BARS = 100_000
-"""Closed bars kept while the database is away (one a minute per underlying: days of them)."""
 _LOOP_PROBE_S = 0.05
 """The loop monitor's sleep; how late it wakes is the event loop's lag."""
 _WATCHED_REFRESH_S = 2.0
@@ -283,7 +279,6 @@ class Engine:
         self._last_beat_monotonic = time.monotonic()
         self._ticks_per_s = 0.0
         self._reload_count = 0
-        self._pending_bars: list[Bar] = []
         self._apply_wanted = asyncio.Event()
         # The pipeline and bar aggregator belong to one worker thread (flushes, universe
         # changes); the event loop only queues ticks. The lock keeps the few synchronous
@@ -296,7 +291,12 @@ class Engine:
         self._underlyings_at = float("-inf")
         self._loop_lag_ms = 0.0
         self._stopped = False
-        self._unsaved_bars: list[dict[str, Any]] = []
+        self.bar_sink = BarSink(
+            publisher=publisher,
+            metrics=metrics,
+            close_due=lambda: self._in_pipeline_thread(self._close_due_bars, self._clock()),
+            interval_s=_BARS_INTERVAL_S,
+        )
 
     # --- construction -----------------------------------------------------------------------
 
@@ -411,7 +411,7 @@ class Engine:
                 owner="publisher",
             )
             sup.spawn("watched_groups", self._watched_loop, owner="publisher")
-            sup.spawn("bars", self._bars_loop, owner="bars")
+            sup.spawn("bars", self.bar_sink.run, owner="bars")
             sup.spawn("mode", self._mode_loop, owner="engine")
             sup.spawn("heartbeat", self.heartbeat.run, owner="engine")
             if self.mode == "mock":
@@ -526,7 +526,7 @@ class Engine:
         if outcome.unknown:
             self.metrics.dropped.labels("unknown_token").inc(outcome.unknown)
         if outcome.bars:
-            self._queue_bars(outcome.bars)
+            self.bar_sink.add(outcome.bars)
         if outcome.pending:
             self.metrics.flush_seconds.observe(outcome.compute_s)
             self._flush_ms.append(outcome.compute_s * 1000.0)
@@ -580,41 +580,9 @@ class Engine:
         """Run pipeline work on its one thread, in order, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._pipeline_executor, fn, *args)
 
-    def _queue_bars(self, closed: list[Bar]) -> None:
-        self._pending_bars.extend(closed)
-
     def _close_due_bars(self, now: float) -> list[Bar]:
         with self._pipeline_lock:
             return self.bars.close_due(now)
-
-    async def _bars_loop(self) -> None:
-        """Close due bars, publish and persist them once a second, off the flush path."""
-        while True:
-            await asyncio.sleep(_BARS_INTERVAL_S)
-            self._queue_bars(await self._in_pipeline_thread(self._close_due_bars, self._clock()))
-            closed, self._pending_bars = self._pending_bars, []
-            if closed:
-                self.metrics.bars_closed.inc(len(closed))
-                # Queued for the database first: a failed publish must not lose a bar.
-                self._unsaved_bars.extend(bar.row() for bar in closed)
-                try:
-                    await self.publisher.publish_bars(closed)
-                except (redis.RedisError, OSError) as exc:
-                    self.metrics.dropped.labels("bar_publish_failed").inc(len(closed))
-                    log.warning("engine.bars_publish_failed", bars=len(closed), error=repr(exc))
-            if not self._unsaved_bars:
-                continue
-            rows = self._unsaved_bars
-            try:
-                await run_db(bars_save, bars=rows)
-            except StoreError as exc:
-                log.warning("engine.bars_save_failed", bars=len(rows), error=repr(exc))
-                if len(rows) > _MAX_UNSAVED_BARS:
-                    # The database has been away for long: keep the newest, count the rest.
-                    self.metrics.dropped.labels("bar_backlog").inc(len(rows) - _MAX_UNSAVED_BARS)
-                    del rows[:-_MAX_UNSAVED_BARS]
-                continue
-            self._unsaved_bars = []
 
     # --- watched groups -------------------------------------------------------------------
 

@@ -1,0 +1,84 @@
+"""Where closed underlying bars go: the ``bars.<NAME>`` groups and the UnderlyingBar table.
+
+The engine hands over the bars the aggregator closed (on a later minute's tick, or by the
+clock); :class:`BarSink` publishes them and stores them, once a second, off the flush path.
+A bar is queued for the database before it is published, so a failed publish never loses
+it; while the database is away unsaved bars wait, bounded, and are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis
+import structlog
+
+from streaming.engine.bars import Bar
+from streaming.engine.metrics import EngineMetrics
+from streaming.engine.publisher import Publisher
+from streaming.engine.store import StoreError, bars_save, run_db
+
+log = structlog.get_logger(__name__)
+
+MAX_UNSAVED_BARS = 100_000
+"""Closed bars kept while the database is away (one a minute per underlying: days of them)."""
+
+
+class BarSink:
+    """Publishes and stores closed bars; ``run()`` is the supervised loop."""
+
+    def __init__(
+        self,
+        *,
+        publisher: Publisher,
+        metrics: EngineMetrics,
+        close_due: Callable[[], Awaitable[list[Bar]]],
+        interval_s: float = 1.0,
+    ) -> None:
+        self._publisher = publisher
+        self._metrics = metrics
+        self._close_due = close_due
+        self._interval_s = interval_s
+        self._pending: list[Bar] = []
+        self._unsaved: list[dict[str, Any]] = []
+
+    def add(self, closed: list[Bar]) -> None:
+        """Bars the aggregator closed on ticks (called on the event loop)."""
+        self._pending.extend(closed)
+
+    @property
+    def unsaved(self) -> int:
+        return len(self._unsaved)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await self.step()
+
+    async def step(self) -> None:
+        """Close due bars, publish what closed, store what is unsaved."""
+        self._pending.extend(await self._close_due())
+        closed, self._pending = self._pending, []
+        if closed:
+            self._metrics.bars_closed.inc(len(closed))
+            self._unsaved.extend(bar.row() for bar in closed)
+            try:
+                await self._publisher.publish_bars(closed)
+            except (redis.RedisError, OSError) as exc:
+                self._metrics.dropped.labels("bar_publish_failed").inc(len(closed))
+                log.warning("bars.publish_failed", bars=len(closed), error=repr(exc))
+        if not self._unsaved:
+            return
+        rows = self._unsaved
+        try:
+            await run_db(bars_save, bars=rows)
+        except StoreError as exc:
+            log.warning("bars.save_failed", bars=len(rows), error=repr(exc))
+            if len(rows) > MAX_UNSAVED_BARS:
+                # The database has been away for long: keep the newest, count the rest.
+                self._metrics.dropped.labels("bar_backlog").inc(len(rows) - MAX_UNSAVED_BARS)
+                del rows[:-MAX_UNSAVED_BARS]
+            return
+        self._unsaved = []
