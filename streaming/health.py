@@ -11,7 +11,8 @@ Reasons:
 - ``no_heartbeat``: no running runticker process wrote a heartbeat within
   HEALTH_HEARTBEAT_MAX_AGE_S (an engine's last heartbeat on shutdown says "stopped").
 - ``session_expired``: an account that is not disabled needs a Kite login.
-- ``stream_stalled``: an account streams instruments but its last tick is too old.
+- ``stream_stalled``: during market hours, an account streams instruments but its last tick
+  is too old.
 - ``task_failed``: an engine task is restarting or gave up, or crashed within the last
   HEALTH_HEARTBEAT_MAX_AGE_S (so a crash that healed at once is still seen for a while).
 - ``account_unleased``: an engine streams live but no engine holds a streamable account.
@@ -129,7 +130,8 @@ def check_streams(ctx: HealthContext) -> list[Reason]:
         return []
     reasons = []
     for hb in ctx.heartbeats:
-        if hb.state.get("mode") != "live":
+        # Kite sends nothing while the market is closed: silence then is not a stall.
+        if hb.state.get("mode") != "live" or hb.state.get("market_open") is False:
             continue
         for label, acc in _accounts(hb).items():
             if acc.get("state") != "streaming" or not acc.get("instruments"):

@@ -814,6 +814,7 @@ class Engine:
         underlyings = self._underlyings
         return {
             "mode": "stopped" if self._stopped else self.mode,
+            "market_open": self.policy.hours.is_open(self._clock()),
             "engine_id": self.engine_id,
             "accounts": accounts,
             "tasks": self.supervisor.states(),

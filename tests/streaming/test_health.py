@@ -134,6 +134,11 @@ def test_stream_stalled_then_flowing_again(client, account, health_settings):
     assert get(client)[0] == 200
     beat({**live_state(last_tick_age_s=45.0), "mode": "mock"})
     assert get(client)[0] == 200
+    # Live outside market hours (--no-mock): Kite is silent, that is not a stall.
+    beat({**live_state(last_tick_age_s=45.0), "market_open": False})
+    assert get(client)[0] == 200
+    beat({**live_state(last_tick_age_s=45.0), "market_open": True})
+    assert get(client)[0] == 503
     beat(live_state(last_tick_age_s=0.1))
     assert get(client)[0] == 200
 
