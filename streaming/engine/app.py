@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -829,7 +829,3 @@ class Engine:
             "reloads": self._reload_count,
         }
 
-
-def config_with(config: EngineConfig, **changes: Any) -> EngineConfig:
-    """A copy of ``config`` with some fields changed (tests, the demo)."""
-    return replace(config, **changes)

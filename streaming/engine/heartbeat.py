@@ -16,9 +16,12 @@ from typing import Any
 import structlog
 from django.db import DatabaseError
 
-from streaming.engine.store import heartbeat_write, run_db
+from streaming.engine.store import heartbeat_prune, heartbeat_write, run_db
 
 log = structlog.get_logger(__name__)
+
+PRUNE_AFTER_S = 7 * 86400
+"""Heartbeat rows not updated for this long (engines that died) are deleted at start-up."""
 
 
 class HeartbeatWriter:
@@ -44,9 +47,20 @@ class HeartbeatWriter:
 
     async def run(self) -> None:
         """The supervised loop: a failed write is logged and retried at the next beat."""
+        await self._prune()
         while True:
             await self.write_once()
             await asyncio.sleep(self.interval_s)
+
+    async def _prune(self) -> None:
+        older_than = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=PRUNE_AFTER_S)
+        try:
+            pruned = await run_db(heartbeat_prune, older_than=older_than)
+        except DatabaseError as exc:
+            log.warning("heartbeat.prune_failed", error=repr(exc))
+            return
+        if pruned:
+            log.info("heartbeat.pruned", rows=pruned)
 
     async def write_once(self) -> bool:
         state = self._state_fn()

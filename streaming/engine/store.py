@@ -236,6 +236,12 @@ def heartbeat_write(
     )
 
 
+def heartbeat_prune(*, older_than: dt.datetime) -> int:
+    """Forget heartbeats of engines long gone (a killed process leaves its row behind)."""
+    deleted, _ = EngineHeartbeat.objects.filter(updated_at__lt=older_than).delete()
+    return deleted
+
+
 def bars_save(*, bars: Sequence[Mapping[str, Any]]) -> int:
     """Upsert closed 1-minute bars (a restarted engine may close the same minute again)."""
     if not bars:
