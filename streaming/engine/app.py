@@ -518,6 +518,7 @@ class Engine:
         ones in the percentiles): ``flush_seconds`` is the computation, ``publish_seconds``
         the channel-layer sends.
         """
+        self.metrics.queued_ticks.set(self._inbox_ticks)
         inbox, self._inbox, self._inbox_ticks = self._inbox, [], 0
         outcome = await self._in_pipeline_thread(
             self._compute, inbox, self._clock(), self.publisher.watched

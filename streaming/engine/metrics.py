@@ -52,6 +52,11 @@ class EngineMetrics:
             buckets=_FLUSH_BUCKETS_S,
             registry=r,
         )
+        self.queued_ticks = Gauge(
+            "tickerproj_engine_queued_ticks",
+            "Decoded ticks waiting for the next flush (the event loop's queue to the pipeline).",
+            registry=r,
+        )
         self.pending_snapshots = Gauge(
             "tickerproj_engine_pending_snapshots",
             "Instruments changed since the last flush (the queue a flush drains).",
