@@ -109,7 +109,9 @@ def test_simulator_runticker_daphne_client(world, tmp_path):
             TICKER_HEARTBEAT_INTERVAL_S="1",
             HEALTH_HEARTBEAT_MAX_AGE_S="4",
         )
-        engine = ManagePy(["runticker", "--no-mock"], env=env, log_path=tmp_path / "runticker.log")
+        metrics_port = free_port()
+        engine = ManagePy(["runticker", "--no-mock", "--metrics-port", str(metrics_port)],
+                          env=env, log_path=tmp_path / "runticker.log")
         web = Daphne(port=port, env=env, log_path=tmp_path / "daphne.log")
         try:
             wait_until(lambda: simulator.call(sim.connection_count, "k1") == 1, timeout_s=30,
@@ -131,6 +133,13 @@ def test_simulator_runticker_daphne_client(world, tmp_path):
                 timeout_s=15, what="/health 200 with acc1 streaming",
             )
             assert body["reasons"] == []
+            # Prometheus metrics from the engine's own registry.
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+                metrics = r.read().decode()
+            ticks_in = [line for line in metrics.splitlines()
+                        if line.startswith('tickerproj_engine_ticks_in_total{account="acc1"')]
+            assert ticks_in and float(ticks_in[0].split()[-1]) > 0
+            assert "tickerproj_engine_flush_seconds_bucket" in metrics
             # Its PostgreSQL sessions are named, so pg_stat_activity shows who is who.
             with connection.cursor() as cursor:
                 cursor.execute(
