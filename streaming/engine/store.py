@@ -199,7 +199,10 @@ def assignments_save(
     changed = 0
     # One transaction, so the admin never sees half an allocation.
     with transaction.atomic():
-        for (account_id, mode, reason), pks in groups.items():
+        # A fixed order (groups by key, ids ascending): two engines writing the same
+        # allocation at once lock rows in the same order instead of deadlocking.
+        for (account_id, mode, reason), pks in sorted(groups.items(), key=_group_order):
+            pks.sort()
             for start in range(0, len(pks), _UPDATE_CHUNK):
                 changed += Subscription.objects.filter(
                     pk__in=pks[start : start + _UPDATE_CHUNK]
@@ -212,6 +215,11 @@ def assignments_save(
             .update(assigned_account=None, streamed_mode="", unassigned_reason="")
         )
     return changed
+
+
+def _group_order(item: tuple[tuple[int | None, str, str], list[int]]) -> tuple[int, str, str]:
+    (account_id, mode, reason), _ = item
+    return (account_id or 0, mode, reason)
 
 
 def account_expire_session(*, account_id: int, reason: str) -> bool:
