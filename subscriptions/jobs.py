@@ -69,10 +69,18 @@ def subscriptions_reconcile(
         ).order_by("engine_id")
     )
     heartbeat_streamed: int | None = None
+    mocked = 0
     for hb in heartbeats:
-        count = hb.state.get("streamed_count") if isinstance(hb.state, dict) else None
+        state = hb.state if isinstance(hb.state, dict) else {}
+        count = state.get("streamed_count")
         if isinstance(count, int) and count >= 0:
             heartbeat_streamed = (heartbeat_streamed or 0) + count
+        mocked_count = state.get("mocked_count")
+        if isinstance(mocked_count, int) and mocked_count > 0:
+            mocked += mocked_count
+    # Subscriptions no account can stream are fed by the engine that holds the mock pool
+    # (outside market hours, or with --mock): those are streamed, not lost.
+    unassigned = max(unassigned - mocked, 0)
 
     unassigned_reasons = list(
         unassigned_qs.values("unassigned_reason")
@@ -85,6 +93,8 @@ def subscriptions_reconcile(
     parts = [f"{desired} wanted, {streamed} assigned"]
     if heartbeat_streamed is not None:
         parts.append(f"engines report {heartbeat_streamed} streamed")
+    if mocked:
+        parts.append(f"{mocked} streamed from the mock market")
     for count, text in (
         (missing, "missing"),
         (extra, "inactive but still streamed"),
@@ -103,6 +113,7 @@ def subscriptions_reconcile(
             {"reason": r["unassigned_reason"], "count": r["count"]} for r in unassigned_reasons
         ],
         "engines": [hb.engine_id for hb in heartbeats],
+        "mocked": mocked,
     }
     previous = DriftReport.objects.filter(name=DRIFT_REPORT_NAME).values_list("checked_at", flat=True).first()
     changed_since = previous is None or Subscription.objects.filter(updated_at__gt=previous).exists()

@@ -172,6 +172,28 @@ def test_reconcile_is_ok_when_everything_streams(celery_worker, loaded, settings
     assert run(tasks.reconcile_subscriptions)["reload"] is False
 
 
+def test_reconcile_counts_mock_streamed_subscriptions_as_streamed(celery_worker, loaded, settings):
+    settings.RECONCILE_GRACE_S = 0
+    options = list(Instrument.objects.filter(instrument_type="CE").order_by("pk")[:3])
+    for option in options:
+        Subscription.objects.create(instrument=option, mode="full", unassigned_reason="no streamable account")
+    now = timezone.now()
+    EngineHeartbeat.objects.create(engine_id="e1", hostname="h", pid=1, started_at=now, updated_at=now,
+                                   state={"mode": "mock", "streamed_count": 0, "mocked_count": 2})
+    run(tasks.reconcile_subscriptions)
+    report = DriftReport.objects.get()
+    # Two of the three are fed by the mock market; the third is really unassigned.
+    assert (report.ok, report.unassigned, report.details["mocked"]) == (False, 1, 2)
+    assert "2 streamed from the mock market" in report.summary
+
+    EngineHeartbeat.objects.filter(engine_id="e1").update(
+        state={"mode": "mock", "streamed_count": 0, "mocked_count": 3}
+    )
+    run(tasks.reconcile_subscriptions)
+    report = DriftReport.objects.get()
+    assert (report.ok, report.unassigned) == (True, 0)
+
+
 def test_reconcile_ignores_changes_younger_than_the_grace(celery_worker, loaded, settings):
     settings.RECONCILE_GRACE_S = 60
     Subscription.objects.create(instrument=Instrument.objects.filter(instrument_type="CE").first())
