@@ -47,9 +47,9 @@ log = structlog.get_logger(__name__)
 DEFAULT_MAX_CONCURRENCY: Final = 8
 #: Initial-state answers are split into messages of at most this many snapshots.
 MAX_ITEMS_PER_REPLY: Final = 1000
-#: How long the request loop waits before renewing its group membership (channels-redis
-#: drops members after ``group_expiry``, one day by default).
-_REQUEST_GROUP_RENEW_S: Final = 600.0
+#: How often the request loop renews its group membership, busy or idle (channels-redis drops
+#: members after ``group_expiry``, one day by default).
+DEFAULT_REQUEST_GROUP_RENEW_S: Final = 600.0
 
 # What a send can fail with when Redis is unreachable or refuses: a broken connection is an
 # OSError, a Redis-side failure a RedisError. Anything else is a bug and propagates.
@@ -196,12 +196,17 @@ class Publisher:
         *,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         bulk: bool | None = None,
+        request_group_renew_s: float = DEFAULT_REQUEST_GROUP_RENEW_S,
     ) -> None:
         """``bulk`` (default: when the layer is channels-redis) sends a flush's batches with
         :class:`_RedisBulkSender`; otherwise each batch is one ``group_send``, up to
-        ``max_concurrency`` at a time."""
+        ``max_concurrency`` at a time. ``request_group_renew_s`` is how often
+        :meth:`serve_snapshot_requests` re-joins its group."""
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if request_group_renew_s <= 0:
+            raise ValueError(f"request_group_renew_s must be > 0, got {request_group_renew_s}")
+        self._request_group_renew_s = request_group_renew_s
         supported = _RedisBulkSender.supports(channel_layer)
         if bulk and not supported:
             raise ValueError(f"bulk sending needs channels-redis, got {type(channel_layer).__name__}")
@@ -359,12 +364,18 @@ class Publisher:
         channel = await layer.new_channel()
         await layer.group_add(schema.SNAPSHOT_REQUESTS_GROUP, channel)
         log.info("publisher.serving_requests", channel=channel)
+        renew_at = time.monotonic() + self._request_group_renew_s
         try:
             while True:
-                try:
-                    message = await asyncio.wait_for(layer.receive(channel), _REQUEST_GROUP_RENEW_S)
-                except TimeoutError:
+                # Renewed on a clock, not on idleness: a constantly busy loop would otherwise
+                # never renew and silently drop out of the group after group_expiry.
+                if time.monotonic() >= renew_at:
                     await layer.group_add(schema.SNAPSHOT_REQUESTS_GROUP, channel)
+                    renew_at = time.monotonic() + self._request_group_renew_s
+                timeout_s = max(0.0, renew_at - time.monotonic())
+                try:
+                    message = await asyncio.wait_for(layer.receive(channel), timeout_s)
+                except TimeoutError:
                     continue
                 if message.get("type") == schema.SNAPSHOT_REQUEST_TYPE:
                     await self.answer_request(message, pipeline)

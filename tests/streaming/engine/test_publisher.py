@@ -219,6 +219,42 @@ async def test_initial_state_requests_are_answered_and_mark_groups_watched(layer
     assert not await _has_members(publisher, schema.SNAPSHOT_REQUESTS_GROUP)
 
 
+async def test_a_busy_request_loop_still_renews_its_group_membership(layer):
+    """channels-redis expires group members after group_expiry: the loop must re-join on a
+    clock even when requests never stop arriving (a receive timeout never fires then)."""
+    p = pipeline_with_data()
+    publisher = Publisher(layer, request_group_renew_s=0.2)
+    server = asyncio.create_task(publisher.serve_snapshot_requests(p), name="snapshot-requests")
+    try:
+        await until(lambda: _has_members(publisher, schema.SNAPSHOT_REQUESTS_GROUP))
+        connection = layer.connection(layer.consistent_hash(schema.SNAPSHOT_REQUESTS_GROUP))
+        group_key = layer._group_key(schema.SNAPSHOT_REQUESTS_GROUP)
+        [member] = await connection.zrange(group_key, 0, -1)
+        channel = member.decode()
+        # What channels-redis does to a member older than group_expiry.
+        await connection.zrem(group_key, member)
+        assert not await _has_members(publisher, schema.SNAPSHOT_REQUESTS_GROUP)
+        consumer = await layer.new_channel()
+
+        async def keep_busy():
+            while True:
+                await layer.send(channel, schema.snapshot_request_message(reply_to=consumer, tokens=[CE]))
+                await asyncio.sleep(0.02)
+
+        busy = asyncio.create_task(keep_busy(), name="keep-busy")
+        try:
+            await until(lambda: _has_members(publisher, schema.SNAPSHOT_REQUESTS_GROUP))
+            assert publisher.requests_answered > 0
+        finally:
+            busy.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await busy
+    finally:
+        server.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await server
+
+
 async def _has_members(publisher, group):
     return bool(await publisher._groups_with_members([group]))
 
