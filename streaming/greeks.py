@@ -624,7 +624,10 @@ def _greeks_kernel(
     out_rho,
     out_flags,
 ):
-    """One pass over a block. Inputs have the block's length or length 1 (broadcast)."""
+    """One pass over a block. Inputs have the block's length or length 1 (broadcast).
+
+    The outputs arrive filled with NaN: an option without an IV only gets its flags written.
+    """
     n = out_iv.shape[0]
     sp = 1 if price.shape[0] > 1 else 0
     spp = 1 if pair_price.shape[0] > 1 else 0
@@ -677,12 +680,6 @@ def _greeks_kernel(
         if not (solve_price > 0.0 and solve_price < math.inf):
             flags |= _F_NO_PRICE
         if flags & ~(_F_SPOT | _F_PAIR) != 0:
-            out_iv[i] = nan
-            out_delta[i] = nan
-            out_gamma[i] = nan
-            out_theta[i] = nan
-            out_vega[i] = nan
-            out_rho[i] = nan
             out_flags[i] = flags
             continue
 
@@ -721,12 +718,6 @@ def _greeks_kernel(
                     last_x = x_otm
                     last_s = s
         if s != s:
-            out_iv[i] = nan
-            out_delta[i] = nan
-            out_gamma[i] = nan
-            out_theta[i] = nan
-            out_vega[i] = nan
-            out_rho[i] = nan
             out_flags[i] = flags
             continue
 
@@ -736,12 +727,6 @@ def _greeks_kernel(
         density = _norm_pdf(d1)
         vega_unit = discount * f * density * sqrt_t
         if vega_unit * 0.01 < min_vega_per_point:
-            out_iv[i] = nan
-            out_delta[i] = nan
-            out_gamma[i] = nan
-            out_theta[i] = nan
-            out_vega[i] = nan
-            out_rho[i] = nan
             out_flags[i] = flags | _F_LOW_VEGA
             continue
         # Model premium of this option: the solved OTM premium plus this option's intrinsic
@@ -768,12 +753,6 @@ def _greeks_kernel(
             and abs(vega) < math.inf
             and abs(rho) < math.inf
         ):
-            out_iv[i] = nan
-            out_delta[i] = nan
-            out_gamma[i] = nan
-            out_theta[i] = nan
-            out_vega[i] = nan
-            out_rho[i] = nan
             out_flags[i] = flags | _F_BAD_INPUT
             continue
         out_iv[i] = sigma
@@ -843,7 +822,7 @@ def _run(
         for name, value in inputs.items()
     }
     n = math.prod(shape)
-    out = [np.empty(n, dtype=np.float64) for _ in range(6)]
+    out = [np.full(n, np.nan) for _ in range(6)]
     out_flags = np.empty(n, dtype=np.uint16)
     for lo in range(0, n, block_size):
         hi = min(lo + block_size, n)
