@@ -648,40 +648,44 @@ class Engine:
     async def apply(self) -> None:
         """Make connections, mock feed and pipeline match the allocation, leases and mode."""
         async with self._apply_lock:
-            plan = plan_streams(
-                allocation=self._allocation,
-                modes=self._modes,
-                held=self.leases.held,
-                mode=self.mode,
-                holds_mock_pool=self.leases.holds_mock_pool,
+            await self._apply_locked(self.mode)
+
+    async def _apply_locked(self, mode: EngineMode) -> None:
+        """:meth:`apply` for ``mode``, with ``_apply_lock`` held by the caller."""
+        plan = plan_streams(
+            allocation=self._allocation,
+            modes=self._modes,
+            held=self.leases.held,
+            mode=mode,
+            holds_mock_pool=self.leases.holds_mock_pool,
+        )
+        await self._set_universe(plan.tokens())
+        # Live: start, update or stop each account's client; untouched tokens keep streaming.
+        for aid in list(self.connections.running()):
+            if aid not in plan.accounts:
+                await self.connections.stop(aid)
+        for aid, conns in plan.accounts.items():
+            account = self._accounts.get(aid)
+            if account is None or not account.streamable or aid in self._expired:
+                await self.connections.stop(aid)
+                continue
+            # The lease is checked right before the start, with no await in between: a
+            # lease lost while this apply waited on the database is never restarted.
+            if not self.leases.holds(aid):
+                continue
+            self.connections.start(account)
+            wanted: dict[int, str] = {}
+            for conn in conns:
+                wanted.update(conn)
+            await self.connections.update(account, wanted)
+        self.mock_feed.set_tokens(plan.mock)
+        self._plan = plan
+        for aid in plan.accounts:
+            self.metrics.instruments.labels(self._label(aid)).set(
+                sum(len(c) for c in plan.accounts[aid])
             )
-            await self._set_universe(plan.tokens())
-            # Live: start, update or stop each account's client; untouched tokens keep streaming.
-            for aid in list(self.connections.running()):
-                if aid not in plan.accounts:
-                    await self.connections.stop(aid)
-            for aid, conns in plan.accounts.items():
-                account = self._accounts.get(aid)
-                if account is None or not account.streamable or aid in self._expired:
-                    await self.connections.stop(aid)
-                    continue
-                # The lease is checked right before the start, with no await in between: a
-                # lease lost while this apply waited on the database is never restarted.
-                if not self.leases.holds(aid):
-                    continue
-                self.connections.start(account)
-                wanted: dict[int, str] = {}
-                for conn in conns:
-                    wanted.update(conn)
-                await self.connections.update(account, wanted)
-            self.mock_feed.set_tokens(plan.mock)
-            self._plan = plan
-            for aid in plan.accounts:
-                self.metrics.instruments.labels(self._label(aid)).set(
-                    sum(len(c) for c in plan.accounts[aid])
-                )
-            self.metrics.instruments.labels("mock").set(len(plan.mock))
-            self.metrics.leases_held.set(len(self.leases.held))
+        self.metrics.instruments.labels("mock").set(len(plan.mock))
+        self.metrics.leases_held.set(len(self.leases.held))
 
     async def _set_universe(self, tokens: set[int]) -> None:
         current = self.pipeline.universe
@@ -758,15 +762,22 @@ class Engine:
                 await self.switch_mode(mode)
 
     async def switch_mode(self, mode: EngineMode) -> None:
-        """Change between live and mock; the pipeline resets a slot when its source changes."""
-        log.info("engine.mode_changed", engine_id=self.engine_id, old=self.mode, new=mode)
-        self.mode = mode
-        if mode == "live":
-            await self.supervisor.stop("mock_feed")
-        await self.apply()
-        if mode == "mock" and not self.supervisor.is_running("mock_feed"):
-            await self.connections.stop_all()
-            self.supervisor.spawn("mock_feed", self.mock_feed.run, owner="mock")
+        """Change between live and mock; the pipeline resets a slot when its source changes.
+
+        ``self.mode`` changes only once the switch is done: if it fails, the mode loop
+        (restarted by the supervisor) still sees the old mode and tries again. The apply lock
+        is held throughout so that no apply for the old mode runs in between.
+        """
+        log.info("engine.mode_changing", engine_id=self.engine_id, old=self.mode, new=mode)
+        async with self._apply_lock:
+            if mode == "live":
+                await self.supervisor.stop("mock_feed")
+            await self._apply_locked(mode)
+            if mode == "mock" and not self.supervisor.is_running("mock_feed"):
+                await self.connections.stop_all()
+                self.supervisor.spawn("mock_feed", self.mock_feed.run, owner="mock")
+            old, self.mode = self.mode, mode
+        log.info("engine.mode_changed", engine_id=self.engine_id, old=old, new=mode)
 
     # --- state for the heartbeat ------------------------------------------------------------
 

@@ -97,6 +97,44 @@ async def test_live_at_the_open_mock_after_the_close_never_mixed(world):
         assert {s["is_mock"] for s in listener.latest.values()} == {False}
 
 
+async def test_a_failed_switch_to_mock_is_retried_until_the_mock_feed_runs(world):
+    """An apply failing during the switch leaves the old mode in place, so the restarted mode
+    loop switches again instead of believing it is already in mock mode with no feed."""
+    day = next_weekday(dt.date.today())
+    offset = [epoch_at_ist(day, 15, 29) + 50 - time.time()]  # 10 s before the close
+
+    def clock():
+        return time.time() + offset[0]
+
+    async with InProcessEngine(accounts={"acc1": "k1"}, force_mode=None, clock=clock,
+                               mode_check_interval_s=0.2, mock_interval_ms=100) as h:
+        assert h.engine.mode == "live"
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+                               what="live connection")
+        set_tokens = h.engine.mock_feed.set_tokens
+        failures = []
+
+        def set_tokens_failing_once(tokens):
+            if not failures:
+                failures.append(tokens)
+                raise RuntimeError("injected: mock feed refused its tokens")
+            set_tokens(tokens)
+
+        h.engine.mock_feed.set_tokens = set_tokens_failing_once
+        offset[0] += 20  # past 15:30 IST
+        await async_wait_until(
+            lambda: h.engine.mode == "mock" and h.engine.supervisor.is_running("mock_feed"),
+            timeout_s=15, what="mock mode with its feed running",
+        )
+        assert failures, "the injected failure never happened"
+        assert h.engine.supervisor.state("mode").restarts >= 1
+        assert h.sim.connection_count("k1") == 0
+        listener = await h.listen(world["group"])
+        await listener.until(lambda: len(listener.latest) > 20, timeout_s=10,
+                             what="mock snapshots")
+        assert {s["is_mock"] for s in listener.latest.values()} == {True}
+
+
 async def test_a_new_login_reaches_the_running_client(world):
     async with InProcessEngine(accounts={"acc1": "k1"}) as h:
         await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
