@@ -734,8 +734,14 @@ class Engine:
     async def _apply_loop(self) -> None:
         while True:
             await self._apply_wanted.wait()
+            # Cleared before the apply so that requests made while it runs get one more.
             self._apply_wanted.clear()
-            await self.apply()
+            try:
+                await self.apply()
+            except Exception:
+                # Not lost: the supervisor restarts this loop, which applies again.
+                self._apply_wanted.set()
+                raise
 
     def session_expired(self, account_id: int, reason: str) -> None:
         """Kite refused the token (403): record it, release the account, reallocate."""

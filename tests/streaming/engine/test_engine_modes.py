@@ -135,6 +135,29 @@ async def test_a_failed_switch_to_mock_is_retried_until_the_mock_feed_runs(world
         assert {s["is_mock"] for s in listener.latest.values()} == {True}
 
 
+async def test_a_failed_apply_is_applied_again(world):
+    """The applier's request survives an apply that raises: the restarted loop applies it."""
+    async with InProcessEngine(accounts={"acc1": "k1"}) as h:
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+                               what="streaming")
+        set_tokens = h.engine.mock_feed.set_tokens
+        calls = []
+
+        def set_tokens_failing_once(tokens):
+            # Which run of the applier task made this apply.
+            calls.append(h.engine.supervisor.state("applier").restarts)
+            if len(calls) == 1:
+                raise RuntimeError("injected: mock feed refused its tokens")
+            set_tokens(tokens)
+
+        h.engine.mock_feed.set_tokens = set_tokens_failing_once
+        h.engine.request_apply()
+        # Well before the safety reload (60 s), which would apply anyway.
+        await async_wait_until(lambda: any(run >= 1 for run in calls), timeout_s=15,
+                               what="the restarted applier applying the request again")
+        assert calls[0] == 0
+
+
 async def test_a_new_login_reaches_the_running_client(world):
     async with InProcessEngine(accounts={"acc1": "k1"}) as h:
         await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
