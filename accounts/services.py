@@ -46,6 +46,28 @@ def account_mark_session_expired(*, account_id: int, reason: str) -> bool:
     return bool(changed)
 
 
+UNREADABLE_CIPHER_ERROR = (
+    "the stored access token cannot be decrypted with FIELD_ENCRYPTION_KEYS (wrong or missing "
+    "key): restore the key, or log in to Kite again to store a new token"
+)
+
+
+def account_mark_secret_unreadable(*, account_id: int) -> bool:
+    """Put an account whose access token cannot be decrypted in error; True if it changed."""
+    changed = (
+        KiteAccount.objects.filter(pk=account_id)
+        .exclude(status__in=[KiteAccount.Status.ERROR, KiteAccount.Status.DISABLED])
+        .update(
+            status=KiteAccount.Status.ERROR,
+            last_error=UNREADABLE_CIPHER_ERROR,
+            updated_at=timezone.now(),
+        )
+    )
+    if changed:
+        log.error("account.secret_unreadable", account_id=account_id)
+    return bool(changed)
+
+
 def accounts_expire_sessions(*, now: dt.datetime | None = None) -> list[str]:
     """Mark every active account whose token has passed its expiry; returns their labels."""
     now = now or timezone.now()

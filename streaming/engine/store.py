@@ -21,9 +21,10 @@ from asgiref.sync import sync_to_async
 from django.db import DatabaseError, close_old_connections, transaction
 from django.utils import timezone
 
+from accounts.fields import DecryptionError
 from accounts.models import KiteAccount
 from accounts.selectors import account_list_streamable
-from accounts.services import account_mark_session_expired
+from accounts.services import account_mark_secret_unreadable, account_mark_session_expired
 from streaming.engine.allocator import AccountInfo, Allocation, SubscriptionWish
 from streaming.models import EngineHeartbeat, UnderlyingBar
 from subscriptions.models import Instrument, Subscription
@@ -130,6 +131,17 @@ def world_load() -> World:
     accounts = []
     for acc in KiteAccount.objects.exclude(status=KiteAccount.Status.DISABLED).order_by("pk"):
         streamable = acc.pk in streamable_ids
+        access_token = ""
+        if streamable:
+            # Decrypted only for accounts the engine may stream. One unreadable token (a
+            # lost key) takes that account out, not every account with it.
+            try:
+                access_token = acc.access_token
+            except DecryptionError:
+                log.error("engine.account_secret_unreadable", account=acc.label)
+                account_mark_secret_unreadable(account_id=acc.pk)
+                streamable = False
+                acc.status = KiteAccount.Status.ERROR
         if streamable or acc.status != KiteAccount.Status.ACTIVE:
             status = acc.status
         elif not acc.access_token_is_set:
@@ -143,8 +155,7 @@ def world_load() -> World:
                 api_key=acc.api_key,
                 status=status,
                 streamable=streamable,
-                # Decrypted only for accounts the engine may stream.
-                access_token=acc.access_token if streamable else "",
+                access_token=access_token,
             )
         )
     subs = [
