@@ -34,10 +34,16 @@ def account_set_session(
     return account
 
 
-def account_mark_session_expired(*, account_id: int, reason: str) -> bool:
-    """Mark an account's session expired (Kite said 403); True if this call changed it."""
+def account_mark_session_expired(
+    *, account_id: int, reason: str, token_issued_at: dt.datetime | None
+) -> bool:
+    """Mark an account's session expired (Kite said 403); True if this call changed it.
+
+    ``token_issued_at`` is that of the token Kite refused: a late 403 for an old token must
+    not expire the login that replaced it, so the UPDATE only matches that login.
+    """
     changed = (
-        KiteAccount.objects.filter(pk=account_id)
+        KiteAccount.objects.filter(pk=account_id, token_issued_at=token_issued_at)
         .exclude(status__in=[KiteAccount.Status.SESSION_EXPIRED, KiteAccount.Status.DISABLED])
         .update(status=KiteAccount.Status.SESSION_EXPIRED, last_error=reason, updated_at=timezone.now())
     )

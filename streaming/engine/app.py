@@ -271,6 +271,7 @@ class Engine:
         self._plan = StreamPlan()
         self._instrument_rows: dict[int, dict[str, Any]] = {}
         self._account_stats: dict[int, _AccountStats] = {}
+        #: Accounts whose token Kite refused -> that token's fingerprint (never logged).
         self._expired: dict[int, str] = {}
         self._apply_lock = asyncio.Lock()
         self._flush_ms: deque[float] = deque(maxlen=_FLUSH_SAMPLES)
@@ -613,9 +614,11 @@ class Engine:
             assignments_save, allocation=allocation, subscriptions=world.subscriptions
         )
         self._allocation = allocation
-        for aid in list(self._expired):
+        for aid, refused in list(self._expired.items()):
             account = self._accounts.get(aid)
-            if account is not None and account.streamable:
+            # Only a new token lifts the expiry: a load that ran before the 403 was recorded
+            # still says "streamable" with the refused token.
+            if account is not None and account.streamable and account.token_fingerprint != refused:
                 del self._expired[aid]  # a new login
         self.leases.set_wanted(self._wanted_accounts())
         await self.apply()
@@ -747,17 +750,25 @@ class Engine:
         """Kite refused the token (403): record it, release the account, reallocate."""
         label = self._label(account_id)
         log.warning("engine.session_expired", account=label, reason=reason)
-        self._expired[account_id] = label
+        in_use = self.connections.token_in_use(account_id)
+        if in_use is None:
+            account = self._accounts.get(account_id)
+            if account is None:
+                return
+            in_use = (account.token_fingerprint, account.token_issued_at)
+        fingerprint, issued_at = in_use
+        self._expired[account_id] = fingerprint
         name = f"expire:{label}"
         if not self.supervisor.is_running(name):
             self.supervisor.spawn(
-                name, lambda: self._expire(account_id, reason), owner=f"account:{label}",
-                restart=False,
+                name, lambda: self._expire(account_id, reason, issued_at),
+                owner=f"account:{label}", restart=False,
             )
 
-    async def _expire(self, account_id: int, reason: str) -> None:
+    async def _expire(self, account_id: int, reason: str, issued_at: dt.datetime | None) -> None:
         await self.connections.stop(account_id)
-        await run_db(account_expire_session, account_id=account_id, reason=reason)
+        await run_db(account_expire_session, account_id=account_id, reason=reason,
+                     token_issued_at=issued_at)
         self.trigger.notify()
 
     async def _mode_loop(self) -> None:

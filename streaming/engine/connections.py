@@ -9,6 +9,7 @@ login, and stops it, awaited, when the lease is lost or the account is no longer
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -81,12 +82,13 @@ def client_state(health: ClientHealth) -> dict[str, Any]:
 
 
 class _Running:
-    __slots__ = ("client", "label", "token_fingerprint")
+    __slots__ = ("client", "label", "token_fingerprint", "token_issued_at")
 
-    def __init__(self, client: TickerClient, label: str, token_fingerprint: str) -> None:
+    def __init__(self, client: TickerClient, account: AccountRow) -> None:
         self.client = client
-        self.label = label
-        self.token_fingerprint = token_fingerprint
+        self.label = account.label
+        self.token_fingerprint = account.token_fingerprint
+        self.token_issued_at = account.token_issued_at
 
 
 class ConnectionManager:
@@ -117,6 +119,13 @@ class ConnectionManager:
     def running(self) -> set[int]:
         return set(self._running)
 
+    def token_in_use(self, account_id: int) -> tuple[str, dt.datetime | None] | None:
+        """Fingerprint and issue time of the token the account's client streams with."""
+        running = self._running.get(account_id)
+        if running is None:
+            return None
+        return running.token_fingerprint, running.token_issued_at
+
     def start(self, account: AccountRow) -> None:
         """Start the account's client if it is not running (no await: see the engine's apply)."""
         if account.account_id not in self._running:
@@ -130,6 +139,7 @@ class ConnectionManager:
         if running.token_fingerprint != account.token_fingerprint:
             log.info("connections.token_updated", account=account.label)
             running.token_fingerprint = account.token_fingerprint
+            running.token_issued_at = account.token_issued_at
             await running.client.update_token(account.access_token)
         await running.client.set_subscriptions(wanted)
 
@@ -150,7 +160,7 @@ class ConnectionManager:
             on_ticks=on_ticks,
             on_session_expired=on_session_expired,
         )
-        running = _Running(client, label, account.token_fingerprint)
+        running = _Running(client, account)
         self._running[aid] = running
         self._supervisor.spawn(f"kite:{label}", client.run, owner=f"account:{label}")
         log.info("connections.started", account=label)

@@ -81,6 +81,8 @@ class AccountRow:
     status: str
     streamable: bool
     access_token: str = field(repr=False, default="")
+    #: When the token was stored: a session expiry is recorded only against this login.
+    token_issued_at: dt.datetime | None = None
 
     @property
     def token_fingerprint(self) -> str:
@@ -156,6 +158,7 @@ def world_load() -> World:
                 status=status,
                 streamable=streamable,
                 access_token=access_token,
+                token_issued_at=acc.token_issued_at,
             )
         )
     subs = [
@@ -233,8 +236,12 @@ def _group_order(item: tuple[tuple[int | None, str, str], list[int]]) -> tuple[i
     return (account_id or 0, mode, reason)
 
 
-def account_expire_session(*, account_id: int, reason: str) -> bool:
-    return account_mark_session_expired(account_id=account_id, reason=reason)
+def account_expire_session(
+    *, account_id: int, reason: str, token_issued_at: dt.datetime | None
+) -> bool:
+    return account_mark_session_expired(
+        account_id=account_id, reason=reason, token_issued_at=token_issued_at
+    )
 
 
 # --- heartbeat and bars ---------------------------------------------------------------------

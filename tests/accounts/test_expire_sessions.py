@@ -80,3 +80,24 @@ def test_health_reports_the_accounts_that_need_a_login(client):
     assert {"code": "needs_login", "account": "fresh", "why": "token_expired"} in reasons
     assert {"code": "needs_login", "account": "never-logged-in", "why": "no_token"} in reasons
     assert not any(r.get("account") == "expired" and r["code"] == "needs_login" for r in reasons)
+
+
+@pytest.mark.django_db
+def test_a_late_403_for_an_old_token_does_not_expire_a_fresh_login():
+    from accounts.services import account_mark_session_expired, account_set_session
+
+    acc = account("relogged", expires_in_h=5, token="tok-old")
+    old_issued_at = acc.token_issued_at
+    account_set_session(account=acc, access_token="tok-new")
+    # The engine reports the 403 it got with the old token after the new login landed.
+    assert not account_mark_session_expired(
+        account_id=acc.pk, reason="HTTP 403", token_issued_at=old_issued_at
+    )
+    acc.refresh_from_db()
+    assert acc.status == KiteAccount.Status.ACTIVE and acc.last_error == ""
+    # A 403 for the token in use does expire it.
+    assert account_mark_session_expired(
+        account_id=acc.pk, reason="HTTP 403", token_issued_at=acc.token_issued_at
+    )
+    acc.refresh_from_db()
+    assert acc.status == KiteAccount.Status.SESSION_EXPIRED and acc.last_error == "HTTP 403"

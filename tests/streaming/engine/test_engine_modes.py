@@ -223,6 +223,31 @@ async def test_relogin_after_expiry_resumes_streaming(world):
         )
 
 
+async def test_a_reload_that_still_sees_the_refused_token_does_not_restart_the_client(world):
+    """The database may say "active" with the refused token (a load before the expiry was
+    written, or another engine's view): only a new token lifts the expiry."""
+    account_id = world["account"].pk
+    async with InProcessEngine(accounts={"acc1": "k1"}) as h:
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+                               what="streaming")
+        h.sim.expire_token("k1")
+        sup = h.engine.supervisor
+        await async_wait_until(
+            lambda: sup.state("expire:acc1") is not None and not sup.is_running("expire:acc1"),
+            timeout_s=15, what="the expiry recorded",
+        )
+        assert sup.state("expire:acc1").state == "finished"
+        assert account_id not in h.engine.connections.running()
+        status = await run_db(lambda: KiteAccount.objects.get(pk=account_id).status)
+        assert status == KiteAccount.Status.SESSION_EXPIRED
+        # As a load taken before that write saw it: active, with the same token.
+        await run_db(lambda: KiteAccount.objects.filter(pk=account_id).update(
+            status=KiteAccount.Status.ACTIVE, last_error=""))
+        await h.engine.reload("test")
+        assert account_id not in h.engine.connections.running()
+        assert h.engine.heartbeat_state()["accounts"]["acc1"]["state"] == "session_expired"
+
+
 async def test_closed_underlying_bars_are_stored_and_published(world):
     market: SyntheticMarket = world["market"]
     index = market.index_token("NIFTY")
