@@ -433,7 +433,12 @@ class Engine:
             await self.connections.stop_all()
             closed = True
             await self.supervisor.shutdown()
-            await self._flush_once()
+            try:
+                await self._flush_once()
+            # The last flush is best effort (its ticks are gone with the process anyway), but
+            # its failure is told, and it must not keep the leases from being handed over.
+            except Exception:
+                log.error("engine.final_flush_failed", engine_id=self.engine_id, exc_info=True)
         finally:
             if closed:
                 # Handed over at once: another process need not wait for the rows to expire.
