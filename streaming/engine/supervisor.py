@@ -124,7 +124,11 @@ class Supervisor:
                 state.last_error = f"{type(exc).__name__}: {exc}"[:500]
                 state.last_crash_monotonic = time.monotonic()
                 if self._on_crash is not None:
-                    self._on_crash(state.name, state.owner, exc)
+                    # A failing hook must not end the supervision of this task.
+                    try:
+                        self._on_crash(state.name, state.owner, exc)
+                    except Exception:
+                        log.error("engine.on_crash_failed", task=state.name, exc_info=True)
                 if not restart:
                     state.state = "failed"
                     log.error(

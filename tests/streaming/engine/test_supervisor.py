@@ -72,6 +72,28 @@ async def test_crashed_task_is_logged_counted_and_restarted(caplog):
     await sup.shutdown()
 
 
+async def test_a_failing_on_crash_hook_does_not_stop_the_restarts(caplog):
+    def hook(name, owner, exc):
+        raise KeyError("metrics label")
+
+    sup = Supervisor(on_crash=hook, backoff_initial_s=0.01)
+    starts = []
+    release = asyncio.Event()
+
+    async def flaky():
+        starts.append(1)
+        if len(starts) == 1:
+            raise ValueError("boom")
+        await release.wait()
+
+    caplog.set_level(logging.INFO)
+    sup.spawn("flaky", flaky, owner="engine")
+    await wait_for(lambda: len(starts) == 2)
+    assert sup.states()["flaky"]["restarts"] == 1
+    assert event_records(caplog, "engine.on_crash_failed")
+    await sup.shutdown()
+
+
 async def test_restart_delays_grow():
     sup = Supervisor(backoff_initial_s=0.05)
     starts = []
