@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from streaming.control import notify_engines_on_commit
 from streaming.greeks import IST
+from streaming.kite.schemas import INSTRUMENT_CSV_COLUMNS
 from subscriptions.models import Instrument, RebalanceRule, Subscription
 
 if TYPE_CHECKING:
@@ -84,11 +85,8 @@ def subscription_set_mode(*, subscription: Subscription, mode: str) -> None:
 
 # --- instrument registry refresh (Kite's daily dump) ----------------------------------------
 
-INSTRUMENT_FIELDS = (
-    "exchange_token", "tradingsymbol", "name", "last_price", "expiry", "strike", "tick_size",
-    "lot_size", "instrument_type", "segment", "exchange",
-)
-"""The columns the dump sets, in the order rows are compared."""
+INSTRUMENT_FIELDS = tuple(c for c in INSTRUMENT_CSV_COLUMNS if c != "instrument_token")
+"""The columns the dump sets besides the key, in the order rows are compared."""
 
 INSTRUMENT_REFRESH_BATCH_SIZE = 2000
 """Rows per INSERT … ON CONFLICT statement: 12 columns stay far below PostgreSQL's 65535

@@ -26,6 +26,7 @@ from accounts.models import KiteAccount
 from accounts.selectors import account_list_streamable
 from accounts.services import account_mark_secret_unreadable, account_mark_session_expired
 from streaming.engine.allocator import AccountInfo, Allocation, SubscriptionWish
+from streaming.kite.schemas import INSTRUMENT_CSV_COLUMNS
 from streaming.models import EngineHeartbeat, UnderlyingBar
 from subscriptions.models import Instrument, Subscription
 from subscriptions.selectors import subscription_list_active
@@ -37,20 +38,8 @@ T = TypeVar("T")
 StoreError = DatabaseError
 """What a store call raises when the database fails (so engine code needs no Django import)."""
 
-INSTRUMENT_FIELDS = (
-    "instrument_token",
-    "exchange_token",
-    "tradingsymbol",
-    "name",
-    "last_price",
-    "expiry",
-    "strike",
-    "tick_size",
-    "lot_size",
-    "instrument_type",
-    "segment",
-    "exchange",
-)
+INSTRUMENT_FIELDS = INSTRUMENT_CSV_COLUMNS
+"""The Instrument columns the engine loads: the instrument dump's."""
 _BULK_BATCH = 2000
 _UPDATE_CHUNK = 10_000
 
