@@ -275,3 +275,9 @@ def health_report(ctx: HealthContext) -> dict[str, Any]:
         "engines": engines,
         "checked_at": ctx.now.isoformat(),
     }
+
+
+def health_report_public(report: dict[str, Any]) -> dict[str, Any]:
+    """What anyone may see of a report: its status and each reason's code, once."""
+    codes = dict.fromkeys(reason["code"] for reason in report["reasons"])
+    return {"status": report["status"], "reasons": [{"code": code} for code in codes]}

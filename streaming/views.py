@@ -12,22 +12,33 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from streaming.greeks import FAILURE_FLAGS, Flag
-from streaming.health import HealthContext, health_report
+from streaming.health import HealthContext, health_report, health_report_public
 from streaming.routing import WS_PATH
 from subscriptions.selectors import instrument_list_expiries, instrument_list_underlyings
+from tickerproj.access import is_staff_or_direct_loopback
 
 
 @never_cache
 @require_GET
 def health(request: HttpRequest) -> JsonResponse:
-    """200 with the engines' state when everything is live, 503 with the reasons otherwise."""
+    """200 when everything is live, 503 with the reasons otherwise.
+
+    Anyone gets the status and the reason codes; only staff and direct loopback clients get
+    the details (engine ids, account labels, error texts), which are no business of the public.
+    """
     ctx = HealthContext(
         redis_url=settings.REDIS_URL,
         heartbeat_max_age_s=settings.HEALTH_HEARTBEAT_MAX_AGE_S,
         stream_stall_s=settings.HEALTH_STREAM_STALL_S,
     )
     report = health_report(ctx)
-    return JsonResponse(report, status=200 if report["status"] == "ok" else 503)
+    status = 200 if report["status"] == "ok" else 503
+    detailed = is_staff_or_direct_loopback(
+        user=request.user,
+        client_host=request.META.get("REMOTE_ADDR"),
+        header_names=request.headers.keys(),
+    )
+    return JsonResponse(report if detailed else health_report_public(report), status=status)
 
 
 CHAIN_STRIKE_CHOICES = (5, 10, 15, 20, 30, 50)

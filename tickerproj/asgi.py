@@ -8,7 +8,6 @@ clients. The demo (``manage.py demo``) builds its own application with
 :func:`build_application` so that the engine's metrics are served alongside.
 """
 
-import ipaddress
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -28,20 +27,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest  #
 from streaming.consumers import ConsumerSettings, WebSocketMetrics  # noqa: E402
 from streaming.routing import websocket_routes  # noqa: E402
 from streaming.ws_auth import ApiTokenOrSessionAuth  # noqa: E402
+from tickerproj.access import is_staff_or_direct_loopback  # noqa: E402
 
 METRICS_PATH = "/metrics"
-_PROXY_HEADERS = frozenset({b"x-forwarded-for", b"x-real-ip", b"forwarded"})
-
-
-def _direct_loopback(scope) -> bool:
-    """A client on this machine that did not come through a reverse proxy."""
-    client = scope.get("client")
-    if not client or any(name in _PROXY_HEADERS for name, _ in scope.get("headers", ())):
-        return False
-    try:
-        return ipaddress.ip_address(client[0]).is_loopback
-    except ValueError:
-        return False
 
 
 class MetricsEndpoint:
@@ -51,9 +39,11 @@ class MetricsEndpoint:
         self._registries = tuple(registries)
 
     async def __call__(self, scope, receive, send) -> None:
-        user = scope.get("user")
-        allowed = _direct_loopback(scope) or bool(
-            user is not None and user.is_authenticated and user.is_active and user.is_staff
+        client = scope.get("client")
+        allowed = is_staff_or_direct_loopback(
+            user=scope.get("user"),
+            client_host=client[0] if client else None,
+            header_names=(name.decode("latin-1") for name, _ in scope.get("headers", ())),
         )
         if not allowed:
             await _respond(send, 403, b"text/plain", b"staff or loopback only\n")

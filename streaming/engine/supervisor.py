@@ -18,6 +18,8 @@ from typing import Any, Literal
 import structlog
 from tenacity import wait_exponential_jitter
 
+from streaming.kite.redaction import redact
+
 log = structlog.get_logger(__name__)
 
 TaskStateName = Literal["running", "restarting", "failed", "finished", "stopped"]
@@ -121,7 +123,8 @@ class Supervisor:
                 if time.monotonic() - started >= self._healthy_after_s:
                     attempt = 0
                 attempt += 1
-                state.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                # Shown by the heartbeat and /health: a Kite URL in the text carries the token.
+                state.last_error = redact(f"{type(exc).__name__}: {exc}")[:500]
                 state.last_crash_monotonic = time.monotonic()
                 if self._on_crash is not None:
                     # A failing hook must not end the supervision of this task.

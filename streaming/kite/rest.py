@@ -62,6 +62,7 @@ from streaming.kite.limits import (
     QUOTE_MAX_INSTRUMENTS_PER_CALL,
     QUOTE_REQUESTS_PER_S,
 )
+from streaming.kite.redaction import redact
 from streaming.kite.schemas import (
     INSTRUMENT_CSV_COLUMNS,
     IST,
@@ -94,8 +95,6 @@ REQUESTS_PER_S: Final[dict[str, int]] = {
 
 ERROR_TEXT_MAX_CHARS: Final = 300
 """Kite's messages (and kiteconnect's, which can embed a whole response body) are cut here."""
-
-REDACT_MIN_CHARS: Final = 8
 
 _KITE_TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
 
@@ -725,11 +724,7 @@ class KiteRestClient:
     # --- transport ---
 
     def _redact(self, text: str, extra_secrets: Iterable[str] = ()) -> str:
-        for secret in (*self._secrets, *extra_secrets):
-            # Kite's tokens and secrets are 32 characters; a short test value would garble text.
-            if len(secret) >= REDACT_MIN_CHARS:
-                text = text.replace(secret, "***")
-        return _short(text)
+        return _short(redact(text, *self._secrets, *extra_secrets))
 
     def _request(
         self,

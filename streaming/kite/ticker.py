@@ -29,7 +29,6 @@ import asyncio
 import enum
 import inspect
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ from streaming.kite.limits import (
     MODES,
     Mode,
 )
+from streaming.kite.redaction import redact
 
 __all__ = [
     "ClientHealth",
@@ -68,7 +68,6 @@ __all__ = [
     "KiteLimitError",
     "KiteTickerClient",
     "SessionState",
-    "redact",
 ]
 
 log = structlog.get_logger(__name__)
@@ -80,18 +79,6 @@ MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 _MAX_TOKEN: Final = 0xFFFFFFFF
 _SESSION_HTTP_STATUSES: Final = frozenset({401, 403})
 _RATE_LIMIT_HTTP_STATUS: Final = 429
-
-_ACCESS_TOKEN_IN_TEXT: Final = re.compile(r"(access_token=)[^&\s'\"]*")
-
-
-def redact(text: str, *secrets: str) -> str:
-    """``text`` with ``access_token=...`` query values and the given secrets replaced by ***."""
-    text = _ACCESS_TOKEN_IN_TEXT.sub(r"\1***", text)
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
 
 class _RedactAccessToken(logging.Filter):
     """Strip access tokens from websockets' own debug logs (it logs the request line)."""

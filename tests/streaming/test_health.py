@@ -3,6 +3,7 @@
 import datetime as dt
 
 import pytest
+from django.contrib.auth.models import User
 from django.db import connections
 from django.utils import timezone
 
@@ -223,3 +224,57 @@ def test_an_engine_that_said_it_stopped_is_no_heartbeat_at_once(client, account,
     assert status == 503
     assert codes(body) == ["no_heartbeat"]
     assert body["engines"][0]["mode"] == "stopped"
+
+
+def crashed_state():
+    state = live_state()
+    state["tasks"]["flush"] = {
+        "state": "restarting",
+        "restarts": 0,
+        "last_error": "DatabaseError: password authentication failed",
+        "last_crash_age_s": 0.1,
+    }
+    state["accounts"]["acc1"]["last_tick_age_s"] = 45.0
+    return state
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"REMOTE_ADDR": "203.0.113.7"},
+        # Loopback peer, but the request came through a reverse proxy.
+        {"REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_FOR": "203.0.113.7"},
+        {"REMOTE_ADDR": "127.0.0.1", "HTTP_FORWARDED": "for=203.0.113.7"},
+    ],
+)
+def test_the_public_sees_only_status_and_reason_codes(client, account, health_settings, extra):
+    beat(crashed_state())
+    response = client.get("/health", **extra)
+    assert response.status_code == 503
+    assert response.json() == {
+        "status": "degraded",
+        "reasons": [{"code": "stream_stalled"}, {"code": "task_failed"}],
+    }
+    for secret in ("host:1:abcd", "acc1", "password"):
+        assert secret not in response.content.decode()
+
+
+@pytest.mark.django_db
+def test_staff_and_direct_loopback_see_the_details(client, account, health_settings):
+    beat(crashed_state())
+    # The test client's peer is 127.0.0.1 with no proxy header: a direct loopback client.
+    body = client.get("/health").json()
+    assert body["engines"][0]["engine_id"] == "host:1:abcd"
+    assert "password authentication failed" in body["reasons"][1]["last_error"]
+
+    remote = {"REMOTE_ADDR": "203.0.113.7"}
+    user = User.objects.create_user("ops", password="pw-ops-1234")
+    client.force_login(user)
+    assert "engines" not in client.get("/health", **remote).json()
+    User.objects.filter(pk=user.pk).update(is_staff=True)
+    body = client.get("/health", **remote).json()
+    assert body["engines"][0]["engine_id"] == "host:1:abcd"
+    assert body["reasons"][0] == {
+        "code": "stream_stalled", "account": "acc1", "engine": "host:1:abcd", "last_tick_age_s": 45.0
+    }

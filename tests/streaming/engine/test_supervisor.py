@@ -94,6 +94,21 @@ async def test_a_failing_on_crash_hook_does_not_stop_the_restarts(caplog):
     await sup.shutdown()
 
 
+async def test_an_access_token_in_the_error_text_is_not_kept():
+    sup = Supervisor(backoff_initial_s=0.01)
+    token = "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6"
+
+    async def fails():
+        raise OSError(f"cannot reach wss://ws.kite.trade?api_key=k1&access_token={token}")
+
+    sup.spawn("kite:acc1", fails, owner="account:acc1", restart=False)
+    await wait_for(lambda: sup.states()["kite:acc1"]["state"] == "failed")
+    error = sup.states()["kite:acc1"]["last_error"]
+    assert token not in error
+    assert error == "OSError: cannot reach wss://ws.kite.trade?api_key=k1&access_token=***"
+    await sup.shutdown()
+
+
 async def test_restart_delays_grow():
     sup = Supervisor(backoff_initial_s=0.05)
     starts = []
