@@ -42,9 +42,20 @@ MOCK_POOL_LOCK = "runticker.mock_pool"
 """JobLock name of the engine that mocks the subscriptions no account can stream."""
 
 
-def make_engine_id() -> str:
-    """host:pid:random, unique per process start (pids are reused across restarts)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"[:200]
+ENGINE_ID_MAX_CHARS = 200
+"""AccountLease.owner and EngineHeartbeat.engine_id are this long."""
+
+
+def make_engine_id(prefix: str = "") -> str:
+    """``prefix`` (default host:pid) and a random suffix: unique per process start.
+
+    The suffix is always there: pids are reused across restarts, and two processes started
+    with the same ``prefix`` would otherwise both match a lease's owner and stream the same
+    accounts.
+    """
+    suffix = secrets.token_hex(4)
+    base = prefix or f"{socket.gethostname()}:{os.getpid()}"
+    return f"{base[: ENGINE_ID_MAX_CHARS - len(suffix) - 1]}:{suffix}"
 
 
 def _expires_in(ttl_s: float) -> ExpressionWrapper:

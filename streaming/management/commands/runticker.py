@@ -19,6 +19,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
 from streaming.engine.app import Engine, EngineConfig
+from streaming.engine.leases import make_engine_id
 from streaming.engine.market_hours import EngineMode
 from streaming.engine.metrics import EngineMetrics
 
@@ -76,7 +77,12 @@ class Command(BaseCommand):
         mode.add_argument(
             "--no-mock", action="store_true", help="stream live even outside market hours"
         )
-        parser.add_argument("--engine-id", default=None, help="default: host:pid:random")
+        parser.add_argument(
+            "--engine-id",
+            default="",
+            help="prefix of this process's engine id (default: host:pid); a random suffix is "
+            "always appended, so two processes given the same value never share leases",
+        )
         parser.add_argument(
             "--metrics-port", type=int, default=0, help="serve Prometheus metrics (0: off)"
         )
@@ -108,7 +114,7 @@ class Command(BaseCommand):
                 ) from exc
         engine = build_engine(
             force_mode=force_mode,
-            engine_id=options["engine_id"],
+            engine_id=make_engine_id(prefix=options["engine_id"]),
             account_labels=labels,
             metrics=metrics,
         )

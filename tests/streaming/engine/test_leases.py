@@ -58,6 +58,14 @@ def test_engine_ids_are_unique_per_start():
     assert pid.isdigit()
 
 
+def test_a_given_engine_id_prefix_still_gets_a_random_suffix():
+    a, b = make_engine_id(prefix="engine-A"), make_engine_id(prefix="engine-A")
+    assert a != b
+    assert a.startswith("engine-A:") and b.startswith("engine-A:")
+    assert len(make_engine_id(prefix="x" * 300)) == 200
+    assert make_engine_id(prefix="x" * 300) != make_engine_id(prefix="x" * 300)
+
+
 def test_conditional_acquire_renew_release(accounts):
     acc = accounts[0]
     assert lease_try_acquire(account_id=acc.pk, owner="A", ttl_s=30)

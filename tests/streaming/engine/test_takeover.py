@@ -70,8 +70,17 @@ class ConnectionSampler(threading.Thread):
 
 
 def owners() -> set[str]:
-    """Owners of unexpired leases, by the database clock the leases use."""
-    return set(AccountLease.objects.filter(expires_at__gt=Now()).values_list("owner", flat=True))
+    """The --engine-id prefixes owning unexpired leases, by the database clock the leases use.
+
+    runticker appends a random suffix to the given id; it is checked here and dropped.
+    """
+    full = set(AccountLease.objects.filter(expires_at__gt=Now()).values_list("owner", flat=True))
+    assert all(o.count(":") == 1 for o in full), full
+    return {o.rsplit(":", 1)[0] for o in full}
+
+
+def heartbeats_of(prefix: str):
+    return EngineHeartbeat.objects.filter(engine_id__startswith=f"{prefix}:")
 
 
 def fully_streamed(simulator, sim) -> bool:
@@ -105,7 +114,7 @@ def test_a_second_runticker_takes_over_a_killed_ones_accounts(world, tmp_path):
                        timeout_s=60, what="engine A streaming both accounts")
             second = ManagePy(["runticker", "--no-mock", "--engine-id", "engine-B"], env=env,
                               log_path=tmp_path / "b.log")
-            wait_until(lambda: EngineHeartbeat.objects.filter(engine_id="engine-B").exists(),
+            wait_until(lambda: heartbeats_of("engine-B").exists(),
                        timeout_s=30, what="engine B running")
             # B is up and trying; A keeps both accounts while it lives.
             time.sleep(2 * LEASE_TTL_S / 3)
@@ -118,7 +127,7 @@ def test_a_second_runticker_takes_over_a_killed_ones_accounts(world, tmp_path):
             took_s = time.monotonic() - killed_at
             assert took_s < TAKEOVER_LIMIT_S, f"takeover took {took_s:.1f} s"
             wait_until(
-                lambda: set(EngineHeartbeat.objects.get(engine_id="engine-B").state["accounts"])
+                lambda: set(heartbeats_of("engine-B").get().state["accounts"])
                 == {"acc1", "acc2"},
                 timeout_s=5, what="B's heartbeat lists both accounts",
             )
