@@ -1,7 +1,7 @@
 """Tell running engines that subscriptions or accounts changed, so they reload within 2 s.
 
-With Redis configured the notice is a PUBLISH on one channel that every runticker process
-listens to; on embedded defaults (one process, no Redis) it goes to the listeners registered
+With Redis configured the notice is a PUBLISH on the installation's control channel that every
+runticker process of it listens to; on embedded defaults (one process, no Redis) it goes to the listeners registered
 in this process. Engines coalesce bursts, so a thousand notices cause one reload.
 """
 
@@ -15,17 +15,28 @@ from django.db import transaction
 
 log = structlog.get_logger(__name__)
 
-CONTROL_CHANNEL = "tickerproj:engine:control"
-"""Redis pub/sub channel the engines listen on."""
-
 RELOAD_MESSAGE = b"reload"
+
+
+def control_channel(prefix: str) -> str:
+    """The Redis pub/sub channel one installation's engines listen on.
+
+    ``prefix`` is the CHANNEL_LAYER_PREFIX setting: pub/sub ignores Redis db numbers, so a
+    fixed name would let every installation (or test run) on a Redis server reload the others.
+    """
+    if not prefix:
+        raise ValueError("the control channel needs a non-empty prefix")
+    return f"{prefix}:engine:control"
 
 
 class ChangeNotifier:
     """Sends reload notices to engines: by Redis when a URL is given, else in-process."""
 
-    def __init__(self, *, redis_url: str = "") -> None:
+    def __init__(self, *, redis_url: str = "", channel: str = "") -> None:
+        if redis_url and not channel:
+            raise ValueError("a Redis notifier needs its control channel")
         self._redis = redis.Redis.from_url(redis_url) if redis_url else None
+        self._channel = channel
         self._listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()
 
@@ -43,7 +54,7 @@ class ChangeNotifier:
     def notify(self) -> None:
         if self._redis is not None:
             try:
-                self._redis.publish(CONTROL_CHANNEL, RELOAD_MESSAGE)
+                self._redis.publish(self._channel, RELOAD_MESSAGE)
             except redis.RedisError as exc:
                 # The engines also reload on their periodic reconciliation; a lost notice
                 # delays a change, it does not lose it.

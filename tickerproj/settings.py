@@ -135,6 +135,8 @@ else:
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# Names this installation's channel-layer keys and engine control channel on a shared Redis.
+CHANNEL_LAYER_PREFIX = env.str("CHANNEL_LAYER_PREFIX", default="tickerproj")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -144,7 +146,7 @@ if REDIS_URL:
                 # channels-redis's 5 s BZPOPMIN in receive(): an idle receive then fails with
                 # TimeoutError instead of returning. The read timeout must exceed it.
                 "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}],
-                "prefix": env.str("CHANNEL_LAYER_PREFIX", default="tickerproj"),
+                "prefix": CHANNEL_LAYER_PREFIX,
                 "capacity": env.int("CHANNEL_LAYER_CAPACITY", default=1000),
                 "expiry": 10,
             },

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from streaming.control import ChangeNotifier
+from streaming.control import ChangeNotifier, control_channel
 from streaming.engine.allocator import Allocation, allocate
 from streaming.engine.bars import Bar, BarAggregator
 from streaming.engine.barsink import BarSink
@@ -99,12 +99,18 @@ class EngineConfig:
     holidays: frozenset[dt.date] = frozenset()
     kite_ws_url: str = "wss://ws.kite.trade"
     redis_url: str = ""
+    #: Redis pub/sub channel of change notices (streaming.control.control_channel).
+    control_channel: str = ""
     account_labels: frozenset[str] | None = None
     mock_interval_ms: int = 250
     mock_seed: int = 0
     reload_debounce_ms: int = 200
     safety_reload_s: float = 60.0
     mode_check_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.redis_url and not self.control_channel:
+            raise ValueError("an engine on Redis needs its control channel")
 
     @classmethod
     def from_settings(
@@ -129,6 +135,7 @@ class EngineConfig:
             holidays=parse_holidays(settings.MARKET_HOLIDAYS),
             kite_ws_url=settings.KITE_WS_URL,
             redis_url=settings.REDIS_URL,
+            control_channel=control_channel(settings.CHANNEL_LAYER_PREFIX),
             account_labels=labels,
             mock_interval_ms=settings.MOCK_TICK_INTERVAL_MS,
             mock_seed=settings.MOCK_MARKET_SEED,
@@ -397,6 +404,7 @@ class Engine:
             sup.spawn("applier", self._apply_loop, owner="engine")
             if self.config.redis_url:
                 listener = RedisNoticeListener(redis_url=self.config.redis_url,
+                                               channel=self.config.control_channel,
                                                trigger=self.trigger)
                 sup.spawn("notices", listener.run, owner="engine")
             elif self._notifier is not None:

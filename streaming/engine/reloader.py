@@ -1,6 +1,6 @@
 """Live changes: change notices in, one coalesced reload out, applied as an incremental diff.
 
-Notices come from Redis pub/sub (``streaming.control.CONTROL_CHANNEL``) or, on embedded
+Notices come from Redis pub/sub (``streaming.control.control_channel``) or, on embedded
 defaults, from the in-process ``ChangeNotifier``. :class:`ReloadTrigger` holds at most one
 pending reload: a burst of notices inside the debounce window (or up to ``max_delay_s`` of
 continuous notices) becomes one reload, and nothing ever queues without bound. A periodic
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 import structlog
 
-from streaming.control import CONTROL_CHANNEL, ChangeNotifier
+from streaming.control import ChangeNotifier
 
 log = structlog.get_logger(__name__)
 
@@ -103,9 +103,15 @@ class RedisNoticeListener:
     """Subscribes to the control channel; every message (and every reconnect) is a notice."""
 
     def __init__(
-        self, *, redis_url: str, trigger: ReloadTrigger, health_check_interval_s: int = 10
+        self,
+        *,
+        redis_url: str,
+        channel: str,
+        trigger: ReloadTrigger,
+        health_check_interval_s: int = 10,
     ) -> None:
         self._redis_url = redis_url
+        self._channel = channel
         self._trigger = trigger
         self._health_check_interval_s = health_check_interval_s
         self.subscribed = asyncio.Event()
@@ -116,9 +122,9 @@ class RedisNoticeListener:
         )
         try:
             async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                await pubsub.subscribe(CONTROL_CHANNEL)
+                await pubsub.subscribe(self._channel)
                 self.subscribed.set()
-                log.info("reload.listening", channel=CONTROL_CHANNEL)
+                log.info("reload.listening", channel=self._channel)
                 # Notices may have been lost while we were not subscribed.
                 self._trigger.notify()
                 while True:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from django.conf import settings
 from django.utils import timezone
 
 from accounts.models import KiteAccount
 from accounts.tasks import expire_sessions
-from streaming.control import CONTROL_CHANNEL, RELOAD_MESSAGE
+from streaming.control import RELOAD_MESSAGE, control_channel
 
 TASK_TIMEOUT_S = 60
 
@@ -31,7 +32,7 @@ def test_expired_tokens_are_marked_on_a_real_worker(celery_worker, redis_client)
     fresh = account("fresh", expires_in_h=5)
     disabled = account("disabled", expires_in_h=-3, status=KiteAccount.Status.DISABLED)
     pubsub = redis_client.pubsub()
-    pubsub.subscribe(CONTROL_CHANNEL)
+    pubsub.subscribe(control_channel(settings.CHANNEL_LAYER_PREFIX))
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"
 
     result = expire_sessions.apply_async().get(timeout=TASK_TIMEOUT_S)

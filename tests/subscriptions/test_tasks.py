@@ -8,7 +8,7 @@ import math
 import pytest
 from django.utils import timezone
 
-from streaming.control import CONTROL_CHANNEL, RELOAD_MESSAGE
+from streaming.control import RELOAD_MESSAGE, control_channel
 from streaming.greeks import expiry_close_epoch_s, years_to_expiry
 from streaming.models import EngineHeartbeat
 from subscriptions import tasks
@@ -141,7 +141,7 @@ def test_reconcile_reports_drift_and_asks_engines_to_reload(celery_worker, loade
     EngineHeartbeat.objects.create(engine_id="e1", hostname="h", pid=1, started_at=now, updated_at=now,
                                    state={"mode": "live", "streamed_count": 3})
     pubsub = redis_client.pubsub()
-    pubsub.subscribe(CONTROL_CHANNEL)
+    pubsub.subscribe(control_channel(settings.CHANNEL_LAYER_PREFIX))
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"
 
     result = run(tasks.reconcile_subscriptions)

@@ -179,6 +179,7 @@ class InProcessEngine:
         self._task = None
 
     async def __aenter__(self) -> InProcessEngine:
+        from streaming.control import control_channel
         from streaming.engine.app import Engine, EngineConfig
         from streaming.engine.leases import make_engine_id
 
@@ -187,6 +188,7 @@ class InProcessEngine:
             engine_id=make_engine_id(),
             kite_ws_url=self.sim.ws_url,
             redis_url=settings.REDIS_URL,
+            control_channel=control_channel(settings.CHANNEL_LAYER_PREFIX),
             **self._config,
         )
         extra = {"clock": self._clock} if self._clock is not None else {}

@@ -5,13 +5,14 @@ import asyncio
 import contextlib
 import threading
 import time
+import uuid
 
 import pytest
 from django.conf import settings
 
 from accounts.models import KiteAccount
 from streaming import schema
-from streaming.control import CONTROL_CHANNEL, ChangeNotifier
+from streaming.control import ChangeNotifier, control_channel
 from streaming.engine.reloader import (
     LocalNoticeListener,
     RedisNoticeListener,
@@ -126,24 +127,45 @@ async def test_periodic_safety_reload_without_notices():
         await stop(task)
 
 
-async def test_redis_notices_reach_the_trigger(redis_client):
+async def test_redis_notices_reach_the_trigger_from_their_installation_only(redis_client):
+    prefix = f"test_{uuid.uuid4().hex[:10]}"
+    channel = control_channel(prefix)
     trigger = ReloadTrigger(debounce_s=0.05, safety_interval_s=60)
-    listener = RedisNoticeListener(redis_url=settings.REDIS_URL, trigger=trigger)
+    listener = RedisNoticeListener(redis_url=settings.REDIS_URL, channel=channel, trigger=trigger)
     task = asyncio.create_task(listener.run())
     try:
         await asyncio.wait_for(listener.subscribed.wait(), timeout=5)
         # Subscribing counts as a notice: changes while we were away must not be lost.
-        await wait_for(lambda: trigger.notices >= 1)
-        # Pub/sub channels are not scoped by Redis db number, so another suite running at the
-        # same time may add notices: count ours as "at least".
-        before = trigger.notices
-        notifier = ChangeNotifier(redis_url=settings.REDIS_URL)
+        await wait_for(lambda: trigger.notices == 1)
+        # Pub/sub ignores Redis db numbers: another installation on this server publishes too.
+        other = ChangeNotifier(redis_url=settings.REDIS_URL, channel=control_channel(f"{prefix}x"))
+        ours = ChangeNotifier(redis_url=settings.REDIS_URL, channel=channel)
         for _ in range(3):
-            await asyncio.to_thread(notifier.notify)
-        await wait_for(lambda: trigger.notices >= before + 3)
-        assert redis_client.pubsub_numsub(CONTROL_CHANNEL)[0][1] >= 1
+            await asyncio.to_thread(other.notify)
+        for _ in range(3):
+            await asyncio.to_thread(ours.notify)
+        # Redis runs the PUBLISHes in order, so the other's would have arrived before ours.
+        await wait_for(lambda: trigger.notices >= 4)
+        assert trigger.notices == 4
+        assert redis_client.pubsub_numsub(channel)[0][1] == 1
     finally:
         await stop(task)
+
+
+def test_the_control_channel_is_named_by_the_channel_layer_prefix(settings):
+    from streaming.engine.app import EngineConfig
+
+    settings.CHANNEL_LAYER_PREFIX = "site-a"
+    config = EngineConfig.from_settings(settings, engine_id="e1")
+    assert config.control_channel == control_channel("site-a") == "site-a:engine:control"
+    settings.CHANNEL_LAYER_PREFIX = "site-b"
+    assert EngineConfig.from_settings(settings, engine_id="e1").control_channel != (
+        config.control_channel
+    )
+    with pytest.raises(ValueError, match="control channel"):
+        ChangeNotifier(redis_url=settings.REDIS_URL)
+    with pytest.raises(ValueError, match="control channel"):
+        EngineConfig(engine_id="e1", redis_url=settings.REDIS_URL)
 
 
 async def test_in_process_notices_from_another_thread_reach_the_trigger():
