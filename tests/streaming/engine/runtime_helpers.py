@@ -71,7 +71,7 @@ def wait_until(predicate: Callable[[], object], *, timeout_s: float, interval_s:
         time.sleep(interval_s)
 
 
-async def async_wait_until(predicate: Callable[[], object], *, timeout_s: float,
+async def async_wait_until(predicate: Callable[[], object], *, timeout_s: float = 5.0,
                            interval_s: float = 0.02, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
     while True:

@@ -37,14 +37,6 @@ from tests.streaming.engine.runtime_helpers import (
 )
 
 
-async def wait_for(predicate, *, timeout_s=5.0, interval_s=0.01):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(interval_s)
-
-
 class CountingReload:
     def __init__(self, delay_s=0.0):
         self.calls = []
@@ -76,7 +68,7 @@ async def test_a_burst_of_1000_notices_causes_one_reload():
             trigger.notify()
             if _ % 100 == 0:
                 await asyncio.sleep(0.01)  # spread over ~0.1 s, as a bulk edit would
-        await wait_for(lambda: reload.calls == ["start", "notice"])
+        await async_wait_until(lambda: reload.calls == ["start", "notice"])
         await asyncio.sleep(0.5)
         assert reload.calls == ["start", "notice"]
         assert trigger.notices == 1000
@@ -89,7 +81,7 @@ async def test_continuous_notices_still_reload_within_the_max_delay():
     reload = CountingReload()
     task = await run_reloader(trigger, reload)
     try:
-        await wait_for(lambda: reload.calls == ["start"])
+        await async_wait_until(lambda: reload.calls == ["start"])
         # Never quiet for the 200 ms debounce, so only the max delay can end the wait. Nothing
         # here is timed: a debounce that never fired would keep the loop going to the deadline.
         deadline = time.monotonic() + 30.0
@@ -107,10 +99,10 @@ async def test_notices_during_a_reload_cause_exactly_one_more():
     reload = CountingReload(delay_s=0.5)
     task = await run_reloader(trigger, reload)
     try:
-        await wait_for(lambda: len(reload.calls) == 1)  # the start reload, running 0.5 s
+        await async_wait_until(lambda: len(reload.calls) == 1)  # the start reload, running 0.5 s
         for _ in range(50):  # all while it runs
             trigger.notify()
-        await wait_for(lambda: len(reload.calls) == 2)
+        await async_wait_until(lambda: len(reload.calls) == 2)
         await asyncio.sleep(1.0)
         assert reload.calls == ["start", "notice"]
     finally:
@@ -122,7 +114,7 @@ async def test_periodic_safety_reload_without_notices():
     reload = CountingReload()
     task = await run_reloader(trigger, reload)
     try:
-        await wait_for(lambda: len(reload.calls) >= 3)
+        await async_wait_until(lambda: len(reload.calls) >= 3)
         assert reload.calls[0] == "start"
         assert set(reload.calls[1:]) == {"periodic"}
     finally:
@@ -138,7 +130,7 @@ async def test_redis_notices_reach_the_trigger_from_their_installation_only(redi
     try:
         await asyncio.wait_for(listener.subscribed.wait(), timeout=5)
         # Subscribing counts as a notice: changes while we were away must not be lost.
-        await wait_for(lambda: trigger.notices == 1)
+        await async_wait_until(lambda: trigger.notices == 1)
         # Pub/sub ignores Redis db numbers: another installation on this server publishes too.
         other = ChangeNotifier(redis_url=settings.REDIS_URL, channel=control_channel(f"{prefix}x"))
         ours = ChangeNotifier(redis_url=settings.REDIS_URL, channel=channel)
@@ -147,7 +139,7 @@ async def test_redis_notices_reach_the_trigger_from_their_installation_only(redi
         for _ in range(3):
             await asyncio.to_thread(ours.notify)
         # Redis runs the PUBLISHes in order, so the other's would have arrived before ours.
-        await wait_for(lambda: trigger.notices >= 4)
+        await async_wait_until(lambda: trigger.notices >= 4)
         assert trigger.notices == 4
         assert redis_client.pubsub_numsub(channel)[0][1] == 1
     finally:
@@ -180,7 +172,7 @@ async def test_in_process_notices_from_another_thread_reach_the_trigger():
         thread = threading.Thread(target=notifier.notify)
         thread.start()
         thread.join()
-        await wait_for(lambda: trigger.notices == 1)
+        await async_wait_until(lambda: trigger.notices == 1)
     finally:
         await stop(task)
     # Unregistered when the listener stops.
@@ -203,7 +195,7 @@ async def test_a_crashed_reloader_reloads_at_once_when_restarted():
         await reloader.run()
     task = asyncio.create_task(reloader.run())  # what the supervisor does after a crash
     try:
-        await wait_for(lambda: calls == ["start", "start"])
+        await async_wait_until(lambda: calls == ["start", "start"])
         assert reloader.reloads == 1
     finally:
         await stop(task)

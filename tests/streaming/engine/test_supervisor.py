@@ -22,14 +22,6 @@ from tests.streaming.engine.runtime_helpers import (
 )
 
 
-async def wait_for(predicate, *, timeout_s=5.0, interval_s=0.01):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(interval_s)
-
-
 def event_records(caplog, event):
     return [r for r in caplog.records if isinstance(r.msg, dict) and r.msg.get("event") == event]
 
@@ -51,8 +43,8 @@ async def test_crashed_task_is_logged_counted_and_restarted(caplog):
 
     caplog.set_level(logging.INFO)
     sup.spawn("flaky", flaky, owner="account:acc1")
-    await wait_for(lambda: len(starts) == 3)
-    await wait_for(lambda: sup.states()["flaky"]["state"] == "running")
+    await async_wait_until(lambda: len(starts) == 3)
+    await async_wait_until(lambda: sup.states()["flaky"]["state"] == "running")
     state = sup.states()["flaky"]
     assert state["restarts"] == 2
     assert state["owner"] == "account:acc1"
@@ -68,7 +60,7 @@ async def test_crashed_task_is_logged_counted_and_restarted(caplog):
     assert isinstance(crashed[0].msg["exc_info"], ValueError)  # rendered as a traceback
 
     release.set()
-    await wait_for(lambda: sup.states()["flaky"]["state"] == "finished")
+    await async_wait_until(lambda: sup.states()["flaky"]["state"] == "finished")
     await sup.shutdown()
 
 
@@ -88,7 +80,7 @@ async def test_a_failing_on_crash_hook_does_not_stop_the_restarts(caplog):
 
     caplog.set_level(logging.INFO)
     sup.spawn("flaky", flaky, owner="engine")
-    await wait_for(lambda: len(starts) == 2)
+    await async_wait_until(lambda: len(starts) == 2)
     assert sup.states()["flaky"]["restarts"] == 1
     assert event_records(caplog, "engine.on_crash_failed")
     await sup.shutdown()
@@ -102,7 +94,7 @@ async def test_an_access_token_in_the_error_text_is_not_kept():
         raise OSError(f"cannot reach wss://ws.kite.trade?api_key=k1&access_token={token}")
 
     sup.spawn("kite:acc1", fails, owner="account:acc1", restart=False)
-    await wait_for(lambda: sup.states()["kite:acc1"]["state"] == "failed")
+    await async_wait_until(lambda: sup.states()["kite:acc1"]["state"] == "failed")
     error = sup.states()["kite:acc1"]["last_error"]
     assert token not in error
     assert error == "OSError: cannot reach wss://ws.kite.trade?api_key=k1&access_token=***"
@@ -118,7 +110,7 @@ async def test_restart_delays_grow():
         raise RuntimeError("no")
 
     sup.spawn("bad", always_fails, owner="test")
-    await wait_for(lambda: len(starts) >= 4)
+    await async_wait_until(lambda: len(starts) >= 4)
     await sup.shutdown()
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     # Exponential: 0.05-0.10, 0.10-0.15, 0.20-0.25 s.
@@ -134,7 +126,7 @@ async def test_state_shows_restarting_while_backing_off():
         raise OSError("socket gone")
 
     sup.spawn("t", fails, owner="o")
-    await wait_for(lambda: sup.states()["t"]["state"] == "restarting")
+    await async_wait_until(lambda: sup.states()["t"]["state"] == "restarting")
     assert sup.states()["t"]["last_error"] == "OSError: socket gone"
     await sup.shutdown()
 
@@ -146,7 +138,7 @@ async def test_task_without_restart_is_failed():
         raise KeyError("x")
 
     sup.spawn("once", fails_once, owner="o", restart=False)
-    await wait_for(lambda: sup.states()["once"]["state"] == "failed")
+    await async_wait_until(lambda: sup.states()["once"]["state"] == "failed")
     assert sup.states()["once"]["restarts"] == 0
     await sup.shutdown()
 
