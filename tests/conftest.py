@@ -6,6 +6,7 @@ import pytest
 import redis
 from django.conf import settings
 
+from streaming.kite.schemas import INSTRUMENT_CSV_COLUMNS
 from subscriptions.models import Instrument
 
 
@@ -42,3 +43,14 @@ def make_option(*, token: int, name: str, expiry: dt.date, strike: float, kind: 
         exchange="NFO",
         **extra,
     )
+
+
+def instrument_rows_from_market(market) -> list[Instrument]:
+    """A SyntheticMarket's instrument dump as unsaved Instrument rows.
+
+    The dump carries exchange_token as text, as Kite's CSV does.
+    """
+    return [
+        Instrument(**{**{c: row[c] for c in INSTRUMENT_CSV_COLUMNS}, "exchange_token": int(row["exchange_token"])})
+        for row in market.instruments
+    ]

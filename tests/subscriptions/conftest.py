@@ -15,6 +15,7 @@ from accounts.models import KiteAccount
 from streaming.kite.simulator import KiteSimulator, SimulatorThread
 from streaming.market import SyntheticMarket
 from subscriptions.models import Instrument
+from tests.conftest import instrument_rows_from_market as instruments_from_market
 from tickerproj.celery import app
 
 SIM_API_KEY = "celerykey"
@@ -22,25 +23,6 @@ SIM_API_SECRET = "celerysecret"
 SIM_ACCESS_TOKEN = "celerytoken"
 
 
-def instruments_from_market(market: SyntheticMarket) -> list[Instrument]:
-    """The market's instrument dump as unsaved Instrument rows."""
-    return [
-        Instrument(
-            instrument_token=row["instrument_token"],
-            exchange_token=int(row["exchange_token"]),
-            tradingsymbol=row["tradingsymbol"],
-            name=row["name"],
-            last_price=row["last_price"],
-            expiry=row["expiry"],
-            strike=row["strike"],
-            tick_size=row["tick_size"],
-            lot_size=row["lot_size"],
-            instrument_type=row["instrument_type"],
-            segment=row["segment"],
-            exchange=row["exchange"],
-        )
-        for row in market.instruments
-    ]
 
 
 @pytest.fixture

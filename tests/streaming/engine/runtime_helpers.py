@@ -18,29 +18,14 @@ from django.db import connection
 from accounts.models import KiteAccount
 from streaming.market import SyntheticMarket
 from subscriptions.models import Instrument, Subscription
+from tests.conftest import instrument_rows_from_market
 
 REPO = Path(__file__).resolve().parents[3]
 
 
 def instruments_from_market(market: SyntheticMarket) -> list[Instrument]:
     """Save every instrument of the market (as Kite's dump would list them)."""
-    rows = [
-        Instrument(
-            instrument_token=r["instrument_token"],
-            exchange_token=int(r["exchange_token"]),
-            tradingsymbol=r["tradingsymbol"],
-            name=r["name"],
-            last_price=r["last_price"],
-            expiry=r["expiry"],
-            strike=r["strike"],
-            tick_size=r["tick_size"],
-            lot_size=r["lot_size"],
-            instrument_type=r["instrument_type"],
-            segment=r["segment"],
-            exchange=r["exchange"],
-        )
-        for r in market.instruments
-    ]
+    rows = instrument_rows_from_market(market)
     Instrument.objects.bulk_create(rows, batch_size=2000)
     return rows
 
