@@ -9,7 +9,7 @@ from django.db import transaction
 
 from accounts.services import accounts_expire_sessions
 from streaming.control import notify_engines_on_commit
-from subscriptions.locks import run_locked
+from streaming.locks import run_locked
 
 EXPIRE_SESSIONS_TIME_LIMIT_S: Final = 60
 

@@ -63,6 +63,7 @@ from streaming.kite.codec import (
 )
 from streaming.kite.limits import MODES
 from streaming.kite.schemas import INSTRUMENT_CSV_COLUMNS
+from streaming.schema import InstrumentKind as Kind
 
 __all__ = [
     "BANKNIFTY",
@@ -95,12 +96,6 @@ _MONTH_ABBR: Final = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "S
 # Kite's weekly-option symbols carry the month as one character: 1-9, then O, N, D.
 _WEEKLY_MONTH_CODE: Final = "123456789OND"
 _TUESDAY: Final = 1
-
-# Instrument kinds in the state arrays.
-KIND_INDEX: Final = 0
-KIND_FUTURE: Final = 1
-KIND_CALL: Final = 2
-KIND_PUT: Final = 3
 
 # First exchange_token handed to generated NFO contracts (real NFO tokens are of this size).
 _FIRST_NFO_EXCHANGE_TOKEN: Final = 35001
@@ -407,7 +402,7 @@ class SyntheticMarket:
                     "exchange": "NSE",
                 }
             )
-            kind.append(KIND_INDEX)
+            kind.append(Kind.INDEX)
             und.append(u)
             strike.append(0.0)
             expiry_s.append(math.inf)
@@ -432,7 +427,7 @@ class SyntheticMarket:
                     )
                 )
                 exchange_token += 1
-                kind.append(KIND_FUTURE)
+                kind.append(Kind.FUT)
                 und.append(u)
                 strike.append(0.0)
                 expiry_s.append(session_close_epoch_s(expiry))
@@ -453,7 +448,7 @@ class SyntheticMarket:
                     _last_tuesday(expiry.year, expiry.month), self._holidays
                 )
                 for k in strikes:
-                    for option_type, option_kind in (("CE", KIND_CALL), ("PE", KIND_PUT)):
+                    for option_type, option_kind in (("CE", Kind.CE), ("PE", Kind.PE)):
                         symbol = option_tradingsymbol(
                             name=spec.name,
                             expiry=expiry,
@@ -479,9 +474,9 @@ class SyntheticMarket:
         self._strike = np.array(strike, dtype=np.float64)
         self._expiry_s = np.array(expiry_s, dtype=np.float64)
         self._lot = np.array(lot, dtype=np.int64)
-        self._tradable = self._kind != KIND_INDEX
-        self._is_option = (self._kind == KIND_CALL) | (self._kind == KIND_PUT)
-        self._is_call = self._kind == KIND_CALL
+        self._tradable = self._kind != Kind.INDEX
+        self._is_option = (self._kind == Kind.CE) | (self._kind == Kind.PE)
+        self._is_call = self._kind == Kind.CE
         self._order = np.argsort(self._token, kind="stable")
         self._sorted_token = self._token[self._order]
         if np.any(np.diff(self._sorted_token) == 0):
@@ -564,7 +559,7 @@ class SyntheticMarket:
         t = np.where(np.isfinite(t), t, 0.0)  # indices: no expiry
         forward = spot * np.exp((self._r - self._und_q[und]) * t)
         strike = self._strike[rows]
-        is_option = (kind == KIND_CALL) | (kind == KIND_PUT)
+        is_option = (kind == Kind.CE) | (kind == Kind.PE)
         safe_strike = np.where(is_option, strike, 1.0)
         sigma = self._sigma(und, np.log(safe_strike / forward), t)
         premium = black76_price(
@@ -573,9 +568,9 @@ class SyntheticMarket:
             t_years=t,
             sigma=sigma,
             r=self._r,
-            is_call=kind == KIND_CALL,
+            is_call=kind == Kind.CE,
         )
-        raw = np.where(kind == KIND_INDEX, spot, np.where(kind == KIND_FUTURE, forward, premium))
+        raw = np.where(kind == Kind.INDEX, spot, np.where(kind == Kind.FUT, forward, premium))
         price = _round_to_tick(raw)
         return np.where(is_option, np.maximum(price, TICK_SIZE), price)
 
@@ -779,8 +774,8 @@ class SyntheticMarket:
         """NSE-like price bands: 10 % for futures, wide for options, none for indices."""
         kind = self._kind[rows]
         ref = np.maximum(self._close[rows], self._price[rows])
-        lower = np.where(kind == KIND_FUTURE, self._close[rows] * 0.9, TICK_SIZE)
-        upper = np.where(kind == KIND_FUTURE, self._close[rows] * 1.1, ref * 3.0 + 20.0)
+        lower = np.where(kind == Kind.FUT, self._close[rows] * 0.9, TICK_SIZE)
+        upper = np.where(kind == Kind.FUT, self._close[rows] * 1.1, ref * 3.0 + 20.0)
         tradable = self._tradable[rows]
         return {
             "lower_circuit_limit": np.where(tradable, _round_to_tick(lower), 0.0),
@@ -1016,7 +1011,7 @@ class SyntheticMarket:
         prices = np.stack(
             [self._fair_from_spot(rows, spot[:, j], minute_start_s) for j in range(4)], axis=1
         )
-        if self._kind[row] == KIND_PUT:
+        if self._kind[row] == Kind.PE:
             prices = prices[:, [0, 2, 1, 3]]  # a put is highest when the underlying is lowest
         prices[:, 1] = np.maximum(prices[:, 1], prices.max(axis=1))
         prices[:, 2] = np.minimum(prices[:, 2], prices.min(axis=1))

@@ -1,4 +1,4 @@
-"""What the engine records: underlying bars, account leases and its heartbeat."""
+"""What the engine records: underlying bars, account leases, job locks and its heartbeat."""
 
 from django.db import models
 
@@ -46,6 +46,24 @@ class AccountLease(models.Model):
 
     def __str__(self) -> str:
         return f"{self.account_id} -> {self.owner}"
+
+
+class JobLock(models.Model):
+    """A named lock with an owner and an expiry, so a periodic job never overlaps itself.
+
+    Beside the account leases (the same owner-and-expiry idea); the table keeps the name it
+    was created with in ``subscriptions``.
+    """
+
+    name = models.CharField(max_length=100, primary_key=True)
+    owner = models.CharField(max_length=200)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "subscriptions_joblock"
+
+    def __str__(self) -> str:
+        return f"{self.name} held by {self.owner}"
 
 
 class EngineHeartbeat(models.Model):

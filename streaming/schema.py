@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from datetime import date
+from enum import IntEnum
 from typing import Any, Final, Literal
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "SNAPSHOT_FIELDS",
     "SNAPSHOT_REQUESTS_GROUP",
     "SNAPSHOT_REQUEST_TYPE",
+    "InstrumentKind",
     "SnapshotRequest",
     "SnapshotRequestError",
     "bar_closed_message",
@@ -79,8 +81,22 @@ SNAPSHOT_FIELDS: Final = (
     "is_mock",
 )
 
+
+class InstrumentKind(IntEnum):
+    """The one numbering of instrument kinds, in the engine's arrays and the synthetic market's.
+
+    The value is the index into :data:`KINDS`, the names a snapshot carries.
+    """
+
+    INDEX = 0
+    EQ = 1
+    FUT = 2
+    CE = 3
+    PE = 4
+
+
 #: The ``kind`` of a snapshot: an index, an equity, a future, a call or a put.
-KINDS: Final = ("INDEX", "EQ", "FUT", "CE", "PE")
+KINDS: Final = tuple(kind.name for kind in InstrumentKind)
 
 # --- group names ----------------------------------------------------------------------------
 

@@ -225,17 +225,6 @@ class CandleGreeks(models.Model):
         return f"{self.instrument_id} {self.interval} {self.ts:%Y-%m-%d %H:%M}"
 
 
-class JobLock(models.Model):
-    """A named lock with an owner and an expiry, so a periodic job never overlaps itself."""
-
-    name = models.CharField(max_length=100, primary_key=True)
-    owner = models.CharField(max_length=200)
-    expires_at = models.DateTimeField()
-
-    def __str__(self) -> str:
-        return f"{self.name} held by {self.owner}"
-
-
 class DriftReport(models.Model):
     """What the reconciler last found between the wanted subscriptions and what engines stream.
 

@@ -7,7 +7,7 @@ that are missing, by name, and never changes a periodic task once it exists: an 
 
 The demo has no broker: it runs the same task functions in-process on
 :data:`DEFAULT_SCHEDULES` (``celery_schedule`` gives each one's Celery schedule object, whose
-``is_due`` says when to run it; ``run_inline`` runs one now).
+``is_due`` says when to run it).
 """
 
 from __future__ import annotations
@@ -101,14 +101,6 @@ def celery_schedule(spec: JobSchedule) -> schedule:
             day_of_month=c.day_of_month, month_of_year=c.month_of_year,
         )  # fmt: skip
     return schedule(run_every=spec.every)
-
-
-def run_inline(spec: JobSchedule) -> Any:
-    """Run a job now in this process (the demo's runner); raises what the task raised."""
-    from tickerproj.celery import app  # at call time: no import cycle
-
-    app.loader.import_default_modules()
-    return app.tasks[spec.task].apply(kwargs=spec.kwargs).get(disable_sync_subtasks=False)
 
 
 def _schedule_row(every: dt.timedelta | Cron) -> dict[str, Any]:

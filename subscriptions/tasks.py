@@ -27,10 +27,10 @@ from streaming.kite.rest import (
     KiteRateLimitTimeout,
     KiteRestClient,
 )
+from streaming.locks import run_locked
 from streaming.models import EngineHeartbeat
 from subscriptions import history, jobs, rebalancer
 from subscriptions.clients import NoKiteSessionError, rest_client_for_service
-from subscriptions.locks import run_locked
 from subscriptions.models import RebalanceRule, Subscription
 from subscriptions.services import instruments_refresh
 

@@ -2,7 +2,7 @@
 
 Kite's dump names an index's derivatives (the ``name`` column of NFO/BFO rows, e.g. NIFTY)
 differently from the index's own tradingsymbol (NIFTY 50); a stock's derivatives use the
-stock's tradingsymbol. ``streaming.engine.universe.KITE_INDEX_UNDERLYINGS`` is the one table
+stock's tradingsymbol. ``streaming.kite.instruments.KITE_INDEX_UNDERLYINGS`` is the one table
 of that difference; this module looks instruments up by it.
 """
 
@@ -13,7 +13,7 @@ from typing import Final
 
 from django.db.models import Q
 
-from streaming.engine.universe import KITE_INDEX_UNDERLYINGS
+from streaming.kite.instruments import KITE_INDEX_UNDERLYINGS
 from subscriptions.models import Instrument
 
 #: Derivative name -> the index's tradingsymbol; the engine's universe keeps the one table.

@@ -22,8 +22,8 @@ import structlog
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.engine.common import signature
-from streaming.kite.simulator import KiteSimulator
 from streaming.market import SyntheticMarket
+from streaming.sim.simulator import KiteSimulator
 
 
 def build_market(args) -> SyntheticMarket:

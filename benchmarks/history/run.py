@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> None:
     from accounts.models import KiteAccount
     from streaming.greeks import IST, compute_greeks, expiry_close_epoch_s, years_to_expiry
     from streaming.kite.rest import KiteRateLimiter, KiteRestClient
-    from streaming.kite.simulator import KiteSimulator, SimulatorThread
     from streaming.market import SyntheticMarket
+    from streaming.sim.simulator import KiteSimulator, SimulatorThread
     from subscriptions.models import CandleGreeks, HistoryCoverage, Instrument
 
     # A market whose clock stands at 15:30 IST of the last weekday: whole sessions only.

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from streaming.kite.codec import decode_frame, mode_message, subscribe_message
 from streaming.kite.limits import MAX_CONNECTIONS_PER_API_KEY
-from streaming.kite.simulator import KiteSimulator
 from streaming.market import SyntheticMarket
+from streaming.sim.simulator import KiteSimulator
 
 GOAL_TICKS_PER_S = 100_000
 TOKENS_PER_CONNECTION = 3000

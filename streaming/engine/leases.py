@@ -33,8 +33,8 @@ from django.db.models import Case, DateTimeField, ExpressionWrapper, F, Q, Value
 from django.db.models.functions import Now
 
 from streaming.engine.store import run_db
+from streaming.locks import joblock_acquire, joblock_release
 from streaming.models import AccountLease
-from subscriptions.locks import joblock_acquire, joblock_release
 
 log = structlog.get_logger(__name__)
 

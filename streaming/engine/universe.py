@@ -32,26 +32,14 @@ import numpy as np
 
 from streaming import schema
 from streaming.greeks import expiry_close_epoch_s
+from streaming.kite.instruments import KITE_INDEX_UNDERLYINGS
+from streaming.schema import InstrumentKind as Kind
 
 __all__ = [
-    "KIND_CE",
-    "KIND_EQ",
-    "KIND_FUT",
-    "KIND_INDEX",
-    "KIND_PE",
-    "KITE_INDEX_UNDERLYINGS",
     "UNIVERSE_FIELDS",
     "InstrumentUniverse",
     "UniverseError",
 ]
-
-# Kinds, as indices into schema.KINDS.
-KIND_INDEX: Final = 0
-KIND_EQ: Final = 1
-KIND_FUT: Final = 2
-KIND_CE: Final = 3
-KIND_PE: Final = 4
-assert schema.KINDS == ("INDEX", "EQ", "FUT", "CE", "PE")
 
 #: Instrument columns the universe reads (``Instrument.objects.values(*UNIVERSE_FIELDS)``).
 UNIVERSE_FIELDS: Final = (
@@ -65,19 +53,8 @@ UNIVERSE_FIELDS: Final = (
     "strike",
 )
 
-#: Kite's index tradingsymbols and the ``name`` their futures and options carry.
-KITE_INDEX_UNDERLYINGS: Final[Mapping[str, str]] = {
-    "NIFTY 50": "NIFTY",
-    "NIFTY BANK": "BANKNIFTY",
-    "NIFTY FIN SERVICE": "FINNIFTY",
-    "NIFTY MID SELECT": "MIDCPNIFTY",
-    "NIFTY NEXT 50": "NIFTYNXT50",
-    "SENSEX": "SENSEX",
-    "BANKEX": "BANKEX",
-}
-
 _INDEX_SEGMENT: Final = "INDICES"
-_TYPE_KINDS: Final = {"EQ": KIND_EQ, "FUT": KIND_FUT, "CE": KIND_CE, "PE": KIND_PE}
+_TYPE_KINDS: Final = {"EQ": Kind.EQ, "FUT": Kind.FUT, "CE": Kind.CE, "PE": Kind.PE}
 _SPOT_EXCHANGE_PREFERENCE: Final = ("NSE", "BSE")
 
 
@@ -114,7 +91,7 @@ def _as_date(value: Any, *, token: int) -> dt.date | None:
 class InstrumentUniverse:
     """Immutable arrays describing the instruments one engine streams, indexed by slot.
 
-    Per slot: ``tokens`` (sorted int64), ``kind`` (KIND_*), ``strike`` (NaN unless an option),
+    Per slot: ``tokens`` (sorted int64), ``kind`` (InstrumentKind), ``strike`` (NaN unless an option),
     ``expiry_epoch_s`` (15:30 IST on the expiry, NaN if none), ``und`` (underlying id),
     ``chain`` (chain id of options and of same-expiry futures, else -1), ``group`` (group id),
     ``pair`` (slot of the same-strike other-kind option, else -1), ``prefixes`` (the static
@@ -215,7 +192,7 @@ class InstrumentUniverse:
             symbol = str(row["tradingsymbol"])
             itype = str(row["instrument_type"])
             if row.get("segment") == _INDEX_SEGMENT:
-                kind = KIND_INDEX
+                kind = Kind.INDEX
             elif itype in _TYPE_KINDS:
                 kind = _TYPE_KINDS[itype]
             else:
@@ -223,13 +200,13 @@ class InstrumentUniverse:
                     token=token, field="instrument_type", got=itype, expected="EQ, FUT, CE or PE"
                 )
             expiry = _as_date(row.get("expiry"), token=token)
-            if kind in (KIND_FUT, KIND_CE, KIND_PE):
+            if kind in (Kind.FUT, Kind.CE, Kind.PE):
                 if expiry is None:
                     raise UniverseError(
                         token=token, field="expiry", got=None, expected="a date for a derivative"
                     )
                 und_name = str(row["name"]) or symbol
-            elif kind == KIND_INDEX:
+            elif kind == Kind.INDEX:
                 und_name = index_underlyings.get(symbol, symbol)
             else:
                 und_name = symbol
@@ -267,7 +244,7 @@ class InstrumentUniverse:
         und_names = [und_names_in[i] for i in idx]
         symbols = tuple(symbols_in[i] for i in idx)
         exchanges = [exchanges_in[i] for i in idx]
-        is_option = (kind == KIND_CE) | (kind == KIND_PE)
+        is_option = (kind == Kind.CE) | (kind == Kind.PE)
         strike = np.where(is_option, np.asarray(strikes_in, dtype=np.float64)[order], np.nan)
 
         # Underlyings, in order of first appearance by token.
@@ -278,14 +255,14 @@ class InstrumentUniverse:
         underlyings = tuple(und_index)
         und_spot = np.full(len(underlyings), -1, dtype=np.int32)
         spot_rank = np.full(len(underlyings), np.iinfo(np.int32).max, dtype=np.int64)
-        for s in np.flatnonzero((kind == KIND_INDEX) | (kind == KIND_EQ)).tolist():
+        for s in np.flatnonzero((kind == Kind.INDEX) | (kind == Kind.EQ)).tolist():
             exchange = exchanges[s]
             pref = (
                 _SPOT_EXCHANGE_PREFERENCE.index(exchange)
                 if exchange in _SPOT_EXCHANGE_PREFERENCE
                 else len(_SPOT_EXCHANGE_PREFERENCE)
             )
-            rank = (0 if kind[s] == KIND_INDEX else 10) + pref
+            rank = (0 if kind[s] == Kind.INDEX else 10) + pref
             u = int(und[s])
             if rank < spot_rank[u]:
                 spot_rank[u] = rank
@@ -314,7 +291,7 @@ class InstrumentUniverse:
             (close_of[d] for d in chain_expiry), np.float64, n_chains
         )
         chain_future = np.full(n_chains, -1, dtype=np.int32)
-        future_slots = np.flatnonzero(kind == KIND_FUT)
+        future_slots = np.flatnonzero(kind == Kind.FUT)
         if n_chains and future_slots.size:
             pos = np.searchsorted(chain_keys, key[future_slots])
             pos = np.minimum(pos, n_chains - 1)
@@ -334,8 +311,8 @@ class InstrumentUniverse:
             matched = (
                 (chain[a] == chain[b])
                 & (strike[a] == strike[b])
-                & (kind[a] == KIND_CE)
-                & (kind[b] == KIND_PE)
+                & (kind[a] == Kind.CE)
+                & (kind[b] == Kind.PE)
             )
             calls, puts = a[matched], b[matched]
         else:
@@ -384,7 +361,7 @@ class InstrumentUniverse:
         self.group = group
         self.pair = pair
         self.is_option = is_option
-        self.is_call = kind == KIND_CE
+        self.is_call = kind == Kind.CE
         self.prefixes = prefixes
         self.symbols = symbols
         self.underlyings = underlyings

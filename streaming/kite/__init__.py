@@ -1,1 +1,1 @@
-"""Everything that speaks Kite Connect: limits, tick codec, ticker client, REST, simulator."""
+"""Everything that speaks Kite Connect: limits, instrument facts, tick codec, ticker client, REST."""

@@ -13,8 +13,8 @@ from accounts import views
 from accounts.models import KiteAccount
 from accounts.services import AccountLoginError, account_login_complete, account_set_session
 from streaming.kite.rest import KiteRateLimiter, KiteRestClient, KiteTokenError
-from streaming.kite.simulator import KiteSimulator, SimulatorThread
 from streaming.market import SyntheticMarket
+from streaming.sim.simulator import KiteSimulator, SimulatorThread
 
 pytestmark = pytest.mark.django_db
 

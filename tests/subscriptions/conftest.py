@@ -12,8 +12,8 @@ from django.db import connections
 from django.utils import timezone
 
 from accounts.models import KiteAccount
-from streaming.kite.simulator import KiteSimulator, SimulatorThread
 from streaming.market import SyntheticMarket
+from streaming.sim.simulator import KiteSimulator, SimulatorThread
 from subscriptions.models import Instrument
 from tests.conftest import instrument_rows_from_market as instruments_from_market
 from tickerproj.celery import app

@@ -7,8 +7,8 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
-from subscriptions.locks import job_lock, joblock_acquire, joblock_release
-from subscriptions.models import JobLock
+from streaming.locks import job_lock, joblock_acquire, joblock_release
+from streaming.models import JobLock
 from tests.subscriptions.conftest import run_in_threads
 
 pytestmark = pytest.mark.django_db

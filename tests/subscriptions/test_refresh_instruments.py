@@ -18,8 +18,8 @@ from streaming.kite.rest import (
     parse_instruments_csv,
 )
 from streaming.kite.schemas import INSTRUMENT_CSV_COLUMNS
-from streaming.kite.simulator import KiteSimulator, SimulatorThread
 from streaming.market import IST, SyntheticMarket
+from streaming.sim.simulator import KiteSimulator, SimulatorThread
 from subscriptions.models import CandleGreeks, Instrument, Subscription
 from subscriptions.services import (
     InstrumentDumpSuspicious,

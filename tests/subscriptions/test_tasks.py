@@ -10,9 +10,9 @@ from django.utils import timezone
 
 from streaming.control import RELOAD_MESSAGE, control_channel
 from streaming.greeks import expiry_close_epoch_s, years_to_expiry
+from streaming.locks import joblock_acquire
 from streaming.models import EngineHeartbeat
 from subscriptions import tasks
-from subscriptions.locks import joblock_acquire
 from subscriptions.models import (
     CandleGreeks,
     DriftReport,

@@ -48,13 +48,14 @@ from streaming.kite.rest import parse_instruments_csv
 from streaming.kite.schemas import InstrumentRow
 from streaming.market import SyntheticMarket
 from subscriptions.models import Instrument
-from subscriptions.schedules import DEFAULT_SCHEDULES, JobSchedule, celery_schedule, run_inline
+from subscriptions.schedules import DEFAULT_SCHEDULES, JobSchedule, celery_schedule
 from subscriptions.selectors import subscription_tokens_active
 from subscriptions.services import (
     InstrumentRefreshResult,
     instruments_refresh,
     subscription_activate,
 )
+from tickerproj.celery import app as celery_app
 from tickerproj.logging import configure_logging
 
 log = structlog.get_logger(__name__)
@@ -125,10 +126,17 @@ def demo_user_ensure(*, username: str, password_file: Path) -> str:
 # --- periodic jobs in-process -------------------------------------------------------------------
 
 
+def _run_inline(spec: JobSchedule) -> Any:
+    """Run a job now in this process, as its Celery task would; raises what the task raised."""
+    celery_app.loader.import_default_modules()
+    task = celery_app.tasks[spec.task]
+    return task.apply(kwargs=spec.kwargs).get(disable_sync_subtasks=False)
+
+
 def _run_job_in_thread(spec: JobSchedule) -> Any:
     close_old_connections()
     try:
-        return run_inline(spec)
+        return _run_inline(spec)
     finally:
         close_old_connections()
 

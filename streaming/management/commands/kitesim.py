@@ -9,8 +9,8 @@ import signal
 import structlog
 from django.core.management.base import BaseCommand, CommandError
 
-from streaming.kite.simulator import KiteSimulator
 from streaming.market import SyntheticMarket
+from streaming.sim.simulator import KiteSimulator
 
 log = structlog.get_logger(__name__)
 

@@ -148,7 +148,7 @@ class InProcessEngine:
                  client_factory=None, clock=None, **config):
         from channels.layers import get_channel_layer
 
-        from streaming.kite.simulator import KiteSimulator
+        from streaming.sim.simulator import KiteSimulator
 
         self.sim = KiteSimulator(
             market=SyntheticMarket(seed=market_seed), tick_interval_ms=tick_interval_ms

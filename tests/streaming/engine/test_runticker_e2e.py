@@ -19,9 +19,9 @@ from django.db import connection
 from websockets.asyncio.client import connect
 
 from accounts.services import apitoken_create
-from streaming.kite.simulator import KiteSimulator, SimulatorThread
 from streaming.market import SyntheticMarket
 from streaming.models import AccountLease
+from streaming.sim.simulator import KiteSimulator, SimulatorThread
 from tests.streaming.engine.runtime_helpers import (
     REPO,
     ManagePy,

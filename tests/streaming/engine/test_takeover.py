@@ -9,9 +9,9 @@ import pytest
 from django.db.models.functions import Now
 
 from streaming.kite.limits import MAX_CONNECTIONS_PER_API_KEY
-from streaming.kite.simulator import KiteSimulator, SimulatorThread
 from streaming.market import SyntheticMarket
 from streaming.models import AccountLease, EngineHeartbeat
+from streaming.sim.simulator import KiteSimulator, SimulatorThread
 from tests.streaming.engine.runtime_helpers import (
     ManagePy,
     instruments_from_market,

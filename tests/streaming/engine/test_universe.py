@@ -12,18 +12,11 @@ import orjson
 import pytest
 
 from streaming import schema
-from streaming.engine.universe import (
-    KIND_CE,
-    KIND_EQ,
-    KIND_FUT,
-    KIND_INDEX,
-    KIND_PE,
-    InstrumentUniverse,
-    UniverseError,
-)
+from streaming.engine.universe import InstrumentUniverse, UniverseError
 from streaming.greeks import IST
 from streaming.kite.codec import TICK_DTYPE
 from streaming.market import SyntheticMarket
+from streaming.schema import InstrumentKind
 
 # --- builders -------------------------------------------------------------------------------
 
@@ -155,11 +148,11 @@ def test_kinds_and_the_index_takes_its_derivatives_name():
                                                      "tradingsymbol": "RELIANCE", "name": "RELIANCE INDUSTRIES",
                                                      "segment": "NSE"}])
     kind = dict(zip(u.tokens.tolist(), u.kind.tolist(), strict=True))
-    assert kind[NIFTY_INDEX] == KIND_INDEX
-    assert kind[738561] == KIND_EQ
-    assert kind[NIFTY_FUT] == KIND_FUT
-    assert kind[option_token(E1, 26000.0, "CE")] == KIND_CE
-    assert kind[option_token(E1, 26000.0, "PE")] == KIND_PE
+    assert kind[NIFTY_INDEX] == InstrumentKind.INDEX
+    assert kind[738561] == InstrumentKind.EQ
+    assert kind[NIFTY_FUT] == InstrumentKind.FUT
+    assert kind[option_token(E1, 26000.0, "CE")] == InstrumentKind.CE
+    assert kind[option_token(E1, 26000.0, "PE")] == InstrumentKind.PE
     assert set(u.underlyings) == {"NIFTY", "RELIANCE"}
     (index_slot,), _ = u.slots_of([NIFTY_INDEX])
     assert u.underlyings[u.und[index_slot]] == "NIFTY"
@@ -198,7 +191,7 @@ def test_chains_link_the_same_expiry_future_and_pair_calls_with_puts():
     # Parity pairs: sorted by chain, only complete strikes.
     assert u.pair_chain.tolist() == [0, 0, 0, 1, 1, 1]
     assert u.pair_strike.tolist() == [*STRIKES, *STRIKES]
-    assert np.all(u.kind[u.pair_call] == KIND_CE) and np.all(u.kind[u.pair_put] == KIND_PE)
+    assert np.all(u.kind[u.pair_call] == InstrumentKind.CE) and np.all(u.kind[u.pair_put] == InstrumentKind.PE)
 
 
 def test_expiry_is_the_1530_ist_close():
@@ -287,7 +280,7 @@ def test_synthetic_market_universe_has_a_spot_per_underlying_and_every_option_pa
     assert len(u) == len(market.instruments)
     assert set(u.underlyings) == set(market.underlyings)
     assert np.all(u.und_spot >= 0)
-    assert np.all(u.kind[u.und_spot] == KIND_INDEX)
+    assert np.all(u.kind[u.und_spot] == InstrumentKind.INDEX)
     options = u.is_option
     assert np.all(u.pair[options] >= 0)
     assert np.all(u.chain[options] >= 0)

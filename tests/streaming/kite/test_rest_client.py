@@ -24,8 +24,8 @@ from streaming.kite.rest import (
     KiteTransportError,
     historical_chunks,
 )
-from streaming.kite.simulator import KiteSimulator, SimulatorThread
 from streaming.market import IST, SyntheticMarket
+from streaming.sim.simulator import KiteSimulator, SimulatorThread
 
 API_KEY = "restkey"
 API_SECRET = "s" * 16 + "0123456789abcdef"

@@ -28,8 +28,8 @@ from streaming.kite.rest import (
     KiteRateLimitTimeout,
     KiteRestClient,
 )
-from streaming.kite.simulator import KiteSimulator, SimulatorThread
 from streaming.market import IST, SyntheticMarket
+from streaming.sim.simulator import KiteSimulator, SimulatorThread
 
 REPO = Path(__file__).resolve().parents[3]
 API_KEY = "ratekey"

@@ -14,8 +14,8 @@ from datetime import datetime
 
 import pytest
 
-from streaming.kite.simulator import KiteSimulator, SimulatorThread
 from streaming.market import SyntheticMarket
+from streaming.sim.simulator import KiteSimulator, SimulatorThread
 
 API_KEY, API_SECRET, ACCESS_TOKEN = "tickerkey", "tickersecret", "tickertoken"
 TIMEOUT_S = 60

@@ -13,8 +13,8 @@ import requests
 from kiteconnect import KiteConnect
 from kiteconnect import exceptions as kex
 
-from streaming.kite.simulator import KiteSimulator, SimulatorThread
 from streaming.market import IST, SyntheticMarket
+from streaming.sim.simulator import KiteSimulator, SimulatorThread
 
 MOCKS = Path("/work/shared/kite-mocks")
 API_KEY, API_SECRET, ACCESS_TOKEN = "simkey", "simsecret", "simtoken"

@@ -24,8 +24,8 @@ from streaming.kite.codec import (
     unsubscribe_message,
 )
 from streaming.kite.limits import MAX_INSTRUMENTS_PER_CONNECTION
-from streaming.kite.simulator import KiteSimulator
 from streaming.market import SyntheticMarket
+from streaming.sim.simulator import KiteSimulator
 
 API_KEY, API_SECRET, ACCESS_TOKEN = "wskey", "wssecret", "wstoken"
 WAIT_S = 10.0

@@ -31,7 +31,6 @@ from streaming.kite.limits import (
     MODE_QUOTE,
     MODES,
 )
-from streaming.kite.simulator import KiteSimulator
 from streaming.kite.ticker import (
     ConnectionState,
     KiteLimitError,
@@ -39,6 +38,7 @@ from streaming.kite.ticker import (
     SessionState,
 )
 from streaming.market import SyntheticMarket
+from streaming.sim.simulator import KiteSimulator
 
 API_KEY, API_SECRET, ACCESS_TOKEN = "tickerkey", "tickersecret", "tickertoken-7f3a9c"
 WAIT_S = 30.0

@@ -22,7 +22,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from subscriptions.models import JobLock
+from streaming.models import JobLock
 
 log = structlog.get_logger(__name__)
 
