@@ -40,7 +40,7 @@ from django.utils import timezone
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
 
-from streaming import schema
+from streaming import schema, status
 from streaming.engine.universe import UNIVERSE_FIELDS, InstrumentUniverse, UniverseError
 from streaming.health import heartbeat_list_fresh
 from streaming.protocol import (
@@ -258,32 +258,26 @@ def reference_price(
 ) -> tuple[float | None, str | None]:
     """The price that decides the at-the-money strike, and where it came from.
 
-    In order: the engines' forward for this expiry, their underlying price (both from fresh
-    heartbeats), the stored price of the nearest future. None when nothing is known.
+    In order: the engines' forward for this expiry, their underlying price (both fresh by
+    ``streaming.status.live_prices``), the stored price of the nearest future. None when
+    nothing is known.
     """
-    since = now - dt.timedelta(seconds=heartbeat_max_age_s)
-    underlying_price = None
-    for beat in heartbeat_list_fresh(since=since):
-        entry = (beat.state or {}).get("underlyings", {}).get(underlying)
-        if not isinstance(entry, dict):
-            continue
-        forwards = entry.get("forwards")
-        forward = forwards.get(expiry.isoformat()) if isinstance(forwards, dict) else None
-        if _positive(forward):
-            return float(forward), "forward"
-        if underlying_price is None and _positive(entry.get("price")):
-            underlying_price = float(entry["price"])
-    if underlying_price is not None:
-        return underlying_price, "underlying"
+    parsed = status.parse_heartbeats(
+        heartbeat_list_fresh(since=now - dt.timedelta(seconds=heartbeat_max_age_s))
+    )
+    for exc in parsed.errors:
+        log.error("ws.engine_status_invalid", engine=exc.engine_id, error=exc.error)
+    # The page shows what the engines stream, mock prices included.
+    live = status.live_prices(parsed.statuses, now_s=now.timestamp(),
+                              max_age_s=heartbeat_max_age_s, include_mock=True).get(underlying)
+    quote = live.for_expiry(expiry) if live is not None else None
+    if quote is not None:
+        return quote
     today = timezone.localdate(now)  # the exchange's date (TIME_ZONE is Asia/Kolkata)
     future = instrument_nearest_future_price(underlying=underlying, on_or_after=today)
     if future is not None:
         return future, "future"
     return None, None
-
-
-def _positive(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 def _resolve_chain(

@@ -10,6 +10,8 @@ Reasons:
 - ``redis_down``: Redis (when configured) did not answer PING within the timeout.
 - ``no_heartbeat``: no running runticker process wrote a heartbeat within
   HEALTH_HEARTBEAT_MAX_AGE_S (an engine's last heartbeat on shutdown says "stopped").
+- ``engine_status_invalid``: an engine's status document does not parse (``streaming.status``):
+  another version, or a renamed field; that engine is left out of the other checks.
 - ``session_expired``: an account that is not disabled needs a Kite login.
 - ``stream_stalled``: during market hours, an account streams instruments but its last tick
   is too old.
@@ -37,6 +39,7 @@ from django.utils import timezone
 
 from accounts.models import KiteAccount
 from accounts.selectors import account_list_needing_login, account_list_streamable
+from streaming import status
 from streaming.models import AccountLease, EngineHeartbeat
 from subscriptions.jobs import drift_report_latest
 
@@ -57,6 +60,7 @@ class HealthContext:
     now: dt.datetime = field(default_factory=timezone.now)
     database_ok: bool = True
     _heartbeats: list[EngineHeartbeat] | None = None
+    _parsed: status.Parsed | None = None
 
     @property
     def heartbeats(self) -> list[EngineHeartbeat]:
@@ -66,6 +70,13 @@ class HealthContext:
                 since=self.now - dt.timedelta(seconds=self.heartbeat_max_age_s)
             )
         return self._heartbeats
+
+    @property
+    def parsed(self) -> status.Parsed:
+        """The fresh heartbeats' status documents (those that do not parse: check_status)."""
+        if self._parsed is None:
+            self._parsed = status.parse_heartbeats(self.heartbeats)
+        return self._parsed
 
 
 def heartbeat_list_fresh(*, since: dt.datetime) -> list[EngineHeartbeat]:
@@ -103,9 +114,19 @@ def check_redis(ctx: HealthContext) -> list[Reason]:
 def check_heartbeat(ctx: HealthContext) -> list[Reason]:
     if not ctx.database_ok:
         return []
-    if not any(hb.state.get("mode") != "stopped" for hb in ctx.heartbeats):
+    if not any(st.mode != "stopped" for st, _ in ctx.parsed.statuses):
         return [{"code": "no_heartbeat", "max_age_s": ctx.heartbeat_max_age_s}]
     return []
+
+
+def check_status(ctx: HealthContext) -> list[Reason]:
+    """Engines whose status document does not parse: another version, or a renamed field."""
+    if not ctx.database_ok:
+        return []
+    return [
+        {"code": "engine_status_invalid", "engine": exc.engine_id, "error": exc.error[:200]}
+        for exc in ctx.parsed.errors
+    ]
 
 
 def check_sessions(ctx: HealthContext) -> list[Reason]:
@@ -117,10 +138,8 @@ def check_sessions(ctx: HealthContext) -> list[Reason]:
             "label", flat=True
         )
     )
-    for hb in ctx.heartbeats:
-        for label, acc in _accounts(hb).items():
-            if acc.get("session") == "expired" or acc.get("state") == "session_expired":
-                labels.add(label)
+    for st, _ in ctx.parsed.statuses:
+        labels.update(label for label, acc in st.accounts.items() if acc.needs_login)
     return [{"code": "session_expired", "account": label} for label in sorted(labels)]
 
 
@@ -129,20 +148,20 @@ def check_streams(ctx: HealthContext) -> list[Reason]:
     if not ctx.database_ok:
         return []
     reasons = []
-    for hb in ctx.heartbeats:
+    for st, _ in ctx.parsed.statuses:
         # Kite sends nothing while the market is closed: silence then is not a stall.
-        if hb.state.get("mode") != "live" or hb.state.get("market_open") is False:
+        if st.mode != "live" or not st.market_open:
             continue
-        for label, acc in _accounts(hb).items():
-            if acc.get("state") != "streaming" or not acc.get("instruments"):
+        for label, acc in st.accounts.items():
+            if acc.state != "streaming" or not acc.instruments:
                 continue
-            age_s = acc.get("last_tick_age_s")
+            age_s = acc.last_tick_age_s
             if age_s is None or age_s > ctx.stream_stall_s:
                 reasons.append(
                     {
                         "code": "stream_stalled",
                         "account": label,
-                        "engine": hb.engine_id,
+                        "engine": st.engine_id,
                         "last_tick_age_s": age_s,
                     }
                 )
@@ -153,21 +172,20 @@ def check_tasks(ctx: HealthContext) -> list[Reason]:
     if not ctx.database_ok:
         return []
     reasons = []
-    for hb in ctx.heartbeats:
-        hb_age_s = (ctx.now - hb.updated_at).total_seconds()
-        tasks = hb.state.get("tasks") or {}
-        for name, task in sorted(tasks.items()):
-            crash_age_s = task.get("last_crash_age_s")
+    for st, written_at_s in ctx.parsed.statuses:
+        hb_age_s = ctx.now.timestamp() - written_at_s
+        for name, task in sorted(st.tasks.items()):
+            crash_age_s = task.last_crash_age_s
             recent = crash_age_s is not None and crash_age_s + hb_age_s < ctx.heartbeat_max_age_s
-            if task.get("state") in ("restarting", "failed") or recent:
+            if task.state in ("restarting", "failed") or recent:
                 reasons.append(
                     {
                         "code": "task_failed",
                         "task": name,
-                        "engine": hb.engine_id,
-                        "state": task.get("state"),
-                        "restarts": task.get("restarts", 0),
-                        "last_error": task.get("last_error", ""),
+                        "engine": st.engine_id,
+                        "state": task.state,
+                        "restarts": task.restarts,
+                        "last_error": task.last_error,
                     }
                 )
     return reasons
@@ -175,7 +193,7 @@ def check_tasks(ctx: HealthContext) -> list[Reason]:
 
 def check_leases(ctx: HealthContext) -> list[Reason]:
     """Streamable accounts that no engine holds while engines stream live."""
-    if not ctx.database_ok or not any(hb.state.get("mode") == "live" for hb in ctx.heartbeats):
+    if not ctx.database_ok or not any(st.mode == "live" for st, _ in ctx.parsed.statuses):
         return []
     leased = set(
         AccountLease.objects.filter(expires_at__gt=ctx.now).values_list("account_id", flat=True)
@@ -232,15 +250,11 @@ def check_subscription_drift(ctx: HealthContext) -> list[Reason]:
     return reasons
 
 
-def _accounts(hb: EngineHeartbeat) -> dict[str, dict[str, Any]]:
-    accounts = hb.state.get("accounts") if isinstance(hb.state, dict) else None
-    return accounts if isinstance(accounts, dict) else {}
-
-
 CHECKS: list[Callable[[HealthContext], list[Reason]]] = [
     check_database,
     check_redis,
     check_heartbeat,
+    check_status,
     check_sessions,
     check_streams,
     check_tasks,
@@ -258,15 +272,15 @@ def health_report(ctx: HealthContext) -> dict[str, Any]:
         reasons.extend(check(ctx))
     engines = []
     if ctx.database_ok:
-        for hb in ctx.heartbeats:
+        for st, written_at_s in ctx.parsed.statuses:
             engines.append(
                 {
-                    "engine_id": hb.engine_id,
-                    "age_s": round((ctx.now - hb.updated_at).total_seconds(), 1),
-                    "mode": hb.state.get("mode"),
-                    "accounts": sorted(_accounts(hb)),
-                    "streamed_count": hb.state.get("streamed_count"),
-                    "ticks_per_s": hb.state.get("ticks_per_s"),
+                    "engine_id": st.engine_id,
+                    "age_s": round(ctx.now.timestamp() - written_at_s, 1),
+                    "mode": st.mode,
+                    "accounts": sorted(st.accounts),
+                    "streamed_count": st.streamed_count,
+                    "ticks_per_s": st.ticks_per_s,
                 }
             )
     return {

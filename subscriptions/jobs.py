@@ -17,6 +17,7 @@ from django.db import transaction
 from django.db.models import Count, F, Q
 from django.utils import timezone
 
+from streaming import status
 from streaming.control import notify_engines_on_commit
 from streaming.models import EngineHeartbeat
 from subscriptions.models import DriftReport, Subscription
@@ -68,16 +69,12 @@ def subscriptions_reconcile(
             updated_at__gte=now - dt.timedelta(seconds=heartbeat_max_age_s)
         ).order_by("engine_id")
     )
-    heartbeat_streamed: int | None = None
-    mocked = 0
-    for hb in heartbeats:
-        state = hb.state if isinstance(hb.state, dict) else {}
-        count = state.get("streamed_count")
-        if isinstance(count, int) and count >= 0:
-            heartbeat_streamed = (heartbeat_streamed or 0) + count
-        mocked_count = state.get("mocked_count")
-        if isinstance(mocked_count, int) and mocked_count > 0:
-            mocked += mocked_count
+    parsed = status.parse_heartbeats(heartbeats)
+    for exc in parsed.errors:
+        log.error("subscriptions.engine_status_invalid", engine=exc.engine_id, error=exc.error)
+    engine_statuses = [st for st, _ in parsed.statuses]
+    heartbeat_streamed = sum(st.streamed_count for st in engine_statuses) if engine_statuses else None
+    mocked = sum(st.mocked_count for st in engine_statuses)
     # Subscriptions no account can stream are fed by the engine that holds the mock pool
     # (outside market hours, or with --mock): those are streamed, not lost.
     unassigned = max(unassigned - mocked, 0)
@@ -89,7 +86,8 @@ def subscriptions_reconcile(
     )
     no_engine = desired > 0 and not heartbeats
     drift = bool(missing or extra or mode_mismatch)
-    ok = not (drift or unassigned or no_engine)
+    # An engine whose document does not parse is not taken for one that streams nothing.
+    ok = not (drift or unassigned or no_engine or parsed.errors)
     parts = [f"{desired} wanted, {streamed} assigned"]
     if heartbeat_streamed is not None:
         parts.append(f"engines report {heartbeat_streamed} streamed")
@@ -105,6 +103,9 @@ def subscriptions_reconcile(
             parts.append(f"{count} {text}")
     if no_engine:
         parts.append(f"no engine heartbeat within {heartbeat_max_age_s:g}s")
+    if parsed.errors:
+        unreadable = ", ".join(exc.engine_id for exc in parsed.errors)
+        parts.append(f"unreadable engine status from {unreadable}")
     details: dict[str, Any] = {
         "missing_sample": _sample(missing_qs),
         "extra_sample": _sample(extra_qs),

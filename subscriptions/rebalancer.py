@@ -28,9 +28,9 @@ import structlog
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from accounts.models import IST, KiteAccount
+from streaming import status
 from streaming.control import notify_engines_on_commit
 from streaming.greeks import expiry_close_epoch_s, years_to_expiry
 from streaming.kite.limits import MAX_INSTRUMENTS_PER_API_KEY
@@ -144,74 +144,24 @@ class PriceSource(Protocol):
     def price_for(self, *, underlying: str, expiry: dt.date) -> PriceQuote | None: ...
 
 
-class _UnderlyingState(BaseModel):
-    """One entry of a heartbeat's ``underlyings``: validated, since it is another process's JSON."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    price: float | None = None
-    ts: float | None = None
-    forwards: dict[str, float | None] = {}
-
-
-@dataclass(frozen=True, slots=True)
-class UnderlyingPrice:
-    price: float | None
-    forwards: Mapping[dt.date, float]
-    age_s: float
-
-
 def heartbeat_prices(
     heartbeats: Iterable[EngineHeartbeat],
     *,
     now: dt.datetime,
     max_age_s: float,
     include_mock: bool = False,
-) -> dict[str, UnderlyingPrice]:
-    """Underlying prices and forwards from engine heartbeats, freshest per underlying.
-
-    An entry whose own ``ts`` (exchange time of the last price, epoch seconds) is older than
-    ``max_age_s`` is left out, as is anything that fails validation (logged, never guessed).
-    Engines in mock mode stream the synthetic market: their prices are left out unless
-    ``include_mock`` (the demo), so bands never follow made-up prices overnight.
+) -> dict[str, status.LivePrice]:
+    """Fresh underlying prices and forwards from engine heartbeats, by the one rule
+    (``streaming.status.live_prices``): mock engines count only with ``include_mock`` (the
+    demo), so bands never follow made-up prices overnight. An unreadable status document is
+    logged as an error, never guessed from.
     """
-    now_s = now.timestamp()
-    out: dict[str, UnderlyingPrice] = {}
-    for hb in heartbeats:
-        state = hb.state if isinstance(hb.state, dict) else {}
-        if state.get("mode") != "live" and not include_mock:
-            continue
-        underlyings = state.get("underlyings")
-        if not isinstance(underlyings, dict):
-            continue
-        for name, raw in underlyings.items():
-            try:
-                entry = _UnderlyingState.model_validate(raw)
-            except ValidationError as exc:
-                log.warning(
-                    "rebalancer.heartbeat_invalid", engine=hb.engine_id, underlying=name,
-                    error=str(exc)[:300],
-                )  # fmt: skip
-                continue
-            ts = entry.ts if entry.ts is not None else hb.updated_at.timestamp()
-            age_s = now_s - ts
-            if age_s > max_age_s:
-                continue
-            forwards: dict[dt.date, float] = {}
-            for iso, value in entry.forwards.items():
-                try:
-                    expiry = dt.date.fromisoformat(iso)
-                except ValueError:
-                    continue
-                if value is not None and math.isfinite(value) and value > 0:
-                    forwards[expiry] = float(value)
-            price = entry.price if entry.price and math.isfinite(entry.price) and entry.price > 0 else None
-            if price is None and not forwards:
-                continue
-            known = out.get(name)
-            if known is None or age_s < known.age_s:
-                out[name] = UnderlyingPrice(price, forwards, age_s)
-    return out
+    parsed = status.parse_heartbeats(heartbeats)
+    for exc in parsed.errors:
+        log.error("rebalancer.engine_status_invalid", engine=exc.engine_id, error=exc.error)
+    return status.live_prices(
+        parsed.statuses, now_s=now.timestamp(), max_age_s=max_age_s, include_mock=include_mock
+    )
 
 
 @dataclass
@@ -225,19 +175,17 @@ class LivePrices:
     that, the spot, or the nearest future.
     """
 
-    from_heartbeats: dict[str, UnderlyingPrice]
+    from_heartbeats: Mapping[str, status.LivePrice]
     rest_ltp: Callable[[list[str]], Mapping[str, float]] | None = None
     now: dt.datetime | None = None
     _rest_cache: dict[str, _RestQuotes] = field(default_factory=dict)
 
     def price_for(self, *, underlying: str, expiry: dt.date) -> PriceQuote | None:
         live = self.from_heartbeats.get(underlying)
-        if live is not None:
-            forward = live.forwards.get(expiry)
-            if forward is not None:
-                return PriceQuote(forward, "engine forward")
-            if live.price is not None:
-                return PriceQuote(live.price, "engine underlying")
+        quote = live.for_expiry(expiry) if live is not None else None
+        if quote is not None:
+            price, source = quote
+            return PriceQuote(price, f"engine {source}")
         if self.rest_ltp is None:
             return None
         quotes = self._rest_cache.get(underlying)

@@ -100,8 +100,6 @@ class ConnectionManager:
         supervisor: Supervisor,
         ws_url: str,
         watchdog_s: float,
-        on_ticks: Callable[[int, np.ndarray], None],
-        on_session_expired: Callable[[int, str], None],
         metrics: EngineMetrics,
         client_factory: ClientFactory | None = None,
         close_timeout_s: float = 3.0,
@@ -109,8 +107,6 @@ class ConnectionManager:
         self._supervisor = supervisor
         self._ws_url = ws_url
         self._watchdog_s = watchdog_s
-        self._on_ticks = on_ticks
-        self._on_session_expired = on_session_expired
         self._metrics = metrics
         self._factory = client_factory or default_client_factory
         self._close_timeout_s = close_timeout_s
@@ -126,10 +122,20 @@ class ConnectionManager:
             return None
         return running.token_fingerprint, running.token_issued_at
 
-    def start(self, account: AccountRow) -> None:
-        """Start the account's client if it is not running (no await: see the engine's apply)."""
+    def start(
+        self,
+        account: AccountRow,
+        *,
+        on_ticks: Callable[[int, np.ndarray], None],
+        on_session_expired: Callable[[int, str], None],
+    ) -> None:
+        """Start the account's client if it is not running (no await: see the planner's apply).
+
+        ``on_ticks(account_id, ticks)`` gets each decoded frame, ``on_session_expired
+        (account_id, reason)`` Kite's refusal of the token.
+        """
         if account.account_id not in self._running:
-            self._start(account)
+            self._start(account, on_ticks, on_session_expired)
 
     async def update(self, account: AccountRow, wanted: Mapping[int, str]) -> None:
         """Stream ``wanted`` (token -> mode) on the running client; it sends only the diff."""
@@ -143,22 +149,27 @@ class ConnectionManager:
             await running.client.update_token(account.access_token)
         await running.client.set_subscriptions(wanted)
 
-    def _start(self, account: AccountRow) -> _Running:
+    def _start(
+        self,
+        account: AccountRow,
+        on_ticks: Callable[[int, np.ndarray], None],
+        on_session_expired: Callable[[int, str], None],
+    ) -> _Running:
         aid = account.account_id
         label = account.label
 
-        def on_ticks(ticks: np.ndarray) -> None:
-            self._on_ticks(aid, ticks)
+        def account_ticks(ticks: np.ndarray) -> None:
+            on_ticks(aid, ticks)
 
-        def on_session_expired() -> None:
-            self._on_session_expired(aid, "Kite refused the access token on the ticker (HTTP 403)")
+        def account_expired() -> None:
+            on_session_expired(aid, "Kite refused the access token on the ticker (HTTP 403)")
 
         client = self._factory(
             account=account,
             ws_url=self._ws_url,
             watchdog_s=self._watchdog_s,
-            on_ticks=on_ticks,
-            on_session_expired=on_session_expired,
+            on_ticks=account_ticks,
+            on_session_expired=account_expired,
         )
         running = _Running(client, account)
         self._running[aid] = running

@@ -1,7 +1,8 @@
-"""The engine's heartbeat: its state written to EngineHeartbeat every few seconds.
+"""The engine's heartbeat: its status document written to EngineHeartbeat every few seconds.
 
-/health and the Celery rebalancer read it. The state dict is built by the engine (see
-``Engine.heartbeat_state``); this class only owns the timing and the write.
+The document is :class:`streaming.status.EngineStatus`, built by the engine (``Engine.status``)
+and read back with ``streaming.status.parse`` by /health, the chain page, the drift report and
+the rebalancer; this class only owns the timing and the write.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import datetime as dt
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 from django.db import DatabaseError
 
 from streaming.engine.store import heartbeat_prune, heartbeat_write, run_db
+from streaming.status import EngineStatus
 
 log = structlog.get_logger(__name__)
 
@@ -25,31 +26,29 @@ PRUNE_AFTER_S = 7 * 86400
 
 
 class HeartbeatWriter:
-    """Writes ``state_fn()`` to this engine's heartbeat row every ``interval_s``."""
+    """Writes ``status_fn()`` to this engine's heartbeat row every ``interval_s``."""
 
     def __init__(
         self,
         *,
         engine_id: str,
         interval_s: float,
-        state_fn: Callable[[], dict[str, Any]],
         started_at: dt.datetime,
         write_timeout_s: float = 5.0,
     ) -> None:
         self.engine_id = engine_id
         self.interval_s = interval_s
-        self._state_fn = state_fn
         self._started_at = started_at
         self._write_timeout_s = write_timeout_s
         self._hostname = socket.gethostname()
         self._pid = os.getpid()
         self.writes = 0
 
-    async def run(self) -> None:
+    async def run(self, status_fn: Callable[[], EngineStatus]) -> None:
         """The supervised loop: a failed write is logged and retried at the next beat."""
         await self._prune()
         while True:
-            await self.write_once()
+            await self.write_once(status_fn())
             await asyncio.sleep(self.interval_s)
 
     async def _prune(self) -> None:
@@ -62,8 +61,8 @@ class HeartbeatWriter:
         if pruned:
             log.info("heartbeat.pruned", rows=pruned)
 
-    async def write_once(self) -> bool:
-        state = self._state_fn()
+    async def write_once(self, status: EngineStatus) -> bool:
+        state = status.to_json()
         try:
             await asyncio.wait_for(
                 run_db(

@@ -5,6 +5,9 @@ Counters are incremented per frame or per flush with counts, never per tick.
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _FLUSH_BUCKETS_S = (
@@ -12,6 +15,8 @@ _FLUSH_BUCKETS_S = (
     0.5, 1.0,
 )
 _RELOAD_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_LOOP_PROBE_S = 0.05
+"""The loop monitor's sleep; how late it wakes is the event loop's lag."""
 
 
 class EngineMetrics:
@@ -114,3 +119,25 @@ class EngineMetrics:
         """Expose /metrics on ``port`` (a daemon thread of prometheus_client's)."""
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)
         return server
+
+
+class LoopLagMonitor:
+    """How late a short sleep wakes up: the event loop's lag, i.e. its backlog."""
+
+    def __init__(self, metrics: EngineMetrics) -> None:
+        self._metrics = metrics
+        #: The worst lag of the last full second.
+        self.worst_ms = 0.0
+
+    async def run(self) -> None:
+        worst_s = 0.0
+        last_report = time.monotonic()
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(_LOOP_PROBE_S)
+            worst_s = max(worst_s, time.monotonic() - before - _LOOP_PROBE_S)
+            if time.monotonic() - last_report >= 1.0:
+                # The worst lag of the last second: a scrape sees stalls, not their absence.
+                self._metrics.loop_lag_seconds.set(worst_s)
+                self.worst_ms = worst_s * 1000.0
+                worst_s, last_report = 0.0, time.monotonic()

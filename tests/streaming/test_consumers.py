@@ -17,6 +17,7 @@ from accounts.services import apitoken_create, apitoken_revoke
 from streaming import schema
 from streaming.models import EngineHeartbeat
 from streaming.protocol import SUBPROTOCOL
+from tests.helpers import engine_status
 from tests.streaming.wsutil import (
     EXPIRY,
     EXPIRY2,
@@ -260,7 +261,9 @@ async def test_subscribe_a_chain_around_the_money_from_the_engines_forward(
         pid=1,
         started_at=now,
         updated_at=now,
-        state={"underlyings": {"NIFTY": {"price": 24000.0, "forwards": {EXPIRY.isoformat(): 24262.0}}}},
+        state=engine_status(
+            underlyings={"NIFTY": {"price": 24000.0, "forwards": {EXPIRY.isoformat(): 24262.0}}}
+        ),
     )
     app, _ = make_app()
     comm, _ = await ws_connect(app, headers=headers)

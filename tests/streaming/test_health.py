@@ -10,27 +10,14 @@ from django.utils import timezone
 from accounts.models import KiteAccount
 from streaming.health import HealthContext, check_database, check_redis
 from streaming.models import AccountLease, EngineHeartbeat
+from tests.helpers import engine_status
 
 
 def live_state(**account_overrides):
-    account = {
-        "account_id": 1,
-        "state": "streaming",
-        "connections": 1,
-        "instruments": 10,
-        "ticks_per_s": 40.0,
-        "last_tick_age_s": 0.3,
-        "reconnects": 0,
-        "session": "ok",
-    }
-    account.update(account_overrides)
-    return {
-        "mode": "live",
-        "accounts": {"acc1": account},
-        "tasks": {
-            "flush": {"state": "running", "restarts": 0, "last_error": "", "last_crash_age_s": None}
-        },
-    }
+    account = {"instruments": 10, "ticks_per_s": 40.0, "last_tick_age_s": 0.3} | account_overrides
+    flush = {"owner": "pipeline", "state": "running", "restarts": 0, "last_error": "",
+             "last_crash_age_s": None}
+    return engine_status(engine_id="host:1:abcd", accounts={"acc1": account}, tasks={"flush": flush})
 
 
 def beat(state, *, age_s=0.0, engine_id="host:1:abcd"):
@@ -148,6 +135,7 @@ def test_stream_stalled_then_flowing_again(client, account, health_settings):
 def test_task_crash_shows_while_restarting_and_for_a_while_after(client, account, health_settings):
     state = live_state()
     state["tasks"]["flush"] = {
+        "owner": "pipeline",
         "state": "restarting", "restarts": 0, "last_error": "ValueError: x", "last_crash_age_s": 0.1
     }
     beat(state)
@@ -219,7 +207,7 @@ def test_database_down(broken_database_alias, django_db_blocker):
 
 @pytest.mark.django_db
 def test_an_engine_that_said_it_stopped_is_no_heartbeat_at_once(client, account, health_settings):
-    beat({"mode": "stopped", "accounts": {}, "tasks": {}})
+    beat(engine_status(engine_id="host:1:abcd", mode="stopped"))
     status, body = get(client)
     assert status == 503
     assert codes(body) == ["no_heartbeat"]
@@ -229,6 +217,7 @@ def test_an_engine_that_said_it_stopped_is_no_heartbeat_at_once(client, account,
 def crashed_state():
     state = live_state()
     state["tasks"]["flush"] = {
+        "owner": "pipeline",
         "state": "restarting",
         "restarts": 0,
         "last_error": "DatabaseError: password authentication failed",

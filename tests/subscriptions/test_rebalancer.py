@@ -22,6 +22,7 @@ from streaming.kite.rest import KiteRateLimiter, KiteRestClient
 from streaming.models import EngineHeartbeat
 from subscriptions.models import Instrument, RebalanceRule, Subscription
 from subscriptions.rebalancer import LivePrices, PriceQuote, heartbeat_prices, rebalance_rule_apply
+from tests.helpers import engine_status
 from tests.subscriptions.conftest import (
     SIM_ACCESS_TOKEN,
     SIM_API_KEY,
@@ -276,9 +277,9 @@ def test_the_engine_forward_from_the_heartbeat_comes_first(sim_instruments, sim_
     now = timezone.now()
     hb = EngineHeartbeat.objects.create(
         engine_id="e1", hostname="h", pid=1, started_at=now, updated_at=now,
-        state={"mode": "live", "underlyings": {"NIFTY": {
+        state=engine_status(underlyings={"NIFTY": {
             "price": 25_500.0, "ts": int(now.timestamp()), "forwards": {expiry.isoformat(): 25_610.0},
-        }}},
+        }}),
     )
     def rest_ltp(keys):
         raise AssertionError(f"REST must not be called while the engine has a price: {keys}")

@@ -16,6 +16,7 @@ from subscriptions.rebalancer import (
     order_by_moneyness,
     strike_step,
 )
+from tests.helpers import engine_status
 
 STRIKES = np.arange(25_000.0, 27_001.0, 50.0)
 
@@ -115,15 +116,13 @@ def test_heartbeat_prices_reads_live_fresh_entries_only():
     now = timezone.now()
     ts = int(now.timestamp())
     hb = heartbeat(
-        {
-            "mode": "live",
-            "underlyings": {
-                "NIFTY": {"price": 26_010.5, "ts": ts - 2, "forwards": {"2026-11-24": 26_030.0, "bad": 1.0}},
+        engine_status(
+            underlyings={
+                "NIFTY": {"price": 26_010.5, "ts": ts - 2, "forwards": {"2026-11-24": 26_030.0}},
                 "BANKNIFTY": {"price": 58_000.0, "ts": ts - 120, "forwards": {}},  # stale
-                "FINNIFTY": {"price": "not a number", "ts": ts},  # invalid: skipped
                 "MIDCPNIFTY": {"price": None, "ts": None, "forwards": {}},  # nothing usable
             },
-        }
+        )
     )
     prices = heartbeat_prices([hb], now=now, max_age_s=30)
     assert set(prices) == {"NIFTY"}
@@ -131,9 +130,18 @@ def test_heartbeat_prices_reads_live_fresh_entries_only():
     assert prices["NIFTY"].forwards == {dt.date(2026, 11, 24): 26_030.0}
 
 
+def test_heartbeat_prices_read_nothing_from_an_invalid_document(caplog):
+    now = timezone.now()
+    state = engine_status(underlyings={"NIFTY": {"price": 26_000.0, "ts": now.timestamp()}})
+    state["underlyings"]["NIFTY"]["price"] = "not a number"
+    assert heartbeat_prices([heartbeat(state)], now=now, max_age_s=30) == {}
+    assert "rebalancer.engine_status_invalid" in caplog.text
+
+
 def test_heartbeat_prices_skip_mock_engines_unless_asked():
     now = timezone.now()
-    state = {"mode": "mock", "underlyings": {"NIFTY": {"price": 26_000.0, "ts": now.timestamp()}}}
+    state = engine_status(mode="mock",
+                          underlyings={"NIFTY": {"price": 26_000.0, "ts": now.timestamp()}})
     assert heartbeat_prices([heartbeat(state)], now=now, max_age_s=30) == {}
     assert heartbeat_prices([heartbeat(state)], now=now, max_age_s=30, include_mock=True)["NIFTY"].price == 26_000.0
 
@@ -141,6 +149,6 @@ def test_heartbeat_prices_skip_mock_engines_unless_asked():
 def test_heartbeat_prices_prefer_the_freshest_engine():
     now = timezone.now()
     ts = now.timestamp()
-    older = heartbeat({"mode": "live", "underlyings": {"NIFTY": {"price": 1.0, "ts": ts - 10}}}, age_s=1)
-    newer = heartbeat({"mode": "live", "underlyings": {"NIFTY": {"price": 2.0, "ts": ts - 1}}}, age_s=2)
+    older = heartbeat(engine_status(underlyings={"NIFTY": {"price": 1.0, "ts": ts - 10}}), age_s=1)
+    newer = heartbeat(engine_status(underlyings={"NIFTY": {"price": 2.0, "ts": ts - 1}}), age_s=2)
     assert heartbeat_prices([older, newer], now=now, max_age_s=30)["NIFTY"].price == 2.0

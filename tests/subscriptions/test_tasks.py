@@ -21,6 +21,7 @@ from subscriptions.models import (
     RebalanceRule,
     Subscription,
 )
+from tests.helpers import engine_status
 from tests.subscriptions.conftest import instruments_from_market, make_account
 
 TASK_TIMEOUT_S = 60
@@ -139,7 +140,7 @@ def test_reconcile_reports_drift_and_asks_engines_to_reload(celery_worker, loade
                                 streamed_mode="quote")  # wrong mode
     now = timezone.now()
     EngineHeartbeat.objects.create(engine_id="e1", hostname="h", pid=1, started_at=now, updated_at=now,
-                                   state={"mode": "live", "streamed_count": 3})
+                                   state=engine_status(streamed_count=3))
     pubsub = redis_client.pubsub()
     pubsub.subscribe(control_channel(settings.CHANNEL_LAYER_PREFIX))
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"
@@ -164,7 +165,7 @@ def test_reconcile_is_ok_when_everything_streams(celery_worker, loaded, settings
     Subscription.objects.create(instrument=option, mode="quote", assigned_account=loaded, streamed_mode="quote")
     now = timezone.now()
     EngineHeartbeat.objects.create(engine_id="e1", hostname="h", pid=1, started_at=now, updated_at=now,
-                                   state={"mode": "live", "streamed_count": 1})
+                                   state=engine_status(streamed_count=1))
     run(tasks.reconcile_subscriptions)
     report = DriftReport.objects.get()
     assert report.ok
@@ -179,7 +180,7 @@ def test_reconcile_counts_mock_streamed_subscriptions_as_streamed(celery_worker,
         Subscription.objects.create(instrument=option, mode="full", unassigned_reason="no streamable account")
     now = timezone.now()
     EngineHeartbeat.objects.create(engine_id="e1", hostname="h", pid=1, started_at=now, updated_at=now,
-                                   state={"mode": "mock", "streamed_count": 0, "mocked_count": 2})
+                                   state=engine_status(mode="mock", mocked_count=2))
     run(tasks.reconcile_subscriptions)
     report = DriftReport.objects.get()
     # Two of the three are fed by the mock market; the third is really unassigned.
@@ -187,7 +188,7 @@ def test_reconcile_counts_mock_streamed_subscriptions_as_streamed(celery_worker,
     assert "2 streamed from the mock market" in report.summary
 
     EngineHeartbeat.objects.filter(engine_id="e1").update(
-        state={"mode": "mock", "streamed_count": 0, "mocked_count": 3}
+        state=engine_status(mode="mock", mocked_count=3)
     )
     run(tasks.reconcile_subscriptions)
     report = DriftReport.objects.get()

@@ -41,7 +41,8 @@ from django.utils import timezone
 from prometheus_client import CollectorRegistry
 
 from streaming.consumers import WebSocketMetrics
-from streaming.engine.app import Engine, EngineConfig
+from streaming.engine.app import Engine
+from streaming.engine.config import EngineConfig
 from streaming.engine.market_hours import parse_holidays
 from streaming.engine.metrics import EngineMetrics
 from streaming.kite.rest import parse_instruments_csv

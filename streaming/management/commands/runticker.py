@@ -18,7 +18,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
-from streaming.engine.app import Engine, EngineConfig
+from streaming.engine.app import Engine
+from streaming.engine.config import EngineConfig
 from streaming.engine.leases import make_engine_id
 from streaming.engine.market_hours import EngineMode
 from streaming.engine.metrics import EngineMetrics

@@ -44,30 +44,6 @@ def make_account(label: str, *, api_key: str, access_token: str) -> KiteAccount:
     return account_set_session(account=account, access_token=access_token)
 
 
-def wait_until(predicate: Callable[[], object], *, timeout_s: float, interval_s: float = 0.05,
-               what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout_s} s")
-        time.sleep(interval_s)
-
-
-async def async_wait_until(predicate: Callable[[], object], *, timeout_s: float = 5.0,
-                           interval_s: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout_s} s")
-        await asyncio.sleep(interval_s)
-
-
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a manage.py subprocess on this test's database and Redis db."""
     db = settings.DATABASES["default"]
@@ -165,7 +141,8 @@ class InProcessEngine:
 
     async def __aenter__(self) -> InProcessEngine:
         from streaming.control import control_channel
-        from streaming.engine.app import Engine, EngineConfig
+        from streaming.engine.app import Engine
+        from streaming.engine.config import EngineConfig
         from streaming.engine.leases import make_engine_id
 
         await self.sim.start()

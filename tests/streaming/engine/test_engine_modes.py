@@ -17,9 +17,9 @@ from streaming.control import notify_engines_on_commit
 from streaming.engine.store import run_db
 from streaming.market import IST, SyntheticMarket
 from streaming.models import UnderlyingBar
+from tests.helpers import async_wait_until
 from tests.streaming.engine.runtime_helpers import (
     InProcessEngine,
-    async_wait_until,
     instruments_from_market,
     make_account,
     subscribe,
@@ -83,8 +83,8 @@ async def test_live_at_the_open_mock_after_the_close_never_mixed(world):
         await listener.until(lambda: len(listener.latest) > 20, timeout_s=10,
                              what="mock snapshots")
         assert {s["is_mock"] for s in listener.latest.values()} == {True}
-        assert h.engine.heartbeat_state()["mode"] == "mock"
-        assert h.engine.heartbeat_state()["accounts"]["acc1"]["state"] == "stopped"
+        assert h.engine.status().mode == "mock"
+        assert h.engine.status().accounts["acc1"].state == "stopped"
 
         offset[0] = epoch_at_ist(next_weekday(day), 9, 16) - time.time()  # the next open
         await async_wait_until(lambda: h.engine.mode == "live", timeout_s=5, what="live again")
@@ -151,7 +151,7 @@ async def test_a_failed_apply_is_applied_again(world):
             set_tokens(tokens)
 
         h.engine.mock_feed.set_tokens = set_tokens_failing_once
-        h.engine.request_apply()
+        h.engine.applies.request()
         # Well before the safety reload (60 s), which would apply anyway.
         await async_wait_until(lambda: any(run >= 1 for run in calls), timeout_s=15,
                                what="the restarted applier applying the request again")
@@ -182,7 +182,7 @@ async def test_a_new_login_reaches_the_running_client(world):
             and {c.id for c in h.sim.connections("k1")} != first,
             timeout_s=15, what="reconnected with the new token",
         )
-        assert h.engine.heartbeat_state()["accounts"]["acc1"]["session"] == "ok"
+        assert h.engine.status().accounts["acc1"].session == "ok"
 
 
 async def test_accounts_option_restricts_what_this_process_streams(world):
@@ -194,7 +194,7 @@ async def test_accounts_option_restricts_what_this_process_streams(world):
         # The allocation is global (acc1 gets its share), but this process only holds acc2.
         await asyncio.sleep(1.0)
         assert h.sim.connection_count("k1") == 0
-        assert set(h.engine.heartbeat_state()["accounts"]) == {"acc2"}
+        assert set(h.engine.status().accounts) == {"acc2"}
 
 
 async def test_relogin_after_expiry_resumes_streaming(world):
@@ -203,7 +203,7 @@ async def test_relogin_after_expiry_resumes_streaming(world):
                                what="streaming")
         h.sim.expire_token("k1")
         await async_wait_until(
-            lambda: h.engine.heartbeat_state()["accounts"].get("acc1", {}).get("state")
+            lambda: getattr(h.engine.status().accounts.get("acc1"), "state", None)
             == "session_expired",
             timeout_s=15, what="session expired seen",
         )
@@ -218,7 +218,7 @@ async def test_relogin_after_expiry_resumes_streaming(world):
         await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
                                what="streaming again after the login")
         await async_wait_until(
-            lambda: h.engine.heartbeat_state()["accounts"]["acc1"]["state"] == "streaming",
+            lambda: h.engine.status().accounts["acc1"].state == "streaming",
             timeout_s=10, what="heartbeat streaming",
         )
 
@@ -245,7 +245,7 @@ async def test_a_reload_that_still_sees_the_refused_token_does_not_restart_the_c
             status=KiteAccount.Status.ACTIVE, last_error=""))
         await h.engine.reload("test")
         assert account_id not in h.engine.connections.running()
-        assert h.engine.heartbeat_state()["accounts"]["acc1"]["state"] == "session_expired"
+        assert h.engine.status().accounts["acc1"].state == "session_expired"
 
 
 async def test_closed_underlying_bars_are_stored_and_published(world):
@@ -253,7 +253,7 @@ async def test_closed_underlying_bars_are_stored_and_published(world):
     index = market.index_token("NIFTY")
     async with InProcessEngine(accounts={}, force_mode="mock", mock_interval_ms=60_000) as h:
         listener = await h.listen(schema.bars_group("NIFTY"))
-        await async_wait_until(lambda: index in set(h.engine.pipeline.universe.tokens.tolist()),
+        await async_wait_until(lambda: index in set(h.engine.worker.universe.tokens.tolist()),
                                timeout_s=15, what="the index in the engine's universe")
         # Ticks of two minutes of exchange time (ahead of the mock feed's own tick, so none
         # is late): the second minute's tick closes the first minute's bar.
@@ -261,7 +261,7 @@ async def test_closed_underlying_bars_are_stored_and_published(world):
         ticks = market.ticks([index, index, index], mode="full")
         ticks["exchange_timestamp"] = [minute + 5, minute + 30, minute + 65]
         ticks["last_price"] = [26000.0, 26010.0, 26020.0]
-        h.engine.ingest_mock(ticks)
+        h.engine.intake.mock_ticks(ticks)
 
         messages = []
 

@@ -9,7 +9,8 @@ from django.utils import timezone
 from streaming.engine.heartbeat import PRUNE_AFTER_S, HeartbeatWriter
 from streaming.engine.store import run_db
 from streaming.models import EngineHeartbeat
-from tests.streaming.engine.runtime_helpers import async_wait_until
+from streaming.status import EngineStatus
+from tests.helpers import async_wait_until, engine_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -27,13 +28,12 @@ def dead_engines(transactional_db):
 async def test_writes_its_state_every_interval_and_prunes_long_dead_rows(dead_engines):
     beats = []
 
-    def state():
+    def status():
         beats.append(1)
-        return {"mode": "mock", "n": len(beats)}
+        return EngineStatus.model_validate(engine_status(mode="mock", reloads=len(beats)))
 
-    writer = HeartbeatWriter(engine_id="me:3:c", interval_s=0.1, state_fn=state,
-                             started_at=timezone.now())
-    task = asyncio.create_task(writer.run())
+    writer = HeartbeatWriter(engine_id="me:3:c", interval_s=0.1, started_at=timezone.now())
+    task = asyncio.create_task(writer.run(status))
     try:
         await async_wait_until(lambda: writer.writes >= 3, timeout_s=10, what="three beats")
     finally:
@@ -41,4 +41,4 @@ async def test_writes_its_state_every_interval_and_prunes_long_dead_rows(dead_en
         await asyncio.gather(task, return_exceptions=True)
     rows = await run_db(lambda: dict(EngineHeartbeat.objects.values_list("engine_id", "state")))
     assert set(rows) == {"resting:2:b", "me:3:c"}
-    assert rows["me:3:c"]["n"] >= 3
+    assert rows["me:3:c"]["reloads"] >= 3

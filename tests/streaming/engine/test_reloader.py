@@ -28,9 +28,9 @@ from subscriptions.services import (
     subscription_set_mode,
     subscriptions_set_status,
 )
+from tests.helpers import async_wait_until
 from tests.streaming.engine.runtime_helpers import (
     InProcessEngine,
-    async_wait_until,
     instruments_from_market,
     make_account,
     subscribe,
@@ -147,7 +147,7 @@ async def test_redis_notices_reach_the_trigger_from_their_installation_only(redi
 
 
 def test_the_control_channel_is_named_by_the_channel_layer_prefix(settings):
-    from streaming.engine.app import EngineConfig
+    from streaming.engine.config import EngineConfig
 
     settings.CHANNEL_LAYER_PREFIX = "site-a"
     config = EngineConfig.from_settings(settings, engine_id="e1")
@@ -311,5 +311,4 @@ async def test_an_expired_session_moves_its_instruments_to_another_account(marke
         assigned = await run_db(lambda: set(
             Subscription.objects.values_list("assigned_account_id", flat=True)))
         assert assigned == {acc2.pk}
-        state = h.engine.heartbeat_state()
-        assert state["accounts"]["acc1"]["state"] == "session_expired"
+        assert h.engine.status().accounts["acc1"].state == "session_expired"

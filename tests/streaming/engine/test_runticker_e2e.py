@@ -22,6 +22,7 @@ from accounts.services import apitoken_create
 from streaming.market import SyntheticMarket
 from streaming.models import AccountLease
 from streaming.sim.simulator import KiteSimulator, SimulatorThread
+from tests.helpers import wait_until
 from tests.streaming.engine.runtime_helpers import (
     REPO,
     ManagePy,
@@ -29,7 +30,6 @@ from tests.streaming.engine.runtime_helpers import (
     make_account,
     subprocess_env,
     subscribe,
-    wait_until,
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)

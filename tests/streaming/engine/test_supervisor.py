@@ -13,9 +13,9 @@ from streaming.engine.store import run_db
 from streaming.engine.supervisor import Supervisor
 from streaming.health import HealthContext, health_report
 from streaming.market import SyntheticMarket
+from tests.helpers import async_wait_until
 from tests.streaming.engine.runtime_helpers import (
     InProcessEngine,
-    async_wait_until,
     instruments_from_market,
     make_account,
     subscribe,
@@ -236,12 +236,12 @@ async def test_a_crashed_engine_task_is_restarted_reported_in_health_and_heals(o
         await async_wait_until(lambda: h.sim.ticks_sent_to("k1") > ticks_before + 100,
                                timeout_s=10, what="ticks after the restart")
 
-        state = h.engine.heartbeat_state()["tasks"]["kite:acc1"]
-        assert state["restarts"] == 1
-        assert state["last_error"] == "ValueError: injected fault in tick handling"
+        state = h.engine.status().tasks["kite:acc1"]
+        assert state.restarts == 1
+        assert state.last_error == "ValueError: injected fault in tick handling"
         assert h.engine.metrics.task_crashes.labels("kite:acc1")._value.get() == 1
 
-        assert await h.engine.heartbeat.write_once()
+        assert await h.engine.heartbeat.write_once(h.engine.status())
 
         def report(max_age_s):
             return health_report(
@@ -253,6 +253,6 @@ async def test_a_crashed_engine_task_is_restarted_reported_in_health_and_heals(o
         assert [(r["code"], r["task"]) for r in body["reasons"]] == [("task_failed", "kite:acc1")]
         # Healed: once the crash is older than the window, health is green again.
         await asyncio.sleep(3.0)
-        assert await h.engine.heartbeat.write_once()
+        assert await h.engine.heartbeat.write_once(h.engine.status())
         body = await run_db(report, max_age_s=3.0)
         assert body["reasons"] == []

@@ -12,13 +12,13 @@ from streaming.kite.limits import MAX_CONNECTIONS_PER_API_KEY
 from streaming.market import SyntheticMarket
 from streaming.models import AccountLease, EngineHeartbeat
 from streaming.sim.simulator import KiteSimulator, SimulatorThread
+from tests.helpers import wait_until
 from tests.streaming.engine.runtime_helpers import (
     ManagePy,
     instruments_from_market,
     make_account,
     subprocess_env,
     subscribe,
-    wait_until,
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)

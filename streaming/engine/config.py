@@ -1,0 +1,73 @@
+"""Every setting the engine uses, read once at the edge (the runticker command or the demo)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from streaming.control import control_channel
+from streaming.engine.leases import make_engine_id
+from streaming.engine.market_hours import EngineMode, parse_holidays
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every setting the engine uses, read once at the edge (the command or the demo)."""
+
+    engine_id: str
+    flush_interval_ms: int = 100
+    heartbeat_interval_s: float = 2.0
+    lease_ttl_s: float = 15.0
+    watchdog_s: float = 10.0
+    risk_free_rate: float = 0.065
+    stale_underlying_s: float = 30.0
+    mock_enabled: bool = True
+    force_mode: EngineMode | None = None
+    holidays: frozenset[dt.date] = frozenset()
+    kite_ws_url: str = "wss://ws.kite.trade"
+    redis_url: str = ""
+    #: Redis pub/sub channel of change notices (streaming.control.control_channel).
+    control_channel: str = ""
+    account_labels: frozenset[str] | None = None
+    mock_interval_ms: int = 250
+    mock_seed: int = 0
+    reload_debounce_ms: int = 200
+    safety_reload_s: float = 60.0
+    mode_check_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.redis_url and not self.control_channel:
+            raise ValueError("an engine on Redis needs its control channel")
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Any,
+        *,
+        engine_id: str | None = None,
+        force_mode: EngineMode | None = None,
+        account_labels: Iterable[str] | None = None,
+    ) -> EngineConfig:
+        labels = frozenset(account_labels) if account_labels else None
+        return cls(
+            engine_id=engine_id or make_engine_id(),
+            flush_interval_ms=settings.TICKER_FLUSH_INTERVAL_MS,
+            heartbeat_interval_s=settings.TICKER_HEARTBEAT_INTERVAL_S,
+            lease_ttl_s=settings.TICKER_LEASE_TTL_S,
+            watchdog_s=settings.TICKER_WATCHDOG_S,
+            risk_free_rate=settings.RISK_FREE_RATE,
+            stale_underlying_s=settings.TICKER_STALE_UNDERLYING_S,
+            mock_enabled=settings.MOCK_MARKET_ENABLED,
+            force_mode=force_mode,
+            holidays=parse_holidays(settings.MARKET_HOLIDAYS),
+            kite_ws_url=settings.KITE_WS_URL,
+            redis_url=settings.REDIS_URL,
+            control_channel=control_channel(settings.CHANNEL_LAYER_PREFIX),
+            account_labels=labels,
+            mock_interval_ms=settings.MOCK_TICK_INTERVAL_MS,
+            mock_seed=settings.MOCK_MARKET_SEED,
+            reload_debounce_ms=settings.TICKER_RELOAD_DEBOUNCE_MS,
+            safety_reload_s=settings.TICKER_SAFETY_RELOAD_S,
+        )

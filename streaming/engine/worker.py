@@ -1,0 +1,220 @@
+"""The pipeline's worker: the inbox of decoded frames, the pipeline thread and its lock.
+
+The event loop reads sockets and only queues arrays here (:meth:`PipelineWorker.enqueue`);
+one "pipeline" thread owns the snapshot pipeline and the bar aggregator and does all their
+work in order: ingest and flush (:meth:`flush`), universe installs (:meth:`install`) and
+closing due bars. So a 100 ms flush of 100k instruments never stops the loop. The lock keeps
+the few synchronous readers (:attr:`reads`) from seeing a flush half done.
+
+:class:`TickIntake` is the feeds' side: the Kite clients' and the mock feed's callbacks,
+counting frames per account before they are queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from streaming.engine.bars import Bar, BarAggregator
+from streaming.engine.metrics import EngineMetrics
+from streaming.engine.pipeline import GroupBatch, SnapshotPipeline
+from streaming.engine.universe import InstrumentUniverse
+
+_FLUSH_SAMPLES = 200
+"""Recent flush durations kept for the status document's flush_ms_p50."""
+MAX_INBOX_TICKS = 2_000_000
+"""Ticks queued for the pipeline thread beyond which the oldest frames are dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlushOutcome:
+    """What the pipeline thread hands back to the event loop after one flush."""
+
+    pending: int
+    batches: list[GroupBatch]
+    bars: list[Bar]
+    unknown: int
+    compute_s: float
+    oldest_received: float | None
+
+
+class LockedReads:
+    """The pipeline's read side for the snapshot-request loop, behind the pipeline lock."""
+
+    def __init__(self, pipeline: SnapshotPipeline, lock: threading.Lock) -> None:
+        self._pipeline = pipeline
+        self._lock = lock
+
+    def latest(self, tokens: Iterable[int]) -> tuple[list[int], list[bytes]]:
+        with self._lock:
+            return self._pipeline.latest(tokens)
+
+    def groups_of(self, tokens: Iterable[int]) -> set[str]:
+        with self._lock:
+            return self._pipeline.groups_of(tokens)
+
+
+class PipelineWorker:
+    """Owns the pipeline and the bar aggregator; every change to them runs on its one thread."""
+
+    def __init__(
+        self,
+        *,
+        pipeline: SnapshotPipeline,
+        bars: BarAggregator,
+        metrics: EngineMetrics,
+        clock: Callable[[], float] = time.time,
+        max_inbox_ticks: int = MAX_INBOX_TICKS,
+    ) -> None:
+        self._pipeline = pipeline
+        self._bars = bars
+        self._metrics = metrics
+        self._clock = clock
+        self._max_inbox_ticks = max_inbox_ticks
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self._lock = threading.Lock()
+        self._inbox: list[tuple[np.ndarray, bool, float]] = []
+        self._inbox_ticks = 0
+        self._flush_ms: deque[float] = deque(maxlen=_FLUSH_SAMPLES)
+        self._underlyings: dict[str, Any] = {}
+        self._underlyings_at = float("-inf")
+        self.reads = LockedReads(pipeline, self._lock)
+
+    @property
+    def universe(self) -> InstrumentUniverse:
+        return self._pipeline.universe
+
+    @property
+    def underlyings(self) -> dict[str, Any]:
+        """Per underlying: price, exchange time and forwards, at most a second old."""
+        return self._underlyings
+
+    @property
+    def flush_ms_p50(self) -> float | None:
+        return round(statistics.median(self._flush_ms), 2) if self._flush_ms else None
+
+    def enqueue(self, ticks: np.ndarray, *, is_mock: bool) -> None:
+        """Queue one decoded frame for the next flush (event loop; only appends)."""
+        self._inbox.append((ticks, is_mock, self._clock()))
+        self._inbox_ticks += len(ticks)
+        while self._inbox_ticks > self._max_inbox_ticks and len(self._inbox) > 1:
+            # The pipeline thread has fallen far behind: drop the oldest frames (their
+            # instruments' later ticks supersede them), count them, and carry on.
+            old, _, _ = self._inbox.pop(0)
+            self._inbox_ticks -= len(old)
+            self._metrics.dropped.labels("inbox_overflow").inc(len(old))
+
+    async def flush(self, watched: Any) -> FlushOutcome:
+        """Ingest what arrived and compute Greeks and JSON for what changed, on the thread."""
+        self._metrics.queued_ticks.set(self._inbox_ticks)
+        inbox, self._inbox, self._inbox_ticks = self._inbox, [], 0
+        outcome = await self._on_thread(self._compute, inbox, self._clock(), watched)
+        if outcome.pending:
+            self._flush_ms.append(outcome.compute_s * 1000.0)
+        return outcome
+
+    async def install(self, universe: InstrumentUniverse) -> None:
+        """Make ``universe`` the one the pipeline streams, between two flushes."""
+        await self._on_thread(self._install, universe)
+
+    async def close_due_bars(self) -> list[Bar]:
+        return await self._on_thread(self._close_due_bars, self._clock())
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    async def _on_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run pipeline work on its one thread, in order, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _compute(
+        self, inbox: list[tuple[np.ndarray, bool, float]], now: float, watched: Any
+    ) -> FlushOutcome:
+        with self._lock:
+            started = time.perf_counter()
+            unknown = 0
+            bars: list[Bar] = []
+            for ticks, is_mock, received in inbox:
+                unknown += self._pipeline.ingest(
+                    ticks, is_mock=is_mock, received_epoch_s=received
+                ).unknown
+                bars.extend(self._bars.ingest(ticks, is_mock=is_mock, received_epoch_s=received))
+            pending = self._pipeline.pending
+            batches = self._pipeline.flush(now, watched=watched)
+            if now - self._underlyings_at >= 1.0:
+                self._underlyings = self._pipeline.underlying_summary()
+                self._underlyings_at = now
+            return FlushOutcome(
+                pending=pending,
+                batches=batches,
+                bars=bars,
+                unknown=unknown,
+                compute_s=time.perf_counter() - started,
+                oldest_received=min((r for _, _, r in inbox), default=None),
+            )
+
+    def _install(self, universe: InstrumentUniverse) -> None:
+        with self._lock:
+            self._pipeline.set_universe(universe)
+            self._bars.set_sources(universe.spot_tokens())
+            self._underlyings = self._pipeline.underlying_summary()
+
+    def _close_due_bars(self, now: float) -> list[Bar]:
+        with self._lock:
+            return self._bars.close_due(now)
+
+
+@dataclass
+class AccountTicks:
+    """Per-account counters the tick callback keeps (counts, never per-tick records)."""
+
+    ticks: int = 0
+    last_tick_monotonic: float | None = None
+    ticks_at_last_beat: int = 0
+    rate_per_s: float = 0.0
+
+
+class TickIntake:
+    """The feeds' callbacks: count each frame, drop live frames outside live mode, queue it."""
+
+    def __init__(self, *, worker: PipelineWorker, metrics: EngineMetrics) -> None:
+        self._worker = worker
+        self._metrics = metrics
+        #: Set by the engine's mode switch: live frames are taken only in live mode.
+        self.live = False
+        self.accounts: dict[int, AccountTicks] = {}
+        #: Account labels for the metrics, kept by the planner on each reload.
+        self.labels: dict[int, str] = {}
+        self.ticks_total = 0
+
+    def live_ticks(self, account_id: int, ticks: np.ndarray) -> None:
+        """The Kite clients' tick callback: one decoded frame, queued for the next flush."""
+        n = len(ticks)
+        if not self.live:
+            # A frame in flight when the market closed: mock owns the slots now.
+            self._metrics.dropped.labels("live_in_mock_mode").inc(n)
+            return
+        stats = self.accounts.setdefault(account_id, AccountTicks())
+        stats.ticks += n
+        stats.last_tick_monotonic = time.monotonic()
+        label = self.labels.get(account_id, f"#{account_id}")
+        self._metrics.ticks_in.labels("live", label).inc(n)
+        self.ticks_total += n
+        self._worker.enqueue(ticks, is_mock=False)
+
+    def mock_ticks(self, ticks: np.ndarray) -> None:
+        self._metrics.ticks_in.labels("mock", "mock").inc(len(ticks))
+        self.ticks_total += len(ticks)
+        self._worker.enqueue(ticks, is_mock=True)
+
+    def reset_account(self, account_id: int) -> None:
+        self.accounts[account_id] = AccountTicks()

@@ -1,0 +1,62 @@
+"""Helpers shared by test modules: waiting on a condition with a deadline, status documents."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from streaming.status import EngineStatus
+
+
+def wait_until(predicate: Callable[[], object], *, timeout_s: float, interval_s: float = 0.05,
+               what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something true (returned); fail at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout_s} s")
+        time.sleep(interval_s)
+
+
+async def async_wait_until(predicate: Callable[[], object], *, timeout_s: float = 5.0,
+                           interval_s: float = 0.02, what: str = "condition") -> Any:
+    """:func:`wait_until` on an event loop: the loop keeps running between polls."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout_s} s")
+        await asyncio.sleep(interval_s)
+
+
+def engine_status(**fields: Any) -> dict[str, Any]:
+    """A whole, valid status document (as an engine writes it), with ``fields`` overridden.
+
+    Nested values are given as the JSON the engine writes (``{"NIFTY": {"price": ...}}``);
+    an underlying or account entry may leave out fields, which get neutral values.
+    """
+    underlyings = {
+        name: {"price": None, "ts": None, "forwards": {}} | entry
+        for name, entry in fields.pop("underlyings", {}).items()
+    }
+    accounts = {
+        label: {
+            "account_id": 1, "state": "streaming", "connections": 1, "instruments": 0,
+            "ticks_per_s": 0.0, "last_tick_age_s": None, "reconnects": 0, "session": "ok",
+        } | entry
+        for label, entry in fields.pop("accounts", {}).items()
+    }
+    doc = {
+        "engine_id": "test-engine", "mode": "live", "market_open": True, "accounts": accounts,
+        "tasks": {}, "underlyings": underlyings, "streamed_count": 0, "mocked_count": 0,
+        "unassigned_count": 0, "holds_mock_pool": False, "flush_ms_p50": None,
+        "loop_lag_ms": 0.0, "ticks_per_s": 0.0, "reloads": 0,
+    } | fields
+    return EngineStatus.model_validate(doc).to_json()
