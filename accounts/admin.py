@@ -8,7 +8,6 @@ from django.utils.html import format_html
 
 from accounts import services
 from accounts.models import ApiToken, KiteAccount
-from streaming.control import notify_engines_on_commit
 
 
 class KiteAccountForm(forms.ModelForm):
@@ -84,27 +83,24 @@ class KiteAccountAdmin(admin.ModelAdmin):
             obj.token_issued_at = timezone.now()
             services.account_set_session(account=obj, access_token=form.cleaned_data["access_token"])
         else:
-            super().save_model(request, obj, form, change)
-        # Running engines pick up a new token, status or key within seconds, not at their
-        # next periodic reload.
-        notify_engines_on_commit()
+            # The service tells the running engines: a new status or key is picked up within
+            # seconds, not at their next periodic reload.
+            services.account_save(account=obj)
 
     @admin.action(description="Disable selected accounts")
     def disable_accounts(self, request, queryset):
+        services.accounts_set_status(account_ids=[a.pk for a in queryset],
+                                     status=KiteAccount.Status.DISABLED)
         for account in queryset:
-            account.status = KiteAccount.Status.DISABLED
-            account.save(update_fields=["status", "updated_at"])
             self.log_change(request, account, "Disabled from the admin action")
-        notify_engines_on_commit()
         messages.success(request, f"Disabled {queryset.count()} account(s).")
 
     @admin.action(description="Enable selected accounts")
     def enable_accounts(self, request, queryset):
+        services.accounts_set_status(account_ids=[a.pk for a in queryset],
+                                     status=KiteAccount.Status.ACTIVE)
         for account in queryset:
-            account.status = KiteAccount.Status.ACTIVE
-            account.save(update_fields=["status", "updated_at"])
             self.log_change(request, account, "Enabled from the admin action")
-        notify_engines_on_commit()
         messages.success(request, f"Enabled {queryset.count()} account(s).")
 
 

@@ -1,6 +1,10 @@
-"""Writes to broker accounts: sessions, status, API tokens, key rotation."""
+"""Writes to broker accounts: sessions, status, API tokens, key rotation.
+
+The only writers of an account's status; those that change what engines may stream tell them.
+"""
 
 import datetime as dt
+from collections.abc import Iterable
 
 import structlog
 from cryptography.fernet import InvalidToken
@@ -20,7 +24,10 @@ ENCRYPTED_FIELDS = ("api_secret", "access_token")
 def account_set_session(
     *, account: KiteAccount, access_token: str, user_id: str = "", issued_at: dt.datetime | None = None
 ) -> KiteAccount:
-    """Store a fresh access token: the account becomes active until 06:00 IST tomorrow."""
+    """Store a fresh access token: the account becomes active until 06:00 IST tomorrow.
+
+    Running engines are told after commit, so they reconnect with the new token.
+    """
     issued_at = issued_at or timezone.now()
     account.access_token = access_token
     account.token_issued_at = issued_at
@@ -29,9 +36,34 @@ def account_set_session(
     account.last_error = ""
     if user_id:
         account.kite_user_id = user_id
-    account.save()
+    with transaction.atomic():
+        account.save()
+        notify_engines_on_commit()
     log.info("account.session_set", account=account.label, expires_at=account.token_expires_at)
     return account
+
+
+def account_save(*, account: KiteAccount) -> KiteAccount:
+    """Save an account edited by hand (label, key, secret, status); the engines are told."""
+    with transaction.atomic():
+        account.save()
+        notify_engines_on_commit()
+    log.info("account.saved", account=account.label, status=account.status)
+    return account
+
+
+def accounts_set_status(*, account_ids: Iterable[int], status: str) -> int:
+    """Enable or disable accounts in one UPDATE; returns how many changed."""
+    with transaction.atomic():
+        changed = (
+            KiteAccount.objects.filter(pk__in=list(account_ids))
+            .exclude(status=status)
+            .update(status=status, updated_at=timezone.now())
+        )
+        if changed:
+            notify_engines_on_commit()
+    log.info("accounts.status_set", status=status, count=changed)
+    return changed
 
 
 def account_mark_session_expired(
@@ -88,6 +120,9 @@ def accounts_expire_sessions(*, now: dt.datetime | None = None) -> list[str]:
             last_error="access token expired at 06:00 IST; log in to Kite again",
             updated_at=now,
         )
+        if expired:
+            # Engines drop the expired accounts' connections instead of waiting for a 403.
+            notify_engines_on_commit()
     labels = [label for _, label in expired]
     if labels:
         log.info("accounts.sessions_expired", accounts=labels)
@@ -173,10 +208,9 @@ def account_login_complete(*, account: KiteAccount, request_token: str, client) 
             f"Kite logged in user {session.user_id}, but account {account.label} belongs to "
             f"{account.kite_user_id}: log in to Kite as {account.kite_user_id}"
         )
-    with transaction.atomic():
-        account = account_set_session(
-            account=account, access_token=session.access_token, user_id=session.user_id
-        )
-        notify_engines_on_commit()
+    # account_set_session tells the running engines, so they reconnect with the new token.
+    account = account_set_session(
+        account=account, access_token=session.access_token, user_id=session.user_id
+    )
     log.info("account.login_completed", account=account.label, user_id=session.user_id)
     return account

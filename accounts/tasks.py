@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Any, Final
 
 from celery import Task, shared_task
-from django.db import transaction
 
 from accounts.services import accounts_expire_sessions
-from streaming.control import notify_engines_on_commit
 from streaming.locks import run_locked
 
 EXPIRE_SESSIONS_TIME_LIMIT_S: Final = 60
@@ -24,12 +22,7 @@ def expire_sessions(self: Task) -> dict[str, Any]:
     """At 06:00 IST: mark accounts whose access token has expired; the admin shows who must log in."""
 
     def run() -> dict[str, Any]:
-        with transaction.atomic():
-            labels = accounts_expire_sessions()
-            if labels:
-                # Engines drop the expired accounts' connections instead of waiting for a 403.
-                notify_engines_on_commit()
-        return {"expired": labels}
+        return {"expired": accounts_expire_sessions()}
 
     return run_locked(
         name="expire_sessions", time_limit_s=EXPIRE_SESSIONS_TIME_LIMIT_S,

@@ -10,7 +10,6 @@ from django.http import HttpResponseRedirect
 from django.urls import path, reverse
 from django.utils.functional import cached_property
 
-from streaming.control import notify_engines_on_commit
 from subscriptions import services, tasks
 from subscriptions.jobs import drift_report_latest
 from subscriptions.models import DriftReport, HistoryRange, Instrument, RebalanceRule, Subscription
@@ -115,8 +114,7 @@ class SubscriptionAdmin(admin.ModelAdmin):
     list_per_page = 100
 
     def save_model(self, request, obj, form, change):
-        super().save_model(request, obj, form, change)
-        notify_engines_on_commit()
+        services.subscription_save(subscription=obj)
 
     def changelist_view(self, request, extra_context=None):
         report = drift_report_latest()
@@ -128,12 +126,10 @@ class SubscriptionAdmin(admin.ModelAdmin):
         return super().changelist_view(request, extra_context)
 
     def delete_model(self, request, obj):
-        super().delete_model(request, obj)
-        notify_engines_on_commit()
+        services.subscriptions_delete(subscription_ids=[obj.pk])
 
     def delete_queryset(self, request, queryset):
-        super().delete_queryset(request, queryset)
-        notify_engines_on_commit()
+        services.subscriptions_delete(subscription_ids=list(queryset.values_list("pk", flat=True)))
 
     def _set_status(self, request, queryset, status: str, verb: str) -> None:
         rows = list(queryset.exclude(status=status).values_list("pk", "instrument__tradingsymbol"))

@@ -18,8 +18,8 @@ from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from streaming import status
-from streaming.control import notify_engines_on_commit
 from streaming.models import EngineHeartbeat
+from subscriptions import services
 from subscriptions.models import DriftReport, Subscription
 
 log = structlog.get_logger(__name__)
@@ -138,7 +138,7 @@ def subscriptions_reconcile(
         )
         reload_requested = drift or changed_since
         if reload_requested:
-            notify_engines_on_commit()
+            services.engines_reload(reason="drift found" if drift else "subscriptions changed")
     log.info(
         "subscriptions.reconciled", ok=ok, desired=desired, streamed=streamed, missing=missing,
         extra=extra, mode_mismatch=mode_mismatch, unassigned=unassigned,

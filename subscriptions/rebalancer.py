@@ -31,10 +31,10 @@ from django.utils import timezone
 
 from accounts.models import IST, KiteAccount
 from streaming import status
-from streaming.control import notify_engines_on_commit
 from streaming.greeks import expiry_close_epoch_s, years_to_expiry
 from streaming.kite.limits import MAX_INSTRUMENTS_PER_API_KEY
 from streaming.models import EngineHeartbeat
+from subscriptions import services
 from subscriptions.models import Instrument, RebalanceRule, Subscription
 from subscriptions.underlyings import underlying_futures, underlying_spot
 
@@ -329,8 +329,8 @@ def rebalance_rule_apply(
 
     Everything happens in one transaction that holds the rule's row lock
     (``SELECT ... FOR UPDATE``): a second worker running the same rule waits, then re-reads
-    the rule and the subscriptions and finds the work done. Engines are told to reload once,
-    after commit, when something changed.
+    the rule and the subscriptions and finds the work done. The writes are services', which
+    tell the engines after commit when something changed.
     """
     now = now or timezone.now()
     today = now.astimezone(IST).date()
@@ -342,8 +342,9 @@ def rebalance_rule_apply(
         )
         outcome = RebalanceOutcome(rule_id=rule.pk)
         if not rule.enabled:
-            outcome.deactivated = _deactivate(
-                Subscription.objects.filter(rebalance_rule=rule), reason=f"rule {rule.name} disabled"
+            outcome.deactivated = services.rebalancer_subscriptions_retire(
+                subscriptions=Subscription.objects.filter(rebalance_rule=rule),
+                reason=f"rule {rule.name} disabled",
             )
             outcome.lines.append(f"disabled: retired {outcome.deactivated}")
         else:
@@ -352,8 +353,6 @@ def rebalance_rule_apply(
         rule.last_result = "\n".join(outcome.lines)[:4000]
         rule.save(update_fields=["center_strike", "centers", "last_rebalanced_at", "last_result",
                                  "updated_at"])  # fmt: skip
-        if outcome.changed:
-            notify_engines_on_commit()
     log.info(
         "rebalancer.rule_applied", rule=rule.name, activated=outcome.activated,
         deactivated=outcome.deactivated, recentred=outcome.recentred,
@@ -365,12 +364,6 @@ def _lot_text(chain: Sequence[_ChainRow]) -> str:
     """The chain's lot size from the dump (several when Kite lists a revised lot mid-series)."""
     lots = sorted({row.lot_size for row in chain})
     return "/".join(str(lot) for lot in lots) or "?"
-
-
-def _deactivate(queryset, *, reason: str) -> int:
-    return queryset.filter(
-        status=Subscription.Status.ACTIVE, source=Subscription.Source.REBALANCER
-    ).update(status=Subscription.Status.INACTIVE, status_reason=reason[:200], updated_at=timezone.now())
 
 
 def _apply_enabled(
@@ -508,45 +501,9 @@ def _sync_subscriptions(
             claim.append(sub.pk)
 
     now = timezone.now()
-    if create:
-        # ignore_conflicts: an instrument subscribed by someone else since our read is covered.
-        Subscription.objects.bulk_create(
-            [
-                Subscription(
-                    instrument_id=token,
-                    mode=rule.mode,
-                    status=Subscription.Status.ACTIVE,
-                    source=Subscription.Source.REBALANCER,
-                    rebalance_rule=rule,
-                    pinned_account_id=rule.pinned_account_id,
-                )
-                for token in create
-            ],
-            ignore_conflicts=True,
-        )
     # Count what was really inserted: rows skipped as conflicts belong to someone else.
-    activated = (
-        Subscription.objects.filter(instrument_id__in=create, rebalance_rule=rule).count()
-        if create
-        else 0
-    )
-    if claim:
-        activated += (
-            Subscription.objects.filter(pk__in=claim, source=Subscription.Source.REBALANCER)
-            .filter(
-                Q(rebalance_rule=rule)
-                | Q(rebalance_rule__isnull=True)
-                | Q(status=Subscription.Status.INACTIVE)
-            )
-            .update(
-                status=Subscription.Status.ACTIVE,
-                status_reason="",
-                rebalance_rule=rule,
-                mode=rule.mode,
-                pinned_account_id=rule.pinned_account_id,
-                updated_at=now,
-            )
-        )
+    activated = services.rebalancer_subscriptions_create(rule=rule, tokens=create)
+    activated += services.rebalancer_subscriptions_claim(rule=rule, subscription_ids=claim, now=now)
     retire = [
         sub.pk
         for sub in existing.values()
@@ -557,8 +514,8 @@ def _sync_subscriptions(
     ]
     deactivated = 0
     if retire:
-        deactivated = _deactivate(
-            Subscription.objects.filter(pk__in=retire, rebalance_rule=rule),
+        deactivated = services.rebalancer_subscriptions_retire(
+            subscriptions=Subscription.objects.filter(pk__in=retire, rebalance_rule=rule),
             reason=f"outside the band of rule {rule.name}",
         )
     outcome.activated = activated

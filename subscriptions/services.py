@@ -3,12 +3,13 @@
 import dataclasses
 import datetime as dt
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
 from django.db import transaction
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from streaming.control import notify_engines_on_commit
@@ -81,6 +82,117 @@ def subscription_set_mode(*, subscription: Subscription, mode: str) -> None:
     with transaction.atomic():
         Subscription.objects.filter(pk=subscription.pk).update(mode=mode, updated_at=timezone.now())
         notify_engines_on_commit()
+
+
+def subscription_save(*, subscription: Subscription) -> Subscription:
+    """Save a subscription edited by hand (the admin's form); the engines are told."""
+    with transaction.atomic():
+        subscription.save()
+        notify_engines_on_commit()
+    return subscription
+
+
+def subscriptions_delete(*, subscription_ids: Iterable[int]) -> int:
+    """Delete subscriptions; returns how many were deleted."""
+    with transaction.atomic():
+        deleted, _ = Subscription.objects.filter(pk__in=list(subscription_ids)).delete()
+        if deleted:
+            notify_engines_on_commit()
+    log.info("subscriptions.deleted", count=deleted)
+    return deleted
+
+
+def engines_reload(*, reason: str) -> None:
+    """Ask the engines to reload after commit though nothing was written here (drift repair)."""
+    log.info("engines.reload_requested", reason=reason)
+    notify_engines_on_commit()
+
+
+# --- the rebalancer's writes (its rule's subscriptions only) --------------------------------
+
+
+def rebalancer_subscriptions_create(*, rule: RebalanceRule, tokens: Sequence[int]) -> int:
+    """Subscribe ``tokens`` for ``rule``; returns how many rows are the rule's afterwards.
+
+    ``ignore_conflicts``: an instrument subscribed by someone else since the rule's read is
+    covered, and not counted.
+    """
+    if not tokens:
+        return 0
+    Subscription.objects.bulk_create(
+        [
+            Subscription(
+                instrument_id=token, mode=rule.mode, status=Subscription.Status.ACTIVE,
+                source=Subscription.Source.REBALANCER, rebalance_rule=rule,
+                pinned_account_id=rule.pinned_account_id,
+            )
+            for token in tokens
+        ],
+        ignore_conflicts=True,
+    )  # fmt: skip
+    created = Subscription.objects.filter(instrument_id__in=tokens, rebalance_rule=rule).count()
+    if created:
+        notify_engines_on_commit()
+    return created
+
+
+def rebalancer_subscriptions_claim(
+    *, rule: RebalanceRule, subscription_ids: Sequence[int], now: dt.datetime
+) -> int:
+    """(Re)activate rebalancer rows as ``rule``'s, in its mode and pin; returns how many."""
+    if not subscription_ids:
+        return 0
+    claimed = (
+        Subscription.objects.filter(pk__in=subscription_ids, source=Subscription.Source.REBALANCER)
+        .filter(Q(rebalance_rule=rule) | Q(rebalance_rule__isnull=True)
+                | Q(status=Subscription.Status.INACTIVE))
+        .update(status=Subscription.Status.ACTIVE, status_reason="", rebalance_rule=rule,
+                mode=rule.mode, pinned_account_id=rule.pinned_account_id, updated_at=now)
+    )  # fmt: skip
+    if claimed:
+        notify_engines_on_commit()
+    return claimed
+
+
+def rebalancer_subscriptions_retire(*, subscriptions: QuerySet[Subscription], reason: str) -> int:
+    """Deactivate the active rebalancer rows among ``subscriptions``; returns how many."""
+    retired = subscriptions.filter(
+        status=Subscription.Status.ACTIVE, source=Subscription.Source.REBALANCER
+    ).update(status=Subscription.Status.INACTIVE, status_reason=reason[:200], updated_at=timezone.now())
+    if retired:
+        notify_engines_on_commit()
+    return retired
+
+
+# --- the engine's allocation ----------------------------------------------------------------
+
+
+def subscriptions_save_assignments(
+    *, groups: Mapping[tuple[int | None, str, str], Sequence[int]], chunk: int
+) -> int:
+    """Write where subscriptions stream (account, mode, or why not), one UPDATE per group.
+
+    The engine's own write after an allocation, so it tells no engine. One transaction, so
+    the admin never sees half an allocation; a fixed order (groups by key, ids ascending), so
+    two engines writing at once lock rows in the same order instead of deadlocking. An
+    inactive subscription streams nowhere: what an engine wrote about it is cleared.
+    """
+    changed = 0
+    with transaction.atomic():
+        for (account_id, mode, reason), pks in sorted(
+            groups.items(), key=lambda item: (item[0][0] or 0, item[0][1], item[0][2])
+        ):
+            ordered = sorted(pks)
+            for start in range(0, len(ordered), chunk):
+                changed += Subscription.objects.filter(pk__in=ordered[start : start + chunk]).update(
+                    assigned_account_id=account_id, streamed_mode=mode, unassigned_reason=reason
+                )
+        changed += (
+            Subscription.objects.exclude(status=Subscription.Status.ACTIVE)
+            .exclude(assigned_account=None, streamed_mode="", unassigned_reason="")
+            .update(assigned_account=None, streamed_mode="", unassigned_reason="")
+        )
+    return changed
 
 
 # --- instrument registry refresh (Kite's daily dump) ----------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import structlog
 from asgiref.sync import sync_to_async
-from django.db import DatabaseError, close_old_connections, transaction
+from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 
 from accounts.fields import DecryptionError
@@ -28,8 +28,9 @@ from accounts.services import account_mark_secret_unreadable, account_mark_sessi
 from streaming.engine.allocator import AccountInfo, Allocation, SubscriptionWish
 from streaming.kite.schemas import INSTRUMENT_CSV_COLUMNS
 from streaming.models import EngineHeartbeat, UnderlyingBar
-from subscriptions.models import Instrument, Subscription
+from subscriptions.models import Instrument
 from subscriptions.selectors import subscription_list_active
+from subscriptions.services import subscriptions_save_assignments
 
 log = structlog.get_logger(__name__)
 
@@ -199,30 +200,7 @@ def assignments_save(
             sub.unassigned_reason,
         ):
             groups[(account_id, mode, reason)].append(sub.pk)
-    changed = 0
-    # One transaction, so the admin never sees half an allocation.
-    with transaction.atomic():
-        # A fixed order (groups by key, ids ascending): two engines writing the same
-        # allocation at once lock rows in the same order instead of deadlocking.
-        for (account_id, mode, reason), pks in sorted(groups.items(), key=_group_order):
-            pks.sort()
-            for start in range(0, len(pks), _UPDATE_CHUNK):
-                changed += Subscription.objects.filter(
-                    pk__in=pks[start : start + _UPDATE_CHUNK]
-                ).update(assigned_account_id=account_id, streamed_mode=mode,
-                         unassigned_reason=reason)
-        # An inactive subscription streams nowhere: clear what the engine wrote about it.
-        changed += (
-            Subscription.objects.exclude(status=Subscription.Status.ACTIVE)
-            .exclude(assigned_account=None, streamed_mode="", unassigned_reason="")
-            .update(assigned_account=None, streamed_mode="", unassigned_reason="")
-        )
-    return changed
-
-
-def _group_order(item: tuple[tuple[int | None, str, str], list[int]]) -> tuple[int, str, str]:
-    (account_id, mode, reason), _ = item
-    return (account_id or 0, mode, reason)
+    return subscriptions_save_assignments(groups=groups, chunk=_UPDATE_CHUNK)
 
 
 def account_expire_session(
