@@ -18,10 +18,9 @@ from streaming.market import (
     IST,
     SyntheticMarket,
     future_tradingsymbol,
-    monthly_expiries,
     option_tradingsymbol,
-    weekly_expiries,
 )
+from streaming.nse_calendar import monthly_expiries, weekly_expiries
 
 MOCKS = Path("/work/shared/kite-mocks")
 # Wednesday 18 November 2026, 11:00 IST: mid-session, between two NIFTY weekly expiries.
