@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,10 +26,13 @@ def wait_until(predicate: Callable[[], object], *, timeout_s: float, interval_s:
 
 async def async_wait_until(predicate: Callable[[], object], *, timeout_s: float = 5.0,
                            interval_s: float = 0.02, what: str = "condition") -> Any:
-    """:func:`wait_until` on an event loop: the loop keeps running between polls."""
+    """:func:`wait_until` on an event loop; ``predicate`` may return an awaitable (a database
+    read), which is awaited. The loop keeps running between polls."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:

@@ -9,7 +9,8 @@ from typing import Any
 
 from streaming.control import control_channel
 from streaming.engine.leases import make_engine_id
-from streaming.engine.market_hours import EngineMode, parse_holidays
+from streaming.engine.market_hours import EngineMode
+from streaming.nse_calendar import parse_holidays
 
 
 @dataclass(frozen=True)
