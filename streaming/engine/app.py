@@ -38,7 +38,7 @@ from streaming.engine.metrics import EngineMetrics, LoopLagMonitor
 from streaming.engine.mockfeed import MockFeed
 from streaming.engine.pipeline import SnapshotPipeline
 from streaming.engine.planner import ApplyRequests, StreamPlanner
-from streaming.engine.publisher import Publisher, PublishError
+from streaming.engine.publisher import Publisher, PublishError, PublishFailureLog
 from streaming.engine.reloader import (
     LocalNoticeListener,
     RedisNoticeListener,
@@ -53,7 +53,6 @@ from streaming.status import EngineStatus
 
 log = structlog.get_logger(__name__)
 
-_BARS_INTERVAL_S = 1.0
 _WATCHED_REFRESH_S = 2.0
 """How often the publisher re-reads which groups have listeners."""
 
@@ -101,6 +100,7 @@ class Engine:
         self.applies = applies
         self.notices = notices
         self.loop_lag = loop_lag
+        self.publish_failures = PublishFailureLog()
         self._clock = clock
         self.mode: EngineMode = policy.mode_at(clock())
         intake.live = self.mode == "live"
@@ -167,10 +167,7 @@ class Engine:
                 account_labels=config.account_labels,
             ),
             publisher=publisher,
-            bar_sink=BarSink(
-                publisher=publisher, metrics=metrics, close_due=worker.close_due_bars,
-                interval_s=_BARS_INTERVAL_S,
-            ),
+            bar_sink=BarSink(publisher=publisher, metrics=metrics, close_due=worker.close_due_bars),
             connections=connections, mock_feed=mock_feed, leases=leases,
             heartbeat=HeartbeatWriter(
                 engine_id=config.engine_id, interval_s=config.heartbeat_interval_s,
@@ -228,6 +225,8 @@ class Engine:
             await self.supervisor.shutdown()
             try:
                 await self._flush_once()
+                # Every bar, the open minute included, is stored before the process goes.
+                await self.bar_sink.drain(await self.worker.close_all_bars())
             # The last flush is best effort (its ticks are gone with the process anyway), but
             # its failure is told, and it must not keep the leases from being handed over.
             except Exception:
@@ -287,9 +286,9 @@ class Engine:
             # Redis away: this flush's changes are lost for those groups; the next change
             # of each instrument publishes again. Counted, and the loop carries on.
             self.metrics.dropped.labels("publish_failed").inc(len(exc.failed_groups))
-            log.warning("engine.publish_failed", groups=len(exc.failed_groups),
-                        error=str(exc.first_error))
+            self.publish_failures.failed(exc)
         else:
+            self.publish_failures.succeeded()
             self.metrics.group_messages_out.inc(result.groups)
             self.metrics.snapshots_out.inc(result.snapshots)
         self.metrics.publish_seconds.observe(time.perf_counter() - computed)

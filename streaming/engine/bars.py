@@ -285,6 +285,12 @@ class BarAggregator:
         bars.sort(key=lambda b: (b.start_epoch_s, b.token))
         return bars
 
+    def close_all(self) -> list[Bar]:
+        """Close every bar in progress, the open minute included (the engine is stopping)."""
+        bars = [self._close(token, bar) for token, bar in list(self._open.items())]
+        bars.sort(key=lambda b: (b.start_epoch_s, b.token))
+        return bars
+
     def open_bars(self) -> dict[int, dict[str, Any]]:
         """The bars in progress (for a chart's current candle): token -> fields."""
         return {

@@ -18,7 +18,13 @@ import structlog
 from streaming.engine.bars import Bar
 from streaming.engine.metrics import EngineMetrics
 from streaming.engine.publisher import Publisher
-from streaming.engine.store import StoreError, bars_save, run_db
+from streaming.engine.store import (
+    PermanentStoreError,
+    StoreError,
+    bars_save,
+    bars_save_each,
+    run_db,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +54,16 @@ class BarSink:
         """Bars the aggregator closed on ticks (called on the event loop)."""
         self._pending.extend(closed)
 
+    async def drain(self, closed: list[Bar], *, timeout_s: float = 5.0) -> None:
+        """At shutdown: publish and store ``closed`` and everything pending, once, bounded."""
+        self.add(closed)
+        try:
+            await asyncio.wait_for(self.step(), timeout=timeout_s)
+        except TimeoutError:
+            log.error("bars.drain_timeout", unsaved=len(self._unsaved), timeout_s=timeout_s)
+        if self._unsaved:
+            log.error("bars.lost_at_shutdown", bars=len(self._unsaved))
+
     @property
     def unsaved(self) -> int:
         return len(self._unsaved)
@@ -74,6 +90,19 @@ class BarSink:
         rows = self._unsaved
         try:
             await run_db(bars_save, bars=rows)
+        except PermanentStoreError as exc:
+            # The same batch would fail on every retry: save what can be saved, one bar at
+            # a time, and drop (count, log) the bars refused for good.
+            log.warning("bars.batch_refused", bars=len(rows), error=repr(exc)[:300])
+            try:
+                refused = await run_db(bars_save_each, bars=rows)
+            except StoreError as again:
+                log.warning("bars.save_failed", bars=len(rows), error=repr(again))
+                return
+            for row, why in refused:
+                log.error("bars.refused", instrument_id=row.get("instrument_id"),
+                          start=str(row.get("start")), error=why)
+            self._metrics.dropped.labels("bar_refused").inc(len(refused))
         except StoreError as exc:
             log.warning("bars.save_failed", bars=len(rows), error=repr(exc))
             if len(rows) > MAX_UNSAVED_BARS:

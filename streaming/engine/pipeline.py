@@ -1,6 +1,7 @@
 """The snapshot pipeline: ticks in, one pre-serialised message per channel-layer group out.
 
-How the engine drives it (all calls from one asyncio task; the pipeline has no locks)::
+How the engine drives it (every call from the one thread of streaming.engine.worker, so the
+pipeline needs no lock)::
 
     pipeline = SnapshotPipeline(universe, r=settings.RISK_FREE_RATE,
                                 stale_after_s=settings.TICKER_STALE_UNDERLYING_S)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -170,6 +170,47 @@ class PublishError(RuntimeError):
         )
 
 
+class PublishFailureLog:
+    """Logs publish failures on state changes and as rates, not once per flush (10 a second).
+
+    ``engine.publish_failed`` when publishing starts failing, ``engine.publish_failing`` at
+    most every ``every_s`` while it goes on (groups dropped and their rate since the last
+    line), ``engine.publish_recovered`` when a publish succeeds again.
+    """
+
+    def __init__(self, *, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._every_s = every_s
+        self._clock = clock
+        self._since: float | None = None
+        self._logged_at = 0.0
+        self._dropped_total = 0
+        self._dropped_since_log = 0
+
+    def failed(self, exc: PublishError) -> None:
+        now = self._clock()
+        dropped = len(exc.failed_groups)
+        self._dropped_total += dropped
+        self._dropped_since_log += dropped
+        error = str(exc.first_error)[:200]
+        if self._since is None:
+            self._since = self._logged_at = now
+            self._dropped_since_log = 0
+            log.warning("engine.publish_failed", groups=dropped, error=error)
+        elif now - self._logged_at >= self._every_s:
+            log.warning("engine.publish_failing", for_s=round(now - self._since, 1),
+                        groups_dropped=self._dropped_since_log,
+                        groups_per_s=round(self._dropped_since_log / (now - self._logged_at), 1),
+                        error=error)  # fmt: skip
+            self._logged_at, self._dropped_since_log = now, 0
+
+    def succeeded(self) -> None:
+        if self._since is None:
+            return
+        log.info("engine.publish_recovered", after_s=round(self._clock() - self._since, 1),
+                 groups_dropped=self._dropped_total)  # fmt: skip
+        self._since, self._dropped_total, self._dropped_since_log = None, 0, 0
+
+
 @dataclass(slots=True)
 class PublishResult:
     """What one publish sent."""
@@ -180,11 +221,12 @@ class PublishResult:
 
 
 class _Pipeline(Protocol):
-    """What the request loop needs of a SnapshotPipeline."""
+    """What the request loop needs of the pipeline: reads awaited off the event loop (the
+    engine runs them on the pipeline's thread, between two flushes)."""
 
-    def latest(self, tokens: Iterable[int]) -> tuple[list[int], list[bytes]]: ...
+    async def latest(self, tokens: Iterable[int]) -> tuple[list[int], list[bytes]]: ...
 
-    def groups_of(self, tokens: Iterable[int]) -> set[str]: ...
+    async def groups_of(self, tokens: Iterable[int]) -> set[str]: ...
 
 
 class Publisher:
@@ -347,10 +389,12 @@ class Publisher:
             self.requests_rejected += 1
             log.warning("publisher.bad_snapshot_request", reason=exc.reason)
             return 0
-        # Watched first, then the snapshot, with no await between: every change after this
-        # point is published to the groups, everything before is in the answer.
-        self.mark_watched(pipeline.groups_of(request.tokens))
-        tokens, items = pipeline.latest(request.tokens)
+        # Watched first, then the snapshot: every flush that starts after mark_watched
+        # publishes the groups' changes, and the snapshot is read after any flush that began
+        # before it (the reads queue behind flushes on the pipeline's one thread), so every
+        # change is either published or in the answer.
+        self.mark_watched(await pipeline.groups_of(request.tokens))
+        tokens, items = await pipeline.latest(request.tokens)
         self.requests_answered += 1
         if not tokens:
             return 0

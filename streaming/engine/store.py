@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import structlog
 from asgiref.sync import sync_to_async
-from django.db import DatabaseError, close_old_connections
+from django.db import DatabaseError, DataError, IntegrityError, close_old_connections, transaction
 from django.utils import timezone
 
 from accounts.fields import DecryptionError
@@ -37,6 +37,8 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 StoreError = DatabaseError
+#: Errors the same rows raise again on every retry (a constraint, a value out of range).
+PermanentStoreError = (IntegrityError, DataError)
 """What a store call raises when the database fails (so engine code needs no Django import)."""
 
 INSTRUMENT_FIELDS = INSTRUMENT_CSV_COLUMNS
@@ -248,3 +250,18 @@ def bars_save(*, bars: Sequence[Mapping[str, Any]]) -> int:
         batch_size=_BULK_BATCH,
     )
     return len(objs)
+
+
+def bars_save_each(*, bars: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping[str, Any], str]]:
+    """Save bars one at a time, each in its own transaction; the bars refused for good
+    (:data:`PermanentStoreError`), with why. A transient error still raises."""
+    refused = []
+    for bar in bars:
+        try:
+            # Its own transaction: a deferred foreign key is checked at this commit.
+            with transaction.atomic():
+                bars_save(bars=[bar])
+        except PermanentStoreError as exc:
+            refused.append((bar, f"{type(exc).__name__}: {str(exc)[:200]}"))
+    return refused
+

@@ -2,9 +2,10 @@
 
 The event loop reads sockets and only queues arrays here (:meth:`PipelineWorker.enqueue`);
 one "pipeline" thread owns the snapshot pipeline and the bar aggregator and does all their
-work in order: ingest and flush (:meth:`flush`), universe installs (:meth:`install`) and
-closing due bars. So a 100 ms flush of 100k instruments never stops the loop. The lock keeps
-the few synchronous readers (:attr:`reads`) from seeing a flush half done.
+work in order: ingest and flush (:meth:`flush`), universe installs (:meth:`install`), closing
+due bars, and the initial-state reads of new subscribers (:attr:`reads`). So a 100 ms flush of
+100k instruments never stops the loop, and nothing needs a lock: a read runs between two
+flushes, never during one, and never blocks the loop while a flush runs.
 
 :class:`TickIntake` is the feeds' side: the Kite clients' and the mock feed's callbacks,
 counting frames per account before they are queued.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -31,8 +31,11 @@ from streaming.engine.universe import InstrumentUniverse
 
 _FLUSH_SAMPLES = 200
 """Recent flush durations kept for the status document's flush_ms_p50."""
-MAX_INBOX_TICKS = 2_000_000
-"""Ticks queued for the pipeline thread beyond which the oldest frames are dropped."""
+MAX_INBOX_BYTES = 64 * 1024 * 1024
+"""Bytes of decoded frames queued for the pipeline thread beyond which the oldest are dropped.
+
+A tick is 336 bytes decoded: 64 MiB is about 200k ticks, seconds of a busy market's backlog.
+A count of ticks let a stalled pipeline thread pile up hundreds of megabytes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,20 +50,17 @@ class FlushOutcome:
     oldest_received: float | None
 
 
-class LockedReads:
-    """The pipeline's read side for the snapshot-request loop, behind the pipeline lock."""
+class PipelineReads:
+    """The pipeline's read side for the snapshot-request loop: awaited, run on its thread."""
 
-    def __init__(self, pipeline: SnapshotPipeline, lock: threading.Lock) -> None:
-        self._pipeline = pipeline
-        self._lock = lock
+    def __init__(self, worker: PipelineWorker) -> None:
+        self._worker = worker
 
-    def latest(self, tokens: Iterable[int]) -> tuple[list[int], list[bytes]]:
-        with self._lock:
-            return self._pipeline.latest(tokens)
+    async def latest(self, tokens: Iterable[int]) -> tuple[list[int], list[bytes]]:
+        return await self._worker.on_thread(self._worker._pipeline.latest, list(tokens))
 
-    def groups_of(self, tokens: Iterable[int]) -> set[str]:
-        with self._lock:
-            return self._pipeline.groups_of(tokens)
+    async def groups_of(self, tokens: Iterable[int]) -> set[str]:
+        return await self._worker.on_thread(self._worker._pipeline.groups_of, list(tokens))
 
 
 class PipelineWorker:
@@ -73,21 +73,21 @@ class PipelineWorker:
         bars: BarAggregator,
         metrics: EngineMetrics,
         clock: Callable[[], float] = time.time,
-        max_inbox_ticks: int = MAX_INBOX_TICKS,
+        max_inbox_bytes: int = MAX_INBOX_BYTES,
     ) -> None:
         self._pipeline = pipeline
         self._bars = bars
         self._metrics = metrics
         self._clock = clock
-        self._max_inbox_ticks = max_inbox_ticks
+        self._max_inbox_bytes = max_inbox_bytes
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
-        self._lock = threading.Lock()
         self._inbox: list[tuple[np.ndarray, bool, float]] = []
         self._inbox_ticks = 0
+        self._inbox_bytes = 0
         self._flush_ms: deque[float] = deque(maxlen=_FLUSH_SAMPLES)
         self._underlyings: dict[str, Any] = {}
         self._underlyings_at = float("-inf")
-        self.reads = LockedReads(pipeline, self._lock)
+        self.reads = PipelineReads(self)
 
     @property
     def universe(self) -> InstrumentUniverse:
@@ -106,71 +106,75 @@ class PipelineWorker:
         """Queue one decoded frame for the next flush (event loop; only appends)."""
         self._inbox.append((ticks, is_mock, self._clock()))
         self._inbox_ticks += len(ticks)
-        while self._inbox_ticks > self._max_inbox_ticks and len(self._inbox) > 1:
+        self._inbox_bytes += ticks.nbytes
+        while self._inbox_bytes > self._max_inbox_bytes and len(self._inbox) > 1:
             # The pipeline thread has fallen far behind: drop the oldest frames (their
             # instruments' later ticks supersede them), count them, and carry on.
             old, _, _ = self._inbox.pop(0)
             self._inbox_ticks -= len(old)
+            self._inbox_bytes -= old.nbytes
             self._metrics.dropped.labels("inbox_overflow").inc(len(old))
+
+    @property
+    def inbox_bytes(self) -> int:
+        return self._inbox_bytes
 
     async def flush(self, watched: Any) -> FlushOutcome:
         """Ingest what arrived and compute Greeks and JSON for what changed, on the thread."""
         self._metrics.queued_ticks.set(self._inbox_ticks)
-        inbox, self._inbox, self._inbox_ticks = self._inbox, [], 0
-        outcome = await self._on_thread(self._compute, inbox, self._clock(), watched)
+        inbox, self._inbox, self._inbox_ticks, self._inbox_bytes = self._inbox, [], 0, 0
+        outcome = await self.on_thread(self._compute, inbox, self._clock(), watched)
         if outcome.pending:
             self._flush_ms.append(outcome.compute_s * 1000.0)
         return outcome
 
     async def install(self, universe: InstrumentUniverse) -> None:
         """Make ``universe`` the one the pipeline streams, between two flushes."""
-        await self._on_thread(self._install, universe)
+        await self.on_thread(self._install, universe)
 
     async def close_due_bars(self) -> list[Bar]:
-        return await self._on_thread(self._close_due_bars, self._clock())
+        return await self.on_thread(self._bars.close_due, self._clock())
+
+    async def close_all_bars(self) -> list[Bar]:
+        """Close every bar in progress, the open minute included (shutdown)."""
+        return await self.on_thread(self._bars.close_all)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)
 
-    async def _on_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def on_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run pipeline work on its one thread, in order, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _compute(
         self, inbox: list[tuple[np.ndarray, bool, float]], now: float, watched: Any
     ) -> FlushOutcome:
-        with self._lock:
-            started = time.perf_counter()
-            unknown = 0
-            bars: list[Bar] = []
-            for ticks, is_mock, received in inbox:
-                unknown += self._pipeline.ingest(
-                    ticks, is_mock=is_mock, received_epoch_s=received
-                ).unknown
-                bars.extend(self._bars.ingest(ticks, is_mock=is_mock, received_epoch_s=received))
-            pending = self._pipeline.pending
-            batches = self._pipeline.flush(now, watched=watched)
-            if now - self._underlyings_at >= 1.0:
-                self._underlyings = self._pipeline.underlying_summary()
-                self._underlyings_at = now
-            return FlushOutcome(
-                pending=pending,
-                batches=batches,
-                bars=bars,
-                unknown=unknown,
-                compute_s=time.perf_counter() - started,
-                oldest_received=min((r for _, _, r in inbox), default=None),
-            )
+        started = time.perf_counter()
+        unknown = 0
+        bars: list[Bar] = []
+        for ticks, is_mock, received in inbox:
+            unknown += self._pipeline.ingest(
+                ticks, is_mock=is_mock, received_epoch_s=received
+            ).unknown
+            bars.extend(self._bars.ingest(ticks, is_mock=is_mock, received_epoch_s=received))
+        pending = self._pipeline.pending
+        batches = self._pipeline.flush(now, watched=watched)
+        if now - self._underlyings_at >= 1.0:
+            self._underlyings = self._pipeline.underlying_summary()
+            self._underlyings_at = now
+        return FlushOutcome(
+            pending=pending,
+            batches=batches,
+            bars=bars,
+            unknown=unknown,
+            compute_s=time.perf_counter() - started,
+            oldest_received=min((r for _, _, r in inbox), default=None),
+        )
 
     def _install(self, universe: InstrumentUniverse) -> None:
-        with self._lock:
-            self._pipeline.set_universe(universe)
-            self._bars.set_sources(universe.spot_tokens())
-            self._underlyings = self._pipeline.underlying_summary()
-
-    def _close_due_bars(self, now: float) -> list[Bar]:
-        with self._lock:
-            return self._bars.close_due(now)
+        self._pipeline.set_universe(universe)
+        self._bars.set_sources(universe.spot_tokens())
+        self._underlyings = self._pipeline.underlying_summary()
 
 
 @dataclass

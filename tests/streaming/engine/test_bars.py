@@ -13,7 +13,7 @@ from streaming.engine.bars import Bar, BarAggregator
 from streaming.greeks import IST
 from streaming.models import UnderlyingBar
 from subscriptions.models import Instrument
-from tests.streaming.engine.test_universe import NIFTY_INDEX, NOW_S, tick, ticks
+from tests.streaming.engine.builders import NIFTY_INDEX, NOW_S, tick, ticks
 
 RELIANCE = 738561
 T0 = int(NOW_S)  # 10:00:00 IST, a minute boundary

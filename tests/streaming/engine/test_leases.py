@@ -3,7 +3,7 @@ and given up locally before they can expire under a process that cannot renew.""
 
 import asyncio
 import socket
-import time
+from functools import partial
 
 import pytest
 
@@ -31,12 +31,7 @@ def accounts():
     ]
 
 
-async def wait_for(predicate, *, timeout_s=30.0, interval_s=0.02):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(interval_s)
+wait_for = partial(async_wait_until, timeout_s=30.0)
 
 
 class Recorder:

@@ -22,7 +22,7 @@ from streaming.greeks import (
     years_to_expiry,
 )
 from streaming.market import SyntheticMarket
-from tests.streaming.engine.test_universe import (
+from tests.streaming.engine.builders import (
     E1,
     E2,
     NIFTY_FUT,
@@ -375,7 +375,7 @@ def test_a_moving_future_refreshes_its_chain_at_most_once_per_interval():
 def test_chain_refreshes_spread_over_the_interval():
     """Twenty chains whose futures all move every flush refresh once a second each, a few per
     flush, not all twenty on one flush."""
-    from tests.streaming.engine.test_universe import future_row, option_row
+    from tests.streaming.engine.builders import future_row, option_row
 
     names = [f"UND{i:02d}" for i in range(20)]
     rows, futures = [], {}
@@ -454,7 +454,7 @@ def test_set_universe_keeps_kept_instruments_untouched():
     before = p.latest(kept)
     removed = option_token(E2, 26000.0, "CE")
     added = option_token(E1, 26200.0, "CE")
-    from tests.streaming.engine.test_universe import option_row
+    from tests.streaming.engine.builders import option_row
 
     rows = [r for r in nifty_rows() if r["instrument_token"] != removed]
     rows.append(option_row(E1, 26200.0, "CE"))

@@ -4,6 +4,7 @@ initial-state requests, bars, and failures that name what was not sent."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import orjson
 import pytest
@@ -14,13 +15,19 @@ from django.conf import settings
 from streaming import schema
 from streaming.engine.bars import Bar
 from streaming.engine.pipeline import GroupBatch, SnapshotPipeline
-from streaming.engine.publisher import MAX_ITEMS_PER_REPLY, Publisher, PublishError
+from streaming.engine.publisher import (
+    MAX_ITEMS_PER_REPLY,
+    Publisher,
+    PublishError,
+    PublishFailureLog,
+)
 from streaming.engine.universe import InstrumentUniverse
-from tests.streaming.engine.test_universe import (
+from tests.streaming.engine.builders import (
     E1,
     NIFTY_FUT,
     NIFTY_INDEX,
     NOW_S,
+    InlineReads,
     nifty_rows,
     option_token,
     tick,
@@ -190,7 +197,7 @@ async def test_initial_state_requests_are_answered_and_mark_groups_watched(layer
     publisher = Publisher(layer)
     await publisher.refresh_watched(p.universe.group_names)
     assert publisher.watched == frozenset()
-    server = asyncio.create_task(publisher.serve_snapshot_requests(p), name="snapshot-requests")
+    server = asyncio.create_task(publisher.serve_snapshot_requests(InlineReads(p)), name="snapshot-requests")
     try:
         await until(lambda: _has_members(publisher, schema.SNAPSHOT_REQUESTS_GROUP))
         consumer = await layer.new_channel()
@@ -224,7 +231,7 @@ async def test_a_busy_request_loop_still_renews_its_group_membership(layer):
     clock even when requests never stop arriving (a receive timeout never fires then)."""
     p = pipeline_with_data()
     publisher = Publisher(layer, request_group_renew_s=0.2)
-    server = asyncio.create_task(publisher.serve_snapshot_requests(p), name="snapshot-requests")
+    server = asyncio.create_task(publisher.serve_snapshot_requests(InlineReads(p)), name="snapshot-requests")
     try:
         await until(lambda: _has_members(publisher, schema.SNAPSHOT_REQUESTS_GROUP))
         connection = layer.connection(layer.consistent_hash(schema.SNAPSHOT_REQUESTS_GROUP))
@@ -301,3 +308,25 @@ async def test_a_failed_send_names_the_groups_not_sent(bulk):
 def test_max_concurrency_is_checked():
     with pytest.raises(ValueError, match="max_concurrency"):
         Publisher(InMemoryChannelLayer(), max_concurrency=0)
+
+
+def test_publish_failures_are_logged_on_state_changes_and_as_rates_not_per_flush(caplog):
+    caplog.set_level(logging.INFO)
+    now = [0.0]
+    failures = PublishFailureLog(every_s=10.0, clock=lambda: now[0])
+    exc = PublishError(failed_groups=["g1", "g2"], first_error=ConnectionError("redis down"))
+    for i in range(101):  # ten seconds of failing flushes, ten a second
+        now[0] = i * 0.1
+        failures.failed(exc)
+    now[0] = 12.0
+    failures.succeeded()
+    failures.succeeded()  # healthy again: nothing more to say
+
+    def events(name):
+        return [r.msg for r in caplog.records if isinstance(r.msg, dict) and r.msg.get("event") == name]
+
+    assert [e["groups"] for e in events("engine.publish_failed")] == [2]
+    [failing] = events("engine.publish_failing")
+    assert (failing["for_s"], failing["groups_dropped"], failing["groups_per_s"]) == (10.0, 200, 20.0)
+    [recovered] = events("engine.publish_recovered")
+    assert (recovered["after_s"], recovered["groups_dropped"]) == (12.0, 202)

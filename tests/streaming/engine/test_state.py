@@ -6,7 +6,7 @@ import numpy as np
 
 from streaming.engine.state import TickState
 from streaming.engine.universe import InstrumentUniverse
-from tests.streaming.engine.test_universe import (
+from tests.streaming.engine.builders import (
     E1,
     NIFTY_FUT,
     NIFTY_INDEX,

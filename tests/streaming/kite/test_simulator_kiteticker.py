@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 from datetime import datetime
+from functools import partial
 
 import pytest
 
 from streaming.market import SyntheticMarket
 from streaming.sim.simulator import KiteSimulator, SimulatorThread
+from tests import helpers
 
 API_KEY, API_SECRET, ACCESS_TOKEN = "tickerkey", "tickersecret", "tickertoken"
 TIMEOUT_S = 60
@@ -73,11 +75,7 @@ def sim():
         yield thread
 
 
-def wait_until(predicate, *, timeout_s: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
+wait_until = partial(helpers.wait_until, timeout_s=TIMEOUT_S, interval_s=0.01)
 
 
 def client(sim, tokens, *, token=ACCESS_TOKEN, full_ticks=6, reconnect=False) -> subprocess.Popen:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from functools import partial
 
 import aiohttp
 import orjson
@@ -26,6 +27,7 @@ from streaming.kite.codec import (
 from streaming.kite.limits import MAX_INSTRUMENTS_PER_CONNECTION
 from streaming.market import SyntheticMarket
 from streaming.sim.simulator import KiteSimulator
+from tests.helpers import async_wait_until
 
 API_KEY, API_SECRET, ACCESS_TOKEN = "wskey", "wssecret", "wstoken"
 WAIT_S = 10.0
@@ -44,11 +46,8 @@ def url(sim: KiteSimulator, *, api_key: str = API_KEY, token: str = ACCESS_TOKEN
     return f"{sim.ws_url}?api_key={api_key}&access_token={token}"
 
 
-async def wait_until(predicate: Callable[[], bool], *, timeout_s: float = WAIT_S) -> None:
-    async with asyncio.timeout(timeout_s):
-        # Polls: the conditions are simulator state with no event to wait on.
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
+# Polls: the conditions are simulator state with no event to wait on.
+wait_until = partial(async_wait_until, timeout_s=WAIT_S, interval_s=0.005)
 
 
 async def next_ticks(ws: ClientConnection, *, where: Callable = lambda ticks: len(ticks) > 0):

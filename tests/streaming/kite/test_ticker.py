@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pytest
@@ -39,6 +40,7 @@ from streaming.kite.ticker import (
 )
 from streaming.market import SyntheticMarket
 from streaming.sim.simulator import KiteSimulator
+from tests.helpers import async_wait_until
 
 API_KEY, API_SECRET, ACCESS_TOKEN = "tickerkey", "tickersecret", "tickertoken-7f3a9c"
 WAIT_S = 30.0
@@ -56,18 +58,15 @@ def lengths_for(token: int, mode: str) -> int:
     }[mode]
 
 
-async def wait_until(predicate: Callable[[], bool], *, timeout_s: float = WAIT_S) -> None:
-    async with asyncio.timeout(timeout_s):
-        # Polls: the conditions are simulator and client state with no event to wait on.
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+# Polls: the conditions are simulator and client state with no event to wait on.
+wait_until = partial(async_wait_until, timeout_s=WAIT_S, interval_s=0.01)
 
 
 async def stays_false(predicate: Callable[[], bool], *, for_s: float) -> bool:
     """True if ``predicate`` never became true within ``for_s`` (a bounded negative check)."""
     try:
         await wait_until(predicate, timeout_s=for_s)
-    except TimeoutError:
+    except AssertionError:  # the deadline passed
         return True
     return False
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 from tenacity import RetryCallState
@@ -13,6 +14,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from streaming.kite.limits import MODE_FULL
 from streaming.kite.ticker import ConnectionState, KiteTickerClient
+from tests.helpers import async_wait_until
 
 WAIT_S = 30.0
 TOKEN = 256265
@@ -29,10 +31,8 @@ class RecordingWait(wait_base):
         return 0.01
 
 
-async def wait_until(predicate: Callable[[], bool], *, timeout_s: float = WAIT_S) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 - client state, no event to wait on
-            await asyncio.sleep(0.01)
+# Polls: client state, no event to wait on.
+wait_until = partial(async_wait_until, timeout_s=WAIT_S, interval_s=0.01)
 
 
 @pytest.fixture
