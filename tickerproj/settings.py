@@ -127,9 +127,19 @@ else:
                 "timeout": 10,
             },
             "application_name": env.str("DATABASE_APPLICATION_NAME", default="tickerproj"),
+            # Every wait on PostgreSQL is bounded: connecting, a statement, a dead peer.
+            "connect_timeout": env.int("DATABASE_CONNECT_TIMEOUT_S", default=5),
+            "options": f"-c statement_timeout={env.int('DATABASE_STATEMENT_TIMEOUT_S', default=60) * 1000}",
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 30_000,
         }
     )
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # The pool checks a connection before lending it: one the server dropped is replaced.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
     if test_name := env.str("TEST_DATABASE_NAME", default=""):
         DATABASES["default"]["TEST"] = {"NAME": test_name}
 

@@ -311,7 +311,9 @@ class SnapshotPipeline:
         fut_ok = fut_price > 0
         fut_fresh = fut_ok & (st.received_s[f] >= stale_before)
 
-        par_price, par_received, par_mock = self._parity(t_years)
+        par_price, par_received, par_mock = parity_forwards(
+            u, st, pair_starts=self._pair_starts, r=self._r, t_years=t_years
+        )
         par_ok = par_price > 0
         par_fresh = par_ok & (par_received >= stale_before)
 
@@ -334,41 +336,6 @@ class SnapshotPipeline:
         self._chain_forward_mock = forward_mock
         self._chain_source = source.astype(np.int8)
         return changed
-
-    def _parity(self, t_years: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per chain: parity forward (NaN if none), when its pair last ticked, its source.
-
-        The rule of :func:`streaming.greeks.forward_from_parity` (both legs priced, smallest
-        |C - P|, F = K + e^{rT}(C - P), positive), segmented over all chains in one pass;
-        a pair counts only if both legs come from the same source.
-        """
-        u, st = self._u, self._state
-        n_chains = len(u.chain_und)
-        forward = np.full(n_chains, np.nan)
-        received = np.full(n_chains, -np.inf)
-        mock = np.zeros(n_chains, dtype=bool)
-        if u.pair_call.size == 0:
-            return forward, received, mock
-        calls, puts = u.pair_call, u.pair_put
-        c = st.ltp[calls]
-        p = st.ltp[puts]
-        usable = (c > 0) & (p > 0) & (st.is_mock[calls] == st.is_mock[puts])
-        diff = c - p
-        distance = np.where(usable, np.abs(diff), np.inf)
-        best = np.minimum.reduceat(distance, self._pair_starts)
-        counts = np.diff(np.append(self._pair_starts, distance.size))
-        at_best = np.flatnonzero((distance == np.repeat(best, counts)) & usable)
-        # The first pair at the minimum of each chain (lowest strike on ties).
-        chains_at = u.pair_chain[at_best]
-        first = np.ones(at_best.size, dtype=bool)
-        first[1:] = chains_at[1:] != chains_at[:-1]
-        chosen = at_best[first]
-        chain_ids = u.pair_chain[chosen]
-        f = u.pair_strike[chosen] + np.exp(self._r * t_years[chain_ids]) * diff[chosen]
-        forward[chain_ids] = np.where(f > 0, f, np.nan)
-        received[chain_ids] = np.maximum(st.received_s[calls[chosen]], st.received_s[puts[chosen]])
-        mock[chain_ids] = st.is_mock[calls[chosen]]
-        return forward, received, mock
 
     def _options_to_recompute(
         self, dirty: np.ndarray, forward_changed: np.ndarray, now: float
@@ -439,13 +406,6 @@ class SnapshotPipeline:
 
     # --- serialisation ----------------------------------------------------------------------
 
-    def _flag_piece_list(self, flags: np.ndarray) -> list[bytes]:
-        cache = self._flag_pieces
-        for value in np.unique(flags).tolist():
-            if value not in cache:
-                cache[value] = schema.flags_piece(flag_names(value))
-        return list(map(cache.__getitem__, flags.tolist()))
-
     def _encode(self, slots: np.ndarray) -> list[bytes]:
         """Serialise the snapshots of ``slots`` and cache them as their latest items."""
         if slots.size == 0:
@@ -481,7 +441,7 @@ class SnapshotPipeline:
             rho=g["rho"][slots],
             forward=self._forward_used[slots],
             underlying=underlying,
-            flags=self._flag_piece_list(self._flags[slots]),
+            flags=flag_piece_list(self._flag_pieces, self._flags[slots]),
             exchange_ts=np.where(ts > 0, ts * 1000, -1),
             is_mock=mock,
         )
@@ -538,23 +498,74 @@ class SnapshotPipeline:
         raise KeyError(f"no chain {name} {expiry}")
 
     def underlying_summary(self) -> dict[str, dict[str, Any]]:
-        """Per underlying: spot price, its exchange time and the forwards by expiry (heartbeat)."""
-        u, st = self._u, self._state
-        out: dict[str, dict[str, Any]] = {}
-        for und, name in enumerate(u.underlyings):
-            s = int(u.und_spot[und])
-            has = s >= 0 and bool(st.has_data[s])
-            ts = int(st.exchange_ts[s]) if has else 0
-            out[name] = {
-                "price": float(st.ltp[s]) if has else None,
-                "ts": ts if ts > 0 else None,
-                "forwards": {},
-            }
-        forwards = self._chain_forward.tolist()
-        for c, (und, d) in enumerate(zip(u.chain_und.tolist(), u.chain_expiry, strict=True)):
-            if not math.isnan(forwards[c]):
-                out[u.underlyings[und]]["forwards"][d.isoformat()] = round(forwards[c], 4)
-        return out
+        """Per underlying: spot price, its exchange time and the forwards by expiry (status)."""
+        return underlying_summary(self._u, self._state, self._chain_forward)
+
+
+def flag_piece_list(cache: dict[int, bytes], flags: np.ndarray) -> list[bytes]:
+    """The JSON piece of each flag value, each distinct value built once into ``cache``."""
+    for value in np.unique(flags).tolist():
+        if value not in cache:
+            cache[value] = schema.flags_piece(flag_names(value))
+    return list(map(cache.__getitem__, flags.tolist()))
+
+
+def underlying_summary(
+u: InstrumentUniverse, st: TickState, chain_forward: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """Per underlying: spot price, its exchange time and the forwards by expiry (heartbeat)."""
+    out: dict[str, dict[str, Any]] = {}
+    for und, name in enumerate(u.underlyings):
+        s = int(u.und_spot[und])
+        has = s >= 0 and bool(st.has_data[s])
+        ts = int(st.exchange_ts[s]) if has else 0
+        out[name] = {
+            "price": float(st.ltp[s]) if has else None,
+            "ts": ts if ts > 0 else None,
+            "forwards": {},
+        }
+    forwards = chain_forward.tolist()
+    for c, (und, d) in enumerate(zip(u.chain_und.tolist(), u.chain_expiry, strict=True)):
+        if not math.isnan(forwards[c]):
+            out[u.underlyings[und]]["forwards"][d.isoformat()] = round(forwards[c], 4)
+    return out
+
+
+def parity_forwards(
+u: InstrumentUniverse, st: TickState, *, pair_starts: np.ndarray, r: float, t_years: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per chain: parity forward (NaN if none), when its pair last ticked, its source.
+
+    The rule of :func:`streaming.greeks.forward_from_parity` (both legs priced, smallest
+    |C - P|, F = K + e^{rT}(C - P), positive), segmented over all chains in one pass;
+    a pair counts only if both legs come from the same source.
+    """
+    n_chains = len(u.chain_und)
+    forward = np.full(n_chains, np.nan)
+    received = np.full(n_chains, -np.inf)
+    mock = np.zeros(n_chains, dtype=bool)
+    if u.pair_call.size == 0:
+        return forward, received, mock
+    calls, puts = u.pair_call, u.pair_put
+    c = st.ltp[calls]
+    p = st.ltp[puts]
+    usable = (c > 0) & (p > 0) & (st.is_mock[calls] == st.is_mock[puts])
+    diff = c - p
+    distance = np.where(usable, np.abs(diff), np.inf)
+    best = np.minimum.reduceat(distance, pair_starts)
+    counts = np.diff(np.append(pair_starts, distance.size))
+    at_best = np.flatnonzero((distance == np.repeat(best, counts)) & usable)
+    # The first pair at the minimum of each chain (lowest strike on ties).
+    chains_at = u.pair_chain[at_best]
+    first = np.ones(at_best.size, dtype=bool)
+    first[1:] = chains_at[1:] != chains_at[:-1]
+    chosen = at_best[first]
+    chain_ids = u.pair_chain[chosen]
+    f = u.pair_strike[chosen] + np.exp(r * t_years[chain_ids]) * diff[chosen]
+    forward[chain_ids] = np.where(f > 0, f, np.nan)
+    received[chain_ids] = np.maximum(st.received_s[calls[chosen]], st.received_s[puts[chosen]])
+    mock[chain_ids] = st.is_mock[calls[chosen]]
+    return forward, received, mock
 
 
 @dataclass

@@ -9,15 +9,17 @@ restart costs one failed call, not a stuck engine.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import datetime as dt
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
-from asgiref.sync import sync_to_async
 from django.db import DatabaseError, DataError, IntegrityError, close_old_connections, transaction
 from django.utils import timezone
 
@@ -55,9 +57,21 @@ def _in_worker(fn: Callable[..., T], kwargs: Mapping[str, Any]) -> T:
         close_old_connections()
 
 
+DB_THREADS = 4
+"""Threads of the engine's database calls: a frozen PostgreSQL pins at most these."""
+
+# One process-wide pool for every run_db caller (leases, heartbeat, reload, bars): the bound is
+# the point, so it cannot be one pool per collaborator. Not the loop's default executor, which
+# the pure work (allocation, universe builds) uses: that keeps running while the database hangs.
+_db_executor = ThreadPoolExecutor(max_workers=DB_THREADS, thread_name_prefix="engine-db")
+
+
 async def run_db(fn: Callable[..., T], /, **kwargs: Any) -> T:
-    """Run a sync ORM function in a worker thread with fresh-connection hygiene."""
-    return await sync_to_async(_in_worker, thread_sensitive=False)(fn, kwargs)
+    """Run a sync ORM function in one of the engine's database threads, fresh connections."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(
+        _db_executor, context.run, _in_worker, fn, kwargs
+    )
 
 
 # --- what the engine reads ------------------------------------------------------------------

@@ -1,12 +1,18 @@
 """The engine's database reads: one unreadable secret takes out its account, not the engine."""
 
+import asyncio
+import os
+import threading
+
 import pytest
 from cryptography.fernet import Fernet
 from structlog.testing import capture_logs
 
 from accounts.models import KiteAccount
 from accounts.services import UNREADABLE_CIPHER_ERROR
+from streaming.engine import store
 from streaming.engine.store import world_load
+from tests.helpers import async_wait_until
 
 pytestmark = pytest.mark.django_db
 
@@ -41,3 +47,23 @@ def test_an_undecryptable_access_token_makes_only_its_account_unstreamable(setti
         world = world_load()
     assert not {a.label: a for a in world.accounts}["lost"].streamable
     assert not [e for e in logs if e["event"] == "engine.account_secret_unreadable"]
+
+
+async def test_a_hung_database_pins_only_the_engines_database_threads():
+    """Database calls that never return (a frozen PostgreSQL) use up the engine's few
+    database threads, not the loop's default executor: pure work in threads goes on."""
+    release = threading.Event()
+    default_workers = min(32, (os.cpu_count() or 1) + 4)
+    hung = [asyncio.ensure_future(store.run_db(release.wait, timeout=30))
+            for _ in range(default_workers + 1)]
+    try:
+        await async_wait_until(
+            lambda: sum(t.name.startswith("engine-db") for t in threading.enumerate())
+            >= store.DB_THREADS, timeout_s=10, what="the database threads busy",
+        )
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "pure work"), timeout=10) == "pure work"
+        db_threads = [t for t in threading.enumerate() if t.name.startswith("engine-db")]
+        assert len(db_threads) == store.DB_THREADS
+    finally:
+        release.set()
+        await asyncio.gather(*hung)
