@@ -135,6 +135,8 @@ else:
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+WS_GROUP_EXPIRY_S = env.int("WS_GROUP_EXPIRY_S", default=900)
+"""channels-redis forgets a WebSocket's group membership after this; consumers re-join at a third."""
 # Names this installation's channel-layer keys and engine control channel on a shared Redis.
 CHANNEL_LAYER_PREFIX = env.str("CHANNEL_LAYER_PREFIX", default="tickerproj")
 if REDIS_URL:
@@ -149,6 +151,9 @@ if REDIS_URL:
                 "prefix": CHANNEL_LAYER_PREFIX,
                 "capacity": env.int("CHANNEL_LAYER_CAPACITY", default=1000),
                 "expiry": 10,
+                # Consumers re-join every WS_GROUP_EXPIRY_S / 3; a member a failed disconnect
+                # left behind is forgotten after this, not after channels-redis's 24 h.
+                "group_expiry": WS_GROUP_EXPIRY_S,
             },
         }
     }
@@ -200,6 +205,10 @@ TICKER_SAFETY_RELOAD_S = env.float("TICKER_SAFETY_RELOAD_S", default=60.0)
 WS_MAX_SUBSCRIPTIONS = env.int("WS_MAX_SUBSCRIPTIONS", default=2000)
 WS_MAX_MESSAGES_PER_S = env.int("WS_MAX_MESSAGES_PER_S", default=20)
 WS_SEND_WINDOW = env.int("WS_SEND_WINDOW", default=4)
+WS_MAX_CONNECTIONS_PER_USER = env.int("WS_MAX_CONNECTIONS_PER_USER", default=20)
+WS_MAX_CONNECTIONS_PER_IP = env.int("WS_MAX_CONNECTIONS_PER_IP", default=100)
+"""Per web process; behind a reverse proxy run daphne with --proxy-headers, or every client
+shares the proxy's address."""
 HEALTH_HEARTBEAT_MAX_AGE_S = env.float("HEALTH_HEARTBEAT_MAX_AGE_S", default=15.0)
 HEALTH_STREAM_STALL_S = env.float("HEALTH_STREAM_STALL_S", default=30.0)
 """A live account streaming instruments with no tick for this long makes /health 503."""
