@@ -24,3 +24,48 @@ def test_json_events_carry_context_as_fields_and_redact_secrets():
     assert events[0]["level"] == "info" and "timestamp" in events[0]
     assert "tok-secret" not in result.stderr and "sec-secret" not in result.stderr
     assert events[1]["access_token"] == "[redacted]"
+
+
+SCRUB_SCRIPT = """
+import logging, sys
+import structlog
+from tickerproj.logging import configure_logging, remember_secret
+configure_logging(json=sys.argv[1] == "json", level="INFO")
+remember_secret("KnownSecretValue0123456789")
+log = structlog.get_logger("probe")
+try:
+    raise ValueError("wss://ws.kite.trade?api_key=k1&access_token=UnknownTok987654321 rejected")
+except ValueError:
+    log.exception("probe.failed", detail="token KnownSecretValue0123456789 was used")
+try:
+    raise RuntimeError("header Authorization: token k1:AnotherUnknown55555 and KnownSecretValue0123456789")
+except RuntimeError:
+    logging.getLogger("stdlib.probe").exception("stdlib said %s", "KnownSecretValue0123456789")
+"""
+
+
+def test_every_rendered_line_and_traceback_is_scrubbed_of_secret_values():
+    for mode in ("json", "console"):
+        result = subprocess.run(
+            [sys.executable, "-c", SCRUB_SCRIPT, mode], cwd=ROOT, capture_output=True, text=True,
+            check=True,
+        )
+        out = result.stderr
+        assert "probe.failed" in out and "Traceback" in out and "stdlib said" in out, out
+        for secret in ("KnownSecretValue0123456789", "UnknownTok987654321", "AnotherUnknown55555"):
+            assert secret not in out, (mode, secret)
+        assert "[scrubbed]" in out
+
+
+def test_scrubbing_costs_one_set_lookup_per_word_and_keeps_ordinary_text():
+    from tickerproj.logging import SecretScrubber
+
+    scrubber = SecretScrubber(max_values=3)
+    for i in range(5):
+        scrubber.remember(f"apikey-number-{i:04d}")
+    scrubber.remember("short")  # under 8 characters: not a secret worth garbling text for
+    line = "apikey-number-0000 apikey-number-0004 short message about NIFTY25NOV24000CE"
+    # Bounded: the two oldest values were evicted; the newest are scrubbed.
+    assert scrubber.scrub(line) == (
+        "apikey-number-0000 [scrubbed] short message about NIFTY25NOV24000CE"
+    )

@@ -1,7 +1,17 @@
-"""structlog set-up shared by every process: JSON events in production, readable in DEBUG."""
+"""structlog set-up shared by every process: JSON events in production, readable in DEBUG.
+
+Secrets are kept out of the output twice: fields named like a secret are replaced before
+rendering (:func:`redact_secrets`), and every rendered line, tracebacks included, goes last
+through :class:`SecretScrubber`, which replaces every secret value this process has handled
+(Kite access tokens and API secrets when decrypted, API keys when hashed: see
+:func:`remember_secret`) and anything shaped like a credential in a URL or header.
+"""
 
 import logging
 import logging.config
+import re
+import threading
+from typing import Final
 
 import structlog
 
@@ -15,6 +25,71 @@ def redact_secrets(_logger, _method, event_dict):
     for key in SECRET_KEYS.intersection(event_dict):
         event_dict[key] = "[redacted]"
     return event_dict
+
+
+SCRUBBED: Final = "[scrubbed]"
+MIN_SECRET_CHARS: Final = 8
+"""Shorter values are not scrubbed: replacing them would garble ordinary text."""
+_TOKEN_RUN: Final = re.compile(rf"[A-Za-z0-9_\-]{{{MIN_SECRET_CHARS},}}")
+# Credentials by shape, whether or not their value is known: Kite's URL query and REST header,
+# the WebSocket API's header and subprotocol.
+_CREDENTIAL_SHAPES: Final = re.compile(
+    r"(?P<head>(?:access_token|api_secret|request_token|checksum)=|"
+    r"(?:authorization|Authorization)[\"']?\s*[:=]\s*[\"']?(?:token|Token|Bearer|bearer)\s+"
+    r"(?:[A-Za-z0-9_\-]+:)?|tickerproj\.token\.)"
+    r"[^&\s'\",;]+"
+)
+
+
+class SecretScrubber:
+    """Replaces known secret values and credential-shaped text in rendered log lines.
+
+    Values are matched as whole runs of ``[A-Za-z0-9_-]`` (what Kite tokens and our API keys
+    are made of) through one set lookup per run, so a line costs the same whatever the number
+    of values; a value with other characters is replaced literally. At most ``max_values`` of
+    the newest values are kept, so keys presented by strangers cannot grow it without bound.
+    """
+
+    def __init__(self, *, max_values: int = 4096) -> None:
+        self._max_values = max_values
+        self._runs: dict[str, None] = {}  # insertion-ordered: the oldest is evicted first
+        self._literal: dict[str, None] = {}
+        self._lock = threading.Lock()
+
+    def remember(self, value: str) -> None:
+        if not isinstance(value, str) or len(value) < MIN_SECRET_CHARS:
+            return
+        store = self._runs if _TOKEN_RUN.fullmatch(value) else self._literal
+        with self._lock:
+            store.pop(value, None)
+            store[value] = None
+            while len(store) > self._max_values:
+                del store[next(iter(store))]
+
+    def scrub(self, text: str) -> str:
+        text = _CREDENTIAL_SHAPES.sub(lambda m: m.group("head") + SCRUBBED, text)
+        runs = self._runs
+        if runs:
+            text = _TOKEN_RUN.sub(lambda m: SCRUBBED if m.group() in runs else m.group(), text)
+        for value in list(self._literal):
+            text = text.replace(value, SCRUBBED)
+        return text
+
+    def __call__(self, _logger, _method, rendered):
+        """The last processor: scrubs the rendered line (a str, or bytes from orjson)."""
+        if isinstance(rendered, bytes):
+            return self.scrub(rendered.decode("utf-8", "replace")).encode()
+        return self.scrub(rendered) if isinstance(rendered, str) else rendered
+
+
+# One per process, like the logging configuration it belongs to (stdlib logging and structlog
+# are process-wide): the places that handle secrets hand their values to it.
+SCRUBBER: Final = SecretScrubber()
+
+
+def remember_secret(value: str) -> None:
+    """Make sure ``value`` never appears in this process's log output."""
+    SCRUBBER.remember(value)
 
 
 def configure_logging(*, json: bool, level: str) -> None:
@@ -46,6 +121,7 @@ def configure_logging(*, json: bool, level: str) -> None:
                         structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                         structlog.processors.format_exc_info,
                         renderer,
+                        SCRUBBER,
                     ],
                     "foreign_pre_chain": shared,
                 }
