@@ -89,7 +89,7 @@ class KiteAccountAdmin(admin.ModelAdmin):
         # next periodic reload.
         notify_engines_on_commit()
 
-    @admin.action(description="Disable selected accounts")
+    @admin.action(description="Disable selected accounts", permissions=["change"])
     def disable_accounts(self, request, queryset):
         for account in queryset:
             account.status = KiteAccount.Status.DISABLED
@@ -98,7 +98,7 @@ class KiteAccountAdmin(admin.ModelAdmin):
         notify_engines_on_commit()
         messages.success(request, f"Disabled {queryset.count()} account(s).")
 
-    @admin.action(description="Enable selected accounts")
+    @admin.action(description="Enable selected accounts", permissions=["change"])
     def enable_accounts(self, request, queryset):
         for account in queryset:
             account.status = KiteAccount.Status.ACTIVE
@@ -141,7 +141,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
             f"API token for {token.user}: {key}  (copy it now: it is stored hashed and never shown again)",
         )
 
-    @admin.action(description="Revoke selected tokens")
+    @admin.action(description="Revoke selected tokens", permissions=["change"])
     def revoke_tokens(self, request, queryset):
         for token in queryset.filter(revoked_at__isnull=True):
             services.apitoken_revoke(token=token)
