@@ -71,3 +71,27 @@ def test_admin_is_staff_only(client, django_user_model, account):
     response = client.get(reverse("admin:accounts_kiteaccount_changelist"))
     assert response.status_code == 302
     assert "/admin/login/" in response["Location"]
+
+
+def test_pasting_a_token_keeps_a_disabled_account_disabled(admin_client, account):
+    url = reverse("admin:accounts_kiteaccount_change", args=[account.pk])
+    response = admin_client.post(
+        url, _form_data(account, access_token="pasted-token", status=KiteAccount.Status.DISABLED)
+    )
+    assert response.status_code == 302
+    account = KiteAccount.objects.get(pk=account.pk)
+    assert account.access_token == "pasted-token"
+    assert account.status == KiteAccount.Status.DISABLED
+
+
+def test_admin_login_is_locked_out_after_repeated_failures(client, django_user_model, settings):
+    django_user_model.objects.create_user(username="ops", password="right-pw-123", is_staff=True)
+    url = reverse("admin:login")
+    for _ in range(settings.AXES_FAILURE_LIMIT - 1):
+        response = client.post(url, {"username": "ops", "password": "wrong"})
+        assert response.status_code == 200  # the form again, with an error
+    assert client.post(url, {"username": "ops", "password": "wrong"}).status_code == 429
+    # Locked out: even the right password is refused now.
+    response = client.post(url, {"username": "ops", "password": "right-pw-123"})
+    assert response.status_code == 429
+    assert "_auth_user_id" not in client.session
