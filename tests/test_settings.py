@@ -129,3 +129,28 @@ def test_https_settings_come_from_the_environment(tmp_path):
     default = json.loads(_run(SECURITY_PROBE, {**PRODUCTION_ENV, "TICKERPROJ_VAR_DIR": str(tmp_path)})
                          .stdout.strip().splitlines()[-1])
     assert default["proxy_ssl"] is None, "a forwarded header is trusted only when told"
+
+
+REDIS_TLS_PROBE = """
+import json, django
+from django.conf import settings
+django.setup()
+import redis
+from tickerproj.celery import app
+pool = redis.Redis.from_url(settings.REDIS_URL).connection_pool
+print(json.dumps({
+    "layer": settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"][0]["address"],
+    "redis": [pool.connection_class.__name__, pool.connection_kwargs["password"]],
+    "backend": type(app.backend).__name__, "broker_ssl": bool(app.connection_for_write().ssl),
+}))
+"""
+
+
+def test_redis_auth_and_tls_come_through_redis_url(tmp_path):
+    """L12: a password and TLS (rediss://) reach the channel layer, Celery and our clients."""
+    url = "rediss://:s3cret@redis.example:6380/3?ssl_cert_reqs=required"
+    result = _run(REDIS_TLS_PROBE, {**PRODUCTION_ENV, "TICKERPROJ_VAR_DIR": str(tmp_path), "REDIS_URL": url})
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found == {"layer": url, "redis": ["SSLConnection", "s3cret"], "backend": "RedisBackend",
+                     "broker_ssl": True}

@@ -134,6 +134,8 @@ def configure_logging(*, json: bool, level: str) -> None:
                 "django.db.backends": {"level": "INFO"},
                 "daphne": {"level": "WARNING"},
                 "asyncio": {"level": "WARNING"},
+                # django-axes logs every successful login's reset at INFO.
+                "axes": {"level": "WARNING"},
             },
         }
     )
