@@ -14,7 +14,7 @@ Server -> client (JSON text frames, ``type`` names the message): ``hello``, ``su
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Collection, Container, Iterable, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
 
@@ -218,7 +218,7 @@ def parse_client_message(
     text: str,
     *,
     subscribe_room: int = MAX_INSTRUMENTS_PER_MESSAGE,
-    held_tokens: Container[int] = frozenset(),
+    held_tokens: Collection[int] = frozenset(),
     held_symbols: Container[tuple[str, str]] = frozenset(),
 ) -> Subscribe | Unsubscribe | Ping | Ack:
     """Parse one client text frame; raises ProtocolError with the right code on any problem.
@@ -258,11 +258,14 @@ def parse_client_message(
         )
     instruments = raw.get("instruments")
     if action == "subscribe" and isinstance(instruments, list) and len(instruments) > subscribe_room:
-        new = sum(1 for v in instruments if not _is_held(v, held_tokens, held_symbols))
+        if len(instruments) > subscribe_room + len(held_tokens):
+            new = len(instruments)  # cannot fit whatever is held: no reference is looked at
+        else:
+            new = sum(1 for v in instruments if not _is_held(v, held_tokens, held_symbols))
         if new > subscribe_room:
             raise ProtocolError(
                 ErrorCode.TOO_MANY_SUBSCRIPTIONS,
-                f"{new} new instruments named, but this connection has room for "
+                f"{new} instruments not yet subscribed named, but this connection has room for "
                 f"{subscribe_room} more; nothing was subscribed",
                 request_id=request_id,
                 requested=new,
