@@ -57,15 +57,16 @@ def test_every_rendered_line_and_traceback_is_scrubbed_of_secret_values():
         assert "[scrubbed]" in out
 
 
-def test_scrubbing_costs_one_set_lookup_per_word_and_keeps_ordinary_text():
+def test_scrubbing_is_bounded_and_strangers_keys_cannot_evict_kite_secrets():
     from tickerproj.logging import SecretScrubber
 
-    scrubber = SecretScrubber(max_values=3)
+    scrubber = SecretScrubber(max_held=10, max_presented=3)
+    scrubber.remember("KiteAccessToken0000")
     for i in range(5):
-        scrubber.remember(f"apikey-number-{i:04d}")
+        scrubber.remember(f"apikey-number-{i:04d}", presented=True)
+    scrubber.remember("odd key with spaces", presented=True)  # not a key's shape: not kept
     scrubber.remember("short")  # under 8 characters: not a secret worth garbling text for
-    line = "apikey-number-0000 apikey-number-0004 short message about NIFTY25NOV24000CE"
-    # Bounded: the two oldest values were evicted; the newest are scrubbed.
-    assert scrubber.scrub(line) == (
-        "apikey-number-0000 [scrubbed] short message about NIFTY25NOV24000CE"
-    )
+    line = "KiteAccessToken0000 apikey-number-0000 apikey-number-0004 short NIFTY25NOV24000CE"
+    # The two oldest presented keys were evicted; the Kite token was not.
+    assert scrubber.scrub(line) == "[scrubbed] apikey-number-0000 [scrubbed] short NIFTY25NOV24000CE"
+    assert scrubber.scrub("odd key with spaces") == "odd key with spaces"

@@ -41,37 +41,71 @@ _CREDENTIAL_SHAPES: Final = re.compile(
 )
 
 
+class _NewestValues:
+    """A set that keeps its newest ``limit`` values (the oldest is dropped first)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._values: dict[str, None] = {}  # insertion-ordered
+
+    def add(self, value: str) -> None:
+        self._values.pop(value, None)
+        self._values[value] = None
+        while len(self._values) > self._limit:
+            del self._values[next(iter(self._values))]
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def snapshot(self) -> list[str]:
+        return list(self._values)
+
+
 class SecretScrubber:
     """Replaces known secret values and credential-shaped text in rendered log lines.
 
     Values are matched as whole runs of ``[A-Za-z0-9_-]`` (what Kite tokens and our API keys
-    are made of) through one set lookup per run, so a line costs the same whatever the number
-    of values; a value with other characters is replaced literally. At most ``max_values`` of
-    the newest values are kept, so keys presented by strangers cannot grow it without bound.
+    are made of) through set lookups per run, so a line costs the same whatever the number of
+    values; a held secret with other characters is replaced literally. Held secrets (Kite's,
+    read from our database) and presented ones (API keys as clients send them, strangers'
+    included) are kept apart, each bounded with the oldest evicted first, so a flood of
+    made-up keys can neither grow the scrubber nor push a Kite token out of it.
     """
 
-    def __init__(self, *, max_values: int = 4096) -> None:
-        self._max_values = max_values
-        self._runs: dict[str, None] = {}  # insertion-ordered: the oldest is evicted first
-        self._literal: dict[str, None] = {}
+    def __init__(self, *, max_held: int = 1024, max_presented: int = 4096) -> None:
+        self._held = _NewestValues(max_held)
+        self._held_literal = _NewestValues(64)
+        self._presented = _NewestValues(max_presented)
         self._lock = threading.Lock()
 
-    def remember(self, value: str) -> None:
+    def remember(self, value: str, *, presented: bool = False) -> None:
+        """Scrub ``value`` from now on; ``presented``: it came from a client, maybe a stranger."""
         if not isinstance(value, str) or len(value) < MIN_SECRET_CHARS:
             return
-        store = self._runs if _TOKEN_RUN.fullmatch(value) else self._literal
+        run = _TOKEN_RUN.fullmatch(value) is not None
+        if presented:
+            if not run:
+                return  # not one of our keys' shape; caught by _CREDENTIAL_SHAPES if anywhere
+            store = self._presented
+        else:
+            store = self._held if run else self._held_literal
         with self._lock:
-            store.pop(value, None)
-            store[value] = None
-            while len(store) > self._max_values:
-                del store[next(iter(store))]
+            store.add(value)
 
     def scrub(self, text: str) -> str:
         text = _CREDENTIAL_SHAPES.sub(lambda m: m.group("head") + SCRUBBED, text)
-        runs = self._runs
-        if runs:
-            text = _TOKEN_RUN.sub(lambda m: SCRUBBED if m.group() in runs else m.group(), text)
-        for value in list(self._literal):
+        held, presented = self._held, self._presented
+        if held or presented:
+            text = _TOKEN_RUN.sub(
+                lambda m: SCRUBBED if m.group() in held or m.group() in presented else m.group(),
+                text,
+            )
+        with self._lock:
+            literal = self._held_literal.snapshot()
+        for value in literal:
             text = text.replace(value, SCRUBBED)
         return text
 
@@ -87,9 +121,9 @@ class SecretScrubber:
 SCRUBBER: Final = SecretScrubber()
 
 
-def remember_secret(value: str) -> None:
-    """Make sure ``value`` never appears in this process's log output."""
-    SCRUBBER.remember(value)
+def remember_secret(value: str, *, presented: bool = False) -> None:
+    """Make sure ``value`` never appears in this process's log output (see SecretScrubber)."""
+    SCRUBBER.remember(value, presented=presented)
 
 
 def configure_logging(*, json: bool, level: str) -> None:
