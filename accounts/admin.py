@@ -2,6 +2,7 @@
 
 from django import forms
 from django.contrib import admin, messages
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
@@ -87,7 +88,7 @@ class KiteAccountAdmin(admin.ModelAdmin):
             # seconds, not at their next periodic reload.
             services.account_save(account=obj)
 
-    @admin.action(description="Disable selected accounts")
+    @admin.action(description="Disable selected accounts", permissions=["change"])
     def disable_accounts(self, request, queryset):
         services.accounts_set_status(account_ids=[a.pk for a in queryset],
                                      status=KiteAccount.Status.DISABLED)
@@ -95,7 +96,7 @@ class KiteAccountAdmin(admin.ModelAdmin):
             self.log_change(request, account, "Disabled from the admin action")
         messages.success(request, f"Disabled {queryset.count()} account(s).")
 
-    @admin.action(description="Enable selected accounts")
+    @admin.action(description="Enable selected accounts", permissions=["change"])
     def enable_accounts(self, request, queryset):
         services.accounts_set_status(account_ids=[a.pk for a in queryset],
                                      status=KiteAccount.Status.ACTIVE)
@@ -132,12 +133,24 @@ class ApiTokenAdmin(admin.ModelAdmin):
             return
         token, key = services.apitoken_create(user=obj.user, name=obj.name)
         obj.pk = token.pk
-        messages.warning(
-            request,
-            f"API token for {token.user}: {key}  (copy it now: it is stored hashed and never shown again)",
-        )
+        # Shown once by response_add, in that response only: a message would travel in the
+        # messages cookie (signed, not encrypted) or sit in the session.
+        request.api_key_created = key
 
-    @admin.action(description="Revoke selected tokens")
+    def response_add(self, request, obj, post_url_continue=None):
+        key = getattr(request, "api_key_created", None)
+        if key is None:
+            return super().response_add(request, obj, post_url_continue)
+        response = TemplateResponse(
+            request,
+            "admin/accounts/apitoken/created.html",
+            {**self.admin_site.each_context(request), "title": "API token created", "token": obj,
+             "key": key, "opts": self.opts},
+        )
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @admin.action(description="Revoke selected tokens", permissions=["change"])
     def revoke_tokens(self, request, queryset):
         for token in queryset.filter(revoked_at__isnull=True):
             services.apitoken_revoke(token=token)

@@ -9,6 +9,7 @@ import time
 
 import orjson
 import pytest
+from django.conf import settings
 
 from accounts.models import KiteAccount
 from accounts.services import account_set_session
@@ -17,6 +18,7 @@ from streaming.control import notify_engines_on_commit
 from streaming.engine.store import run_db
 from streaming.market import IST, SyntheticMarket
 from streaming.models import UnderlyingBar
+from streaming.nse_calendar import is_trading_day, parse_holidays
 from tests.helpers import async_wait_until
 from tests.streaming.engine.runtime_helpers import (
     InProcessEngine,
@@ -48,16 +50,18 @@ def epoch_at_ist(day: dt.date, hour: int, minute: int) -> float:
     return dt.datetime(day.year, day.month, day.day, hour, minute, tzinfo=IST).timestamp()
 
 
-def next_weekday(today: dt.date) -> dt.date:
+def next_trading_day(today: dt.date) -> dt.date:
+    """The first trading day after ``today`` (weekends and MARKET_HOLIDAYS skipped)."""
+    holidays = parse_holidays(settings.MARKET_HOLIDAYS)
     day = today + dt.timedelta(days=1)
-    while day.weekday() >= 5:
+    while not is_trading_day(day, holidays):
         day += dt.timedelta(days=1)
     return day
 
 
 async def test_live_at_the_open_mock_after_the_close_never_mixed(world):
     """The engine's clock runs in a trading day; crossing 15:30 IST switches it to mock."""
-    day = next_weekday(dt.date.today())
+    day = next_trading_day(dt.date.today())
     offset = [epoch_at_ist(day, 15, 29) + 50 - time.time()]  # 10 s before the close
 
     def clock():
@@ -67,32 +71,32 @@ async def test_live_at_the_open_mock_after_the_close_never_mixed(world):
                                mode_check_interval_s=0.2, mock_interval_ms=100) as h:
         listener = await h.listen(world["group"])
         assert h.engine.mode == "live"
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="live connection")
-        await listener.until(lambda: len(listener.latest) > 20, timeout_s=10,
+        await listener.until(lambda: len(listener.latest) > 20, timeout_s=60,
                              what="live snapshots")
         assert {s["is_mock"] for s in listener.latest.values()} == {False}
 
         offset[0] += 20  # past 15:30 IST
-        await async_wait_until(lambda: h.engine.mode == "mock", timeout_s=5, what="mock mode")
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 0, timeout_s=5,
+        await async_wait_until(lambda: h.engine.mode == "mock", timeout_s=60, what="mock mode")
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 0, timeout_s=60,
                                what="Kite connections closed after the close")
         # Everything now comes from the mock market, and every snapshot says so.
         await listener.drain(0.5)  # what was in flight at the switch
         listener.latest.clear()
-        await listener.until(lambda: len(listener.latest) > 20, timeout_s=10,
+        await listener.until(lambda: len(listener.latest) > 20, timeout_s=60,
                              what="mock snapshots")
         assert {s["is_mock"] for s in listener.latest.values()} == {True}
         assert h.engine.status().mode == "mock"
         assert h.engine.status().accounts["acc1"].state == "stopped"
 
-        offset[0] = epoch_at_ist(next_weekday(day), 9, 16) - time.time()  # the next open
-        await async_wait_until(lambda: h.engine.mode == "live", timeout_s=5, what="live again")
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        offset[0] = epoch_at_ist(next_trading_day(day), 9, 16) - time.time()  # the next open
+        await async_wait_until(lambda: h.engine.mode == "live", timeout_s=60, what="live again")
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="reconnected at the open")
         await listener.drain(0.5)
         listener.latest.clear()
-        await listener.until(lambda: len(listener.latest) > 20, timeout_s=10,
+        await listener.until(lambda: len(listener.latest) > 20, timeout_s=60,
                              what="live snapshots again")
         assert {s["is_mock"] for s in listener.latest.values()} == {False}
 
@@ -100,7 +104,7 @@ async def test_live_at_the_open_mock_after_the_close_never_mixed(world):
 async def test_a_failed_switch_to_mock_is_retried_until_the_mock_feed_runs(world):
     """An apply failing during the switch leaves the old mode in place, so the restarted mode
     loop switches again instead of believing it is already in mock mode with no feed."""
-    day = next_weekday(dt.date.today())
+    day = next_trading_day(dt.date.today())
     offset = [epoch_at_ist(day, 15, 29) + 50 - time.time()]  # 10 s before the close
 
     def clock():
@@ -109,7 +113,7 @@ async def test_a_failed_switch_to_mock_is_retried_until_the_mock_feed_runs(world
     async with InProcessEngine(accounts={"acc1": "k1"}, force_mode=None, clock=clock,
                                mode_check_interval_s=0.2, mock_interval_ms=100) as h:
         assert h.engine.mode == "live"
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="live connection")
         set_tokens = h.engine.mock_feed.set_tokens
         failures = []
@@ -124,13 +128,13 @@ async def test_a_failed_switch_to_mock_is_retried_until_the_mock_feed_runs(world
         offset[0] += 20  # past 15:30 IST
         await async_wait_until(
             lambda: h.engine.mode == "mock" and h.engine.supervisor.is_running("mock_feed"),
-            timeout_s=15, what="mock mode with its feed running",
+            timeout_s=60, what="mock mode with its feed running",
         )
         assert failures, "the injected failure never happened"
         assert h.engine.supervisor.state("mode").restarts >= 1
         assert h.sim.connection_count("k1") == 0
         listener = await h.listen(world["group"])
-        await listener.until(lambda: len(listener.latest) > 20, timeout_s=10,
+        await listener.until(lambda: len(listener.latest) > 20, timeout_s=60,
                              what="mock snapshots")
         assert {s["is_mock"] for s in listener.latest.values()} == {True}
 
@@ -138,7 +142,7 @@ async def test_a_failed_switch_to_mock_is_retried_until_the_mock_feed_runs(world
 async def test_a_failed_apply_is_applied_again(world):
     """The applier's request survives an apply that raises: the restarted loop applies it."""
     async with InProcessEngine(accounts={"acc1": "k1"}) as h:
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="streaming")
         set_tokens = h.engine.mock_feed.set_tokens
         calls = []
@@ -153,14 +157,14 @@ async def test_a_failed_apply_is_applied_again(world):
         h.engine.mock_feed.set_tokens = set_tokens_failing_once
         h.engine.applies.request()
         # Well before the safety reload (60 s), which would apply anyway.
-        await async_wait_until(lambda: any(run >= 1 for run in calls), timeout_s=15,
+        await async_wait_until(lambda: any(run >= 1 for run in calls), timeout_s=60,
                                what="the restarted applier applying the request again")
         assert calls[0] == 0
 
 
 async def test_a_new_login_reaches_the_running_client(world):
     async with InProcessEngine(accounts={"acc1": "k1"}) as h:
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="connected with the first token")
         first = {c.id for c in h.sim.connections("k1")}
         # The morning login: Kite now accepts only the new token.
@@ -180,7 +184,7 @@ async def test_a_new_login_reaches_the_running_client(world):
         await async_wait_until(
             lambda: h.sim.connection_count("k1") == 1
             and {c.id for c in h.sim.connections("k1")} != first,
-            timeout_s=15, what="reconnected with the new token",
+            timeout_s=60, what="reconnected with the new token",
         )
         assert h.engine.status().accounts["acc1"].session == "ok"
 
@@ -189,7 +193,7 @@ async def test_accounts_option_restricts_what_this_process_streams(world):
     await run_db(lambda: make_account("acc2", api_key="k2", access_token="tok-acc2"))
     async with InProcessEngine(accounts={"acc1": "k1", "acc2": "k2"},
                                account_labels=frozenset({"acc2"})) as h:
-        await async_wait_until(lambda: h.sim.connection_count("k2") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k2") == 1, timeout_s=60,
                                what="acc2 streaming")
         # The allocation is global (acc1 gets its share), but this process only holds acc2.
         await asyncio.sleep(1.0)
@@ -199,13 +203,13 @@ async def test_accounts_option_restricts_what_this_process_streams(world):
 
 async def test_relogin_after_expiry_resumes_streaming(world):
     async with InProcessEngine(accounts={"acc1": "k1"}) as h:
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="streaming")
         h.sim.expire_token("k1")
         await async_wait_until(
             lambda: getattr(h.engine.status().accounts.get("acc1"), "state", None)
             == "session_expired",
-            timeout_s=15, what="session expired seen",
+            timeout_s=60, what="session expired seen",
         )
         h.sim.set_access_token("k1", "tok-morning")
 
@@ -215,11 +219,11 @@ async def test_relogin_after_expiry_resumes_streaming(world):
             notify_engines_on_commit()
 
         await run_db(login)
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="streaming again after the login")
         await async_wait_until(
             lambda: h.engine.status().accounts["acc1"].state == "streaming",
-            timeout_s=10, what="heartbeat streaming",
+            timeout_s=60, what="heartbeat streaming",
         )
 
 
@@ -228,13 +232,13 @@ async def test_a_reload_that_still_sees_the_refused_token_does_not_restart_the_c
     written, or another engine's view): only a new token lifts the expiry."""
     account_id = world["account"].pk
     async with InProcessEngine(accounts={"acc1": "k1"}) as h:
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="streaming")
         h.sim.expire_token("k1")
         sup = h.engine.supervisor
         await async_wait_until(
             lambda: sup.state("expire:acc1") is not None and not sup.is_running("expire:acc1"),
-            timeout_s=15, what="the expiry recorded",
+            timeout_s=60, what="the expiry recorded",
         )
         assert sup.state("expire:acc1").state == "finished"
         assert account_id not in h.engine.connections.running()
@@ -253,8 +257,8 @@ async def test_closed_underlying_bars_are_stored_and_published(world):
     index = market.index_token("NIFTY")
     async with InProcessEngine(accounts={}, force_mode="mock", mock_interval_ms=60_000) as h:
         listener = await h.listen(schema.bars_group("NIFTY"))
-        await async_wait_until(lambda: index in set(h.engine.worker.universe.tokens.tolist()),
-                               timeout_s=15, what="the index in the engine's universe")
+        await async_wait_until(lambda: index in set(h.engine.pipeline.universe.tokens.tolist()),
+                               timeout_s=60, what="the index in the engine's universe")
         # Ticks of two minutes of exchange time (ahead of the mock feed's own tick, so none
         # is late): the second minute's tick closes the first minute's bar.
         minute = (int(time.time()) // 60 + 2) * 60
@@ -274,7 +278,7 @@ async def test_closed_underlying_bars_are_stored_and_published(world):
             await async_wait_until(
                 lambda: any(orjson.loads(m["item"])["start_ts"] == minute * 1000
                             for m in messages),
-                timeout_s=10, what="bar.closed message for the minute",
+                timeout_s=60, what="bar.closed message for the minute",
             )
         finally:
             task.cancel()
