@@ -257,7 +257,7 @@ async def test_closed_underlying_bars_are_stored_and_published(world):
     index = market.index_token("NIFTY")
     async with InProcessEngine(accounts={}, force_mode="mock", mock_interval_ms=60_000) as h:
         listener = await h.listen(schema.bars_group("NIFTY"))
-        await async_wait_until(lambda: index in set(h.engine.pipeline.universe.tokens.tolist()),
+        await async_wait_until(lambda: index in set(h.engine.worker.universe.tokens.tolist()),
                                timeout_s=60, what="the index in the engine's universe")
         # Ticks of two minutes of exchange time (ahead of the mock feed's own tick, so none
         # is late): the second minute's tick closes the first minute's bar.
