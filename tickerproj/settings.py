@@ -231,6 +231,7 @@ TICKER_FLUSH_INTERVAL_MS = env.int("TICKER_FLUSH_INTERVAL_MS", default=100)
 TICKER_WATCHDOG_S = env.float("TICKER_WATCHDOG_S", default=10.0)
 TICKER_HEARTBEAT_INTERVAL_S = env.float("TICKER_HEARTBEAT_INTERVAL_S", default=2.0)
 TICKER_LEASE_TTL_S = env.float("TICKER_LEASE_TTL_S", default=15.0)
+TICKER_SHUTDOWN_BOUND_S = env.float("TICKER_SHUTDOWN_BOUND_S", default=30.0)
 TICKER_STALE_UNDERLYING_S = env.float("TICKER_STALE_UNDERLYING_S", default=30.0)
 MOCK_MARKET_ENABLED = env.bool("MOCK_MARKET_ENABLED", default=True)
 """Drive the pipeline from the synthetic market outside market hours."""

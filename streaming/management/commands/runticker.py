@@ -3,12 +3,17 @@
 Settings are read once here and passed in as values. SIGTERM and SIGINT set a stop event:
 the engine drains, closes its Kite connections, writes a final heartbeat and releases its
 account leases at once so another process takes them over without waiting for expiry.
+That drain is bounded: TICKER_SHUTDOWN_BOUND_S after the signal the process exits whatever
+it waits on (a frozen PostgreSQL can pin a database thread, which would hold the exit).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
+import threading
 from typing import Any
 
 import structlog
@@ -27,6 +32,11 @@ from streaming.engine.metrics import EngineMetrics
 log = structlog.get_logger(__name__)
 
 APPLICATION_NAME = "runticker"
+# TICKER_SHUTDOWN_BOUND_S (30 s) is well above the drain's own bounded steps (client closes
+# 3 s, bars 5 s, lease and heartbeat writes 5 s each); it catches what is not bounded there: a
+# database thread pinned by a frozen server holds the interpreter's exit.
+EXIT_AFTER_BOUND = 70
+"""Exit status when the bound forced the exit."""
 
 
 def build_engine(
@@ -119,11 +129,26 @@ class Command(BaseCommand):
             account_labels=labels,
             metrics=metrics,
         )
-        asyncio.run(self._run(engine))
+        asyncio.run(self._run(engine, shutdown_bound_s=settings.TICKER_SHUTDOWN_BOUND_S))
 
-    async def _run(self, engine: Engine) -> None:
+    async def _run(self, engine: Engine, *, shutdown_bound_s: float) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        deadline = threading.Timer(shutdown_bound_s, _exit_after_bound, args=(shutdown_bound_s,))
+        deadline.daemon = True
+
+        def on_signal() -> None:
+            stop.set()
+            if not deadline.is_alive():
+                deadline.start()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal)
         await engine.run(stop)
+
+
+def _exit_after_bound(bound_s: float) -> None:
+    log.error("engine.shutdown_bound_exceeded", bound_s=bound_s)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_AFTER_BOUND)
