@@ -68,12 +68,14 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "django_celery_beat",
+    "ninja",
     "accounts",
     "subscriptions",
     "streaming",
 ]
 
 MIDDLEWARE = [
+    "tickerproj.request_id.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -200,6 +202,17 @@ TICKER_SAFETY_RELOAD_S = env.float("TICKER_SAFETY_RELOAD_S", default=60.0)
 WS_MAX_SUBSCRIPTIONS = env.int("WS_MAX_SUBSCRIPTIONS", default=2000)
 WS_MAX_MESSAGES_PER_S = env.int("WS_MAX_MESSAGES_PER_S", default=20)
 WS_SEND_WINDOW = env.int("WS_SEND_WINDOW", default=4)
+WS_MAX_CONNECTS_PER_IP_PER_MINUTE = env.int("WS_MAX_CONNECTS_PER_IP_PER_MINUTE", default=120)
+"""WebSocket connects one client IP may open per minute on one web process."""
+
+# HTTP API v1 (tickerproj/api.py, docs/http-api.md).
+API_RATE_LIMIT = env.str("API_RATE_LIMIT", default="600/m")
+"""Requests per token (or session user), in django-ninja's rate syntax."""
+API_HISTORY_RATE_LIMIT = env.str("API_HISTORY_RATE_LIMIT", default="30/m")
+"""History requests per token: each may call Kite."""
+API_HISTORY_CONCURRENCY_PER_CALLER = env.int("API_HISTORY_CONCURRENCY_PER_CALLER", default=2)
+"""History requests one token (or user) may have in flight on one web process."""
+API_BULK_MAX_ITEMS = 5000
 HEALTH_HEARTBEAT_MAX_AGE_S = env.float("HEALTH_HEARTBEAT_MAX_AGE_S", default=15.0)
 HEALTH_STREAM_STALL_S = env.float("HEALTH_STREAM_STALL_S", default=30.0)
 """A live account streaming instruments with no tick for this long makes /health 503."""
@@ -214,7 +227,9 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 WHITENOISE_USE_FINDERS = True
-LOGIN_URL = "admin:login"
+LOGIN_URL = "accounts:login"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "accounts:login"
 
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=not EMBEDDED)
