@@ -14,7 +14,6 @@ import numpy as np
 import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
 from django.db.models import Q
 from ninja import Field, Query, Router, Schema
 from ninja.pagination import CursorPagination, paginate
@@ -475,14 +474,6 @@ def _caller_key(request) -> str:
 
 
 def _history_sync(instrument_token: int, query: HistoryQuery) -> dict[str, Any]:
-    try:
-        return _history_fetch(instrument_token, query)
-    finally:
-        # This runs on an executor thread of its own: give its connection back to the pool.
-        close_old_connections()
-
-
-def _history_fetch(instrument_token: int, query: HistoryQuery) -> dict[str, Any]:
     instrument = _instrument_or_404(instrument_token)
     try:
         with ExitStack() as stack:
@@ -524,8 +515,9 @@ async def history(request, instrument_token: int, query: Query[HistoryQuery]):
             f"at most {settings.API_HISTORY_CONCURRENCY_PER_CALLER} history requests at once per caller",
         )  # fmt: skip
     try:
-        # Off the shared sync thread: one long Kite fetch must not stall every other view.
-        return await sync_to_async(_history_sync, thread_sensitive=False)(instrument_token, query)
+        # Django's ASGI handler gives each request a sync thread of its own (thread-sensitive
+        # context), so a long Kite fetch holds only this request's thread.
+        return await sync_to_async(_history_sync)(instrument_token, query)
     finally:
         history_concurrency.leave(caller)
 
