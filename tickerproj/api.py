@@ -98,12 +98,12 @@ def require_scope(request: HttpRequest, scope: str) -> None:
     principal = request.auth
     if isinstance(principal, ApiToken):
         if not principal.has_scope(scope):
-            raise ApiError(403, "scope_required", f"this API token lacks the {scope!r} scope")
+            raise ApiError(403, "scope_required", f"this API token lacks the '{scope}' scope")
         return
     permission = SESSION_PERMISSION_FOR_SCOPE[scope]
     if permission is not None and not principal.has_perm(permission):
         raise ApiError(
-            403, "permission_required", f"{scope!r} needs the {permission!r} permission"
+            403, "permission_required", f"'{scope}' needs the '{permission}' permission"
         )
 
 
