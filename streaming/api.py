@@ -10,7 +10,7 @@ from ninja.pagination import CursorPagination, paginate
 from accounts.models import ApiToken, KiteAccount
 from streaming.kite.limits import MAX_INSTRUMENTS_PER_API_KEY
 from streaming.models import AccountLease, EngineHeartbeat, UnderlyingBar
-from tickerproj.api import ApiError, require_scope, require_staff_or_scope
+from tickerproj.api_support import ApiError, require_scope, require_staff_or_scope
 
 router = Router(tags=["bars and status"])
 

@@ -15,7 +15,7 @@ import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db.models import Q
-from ninja import Field, Query, Router, Schema
+from ninja import Field, Query, Router, Schema, Status
 from ninja.pagination import CursorPagination, paginate
 from pydantic import field_validator, model_validator
 
@@ -33,7 +33,7 @@ from subscriptions.history import (
 )
 from subscriptions.models import Instrument, Subscription
 from subscriptions.rebalancer import band_strikes, nearest_strike
-from tickerproj.api import ApiError, CallerRateThrottle, require_scope
+from tickerproj.api_support import ApiError, CallerRateThrottle, require_scope
 
 log = structlog.get_logger(__name__)
 
@@ -284,7 +284,7 @@ def subscription_create(request, payload: SubscriptionIn):
     require_scope(request, ApiToken.Scope.SUBSCRIBE)
     [instrument] = _resolve([payload])
     [subscription] = _activate([instrument], mode=payload.mode, pinned=_pinned(payload.pinned_account))
-    return 201, subscription
+    return Status(201, subscription)
 
 
 @router.post(
@@ -295,7 +295,7 @@ def subscription_create_many(request, payload: BulkSubscriptionIn):
     require_scope(request, ApiToken.Scope.SUBSCRIBE)
     instruments = _resolve(payload.items)
     subs = _activate(instruments, mode=payload.mode, pinned=_pinned(payload.pinned_account))
-    return 201, {"count": len(subs), "subscriptions": subs}
+    return Status(201, {"count": len(subs), "subscriptions": subs})
 
 
 def chain_instruments(
@@ -333,7 +333,7 @@ def subscription_create_chain(request, payload: ChainSubscriptionIn):
         strikes_around_atm=payload.strikes_around_atm,
     )  # fmt: skip
     subs = _activate(instruments, mode=payload.mode, pinned=_pinned(payload.pinned_account))
-    return 201, {"count": len(subs), "subscriptions": subs}
+    return Status(201, {"count": len(subs), "subscriptions": subs})
 
 
 def _subscription_or_404(instrument_token: int) -> Subscription:

@@ -1,152 +1,31 @@
-"""The HTTP API v1 (django-ninja): authentication, scopes, the error envelope, rate limits.
+"""The HTTP API v1 (django-ninja), assembled: routers, error handlers, schema and docs.
 
 Mounted at ``/api/v1/`` (tickerproj/urls.py); the endpoints live with their domain
-(``subscriptions/api.py``, ``streaming/api.py``) and are added here as routers. The OpenAPI
-schema is generated from the code at ``/api/v1/openapi.json``, the interactive docs at
-``/api/v1/docs``, both for logged-in users. docs/http-api.md describes every endpoint.
-
-Who calls: a program with ``Authorization: Token <key>`` (its token's scopes decide what it
-may do), or a browser with its session cookie and the CSRF token on writes (its Django
-permissions decide). Every 4xx and 5xx is ``{"error": {"code", "message", "field"?,
-"request_id"}}``.
+(``subscriptions/api.py``, ``streaming/api.py``) and share ``tickerproj/api_support.py``. The
+OpenAPI schema is generated from the code at ``/api/v1/openapi.json``, the interactive docs
+at ``/api/v1/docs``, both for logged-in users; docs/http-api.md describes every endpoint.
+Every 4xx and 5xx is ``{"error": {"code", "message", "field"?, "request_id"}}``.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
-import orjson
 import structlog
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationError
-from ninja.renderers import BaseRenderer
-from ninja.security import APIKeyHeader, SessionAuth
-from ninja.throttling import SimpleRateThrottle
 
-from accounts.auth import apitoken_authenticate, key_from_authorization
-from accounts.models import ApiToken
+from streaming.api import router as streaming_router
+from subscriptions.api import router as subscriptions_router
+from tickerproj.api_support import (
+    ActiveSessionAuth,
+    ApiError,
+    CallerRateThrottle,
+    OrjsonRenderer,
+    TokenAuth,
+    error_response,
+)
 
 log = structlog.get_logger(__name__)
-
-
-class ApiError(Exception):
-    """A refusal with a stable ``code`` that the envelope carries to the client."""
-
-    def __init__(
-        self, status: int, code: str, message: str, *, field: str | None = None,
-        details: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-        self.details = details or {}
-
-
-def error_response(
-    request: HttpRequest, *, status: int, code: str, message: str, field: str | None = None,
-    details: dict[str, Any] | None = None,
-) -> HttpResponse:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if field is not None:
-        body["field"] = field
-    body.update(details or {})
-    body["request_id"] = getattr(request, "request_id", None)
-    return api.create_response(request, {"error": body}, status=status)
-
-
-# --- authentication and scopes -----------------------------------------------------------------
-
-
-class TokenAuth(APIKeyHeader):
-    """``Authorization: Token <key>``, through the one ``apitoken_authenticate``."""
-
-    param_name = "Authorization"
-
-    def authenticate(self, request: HttpRequest, key: str | None) -> ApiToken | None:
-        raw = key_from_authorization(key or "")
-        if raw is None:
-            return None
-        token = apitoken_authenticate(key=raw)
-        if token is None:
-            raise ApiError(401, "invalid_token", "invalid or revoked API token")
-        return token
-
-
-class ActiveSessionAuth(SessionAuth):
-    """The Django session of an active user; ninja checks the CSRF token on unsafe methods."""
-
-    def authenticate(self, request: HttpRequest, key: str | None):
-        user = request.user
-        return user if user.is_authenticated and user.is_active else None
-
-
-SESSION_PERMISSION_FOR_SCOPE = {
-    ApiToken.Scope.READ: None,
-    ApiToken.Scope.SUBSCRIBE: "subscriptions.change_subscription",
-    ApiToken.Scope.TRADE: "accounts.trade",
-}
-"""What a browser session needs for what a token's scope allows: ``read`` only a login."""
-
-
-def require_scope(request: HttpRequest, scope: str) -> None:
-    """Refuse with 403, naming the scope, unless the caller may act in ``scope``."""
-    principal = request.auth
-    if isinstance(principal, ApiToken):
-        if not principal.has_scope(scope):
-            raise ApiError(403, "scope_required", f"this API token lacks the '{scope}' scope")
-        return
-    permission = SESSION_PERMISSION_FOR_SCOPE[scope]
-    if permission is not None and not principal.has_perm(permission):
-        raise ApiError(
-            403, "permission_required", f"'{scope}' needs the '{permission}' permission"
-        )
-
-
-def require_staff_or_scope(request: HttpRequest, scope: str) -> None:
-    """Operations data: staff sessions, or a token with ``scope``."""
-    principal = request.auth
-    if isinstance(principal, ApiToken):
-        require_scope(request, scope)
-    elif not principal.is_staff:
-        raise ApiError(403, "staff_required", "staff only (or an API token with the 'read' scope)")
-
-
-def caller_user(request: HttpRequest):
-    principal = request.auth
-    return principal.user if isinstance(principal, ApiToken) else principal
-
-
-# --- rate limits -------------------------------------------------------------------------------
-
-
-class CallerRateThrottle(SimpleRateThrottle):
-    """Per token (or per session user) requests per period, in Django's cache."""
-
-    scope = "caller"
-
-    def get_cache_key(self, request: HttpRequest) -> str:
-        principal = request.auth
-        if isinstance(principal, ApiToken):
-            ident = f"token:{principal.pk}"
-        elif principal is not None:
-            ident = f"user:{principal.pk}"
-        else:
-            ident = f"ip:{self.get_ident(request)}"
-        return self.cache_format % {"scope": self.scope, "ident": ident}
-
-
-class OrjsonRenderer(BaseRenderer):
-    """JSON via orjson: NaN becomes null, which is what the API promises for unknown values."""
-
-    media_type = "application/json"
-
-    def render(self, request, data, *, response_status):
-        return orjson.dumps(data, default=str, option=orjson.OPT_NON_STR_KEYS)
 
 
 def build_api() -> NinjaAPI:
@@ -223,12 +102,5 @@ def _unexpected(request, exc: Exception):
     return error_response(request, status=500, code="internal_error", message="internal error")
 
 
-def _add_routers() -> None:
-    from streaming.api import router as streaming_router
-    from subscriptions.api import router as subscriptions_router
-
-    api.add_router("/", subscriptions_router)
-    api.add_router("/", streaming_router)
-
-
-_add_routers()
+api.add_router("/", subscriptions_router)
+api.add_router("/", streaming_router)

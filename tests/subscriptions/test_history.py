@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from contextlib import ExitStack
 
 import numpy as np
 import orjson
@@ -21,6 +22,7 @@ from streaming.greeks import (
     years_to_expiry,
 )
 from streaming.kite.rest import KiteRateLimiter, KiteRestClient
+from subscriptions.history import history_get, history_missing_start
 from subscriptions.models import CandleGreeks, HistoryCoverage, Instrument
 from tests.subscriptions.conftest import SIM_ACCESS_TOKEN, SIM_API_KEY
 
@@ -133,7 +135,8 @@ def test_a_second_request_is_served_from_postgresql_without_calling_kite(staff_c
     assert CandleGreeks.objects.filter(instrument=option).count() == len(first["candles"])
 
     inner_start = start + dt.timedelta(days=1)
-    inner_end = end - dt.timedelta(days=1)
+    # Stored spans end at the last candle Kite returned, not at the request's end.
+    inner_end = dt.datetime.fromisoformat(first["candles"][-1]["ts"])
     second = orjson.loads(get_history(staff_client, option.pk, inner_start, inner_end).content)
     assert second["source"] == "stored"
     assert sim.sim.rest_requests.get("market.historical", 0) == calls
@@ -155,6 +158,25 @@ def test_a_later_request_fetches_only_the_span_it_misses(staff_client, history_e
     assert ts == sorted(set(ts))  # no candle twice, none lost at the seam
     with sim_client(sim) as kite:
         assert len(ts) == len(kite.historical(option.pk, start, end, "minute"))
+
+
+def test_coverage_ends_at_the_last_candle_kite_returned_not_the_clock(history_env, sim):
+    """L2: a candle Kite publishes late must not fall into a span already marked complete."""
+    option = nifty_option(with_future=True)
+    start, end = last_sessions(3)
+    end = end.replace(second=30)  # never a candle's own start
+    with ExitStack() as stack:
+        result = history_get(
+            instrument=option, interval="minute", start=start, end=end,
+            client_factory=lambda: stack.enter_context(sim_client(sim)),
+            r=R, q=0.0, now=end + dt.timedelta(hours=1),
+        )  # fmt: skip
+    last_candle = dt.datetime.fromtimestamp(int(result.table.ts_s[-1]), tz=dt.UTC)
+    assert last_candle < end
+    [span] = HistoryCoverage.objects.filter(instrument=option)
+    assert span.end == last_candle
+    # A later request up to the same end asks Kite again for what came after that candle.
+    assert history_missing_start(instrument=option, interval="minute", start=start, end=end) is not None
 
 
 def test_an_option_without_a_future_uses_the_index_spot(staff_client, history_env, sim):
