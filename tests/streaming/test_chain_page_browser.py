@@ -2,7 +2,7 @@
 
 The production layout in miniature, on the test PostgreSQL and Redis: ``daphne`` serving
 tickerproj.asgi and ``manage.py runticker --mock`` streaming the synthetic market through the
-real pipeline, each its own process. The browser logs in through the admin form, opens the
+real pipeline, each its own process. The browser logs in through the login form, opens the
 chain, sees Greeks arrive and change, and sees the connection badge go to "reconnecting" when
 daphne restarts and back to "live" once it is up again.
 """
@@ -84,7 +84,7 @@ def test_chain_page_logs_in_streams_greeks_and_recovers_from_a_server_restart(st
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 900})
             page.goto(base)
-            expect(page).to_have_url(re.compile(r"/admin/login/\?next=/$"))
+            expect(page).to_have_url(re.compile(r"/accounts/login/\?next=/$"))
             page.fill("#id_username", USERNAME)
             page.fill("#id_password", PASSWORD)
             page.click("input[type=submit]")
