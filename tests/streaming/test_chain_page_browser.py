@@ -148,7 +148,7 @@ def _config(response) -> dict:
 def test_chain_page_requires_a_login(client):
     response = client.get("/")
     assert response.status_code == 302
-    assert response["Location"] == "/admin/login/?next=/"
+    assert response["Location"] == "/accounts/login/?next=/"
 
 
 @pytest.mark.django_db
@@ -165,7 +165,7 @@ def test_chain_page_pickers_default_to_nifty_and_its_nearest_expiry(logged_in):
         "hint": "premium at or below intrinsic value: no volatility fits",
     }
     assert config["flags"]["pair_iv"]["failure"] is False
-    assert config["loginUrl"] == "/admin/login/?next=%2F"
+    assert config["loginUrl"] == "/accounts/login/?next=%2F"
     html = response.content.decode()
     assert f'<option value="{EXPIRY2.isoformat()}">' in html
     assert 'id="conn-badge"' in html and 'id="feed-badge"' in html
