@@ -138,3 +138,49 @@ class OrjsonRenderer(BaseRenderer):
         return orjson.dumps(data, default=str, option=orjson.OPT_NON_STR_KEYS)
 
 
+
+
+API_PREFIX = "/api/v1/"
+
+
+class ApiEnvelopeMiddleware:
+    """Wraps the API's errors that ninja's handlers never see in the envelope.
+
+    Django's URL resolver (a path no route matches: 404) and ninja's method dispatch (405)
+    answer before any API code runs; under ``/api/v1/`` their plain-text answers become
+    envelopes too, so a client parses one shape for every error.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        if self.is_async:
+            return self._acall(request)
+        return self._wrap(request, self.get_response(request))
+
+    async def _acall(self, request):
+        return self._wrap(request, await self.get_response(request))
+
+    @staticmethod
+    def _wrap(request, response):
+        if (
+            not request.path.startswith(API_PREFIX)
+            or response.status_code < 400
+            or response.get("Content-Type", "").split(";")[0] == "application/json"
+        ):
+            return response
+        code = {404: "not_found", 405: "method_not_allowed"}.get(response.status_code, "http_error")
+        envelope = error_response(
+            request, status=response.status_code, code=code,
+            message=f"{request.method} {request.path}: {response.reason_phrase.lower()}",
+        )  # fmt: skip
+        if response.has_header("Allow"):
+            envelope["Allow"] = response["Allow"]
+        return envelope

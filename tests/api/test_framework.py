@@ -107,3 +107,20 @@ def test_the_history_rate_limit_is_a_429_with_retry_after(client, read_key, sett
     # Another token has its own budget.
     other = apitoken_create(user=ApiToken.objects.get().user, name="other")[1]
     assert client.get("/api/v1/history/1", query, **auth(other)).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("get", "/api/v1/instruments/99999999999999999999999"),
+        ("get", "/api/v1/history/99999999999999999999999?from=2026-11-20&to=2026-11-20"),
+        ("delete", "/api/v1/subscriptions/99999999999999999999999"),
+        ("get", "/api/v1/instruments/abc"),
+        ("get", "/api/v1/nowhere"),
+        ("put", "/api/v1/instruments"),
+    ],
+)
+def test_odd_paths_and_methods_get_an_envelope_not_a_500(client, subscribe_key, universe, method, path):
+    response = getattr(client, method)(path, **auth(subscribe_key))
+    assert 400 <= response.status_code < 500, response.content[:300]
+    assert error_of(response)["request_id"] == response["X-Request-ID"]
