@@ -14,6 +14,7 @@ import uuid
 
 import orjson
 import pytest
+import structlog
 from django.contrib.auth import get_user_model
 from websockets.asyncio.client import connect
 
@@ -32,6 +33,7 @@ from tests.streaming.engine.runtime_helpers import (
 from tests.streaming.engine.test_runticker_e2e import Daphne, _http_ok, free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
+log = structlog.get_logger(__name__)
 
 STREAMS_DEADLINE_S = 15.0
 STRIKES_EACH_SIDE = 2
@@ -111,7 +113,7 @@ def test_a_chain_subscribed_over_http_streams_from_runticker(world, tmp_path):
                        what="runticker connected to the simulator")  # fmt: skip
             wait_until(lambda: _http_ok(port), timeout_s=60, what="daphne serving")
             elapsed_s, wanted = asyncio.run(subscribe_and_stream(port, world))
-            print(f"chain of {len(wanted)} subscribed over HTTP streamed after {elapsed_s:.2f} s")
+            log.info("api_e2e.streamed", instruments=len(wanted), after_s=round(elapsed_s, 2))
             assert len(wanted) == 2 * (2 * STRIKES_EACH_SIDE + 1)
             assert Subscription.objects.filter(instrument_id__in=wanted, source="api").count() == len(wanted)
             assert elapsed_s <= STREAMS_DEADLINE_S, engine.output()[-2000:]
