@@ -461,12 +461,18 @@ def coverage_end(
 
     Not up to the wall clock: Kite publishes a candle some time after it closes, so a candle
     missing from the answer may still come, and a coverage past it would make it a permanent
-    hole. An answer with no candles covers nothing (a day before ``start``).
+    hole. Only a session's closing candle vouches for the rest of its day (nothing trades
+    after the close). An answer with no candles covers nothing.
     """
     if not len(table):
         return dt.datetime.min.replace(tzinfo=dt.UTC)
-    last_candle = dt.datetime.fromtimestamp(int(table.ts_s[-1]), tz=dt.UTC)
-    return min(end, final_until(interval=interval, now=now), last_candle)
+    last_candle = dt.datetime.fromtimestamp(int(table.ts_s[-1]), tz=IST)
+    covered = last_candle
+    if interval != "day":
+        closes = dt.datetime.combine(last_candle.date(), SESSION_CLOSE_IST, tzinfo=IST)
+        if last_candle + dt.timedelta(seconds=INTERVAL_SECONDS[interval]) >= closes:
+            covered = dt.datetime.combine(last_candle.date(), dt.time(23, 59, 59), tzinfo=IST)
+    return min(end, final_until(interval=interval, now=now), covered)
 
 
 def final_until(*, interval: str, now: dt.datetime) -> dt.datetime:

@@ -135,7 +135,8 @@ def test_a_second_request_is_served_from_postgresql_without_calling_kite(staff_c
     assert CandleGreeks.objects.filter(instrument=option).count() == len(first["candles"])
 
     inner_start = start + dt.timedelta(days=1)
-    # Stored spans end at the last candle Kite returned, not at the request's end.
+    # Stored spans end at the last candle Kite returned (or its session's end), not at the
+    # request's end, which may be later today.
     inner_end = dt.datetime.fromisoformat(first["candles"][-1]["ts"])
     second = orjson.loads(get_history(staff_client, option.pk, inner_start, inner_end).content)
     assert second["source"] == "stored"
@@ -163,13 +164,16 @@ def test_a_later_request_fetches_only_the_span_it_misses(staff_client, history_e
 def test_coverage_ends_at_the_last_candle_kite_returned_not_the_clock(history_env, sim):
     """L2: a candle Kite publishes late must not fall into a span already marked complete."""
     option = nifty_option(with_future=True)
-    start, end = last_sessions(3)
-    end = end.replace(second=30)  # never a candle's own start
+    day = timezone.now().astimezone(IST).date() - dt.timedelta(days=1)
+    while day.weekday() >= 5:
+        day -= dt.timedelta(days=1)
+    start = dt.datetime.combine(day, dt.time(9, 15), tzinfo=IST)
+    end = dt.datetime.combine(day, dt.time(12, 0, 30), tzinfo=IST)  # mid-session
     with ExitStack() as stack:
         result = history_get(
             instrument=option, interval="minute", start=start, end=end,
             client_factory=lambda: stack.enter_context(sim_client(sim)),
-            r=R, q=0.0, now=end + dt.timedelta(hours=1),
+            r=R, q=0.0, now=end + dt.timedelta(hours=1),  # the clock is long past ``end``
         )  # fmt: skip
     last_candle = dt.datetime.fromtimestamp(int(result.table.ts_s[-1]), tz=dt.UTC)
     assert last_candle < end
@@ -177,6 +181,24 @@ def test_coverage_ends_at_the_last_candle_kite_returned_not_the_clock(history_en
     assert span.end == last_candle
     # A later request up to the same end asks Kite again for what came after that candle.
     assert history_missing_start(instrument=option, interval="minute", start=start, end=end) is not None
+
+
+def test_a_sessions_closing_candle_covers_the_rest_of_its_day(history_env, sim):
+    option = nifty_option(with_future=True, kind="PE")
+    day = timezone.now().astimezone(IST).date() - dt.timedelta(days=1)
+    while day.weekday() >= 5:
+        day -= dt.timedelta(days=1)
+    start = dt.datetime.combine(day, dt.time(9, 15), tzinfo=IST)
+    end = dt.datetime.combine(day, dt.time(20, 0), tzinfo=IST)
+    with ExitStack() as stack:
+        history_get(
+            instrument=option, interval="minute", start=start, end=end,
+            client_factory=lambda: stack.enter_context(sim_client(sim)),
+            r=R, q=0.0, now=end + dt.timedelta(hours=1),
+        )  # fmt: skip
+    [span] = HistoryCoverage.objects.filter(instrument=option)
+    assert span.end == end
+    assert history_missing_start(instrument=option, interval="minute", start=start, end=end) is None
 
 
 def test_an_option_without_a_future_uses_the_index_spot(staff_client, history_env, sim):
