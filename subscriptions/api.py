@@ -14,10 +14,10 @@ import numpy as np
 import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db.models import Q
+from django.db.models import F, Q
 from ninja import Field, Query, Router, Schema, Status
-from ninja.pagination import CursorPagination, paginate
-from pydantic import field_validator, model_validator
+from ninja.pagination import paginate
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from accounts.models import ApiToken, KiteAccount
 from streaming.greeks import IST
@@ -33,7 +33,7 @@ from subscriptions.history import (
 )
 from subscriptions.models import Instrument, Subscription
 from subscriptions.rebalancer import band_strikes, nearest_strike
-from tickerproj.api_support import ApiError, CallerRateThrottle, require_scope
+from tickerproj.api_support import ApiError, CallerRateThrottle, RowCursorPagination, require_scope
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +56,15 @@ def _instrument_or_404(token: int) -> Instrument:
 # --- instruments -------------------------------------------------------------------------------
 
 
-class InstrumentOut(Schema):
+INSTRUMENT_FIELDS = (
+    "instrument_token", "exchange", "tradingsymbol", "name", "instrument_type", "segment",
+    "expiry", "strike", "lot_size", "tick_size",
+)  # fmt: skip
+
+
+class InstrumentOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     instrument_token: int
     exchange: str
     tradingsymbol: str
@@ -80,7 +88,7 @@ class InstrumentFilters(Schema):
 
 
 @router.get("/instruments", response=list[InstrumentOut], summary="Search instruments")
-@paginate(CursorPagination, ordering=("instrument_token",), page_size=PAGE_SIZE, max_page_size=MAX_PAGE_SIZE)
+@paginate(RowCursorPagination, ordering=("instrument_token",), page_size=PAGE_SIZE, max_page_size=MAX_PAGE_SIZE)
 def instrument_search(request, filters: Query[InstrumentFilters]):
     require_scope(request, ApiToken.Scope.READ)
     qs = Instrument.objects.all()
@@ -93,13 +101,13 @@ def instrument_search(request, filters: Query[InstrumentFilters]):
     ):  # fmt: skip
         if value is not None:
             qs = qs.filter(**{field: value})
-    return qs
+    return qs.values(*INSTRUMENT_FIELDS)
 
 
 @router.get("/instruments/{instrument_token}", response=InstrumentOut, summary="One instrument")
 def instrument_detail(request, instrument_token: int):
     require_scope(request, ApiToken.Scope.READ)
-    return _instrument_or_404(instrument_token)
+    return InstrumentOut.model_validate(_instrument_or_404(instrument_token))
 
 
 @router.get("/underlyings", response=list[str], summary="Underlyings that have options")
@@ -141,10 +149,10 @@ def underlying_chain(request, name: str, expiry: dt.date):
 # --- subscriptions -----------------------------------------------------------------------------
 
 
-class SubscriptionOut(Schema):
-    instrument_token: int = Field(alias="instrument_id")
-    exchange: str = Field(alias="instrument.exchange")
-    tradingsymbol: str = Field(alias="instrument.tradingsymbol")
+class SubscriptionOut(BaseModel):
+    instrument_token: int
+    exchange: str
+    tradingsymbol: str
     mode: str
     status: str
     status_reason: str
@@ -155,6 +163,16 @@ class SubscriptionOut(Schema):
     unassigned_reason: str
     rebalance_rule_id: int | None
     updated_at: dt.datetime
+
+
+def subscription_rows(queryset):
+    """Subscriptions as the plain rows ``SubscriptionOut`` reads (one query, no model objects)."""
+    return queryset.values(
+        "mode", "status", "status_reason", "source", "pinned_account_id", "assigned_account_id",
+        "streamed_mode", "unassigned_reason", "rebalance_rule_id", "updated_at",
+        instrument_token=F("instrument_id"), exchange=F("instrument__exchange"),
+        tradingsymbol=F("instrument__tradingsymbol"),
+    )  # fmt: skip
 
 
 class SubscriptionFilters(Schema):
@@ -168,14 +186,14 @@ class SubscriptionFilters(Schema):
 
 
 @router.get("/subscriptions", response=list[SubscriptionOut], summary="List subscriptions")
-@paginate(CursorPagination, ordering=("instrument_id",), page_size=PAGE_SIZE, max_page_size=MAX_PAGE_SIZE)
+@paginate(RowCursorPagination, ordering=("instrument_token",), page_size=PAGE_SIZE, max_page_size=MAX_PAGE_SIZE)
 def subscription_list(request, filters: Query[SubscriptionFilters]):
     require_scope(request, ApiToken.Scope.READ)
-    return selectors.subscription_list(
+    return subscription_rows(selectors.subscription_list(
         status=filters.status, mode=filters.mode, source=filters.source,
         account_id=filters.account, segment=filters.segment, underlying=filters.underlying,
         rule_id=filters.rule,
-    ).order_by()  # fmt: skip
+    ).order_by())  # fmt: skip
 
 
 class InstrumentRefIn(Schema):
@@ -258,9 +276,9 @@ def _resolve(refs: list[InstrumentRefIn]) -> list[Instrument]:
     return found
 
 
-def _activate(instruments: list[Instrument], *, mode: str, pinned: KiteAccount | None):
+def _activate(instruments: list[Instrument], *, mode: str, pinned: KiteAccount | None) -> list[dict]:
     try:
-        return services.subscriptions_activate_many(
+        subs = services.subscriptions_activate_many(
             instruments=instruments, mode=mode, source=Subscription.Source.API, pinned_account=pinned
         )
     except services.SubscriptionAdmissionError as exc:
@@ -270,6 +288,7 @@ def _activate(instruments: list[Instrument], *, mode: str, pinned: KiteAccount |
                 {"instrument_token": r.instrument_token, "reason": r.reason} for r in exc.refusals
             ]},
         ) from None
+    return list(subscription_rows(Subscription.objects.filter(pk__in=[s.pk for s in subs])))
 
 
 class ActivatedOut(Schema):
@@ -343,6 +362,10 @@ def _subscription_or_404(instrument_token: int) -> Subscription:
     return sub
 
 
+def _subscription_row(instrument_token: int) -> dict:
+    return subscription_rows(Subscription.objects.filter(instrument_id=instrument_token)).get()
+
+
 @router.patch(
     "/subscriptions/{instrument_token}", response=SubscriptionOut, summary="Change mode or status"
 )
@@ -355,7 +378,7 @@ def subscription_change(request, instrument_token: int, payload: SubscriptionCha
         services.subscription_deactivate(subscription=sub, reason="deactivated through the API")
     if payload.mode is not None and payload.status != Subscription.Status.ACTIVE:
         services.subscription_set_mode(subscription=sub, mode=payload.mode)
-    return _subscription_or_404(instrument_token)
+    return _subscription_row(instrument_token)
 
 
 @router.delete(
@@ -366,7 +389,7 @@ def subscription_delete(request, instrument_token: int):
     require_scope(request, ApiToken.Scope.SUBSCRIBE)
     sub = _subscription_or_404(instrument_token)
     services.subscription_deactivate(subscription=sub, reason="unsubscribed through the API")
-    return _subscription_or_404(instrument_token)
+    return _subscription_row(instrument_token)
 
 
 # --- history -----------------------------------------------------------------------------------

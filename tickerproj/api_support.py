@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse
+from ninja.pagination import CursorPagination
 from ninja.renderers import BaseRenderer
 from ninja.security import APIKeyHeader, SessionAuth
 from ninja.throttling import SimpleRateThrottle
@@ -185,3 +186,16 @@ class ApiEnvelopeMiddleware:
         if response.has_header("Allow"):
             envelope["Allow"] = response["Allow"]
         return envelope
+
+
+class RowCursorPagination(CursorPagination):
+    """Ninja's cursor pagination over ``.values()`` rows (dicts) as well as model objects.
+
+    Lists serialise plain rows into plain pydantic models: several times faster than model
+    instances through ninja's attribute getter, for pages of hundreds.
+    """
+
+    def _get_position(self, item: Any) -> str:
+        if isinstance(item, dict):
+            return str(item[self._order_attribute])
+        return super()._get_position(item)
