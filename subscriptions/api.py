@@ -372,11 +372,13 @@ def _subscription_row(instrument_token: int) -> dict:
 def subscription_change(request, instrument_token: int, payload: SubscriptionChangeIn):
     require_scope(request, ApiToken.Scope.SUBSCRIBE)
     sub = _subscription_or_404(instrument_token)
-    if payload.status == Subscription.Status.ACTIVE and sub.status != Subscription.Status.ACTIVE:
+    reactivate = payload.status == Subscription.Status.ACTIVE and sub.status != Subscription.Status.ACTIVE
+    if reactivate:
+        # Through admission: an inactive subscription holds no capacity.
         _activate([sub.instrument], mode=payload.mode or sub.mode, pinned=sub.pinned_account)
     elif payload.status == Subscription.Status.INACTIVE:
         services.subscription_deactivate(subscription=sub, reason="deactivated through the API")
-    if payload.mode is not None and payload.status != Subscription.Status.ACTIVE:
+    if payload.mode is not None and not reactivate:
         services.subscription_set_mode(subscription=sub, mode=payload.mode)
     return _subscription_row(instrument_token)
 

@@ -163,3 +163,6 @@ def test_list_filters_change_and_soft_delete(client, subscribe_key, universe, ac
     response = client.patch(f"/api/v1/subscriptions/{token}", orjson.dumps({"status": "active"}),
                             content_type="application/json", **auth(subscribe_key))  # fmt: skip
     assert body(response)["status"] == "active"
+    both = client.patch(f"/api/v1/subscriptions/{token}", orjson.dumps({"status": "active", "mode": "full"}),
+                        content_type="application/json", **auth(subscribe_key))  # fmt: skip
+    assert (body(both)["status"], body(both)["mode"]) == ("active", "full")

@@ -135,9 +135,9 @@ def test_a_second_request_is_served_from_postgresql_without_calling_kite(staff_c
     assert CandleGreeks.objects.filter(instrument=option).count() == len(first["candles"])
 
     inner_start = start + dt.timedelta(days=1)
-    # Stored spans end at the last candle Kite returned (or its session's end), not at the
-    # request's end, which may be later today.
-    inner_end = dt.datetime.fromisoformat(first["candles"][-1]["ts"])
+    # The stored span ends at the last closed candle Kite returned (or its session's end),
+    # not at the request's end, which may be later today.
+    inner_end = HistoryCoverage.objects.get(instrument=option).end
     second = orjson.loads(get_history(staff_client, option.pk, inner_start, inner_end).content)
     assert second["source"] == "stored"
     assert sim.sim.rest_requests.get("market.historical", 0) == calls
