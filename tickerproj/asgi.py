@@ -25,6 +25,7 @@ from prometheus_client import REGISTRY, CollectorRegistry  # noqa: E402
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest  # noqa: E402
 
 from streaming.consumers import ConsumerSettings, WebSocketMetrics  # noqa: E402
+from streaming.origins import OriginAllowList  # noqa: E402
 from streaming.routing import websocket_routes  # noqa: E402
 from streaming.ws_auth import ApiTokenOrSessionAuth  # noqa: E402
 from tickerproj.access import is_staff_or_direct_loopback  # noqa: E402
@@ -93,8 +94,11 @@ def build_application(
     return ProtocolTypeRouter(
         {
             "http": _HttpRouter(django_asgi_app, MetricsEndpoint(registries)),
-            "websocket": ApiTokenOrSessionAuth(
-                URLRouter(websocket_routes(config=config, metrics=metrics, clock=clock))
+            "websocket": OriginAllowList(
+                ApiTokenOrSessionAuth(
+                    URLRouter(websocket_routes(config=config, metrics=metrics, clock=clock))
+                ),
+                allowed=settings.WS_ALLOWED_ORIGINS,
             ),
         }
     )
