@@ -4,8 +4,8 @@
 settings (a test passes its own client factory, market, clock or metrics), and ``Engine``
 keeps the wiring, the run and the shutdown, and the mode:
 
-- :class:`~streaming.engine.worker.PipelineWorker` owns the inbox, the pipeline thread and
-  its lock (flushes and universe installs); :class:`~streaming.engine.worker.TickIntake` is
+- :class:`~streaming.engine.worker.PipelineWorker` owns the inbox and the pipeline thread
+  (flushes, universe installs, initial-state reads); :class:`~streaming.engine.worker.TickIntake` is
   the feeds' callback that queues frames there;
 - :class:`~streaming.engine.planner.StreamPlanner` owns accounts, modes, allocation and the
   plan: what to stream live and what to mock;

@@ -1,4 +1,4 @@
-"""The pipeline's worker: the inbox of decoded frames, the pipeline thread and its lock.
+"""The pipeline's worker: the inbox of decoded frames and the pipeline's one thread.
 
 The event loop reads sockets and only queues arrays here (:meth:`PipelineWorker.enqueue`);
 one "pipeline" thread owns the snapshot pipeline and the bar aggregator and does all their
