@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 
 import orjson
 import pytest
@@ -22,6 +23,7 @@ from streaming.engine.publisher import (
     PublishFailureLog,
 )
 from streaming.engine.universe import InstrumentUniverse
+from tests.helpers import async_wait_until
 from tests.streaming.engine.builders import (
     E1,
     NIFTY_FUT,
@@ -71,13 +73,8 @@ async def channel_is_empty(layer, channel):
     return await connection.zcard(layer.prefix + layer.non_local_name(channel)) == 0
 
 
-async def until(predicate, *, timeout_s=RECEIVE_TIMEOUT_S):
-    """Wait for a condition on Redis (nothing to await on: it is polled); fails on timeout."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if await predicate():
-                return
-            await asyncio.sleep(0.01)
+# Conditions on Redis: nothing to await on, so they are polled (a predicate returns a coroutine).
+until = partial(async_wait_until, timeout_s=RECEIVE_TIMEOUT_S, interval_s=0.01)
 
 
 @pytest.mark.parametrize("bulk", [True, False])

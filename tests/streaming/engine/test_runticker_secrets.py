@@ -12,12 +12,12 @@ import pytest
 from accounts.services import account_set_session
 from streaming.market import SyntheticMarket
 from subscriptions.models import Instrument
+from tests.helpers import wait_until
 from tests.streaming.engine.runtime_helpers import (
     ManagePy,
     instruments_from_market,
     subprocess_env,
     subscribe,
-    wait_until,
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)
