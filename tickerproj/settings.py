@@ -12,6 +12,7 @@ import environ
 from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 
+from tickerproj.access import parse_networks, validate_ops_token
 from tickerproj.logging import configure_logging
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -203,6 +204,17 @@ WS_SEND_WINDOW = env.int("WS_SEND_WINDOW", default=4)
 HEALTH_HEARTBEAT_MAX_AGE_S = env.float("HEALTH_HEARTBEAT_MAX_AGE_S", default=15.0)
 HEALTH_STREAM_STALL_S = env.float("HEALTH_STREAM_STALL_S", default=30.0)
 """A live account streaming instruments with no tick for this long makes /health 503."""
+HEALTH_STALL_WHEN_MARKET_CLOSED = env.bool("HEALTH_STALL_WHEN_MARKET_CLOSED", default=False)
+"""Report ``stream_stalled`` even while the market is closed (to test alerting end to end)."""
+HEALTH_CACHE_S = env.float("HEALTH_CACHE_S", default=2.0)
+"""How long a process reuses its /health and /health/ready reports (0: compute every call)."""
+
+# Explicit access to /metrics and the detailed /health (besides staff sessions): never loopback.
+OPS_TOKEN = validate_ops_token(env.str("OPS_TOKEN", default=""))
+"""Bearer token for Prometheus and monitoring: ``Authorization: Bearer <OPS_TOKEN>``."""
+OPS_ALLOWED_NETWORKS = parse_networks(env.list("OPS_ALLOWED_NETWORKS", default=[]))
+"""Peer addresses/CIDRs let in without a token (the TCP peer, never X-Forwarded-For)."""
+
 RECONCILE_GRACE_S = env.float("RECONCILE_GRACE_S", default=20.0)
 """The reconciler ignores subscriptions changed this recently: engines reload within seconds."""
 
