@@ -69,12 +69,16 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "django_celery_beat",
+    "django_structlog",
+    "django_prometheus",
     "accounts",
     "subscriptions",
     "streaming",
 ]
 
 MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "tickerproj.request_id.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -83,6 +87,9 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # After authentication, so its request_finished line names the user.
+    "django_structlog.middlewares.RequestMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "tickerproj.urls"
@@ -119,6 +126,9 @@ if EMBEDDED:
     }
 else:
     DATABASES = {"default": env.db_url_config(DATABASE_URL)}
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        # Django's PostgreSQL backend with query, error and connection counters for /metrics.
+        DATABASES["default"]["ENGINE"] = "django_prometheus.db.backends.postgresql"
     DATABASES["default"].setdefault("OPTIONS", {})
     DATABASES["default"]["OPTIONS"].update(
         {
@@ -168,6 +178,15 @@ CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT_S", default=600)
 CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT_S", default=540)
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_METRICS_PORT = env.int("CELERY_METRICS_PORT", default=0)
+"""The worker serves its task metrics here (0: off), behind OPS_TOKEN / OPS_ALLOWED_NETWORKS."""
+CELERY_METRICS_ADDR = env.str("CELERY_METRICS_ADDR", default="127.0.0.1")
+# Task lines carry task_id, and the request_id of the request that queued the task.
+DJANGO_STRUCTLOG_CELERY_ENABLED = True
+# ipware would pick a client address from X-Forwarded-For, which any client can set.
+DJANGO_STRUCTLOG_IP_LOGGING_ENABLED = False
+# Its request_id is the X-Request-ID that tickerproj.request_id has checked (or made).
+DJANGO_STRUCTLOG_TRUST_UPSTREAM_REQUEST_ID = True
 
 # Kite Connect. Defaults are Kite's production endpoints; point them at `manage.py kitesim`
 # to run everything against the loopback simulator.
