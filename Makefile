@@ -4,7 +4,7 @@ export UV_PYTHON_DOWNLOADS := never
 # uv is called as a module of the machine's python3 so that no PATH set-up is needed.
 UV := python3 -m uv
 
-.PHONY: install install-browser run test lint bench
+.PHONY: install install-browser install-promtool run test lint bench prod-local
 
 install:
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
@@ -17,10 +17,22 @@ install-browser:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
+# promtool checks deploy/prometheus/alerts.yml in the tests. It comes from Debian's prometheus
+# package, unpacked into var/tools rather than installed: installing it would start a Prometheus.
+PROMTOOL := var/tools/promtool
+install-promtool:
+	@test -x $(PROMTOOL) || { \
+	  set -e; tmp=$$(mktemp -d); cd $$tmp; \
+	  apt-get download prometheus >/dev/null 2>&1 || { \
+	    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	    $$SUDO apt-get update -qq && apt-get download prometheus; }; \
+	  dpkg-deb -x prometheus_*.deb root; cd - >/dev/null; mkdir -p var/tools; \
+	  cp $$tmp/root/usr/bin/promtool $(PROMTOOL); rm -rf $$tmp; }
+
 run: install
 	$(UV) run python manage.py demo
 
-test: install install-browser
+test: install install-browser install-promtool
 	$(UV) run pytest
 
 lint: install

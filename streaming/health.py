@@ -38,6 +38,7 @@ from typing import Any
 import redis
 from django.db import DatabaseError, connections
 from django.utils import timezone
+from prometheus_client.core import GaugeMetricFamily
 
 from accounts.models import KiteAccount
 from accounts.selectors import account_list_needing_login, account_list_streamable
@@ -45,6 +46,20 @@ from streaming.models import AccountLease, EngineHeartbeat
 from subscriptions.jobs import drift_report_latest
 
 Reason = dict[str, Any]
+
+#: Every code a check can report, so that /metrics shows each one, at 0 when all is well.
+REASON_CODES = (
+    "database_down",
+    "redis_down",
+    "no_heartbeat",
+    "session_expired",
+    "stream_stalled",
+    "task_failed",
+    "account_unleased",
+    "needs_login",
+    "subscription_drift",
+    "subscriptions_unassigned",
+)
 
 
 class RedisProbe:
@@ -334,3 +349,30 @@ def health_report_public(report: dict[str, Any]) -> dict[str, Any]:
     """What anyone may see of a report: its status and each reason's code, once."""
     codes = dict.fromkeys(reason["code"] for reason in report["reasons"])
     return {"status": report["status"], "reasons": [{"code": code} for code in codes]}
+
+
+class HealthCollector:
+    """The business report as Prometheus gauges, for alert rules (deploy/prometheus/alerts.yml).
+
+    ``tickerproj_health_reasons{code}`` counts the reasons of each code (accounts needing a
+    login, stalled streams...); ``tickerproj_health_ok`` is 1 when there are none. Labels are
+    codes only: account labels would make the series count grow with the accounts.
+    """
+
+    def __init__(self, report: Callable[[], dict[str, Any]]) -> None:
+        self._report = report
+
+    def collect(self):
+        report = self._report()
+        counts = dict.fromkeys(REASON_CODES, 0)
+        for reason in report["reasons"]:
+            counts[reason["code"]] = counts.get(reason["code"], 0) + 1
+        reasons = GaugeMetricFamily(
+            "tickerproj_health_reasons", "Reasons /health reports, by code.", labels=["code"]
+        )
+        for code, count in counts.items():
+            reasons.add_metric([code], count)
+        yield reasons
+        yield GaugeMetricFamily(
+            "tickerproj_health_ok", "1 when /health reports no reason.", value=float(not report["reasons"])
+        )

@@ -62,6 +62,10 @@ class HealthViews:
             cache.set(key, report, timeout=ttl_s)
         return report
 
+    def business_report(self) -> dict[str, Any]:
+        """The full /health report (cached like the view's); also what /metrics exports."""
+        return self._cached("tickerproj.health.report", lambda: health_report(self._context()))
+
     @method_decorator(never_cache)
     @method_decorator(require_GET)
     def live(self, request: HttpRequest) -> JsonResponse:
@@ -81,7 +85,7 @@ class HealthViews:
     @method_decorator(require_GET)
     def report(self, request: HttpRequest) -> JsonResponse:
         """200 when everything is live, 503 with the reasons otherwise: for monitoring."""
-        report = self._cached("tickerproj.health.report", lambda: health_report(self._context()))
+        report = self.business_report()
         status = 200 if report["status"] == "ok" else 503
         detailed = OpsAccess.from_settings(settings).allows(
             user=request.user,

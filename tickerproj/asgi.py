@@ -19,13 +19,16 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tickerproj.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.db import database_sync_to_async  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from prometheus_client import REGISTRY, CollectorRegistry  # noqa: E402
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest  # noqa: E402
 
 from streaming.consumers import ConsumerSettings, WebSocketMetrics  # noqa: E402
+from streaming.health import HealthCollector, RedisProbe  # noqa: E402
 from streaming.routing import websocket_routes  # noqa: E402
+from streaming.views import HealthViews  # noqa: E402
 from streaming.ws_auth import ApiTokenOrSessionAuth  # noqa: E402
 from tickerproj.access import OpsAccess  # noqa: E402
 
@@ -53,8 +56,13 @@ class MetricsEndpoint:
         if not allowed:
             await _respond(send, 403, b"text/plain", b"staff session, OPS_TOKEN or OPS_ALLOWED_NETWORKS only\n")
             return
-        body = b"".join(generate_latest(r) for r in self._registries)
+        # A thread: collectors may query the database (the health gauges).
+        body = await database_sync_to_async(self._render)()
         await _respond(send, 200, CONTENT_TYPE_LATEST.encode(), body)
+
+
+    def _render(self) -> bytes:
+        return b"".join(generate_latest(r) for r in self._registries)
 
 
 async def _respond(send, status: int, content_type: bytes, body: bytes) -> None:
@@ -95,8 +103,11 @@ def build_application(
     """
     config = config or ConsumerSettings.from_settings(settings)
     ops_access = ops_access or OpsAccess.from_settings(settings)
-    # The default registry carries the process collectors (RSS, CPU, open fds).
-    registries = [REGISTRY, metrics.registry, *extra_registries]
+    # The default registry carries the process collectors (RSS, CPU, open fds) and
+    # django-prometheus's HTTP and database metrics; the health registry the /health gauges.
+    health_registry = CollectorRegistry()
+    health_registry.register(HealthCollector(HealthViews(redis_probe=RedisProbe()).business_report))
+    registries = [REGISTRY, health_registry, metrics.registry, *extra_registries]
     return ProtocolTypeRouter(
         {
             "http": _HttpRouter(django_asgi_app, MetricsEndpoint(registries, access=ops_access)),

@@ -480,3 +480,28 @@ def test_a_setting_reports_a_stall_while_the_market_is_closed(client, account, h
     # The synthetic market is not Kite: mock mode is never a stall.
     beat({**live_state(last_tick_age_s=45.0), "mode": "mock", "market_open": False})
     assert get(client)[0] == 200
+
+
+# --- /metrics ------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_report_is_exported_as_gauges_for_alert_rules(account, health_settings):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from streaming.health import REASON_CODES, HealthCollector
+    from streaming.views import HealthViews
+
+    registry = CollectorRegistry()
+    registry.register(HealthCollector(HealthViews(redis_probe=RedisProbe()).business_report))
+    beat(live_state())
+    text = generate_latest(registry).decode()
+    assert "tickerproj_health_ok 1.0" in text
+    for code in REASON_CODES:
+        assert f'tickerproj_health_reasons{{code="{code}"}} 0.0' in text
+    beat(crashed_state())
+    text = generate_latest(registry).decode()
+    assert "tickerproj_health_ok 0.0" in text
+    assert 'tickerproj_health_reasons{code="stream_stalled"} 1.0' in text
+    assert 'tickerproj_health_reasons{code="task_failed"} 1.0' in text
+    assert "acc1" not in text  # codes only: bounded series, no account labels
