@@ -19,7 +19,8 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(environ.Env().str("TICKERPROJ_VAR_DIR", default=str(BASE_DIR / "var")))
 
 env = environ.Env()
-environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+if (BASE_DIR / ".env").exists():  # else django-environ logs a non-JSON line before logging is set up
+    environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DATABASE_URL = env.str("DATABASE_URL", default="")
 REDIS_URL = env.str("REDIS_URL", default="")
