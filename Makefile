@@ -4,7 +4,7 @@ export UV_PYTHON_DOWNLOADS := never
 # uv is called as a module of the machine's python3 so that no PATH set-up is needed.
 UV := python3 -m uv
 
-.PHONY: install install-browser install-promtool run test lint bench prod-local
+.PHONY: install install-browser install-promtool run test lint bench release prod-local
 
 install:
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
@@ -31,6 +31,18 @@ install-promtool:
 
 run: install
 	$(UV) run python manage.py demo
+
+# Before the first start and after every upgrade: schema, periodic jobs, static files.
+release: install
+	$(UV) run python manage.py migrate --noinput
+	$(UV) run python manage.py ensure_schedules
+	$(UV) run python manage.py collectstatic --noinput
+
+# The production layout of the Procfile on this machine, on the environment of .env.
+prod-local:
+	@test -f .env || { echo "make prod-local reads .env: cp .env.example .env and fill it in (docs/deploy.md)" >&2; exit 1; }
+	$(MAKE) release
+	$(UV) run honcho start
 
 test: install install-browser install-promtool
 	$(UV) run pytest

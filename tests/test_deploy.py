@@ -44,3 +44,58 @@ def test_the_rules_cover_what_ops_must_hear_about():
     } <= alerts
     tested = set(re.findall(r"alertname: (\w+)", (RULES.parent / "alerts.test.yml").read_text()))
     assert alerts == tested, "every rule has a unit test in alerts.test.yml"
+
+
+def _names_read_by_settings() -> set[str]:
+    text = (ROOT / "tickerproj" / "settings.py").read_text()
+    return set(re.findall(r"""[eE]nv(?:\(\))?\.\w+\(\s*["']([A-Z][A-Z0-9_]+)["']""", text))
+
+
+def test_env_example_lists_every_setting_and_every_procfile_variable():
+    example = (ROOT / ".env.example").read_text()
+    listed = set(re.findall(r"^([A-Z][A-Z0-9_]+)=", example, flags=re.M))
+    settings_names = _names_read_by_settings() - {"TEST_DATABASE_NAME"}  # the test suite's own
+    assert len(settings_names) > 40
+    assert settings_names - listed == set()
+    procfile_names = set(re.findall(r"\$\{([A-Z][A-Z0-9_]+):-", (ROOT / "Procfile").read_text()))
+    assert procfile_names - listed == set()
+    assert listed - settings_names - procfile_names == set(), "listed but read by nothing"
+
+
+def test_systemd_units_verify(tmp_path):
+    """systemd-analyze verify on the units, installed at this checkout instead of /opt/tickerproj."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze (Debian's systemd package) is needed to check the units"
+    units = ROOT / "deploy" / "systemd"
+    names = []
+    for unit in units.iterdir():
+        text = unit.read_text().replace("/opt/tickerproj", str(ROOT))
+        name = unit.name.replace("@.", "@9999.")
+        (tmp_path / name).write_text(text)
+        (tmp_path / unit.name).write_text(text)
+        names.append(name)
+    result = subprocess.run(
+        [analyze, "verify", "--man=no", *(str(tmp_path / n) for n in sorted(names))],
+        capture_output=True, text=True, timeout=120, env={"SYSTEMD_LOG_LEVEL": "warning", "PATH": "/usr/bin:/bin"},
+    )
+    problems = [
+        line for line in (result.stdout + result.stderr).splitlines()
+        # The target names concrete instances (8001...) that exist only once installed.
+        if line.strip() and "tickerproj.target" not in line
+    ]
+    assert problems == []
+    beat = (units / "tickerproj-beat.service").read_text()
+    assert "EXACTLY ONE" in beat and not (units / "tickerproj-beat@.service").exists()
+
+
+def test_the_nginx_site_proxies_http_websockets_and_serves_static():
+    site = (ROOT / "deploy" / "nginx" / "tickerproj.conf").read_text()
+    assert re.findall(r"server 127\.0\.0\.1:(\d+);", site) == ["8001", "8002"]
+    websocket = site[site.index("location /ws/"):]
+    for line in ("proxy_set_header Upgrade $http_upgrade;",
+                 "proxy_set_header Connection $connection_upgrade;", "proxy_http_version 1.1;"):
+        assert line in websocket
+    assert "alias /var/lib/tickerproj/static/;" in site
+    # daphne --proxy-headers trusts X-Forwarded-For: nginx must overwrite it, never append.
+    assert "$proxy_add_x_forwarded_for" not in site
+    assert site.count("proxy_set_header X-Forwarded-For $remote_addr;") == 3
