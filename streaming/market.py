@@ -14,13 +14,13 @@ Model
     (a smile with a put skew). Prices are rounded to the 0.05 tick; an option never trades
     below one tick. Volume, open interest and the five-level depth evolve around the price.
 
-Expiries (NSE rules in force for 2025-26)
-    NIFTY options expire every Tuesday (the last Tuesday of a month is the monthly expiry);
-    BANKNIFTY has monthly expiries only, on the last Tuesday of the month; futures are the
-    next three monthly expiries. An expiry that falls on a holiday moves to the previous
-    trading day: pass the exchange's holidays as ``holidays``. Expiries are computed once,
-    relative to the clock at construction; a contract whose expiry passes stays listed and
-    is priced at intrinsic value.
+Expiries (the calendar of ``streaming.nse_calendar``)
+    NIFTY options expire every Tuesday and always list the current monthly expiry (the last
+    Tuesday of the month, the one with a future) among them; BANKNIFTY has monthly expiries
+    only; futures are the next three monthly expiries. An expiry that falls on a holiday moves
+    to the previous trading day: pass the exchange's holidays as ``holidays``. Expiries are
+    computed once, relative to the clock at construction; a contract whose expiry passes stays
+    listed and is priced at intrinsic value.
 
 Historical candles
     Each underlying has one seeded intraday path per trading day (09:15-15:30 IST). The path
@@ -50,7 +50,6 @@ from streaming.greeks import (
     IST,
     SECONDS_PER_YEAR,
     black76_price,
-    expiry_close_epoch_s,
     years_to_expiry,
 )
 from streaming.kite.codec import (
@@ -63,6 +62,17 @@ from streaming.kite.codec import (
 )
 from streaming.kite.limits import MODES
 from streaming.kite.schemas import INSTRUMENT_CSV_COLUMNS
+from streaming.nse_calendar import (
+    MINUTES_PER_SESSION,
+    is_trading_day,
+    ist_date,
+    monthly_expiries,
+    monthly_expiry_of,
+    previous_trading_day_on_or_before,
+    session_close_epoch_s,
+    session_open_epoch_s,
+    weekly_option_expiries,
+)
 
 __all__ = [
     "BANKNIFTY",
@@ -71,13 +81,7 @@ __all__ = [
     "SyntheticMarket",
     "UnderlyingSpec",
     "future_tradingsymbol",
-    "is_trading_day",
-    "ist_date",
-    "monthly_expiries",
     "option_tradingsymbol",
-    "session_close_epoch_s",
-    "session_open_epoch_s",
-    "weekly_expiries",
 ]
 
 #: The low byte of a Kite instrument_token names its segment (as KiteTicker reads it).
@@ -86,15 +90,11 @@ NFO_SEGMENT_ID: Final = 2
 INDICES_SEGMENT_ID: Final = 9
 
 TICK_SIZE: Final = 0.05
-MARKET_OPEN_MINUTE_IST: Final = 9 * 60 + 15
-MARKET_CLOSE_MINUTE_IST: Final = 15 * 60 + 30
-MINUTES_PER_SESSION: Final = MARKET_CLOSE_MINUTE_IST - MARKET_OPEN_MINUTE_IST  # 375
 
 
 _MONTH_ABBR: Final = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 # Kite's weekly-option symbols carry the month as one character: 1-9, then O, N, D.
 _WEEKLY_MONTH_CODE: Final = "123456789OND"
-_TUESDAY: Final = 1
 
 # Instrument kinds in the state arrays.
 KIND_INDEX: Final = 0
@@ -188,70 +188,6 @@ def _extra_spec(i: int) -> UnderlyingSpec:
         vol=0.10 + 0.01 * (i % 10),
         dividend_yield=0.01,
     )
-
-
-# --- calendar -------------------------------------------------------------------------------
-
-
-def ist_date(epoch_s: float) -> date:
-    """The IST calendar date of an epoch time."""
-    return datetime.fromtimestamp(epoch_s, IST).date()
-
-
-def session_close_epoch_s(day: date) -> float:
-    """Epoch seconds of 15:30 IST on ``day``: the close, when that day's contracts expire."""
-    return expiry_close_epoch_s(day)
-
-
-def session_open_epoch_s(day: date) -> float:
-    """Epoch seconds of 09:15 IST on ``day``."""
-    return datetime(day.year, day.month, day.day, 9, 15, tzinfo=IST).timestamp()
-
-
-def is_trading_day(day: date, holidays: frozenset[date]) -> bool:
-    return day.weekday() < 5 and day not in holidays
-
-
-def _previous_trading_day_on_or_before(day: date, holidays: frozenset[date]) -> date:
-    while not is_trading_day(day, holidays):
-        day -= timedelta(days=1)
-    return day
-
-
-def _last_tuesday(year: int, month: int) -> date:
-    first_next = date(year + month // 12, month % 12 + 1, 1)
-    last = first_next - timedelta(days=1)
-    return last - timedelta(days=(last.weekday() - _TUESDAY) % 7)
-
-
-def monthly_expiries(
-    *, now_epoch_s: float, count: int, holidays: frozenset[date] = frozenset()
-) -> list[date]:
-    """The next ``count`` monthly expiries (last Tuesday, holiday-adjusted) not yet closed."""
-    today = ist_date(now_epoch_s)
-    out: list[date] = []
-    year, month = today.year, today.month
-    while len(out) < count:
-        expiry = _previous_trading_day_on_or_before(_last_tuesday(year, month), holidays)
-        if session_close_epoch_s(expiry) > now_epoch_s:
-            out.append(expiry)
-        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
-    return out
-
-
-def weekly_expiries(
-    *, now_epoch_s: float, count: int, holidays: frozenset[date] = frozenset()
-) -> list[date]:
-    """The next ``count`` weekly expiries (Tuesdays, holiday-adjusted) not yet closed."""
-    today = ist_date(now_epoch_s)
-    tuesday = today + timedelta(days=(_TUESDAY - today.weekday()) % 7)
-    out: list[date] = []
-    while len(out) < count:
-        expiry = _previous_trading_day_on_or_before(tuesday, holidays)
-        if session_close_epoch_s(expiry) > now_epoch_s:
-            out.append(expiry)
-        tuesday += timedelta(days=7)
-    return out
 
 
 # --- symbols --------------------------------------------------------------------------------
@@ -438,7 +374,9 @@ class SyntheticMarket:
                 expiry_s.append(session_close_epoch_s(expiry))
                 lot.append(spec.lot_size)
             option_expiries = (
-                weekly_expiries(now_epoch_s=self._now, count=n_expiries, holidays=self._holidays)
+                weekly_option_expiries(
+                    now_epoch_s=self._now, count=n_expiries, holidays=self._holidays
+                )
                 if spec.weekly
                 else months[:n_expiries]
             )
@@ -449,8 +387,8 @@ class SyntheticMarket:
                 if atm + spec.strike_step * k > 0
             ]
             for expiry in option_expiries:
-                is_monthly = expiry in monthly_set or expiry == _previous_trading_day_on_or_before(
-                    _last_tuesday(expiry.year, expiry.month), self._holidays
+                is_monthly = expiry in monthly_set or expiry == monthly_expiry_of(
+                    expiry.year, expiry.month, self._holidays
                 )
                 for k in strikes:
                     for option_type, option_kind in (("CE", KIND_CALL), ("PE", KIND_PUT)):
@@ -1091,11 +1029,11 @@ class SyntheticMarket:
         day = ist_date(created)
         n_points = MINUTES_PER_SESSION * _SUBSTEPS_PER_MINUTE
         if not is_trading_day(day, self._holidays):
-            return _previous_trading_day_on_or_before(day, self._holidays), n_points
+            return previous_trading_day_on_or_before(day, self._holidays), n_points
         elapsed_s = created - session_open_epoch_s(day)
         point = int(elapsed_s / 60.0 * _SUBSTEPS_PER_MINUTE)
         if point < 0:
-            previous = _previous_trading_day_on_or_before(day - timedelta(days=1), self._holidays)
+            previous = previous_trading_day_on_or_before(day - timedelta(days=1), self._holidays)
             return previous, n_points
         return day, min(point, n_points)
 
@@ -1121,7 +1059,7 @@ class SyntheticMarket:
                 level = level + self._day_path(u, cursor)[1][-1] + self._day_path(u, nxt)[0]
                 cursor = nxt
             else:
-                prev = _previous_trading_day_on_or_before(cursor - timedelta(days=1), self._holidays)
+                prev = previous_trading_day_on_or_before(cursor - timedelta(days=1), self._holidays)
                 level = level - self._day_path(u, cursor)[0] - self._day_path(u, prev)[1][-1]
                 cursor = prev
             memo[cursor] = level

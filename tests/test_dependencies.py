@@ -20,7 +20,9 @@ import pytest
 import requests
 from kiteconnect import KiteConnect, KiteTicker
 
-MOCKS = Path(__file__).resolve().parents[1].parent / "shared" / "kite-mocks"
+from tests.fixtures import KITE_MOCKS
+
+MOCKS = KITE_MOCKS
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -1,41 +1,29 @@
 """Whether the NSE market is open now, and so whether the engine streams live or mock data.
 
 The session is 09:15 to 15:30 IST, Monday to Friday, minus the MARKET_HOLIDAYS setting. The
-calendar helpers live in ``streaming.market`` (shared with the synthetic market), so the
-simulator and the engine agree on when a session opens and closes.
+calendar is ``streaming.nse_calendar`` (shared with the synthetic market), so the simulator and
+the engine agree on when a session opens and closes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from streaming.market import (
+from streaming.nse_calendar import (
     is_trading_day,
     ist_date,
+    parse_holidays,
     session_close_epoch_s,
     session_open_epoch_s,
 )
 
+__all__ = ["EngineMode", "MarketHours", "ModePolicy", "parse_holidays"]
+
 EngineMode = Literal["live", "mock"]
 
 _MAX_DAYS_TO_NEXT_SESSION = 30
-
-
-def parse_holidays(values: Iterable[str | dt.date]) -> frozenset[dt.date]:
-    """MARKET_HOLIDAYS as dates; a malformed entry raises with the value that failed."""
-    out = set()
-    for value in values:
-        if isinstance(value, dt.date):
-            out.add(value)
-            continue
-        try:
-            out.add(dt.date.fromisoformat(value.strip()))
-        except ValueError as exc:
-            raise ValueError(f"MARKET_HOLIDAYS: expected ISO date, got {value!r}") from exc
-    return frozenset(out)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from playwright.sync_api import Page, expect, sync_playwright
 
-from streaming.engine.market_hours import parse_holidays
 from streaming.management.commands.demo import demo_universe_load
 from streaming.market import SyntheticMarket
+from streaming.nse_calendar import parse_holidays
 from tests.streaming.wsutil import (
     EXPIRY,
     EXPIRY2,

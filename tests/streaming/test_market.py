@@ -6,7 +6,6 @@ import csv
 import io
 import math
 from datetime import date, datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +17,12 @@ from streaming.market import (
     IST,
     SyntheticMarket,
     future_tradingsymbol,
-    monthly_expiries,
     option_tradingsymbol,
-    weekly_expiries,
 )
+from streaming.nse_calendar import monthly_expiries, weekly_expiries
+from tests.fixtures import KITE_MOCKS
 
-MOCKS = Path("/work/shared/kite-mocks")
+MOCKS = KITE_MOCKS
 # Wednesday 18 November 2026, 11:00 IST: mid-session, between two NIFTY weekly expiries.
 WEDNESDAY_11_IST = datetime(2026, 11, 18, 11, 0, tzinfo=IST).timestamp()
 SECONDS_PER_YEAR = 365.0 * 86400.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +17,9 @@ import pytest
 from streaming.kite import rest
 from streaming.kite.rest import KiteResponseError, parse_candles
 from streaming.market import IST, SyntheticMarket
+from tests.fixtures import KITE_MOCKS
 
-MOCKS = Path("/work/shared/kite-mocks")
+MOCKS = KITE_MOCKS
 
 
 def mock(name: str):

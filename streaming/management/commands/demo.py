@@ -42,11 +42,11 @@ from prometheus_client import CollectorRegistry
 
 from streaming.consumers import WebSocketMetrics
 from streaming.engine.app import Engine, EngineConfig
-from streaming.engine.market_hours import parse_holidays
 from streaming.engine.metrics import EngineMetrics
 from streaming.kite.rest import parse_instruments_csv
 from streaming.kite.schemas import InstrumentRow
 from streaming.market import SyntheticMarket
+from streaming.nse_calendar import parse_holidays
 from subscriptions.models import Instrument
 from subscriptions.schedules import DEFAULT_SCHEDULES, JobSchedule, celery_schedule, run_inline
 from subscriptions.selectors import subscription_tokens_active

@@ -8,7 +8,6 @@ import os
 import struct
 import time
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,8 +30,8 @@ from streaming.kite.codec import (
     encode_frame,
     price_divisors,
 )
+from tests.fixtures import KITE_MOCKS
 
-KITE_MOCKS = Path(__file__).resolve().parents[4] / "shared" / "kite-mocks"
 SEGMENTS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 0, 255)
 QUOTE_FIELDS = (
     "last_traded_quantity",

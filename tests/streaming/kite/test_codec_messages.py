@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import orjson
 import pytest
@@ -18,8 +17,7 @@ from streaming.kite.codec import (
     subscribe_message,
     unsubscribe_message,
 )
-
-KITE_MOCKS = Path(__file__).resolve().parents[4] / "shared" / "kite-mocks"
+from tests.fixtures import KITE_MOCKS
 
 
 def test_order_update_from_kites_postback_mock():

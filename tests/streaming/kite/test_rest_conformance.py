@@ -6,15 +6,15 @@ import copy
 import datetime as dt
 import inspect
 import json
-from pathlib import Path
 
 import pytest
 from kiteconnect import KiteConnect
 
 from streaming.kite import rest, schemas
 from streaming.kite.rest import KiteResponseError, parse_candles, parse_instruments_csv
+from tests.fixtures import KITE_MOCKS
 
-MOCKS = Path("/work/shared/kite-mocks")
+MOCKS = KITE_MOCKS
 
 
 def mock(name: str):

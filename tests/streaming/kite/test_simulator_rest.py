@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timedelta
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -15,8 +14,9 @@ from kiteconnect import exceptions as kex
 
 from streaming.kite.simulator import KiteSimulator, SimulatorThread
 from streaming.market import IST, SyntheticMarket
+from tests.fixtures import KITE_MOCKS
 
-MOCKS = Path("/work/shared/kite-mocks")
+MOCKS = KITE_MOCKS
 API_KEY, API_SECRET, ACCESS_TOKEN = "simkey", "simsecret", "simtoken"
 # Thursday 19 November 2026, 14:00 IST.
 THURSDAY_14_IST = datetime(2026, 11, 19, 14, 0, tzinfo=IST).timestamp()
