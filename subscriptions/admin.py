@@ -9,9 +9,12 @@ from django.db import connection
 from django.http import HttpResponseRedirect
 from django.urls import path, reverse
 from django.utils.functional import cached_property
+from import_export.admin import ImportMixin
+from import_export.formats.base_formats import CSV
 
 from streaming.control import notify_engines_on_commit
 from subscriptions import services, tasks
+from subscriptions.imports import SubscriptionResource
 from subscriptions.jobs import drift_report_latest
 from subscriptions.models import DriftReport, HistoryRange, Instrument, RebalanceRule, Subscription
 
@@ -97,7 +100,10 @@ def _log_bulk_change(request, queryset, message: str) -> None:
 
 
 @admin.register(Subscription)
-class SubscriptionAdmin(admin.ModelAdmin):
+class SubscriptionAdmin(ImportMixin, admin.ModelAdmin):
+    # "Import" on the changelist: CSV (subscriptions/imports.py), a dry-run preview, then confirm.
+    resource_classes = [SubscriptionResource]
+    import_formats = [CSV]
     list_display = [
         "instrument", "mode", "status", "source", "pinned_account", "assigned_account",
         "streamed_mode", "unassigned_reason", "status_reason", "updated_at",

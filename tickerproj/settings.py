@@ -72,6 +72,7 @@ INSTALLED_APPS = [
     "django_celery_beat",
     "django_structlog",
     "django_prometheus",
+    "import_export",
     "accounts",
     "subscriptions",
     "streaming",
@@ -188,6 +189,9 @@ DJANGO_STRUCTLOG_CELERY_ENABLED = True
 DJANGO_STRUCTLOG_IP_LOGGING_ENABLED = False
 # Its request_id is the X-Request-ID that tickerproj.request_id has checked (or made).
 DJANGO_STRUCTLOG_TRUST_UPSTREAM_REQUEST_ID = True
+
+# The admin's CSV import (subscriptions/imports.py) needs the add permission, not just view.
+IMPORT_EXPORT_IMPORT_PERMISSION_CODE = "add"
 
 # Kite Connect. Defaults are Kite's production endpoints; point them at `manage.py kitesim`
 # to run everything against the loopback simulator.
