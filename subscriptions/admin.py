@@ -1,5 +1,7 @@
 """Admin for ops: a read-only instrument registry fast at 100k rows, and subscriptions."""
 
+import datetime as dt
+
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.models import CHANGE, LogEntry
@@ -8,12 +10,13 @@ from django.core.paginator import Paginator
 from django.db import connection
 from django.http import HttpResponseRedirect
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.functional import cached_property
 from import_export.admin import ImportMixin
 from import_export.formats.base_formats import CSV
 
 from streaming.control import notify_engines_on_commit
-from subscriptions import services, tasks
+from subscriptions import selectors, services, tasks
 from subscriptions.imports import SubscriptionResource
 from subscriptions.jobs import drift_report_latest
 from subscriptions.models import DriftReport, HistoryRange, Instrument, RebalanceRule, Subscription
@@ -40,6 +43,30 @@ class EstimatedCountPaginator(Paginator):
         return super().count
 
 
+class UpcomingExpiryFilter(admin.SimpleListFilter):
+    """The next expiries (not every date since the registry began), plus "expired"."""
+
+    title = "expiry"
+    parameter_name = "expiry"
+    upcoming_count = 12
+
+    def lookups(self, request, model_admin):
+        today = timezone.localdate()
+        upcoming = selectors.instrument_list_upcoming_expiries(on_or_after=today, limit=self.upcoming_count)
+        return [(d.isoformat(), f"{d:%d %b %Y}") for d in upcoming] + [("expired", "expired")]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if not value:
+            return queryset
+        if value == "expired":
+            return queryset.filter(expiry__lt=timezone.localdate())
+        try:
+            return queryset.filter(expiry=dt.date.fromisoformat(value))
+        except ValueError:
+            return queryset.none()  # a hand-edited URL: show nothing rather than fail
+
+
 @admin.register(Instrument)
 class InstrumentAdmin(admin.ModelAdmin):
     change_list_template = "admin/subscriptions/instrument/change_list.html"
@@ -47,7 +74,7 @@ class InstrumentAdmin(admin.ModelAdmin):
         "tradingsymbol", "exchange", "segment", "instrument_type", "name", "expiry", "strike",
         "lot_size", "tick_size", "instrument_token",
     ]
-    list_filter = ["exchange", "segment", "instrument_type", "expiry"]
+    list_filter = ["exchange", "segment", "instrument_type", UpcomingExpiryFilter]
     search_fields = ["tradingsymbol", "name", "=instrument_token"]
     ordering = ["exchange", "tradingsymbol"]
     paginator = EstimatedCountPaginator
