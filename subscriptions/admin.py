@@ -9,6 +9,7 @@ from django.contrib.contenttypes.models import ContentType
 from django.core.paginator import Paginator
 from django.db import connection
 from django.http import HttpResponseRedirect
+from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
@@ -17,6 +18,7 @@ from import_export.formats.base_formats import CSV
 
 from streaming.control import notify_engines_on_commit
 from subscriptions import selectors, services, tasks
+from subscriptions.forms import SubscribeChainForm
 from subscriptions.imports import SubscriptionResource
 from subscriptions.jobs import drift_report_latest
 from subscriptions.models import DriftReport, HistoryRange, Instrument, RebalanceRule, Subscription
@@ -81,6 +83,8 @@ class InstrumentAdmin(admin.ModelAdmin):
     show_full_result_count = False
     list_per_page = 100
 
+    actions = ["subscribe_chain"]
+
     def has_add_permission(self, request):
         return False
 
@@ -89,6 +93,63 @@ class InstrumentAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    def has_subscribe_permission(self, request) -> bool:
+        """The registry is read-only; subscribing is adding subscriptions."""
+        return request.user.has_perm("subscriptions.add_subscription")
+
+    @admin.action(description="Subscribe chain...", permissions=["subscribe"])
+    def subscribe_chain(self, request, queryset):
+        """Subscribe the chain of the selected instruments' underlying around the money.
+
+        The first POST (from the changelist) shows the form; its own POST ("apply") subscribes.
+        """
+        names = sorted(set(queryset.exclude(name="").values_list("name", flat=True)))
+        if len(names) != 1:
+            self.message_user(
+                request, f"Select instruments of one underlying (got {', '.join(names) or 'none'}).",
+                messages.ERROR,
+            )
+            return None
+        underlying = names[0]
+        today = timezone.localdate()
+        expiries = selectors.instrument_list_expiries(underlying=underlying, on_or_after=today)
+        form = SubscribeChainForm(
+            request.POST if "apply" in request.POST else None,
+            expiries=expiries,
+            initial={"underlying": underlying, "expiries": [e.isoformat() for e in expiries[:1]]},
+        )
+        if form.is_valid():
+            price = form.cleaned_data["around_price"] or selectors.instrument_nearest_future_price(
+                underlying=underlying, on_or_after=today
+            )
+            if price is None:
+                form.add_error("around_price", f"no price known for {underlying}: enter one")
+            else:
+                chosen = [dt.date.fromisoformat(v) for v in form.cleaned_data["expiries"]]
+                activated = services.subscriptions_activate_chain(
+                    underlying=underlying,
+                    expiries=chosen,
+                    around_price=price,
+                    strikes_each_side=form.cleaned_data["strikes_each_side"],
+                    mode=form.cleaned_data["mode"],
+                )
+                self.message_user(
+                    request,
+                    f"Subscribed {len(activated)} {underlying} option(s) around {price:g} "
+                    f"for {', '.join(f'{d:%d %b}' for d in chosen)}.",
+                    messages.SUCCESS,
+                )
+                return None
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Subscribe the {underlying} chain",
+            "form": form,
+            "opts": self.model._meta,
+            "selected": request.POST.getlist(admin.helpers.ACTION_CHECKBOX_NAME),
+            "action": "subscribe_chain",
+        }
+        return TemplateResponse(request, "admin/subscriptions/instrument/subscribe_chain.html", context)
 
     def get_urls(self):
         refresh = path(

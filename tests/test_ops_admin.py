@@ -87,3 +87,62 @@ def test_the_expiry_filter_offers_upcoming_expiries_and_expired(admin_client):
     expired = admin_client.get("/admin/subscriptions/instrument/?expiry=expired")
     assert [i.expiry for i in expired.context["cl"].result_list] == [dates[0]]
     assert admin_client.get("/admin/subscriptions/instrument/?expiry=garbage").status_code == 200
+
+
+def chain_of(expiry: dt.date, *, token0: int) -> list[Instrument]:
+    rows = [
+        make_option(token=token0 + 2 * k + (kind == "PE"), name="NIFTY", expiry=expiry,
+                    strike=23500 + 100 * k, kind=kind)
+        for k in range(11) for kind in ("CE", "PE")
+    ]
+    return Instrument.objects.bulk_create(rows)
+
+
+def test_subscribe_chain_from_the_instrument_list(admin_client):
+    from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+
+    from subscriptions.models import Subscription
+
+    today = timezone.localdate()
+    near, far = today + dt.timedelta(days=7), today + dt.timedelta(days=35)
+    first = chain_of(near, token0=1000)
+    chain_of(far, token0=2000)
+    url = "/admin/subscriptions/instrument/"
+    selected = {"action": "subscribe_chain", ACTION_CHECKBOX_NAME: [first[0].pk]}
+    form_page = admin_client.post(url, selected)
+    assert form_page.status_code == 200
+    assert form_page.context["form"].fields["expiries"].choices == [
+        (near.isoformat(), f"{near:%d %b %Y}"), (far.isoformat(), f"{far:%d %b %Y}")
+    ]
+    # No price in the registry and none entered: the form says so, nothing is subscribed.
+    apply = {**selected, "apply": "1", "underlying": "NIFTY", "expiries": [near.isoformat(), far.isoformat()],
+             "strikes_each_side": "2", "mode": "quote"}
+    assert "no price known for NIFTY" in admin_client.post(url, apply).content.decode()
+    assert Subscription.objects.count() == 0
+
+    response = admin_client.post(url, {**apply, "around_price": "24020"}, follow=True)
+    assert "Subscribed 20 NIFTY option(s) around 24020" in response.content.decode()
+    subs = Subscription.objects.select_related("instrument")
+    assert {s.instrument.strike for s in subs} == {23800, 23900, 24000, 24100, 24200}
+    assert {s.instrument.expiry for s in subs} == {near, far}
+    assert {(s.mode, s.status) for s in subs} == {("quote", "active")}
+
+
+def test_subscribe_chain_needs_one_underlying_and_the_add_permission(admin_client, client):
+    from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+    from django.contrib.auth.models import Permission, User
+
+    today = timezone.localdate()
+    nifty = chain_of(today + dt.timedelta(days=7), token0=1000)
+    other = Instrument.objects.bulk_create([
+        make_option(token=5000, name="BANKNIFTY", expiry=today + dt.timedelta(days=7), strike=50000, kind="CE")
+    ])
+    both = {"action": "subscribe_chain", ACTION_CHECKBOX_NAME: [nifty[0].pk, other[0].pk]}
+    response = admin_client.post("/admin/subscriptions/instrument/", both, follow=True)
+    assert "Select instruments of one underlying (got BANKNIFTY, NIFTY)" in response.content.decode()
+
+    viewer = User.objects.create_user("viewer", password="pw-viewer-1", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_instrument"))
+    client.force_login(viewer)
+    page = client.get("/admin/subscriptions/instrument/")
+    assert "Subscribe chain" not in page.content.decode()
