@@ -21,7 +21,14 @@ from subscriptions import selectors, services, tasks
 from subscriptions.forms import SubscribeChainForm
 from subscriptions.imports import SubscriptionResource
 from subscriptions.jobs import drift_report_latest
-from subscriptions.models import DriftReport, HistoryRange, Instrument, RebalanceRule, Subscription
+from subscriptions.models import (
+    DriftReport,
+    HistoryRange,
+    Instrument,
+    JobRun,
+    RebalanceRule,
+    Subscription,
+)
 
 
 class EstimatedCountPaginator(Paginator):
@@ -289,4 +296,22 @@ class DriftReportAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(JobRun)
+class JobRunAdmin(admin.ModelAdmin):
+    """The last run of each job: written by the worker (tickerproj/celery_observability.py)."""
+
+    list_display = ["task_name", "outcome", "finished_at", "duration_s", "summary", "task_id"]
+    list_filter = ["outcome"]
+    ordering = ["task_name"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
         return False

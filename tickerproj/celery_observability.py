@@ -6,6 +6,7 @@
   step binds ``task_id`` (and the queuing request's ``request_id``) to every line of a task.
 - Metrics: each task's outcome and duration, counted in the process that ran it, served by
   the worker on CELERY_METRICS_PORT behind the ops access (tickerproj/metrics.py).
+- Outcomes: the last run of each task, written to ``JobRun`` for the admin.
 """
 
 from __future__ import annotations
@@ -53,13 +54,17 @@ class CeleryTaskMetrics:
     def task_started(self, *, task_id: str) -> None:
         self._started[task_id] = time.monotonic()
 
-    def task_finished(self, *, task_id: str, task_name: str, outcome: str) -> None:
+    def task_finished(self, *, task_id: str, task_name: str, outcome: str, summary: str) -> None:
         started = self._started.pop(task_id, None)
-        if started is not None:
-            self.duration.labels(task_name).observe(time.monotonic() - started)
+        duration_s = time.monotonic() - started if started is not None else None
+        if duration_s is not None:
+            self.duration.labels(task_name).observe(duration_s)
         self.tasks.labels(task_name, outcome).inc()
         if outcome == "succeeded":
             self.last_success.labels(task_name).set(time.time())
+        _record_outcome(
+            task_name=task_name, task_id=task_id, outcome=outcome, duration_s=duration_s, summary=summary
+        )
 
     def connect(self) -> None:
         """Count through Celery's task signals (sent in the process that runs the task)."""
@@ -67,14 +72,22 @@ class CeleryTaskMetrics:
         def prerun(task_id: str, task: Any, **_: Any) -> None:
             self.task_started(task_id=task_id)
 
-        def success(sender: Any, **_: Any) -> None:
-            self.task_finished(task_id=sender.request.id, task_name=sender.name, outcome="succeeded")
+        def success(sender: Any, result: Any = None, **_: Any) -> None:
+            self.task_finished(
+                task_id=sender.request.id, task_name=sender.name, outcome="succeeded",
+                summary=repr(result),
+            )
 
-        def failure(sender: Any, task_id: str, **_: Any) -> None:
-            self.task_finished(task_id=task_id, task_name=sender.name, outcome="failed")
+        def failure(sender: Any, task_id: str, exception: BaseException | None = None, **_: Any) -> None:
+            self.task_finished(
+                task_id=task_id, task_name=sender.name, outcome="failed",
+                summary=f"{type(exception).__name__}: {exception}",
+            )
 
-        def retry(sender: Any, request: Any, **_: Any) -> None:
-            self.task_finished(task_id=request.id, task_name=sender.name, outcome="retried")
+        def retry(sender: Any, request: Any, reason: Any = None, **_: Any) -> None:
+            self.task_finished(
+                task_id=request.id, task_name=sender.name, outcome="retried", summary=str(reason)
+            )
 
         for signal, receiver in (
             (signals.task_prerun, prerun),
@@ -83,6 +96,18 @@ class CeleryTaskMetrics:
             (signals.task_retry, retry),
         ):
             signal.connect(receiver, weak=False)
+
+
+def _record_outcome(**fields: Any) -> None:
+    """Write the run's outcome; a failure to write is logged, never the task's failure."""
+    from django.db import DatabaseError
+
+    from subscriptions.jobs import job_run_record
+
+    try:
+        job_run_record(**fields)
+    except DatabaseError as exc:
+        log.warning("celery.outcome_not_recorded", task=fields["task_name"], error=str(exc)[:200])
 
 
 def install(app: Celery) -> CeleryTaskMetrics:
