@@ -44,6 +44,7 @@ from accounts.models import KiteAccount
 from accounts.selectors import account_list_needing_login, account_list_streamable
 from streaming.models import AccountLease, EngineHeartbeat
 from subscriptions.jobs import drift_report_latest
+from tickerproj.redis_connection import redis_client
 
 Reason = dict[str, Any]
 
@@ -78,7 +79,7 @@ class RedisProbe:
         """None when Redis at ``url`` answers PING, else the error's text."""
         client = self._clients.get(url)
         if client is None:
-            client = self._clients[url] = redis.Redis.from_url(
+            client = self._clients[url] = redis_client(
                 url,
                 socket_timeout=self._timeout_s,
                 socket_connect_timeout=self._timeout_s,

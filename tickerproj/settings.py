@@ -14,6 +14,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from tickerproj.access import parse_networks, validate_ops_token
 from tickerproj.logging import configure_logging
+from tickerproj.redis_connection import SentinelTarget, parse_sentinels, sentinel_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(environ.Env().str("TICKERPROJ_VAR_DIR", default=str(BASE_DIR / "var")))
@@ -24,6 +25,25 @@ if (BASE_DIR / ".env").exists():  # else django-environ logs a non-JSON line bef
 
 DATABASE_URL = env.str("DATABASE_URL", default="")
 REDIS_URL = env.str("REDIS_URL", default="")
+REDIS_SENTINELS = env.list("REDIS_SENTINELS", default=[])
+"""``host:port`` of the Redis Sentinels; when set they find the master, REDIS_URL is ignored."""
+REDIS_SENTINEL_MASTER = env.str("REDIS_SENTINEL_MASTER", default="tickerproj")
+REDIS_SENTINEL_DB = env.int("REDIS_SENTINEL_DB", default=0)
+REDIS_SENTINEL_PASSWORD = env.str("REDIS_SENTINEL_PASSWORD", default="")
+"""The master's (requirepass) password, if any."""
+REDIS_SENTINEL = (
+    SentinelTarget(
+        sentinels=parse_sentinels(REDIS_SENTINELS),
+        master_name=REDIS_SENTINEL_MASTER,
+        db=REDIS_SENTINEL_DB,
+        password=REDIS_SENTINEL_PASSWORD,
+    )
+    if REDIS_SENTINELS
+    else None
+)
+if REDIS_SENTINEL is not None:
+    # The project's own clients read this URL through tickerproj.redis_connection.
+    REDIS_URL = sentinel_url(REDIS_SENTINEL)
 EMBEDDED = not DATABASE_URL
 """True on embedded defaults (SQLite, no Redis): the single-process demo set-up."""
 
@@ -150,7 +170,29 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Names this installation's channel-layer keys and engine control channel on a shared Redis.
 CHANNEL_LAYER_PREFIX = env.str("CHANNEL_LAYER_PREFIX", default="tickerproj")
-if REDIS_URL:
+if REDIS_SENTINEL is not None:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                # channels-redis asks the sentinels for the master on every new connection.
+                "hosts": [
+                    {
+                        "sentinels": list(REDIS_SENTINEL.sentinels),
+                        "master_name": REDIS_SENTINEL.master_name,
+                        "db": REDIS_SENTINEL.db,
+                        "password": REDIS_SENTINEL.password or None,
+                        "socket_timeout": 15,
+                        "socket_connect_timeout": 5,
+                    }
+                ],
+                "prefix": CHANNEL_LAYER_PREFIX,
+                "capacity": env.int("CHANNEL_LAYER_CAPACITY", default=1000),
+                "expiry": 10,
+            },
+        }
+    }
+elif REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -172,6 +214,13 @@ else:
 # the periodic jobs in-process, so no broker is needed.
 CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_RESULT_BACKEND = REDIS_URL or "cache+memory://"
+if REDIS_SENTINEL is not None:
+    _auth = f":{REDIS_SENTINEL.password}@" if REDIS_SENTINEL.password else ""
+    CELERY_BROKER_URL = CELERY_RESULT_BACKEND = ";".join(
+        f"sentinel://{_auth}{host}:{port}/{REDIS_SENTINEL.db}" for host, port in REDIS_SENTINEL.sentinels
+    )
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"master_name": REDIS_SENTINEL.master_name}
+    CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = {"master_name": REDIS_SENTINEL.master_name}
 CELERY_TASK_ALWAYS_EAGER = False
 CELERY_TIMEZONE = "Asia/Kolkata"
 CELERY_TASK_ACKS_LATE = True
