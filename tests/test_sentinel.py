@@ -179,3 +179,29 @@ async def _until(predicate, timeout_s: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"{what} not within {timeout_s} s"
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_celery_runs_a_job_through_the_sentinel_master(cluster, tmp_path):
+    """The worker's broker and results on the master the sentinel names (settings' sentinel:// form)."""
+    from celery import Celery
+
+    env = subprocess_env(LOG_LEVEL="WARNING", **cluster.env())
+    env.pop("REDIS_URL")
+    log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tickerproj", "--quiet", "worker", "--pool", "solo",
+         "-n", f"sentinel-{cluster.sentinel_port}@%h"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    log.close()
+    url = f"sentinel://127.0.0.1:{cluster.sentinel_port}/0"
+    client = Celery("sentinel-client", broker=url, backend=url)
+    client.conf.broker_transport_options = {"master_name": MASTER_NAME}
+    client.conf.result_backend_transport_options = {"master_name": MASTER_NAME}
+    try:
+        result = client.send_task("accounts.expire_sessions")
+        assert result.get(timeout=90) == {"expired": []}, (tmp_path / "worker.log").read_text()[-3000:]
+    finally:
+        worker.terminate()
+        worker.wait(30)
