@@ -364,24 +364,23 @@ class Publisher:
         channel = await layer.new_channel()
         await layer.group_add(schema.SNAPSHOT_REQUESTS_GROUP, channel)
         log.info("publisher.serving_requests", channel=channel)
-        renew_at = time.monotonic() + self._request_group_renew_s
+        # Renewed on a clock in a task of its own, not on idleness and not by interrupting
+        # receive(): a constantly busy loop would never renew and silently drop out of the group
+        # after group_expiry, and cancelling channels-redis's receive mid-read can lose its
+        # place in the layer's receive lock and hang the next receive.
+        renewer = asyncio.create_task(
+            self._renew_request_group(channel), name="snapshot-request-group-renewal"
+        )
         try:
             while True:
-                # Renewed on a clock, not on idleness: a constantly busy loop would otherwise
-                # never renew and silently drop out of the group after group_expiry.
-                if time.monotonic() >= renew_at:
-                    await layer.group_add(schema.SNAPSHOT_REQUESTS_GROUP, channel)
-                    renew_at = time.monotonic() + self._request_group_renew_s
-                timeout_s = max(0.0, renew_at - time.monotonic())
-                try:
-                    message = await asyncio.wait_for(layer.receive(channel), timeout_s)
-                except TimeoutError:
-                    continue
+                message = await layer.receive(channel)
                 if message.get("type") == schema.SNAPSHOT_REQUEST_TYPE:
                     await self.answer_request(message, pipeline)
                 else:
                     log.warning("publisher.unexpected_message", type=str(message.get("type"))[:50])
         finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
             # Bounded so that a dead Redis cannot hold shutdown.
             try:
                 await asyncio.wait_for(
@@ -389,3 +388,13 @@ class Publisher:
                 )
             except (TimeoutError, *_SEND_ERRORS) as exc:
                 log.warning("publisher.request_group_leave_failed", error=repr(exc))
+
+    async def _renew_request_group(self, channel: str) -> None:
+        """Re-join the snapshot-request group every ``request_group_renew_s``, until cancelled."""
+        while True:
+            await asyncio.sleep(self._request_group_renew_s)
+            try:
+                await self._layer.group_add(schema.SNAPSHOT_REQUESTS_GROUP, channel)
+            except _SEND_ERRORS as exc:
+                # Redis is down: the next period tries again; the receive loop reports the outage.
+                log.warning("publisher.request_group_renew_failed", error=repr(exc))

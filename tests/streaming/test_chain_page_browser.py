@@ -19,6 +19,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 from streaming.management.commands.demo import demo_universe_load
 from streaming.market import SyntheticMarket
 from streaming.nse_calendar import parse_holidays
+from subscriptions.models import Instrument
 from tests.streaming.wsutil import (
     EXPIRY,
     EXPIRY2,
@@ -61,6 +62,17 @@ def stack(layer_prefix, tmp_path):
     engine.stop()
 
 
+def listed_strikes(underlying: str) -> dict[str, list[float]]:
+    """The listed strikes of each expiry of ``underlying``, by ISO date (read before Playwright
+    runs: its event loop makes Django refuse synchronous queries)."""
+    out: dict[str, set[float]] = {}
+    for expiry, strike in Instrument.objects.filter(
+        name=underlying, instrument_type="CE"
+    ).values_list("expiry", "strike"):
+        out.setdefault(expiry.isoformat(), set()).add(strike)
+    return {expiry: sorted(strikes) for expiry, strikes in out.items()}
+
+
 def greek_texts(page: Page) -> str:
     return page.eval_on_selector_all(GREEK_CELLS, "tds => JSON.stringify(tds.map(t => t.textContent))")
 
@@ -79,35 +91,51 @@ def wait_for_greeks_to_change(page: Page) -> None:
 @pytest.mark.django_db(transaction=True)
 def test_chain_page_logs_in_streams_greeks_and_recovers_from_a_server_restart(stack):
     base = f"http://127.0.0.1:{stack['port']}/"
+    nifty_strikes = listed_strikes("NIFTY")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 900})
             page.goto(base)
-            expect(page).to_have_url(re.compile(r"/admin/login/\?next=/$"))
+            expect(page).to_have_url(re.compile(r"/admin/login/\?next=/$"), timeout=WAIT_MS)
             page.fill("#id_username", USERNAME)
             page.fill("#id_password", PASSWORD)
             page.click("input[type=submit]")
-            expect(page).to_have_url(base)
-            expect(page.locator("select[name=underlying]")).to_have_value("NIFTY")
+            expect(page).to_have_url(base, timeout=WAIT_MS)
+            expect(page.locator("select[name=underlying]")).to_have_value("NIFTY", timeout=WAIT_MS)
 
             conn = page.locator("#conn-badge")
             expect(conn).to_have_text("live", timeout=WAIT_MS)
             expect(page.locator("#feed-badge")).to_have_text("MOCK", timeout=WAIT_MS)
-            # Calls and puts side by side: 31 strikes (15 each side of the money).
-            expect(page.locator("#chain-body tr[data-strike]")).to_have_count(31)
+            # Calls and puts side by side: 15 strikes each side of the money, as far as the listed
+            # strikes reach (the mock market walks away from the strike it was listed around).
+            rows = page.locator("#chain-body tr[data-strike]")
+            expect(rows.first).to_be_attached(timeout=WAIT_MS)
+            shown_strikes = [float(k) for k in page.eval_on_selector_all(
+                "#chain-body tr[data-strike]", "rows => rows.map(r => r.dataset.strike)")]
+            listed = nifty_strikes[page.input_value("select[name=expiry]")]
+            first = listed.index(shown_strikes[0])
+            assert shown_strikes == listed[first : first + len(shown_strikes)], shown_strikes
+            assert 16 <= len(shown_strikes) <= 31, shown_strikes
             atm_delta = page.locator("tr.atm td[data-side=ce][data-field=delta]")
             expect(atm_delta).to_have_text(re.compile(r"^0\.\d{3}$"), timeout=WAIT_MS)
             expect(page.locator("tr.atm td[data-side=pe][data-field=delta]")).to_have_text(
-                re.compile(r"^-0\.\d{3}$")
+                re.compile(r"^-0\.\d{3}$"), timeout=WAIT_MS
             )
-            expect(page.locator("#forward")).to_have_text(re.compile(r"^\d+\.\d{2}$"))
-            # The highlighted row is the strike nearest the forward shown.
-            forward = float(page.text_content("#forward"))
-            strikes = [float(s) for s in page.eval_on_selector_all(
-                "#chain-body tr[data-strike]", "rows => rows.map(r => r.dataset.strike)")]
-            nearest = min(strikes, key=lambda k: abs(k - forward))
-            assert float(page.get_attribute("tr.atm", "data-strike")) == nearest
+            expect(page.locator("#forward")).to_have_text(
+                re.compile(r"^\d+\.\d{2}$"), timeout=WAIT_MS
+            )
+            # The highlighted row is the strike nearest the forward shown, read in one go: the
+            # mock market moves the forward between two separate reads.
+            shown = page.evaluate("""() => ({
+                forward: document.querySelector("#forward").textContent,
+                strikes: [...document.querySelectorAll("#chain-body tr[data-strike]")]
+                    .map(r => r.dataset.strike),
+                atm: document.querySelector("tr.atm").dataset.strike,
+            })""")
+            forward = float(shown["forward"])
+            nearest = min((float(k) for k in shown["strikes"]), key=lambda k: abs(k - forward))
+            assert float(shown["atm"]) == nearest, shown
             # Flags are readable badges, not snake_case names.
             flags = page.locator("td.flags .flag")
             expect(flags.first).to_be_visible(timeout=WAIT_MS)
@@ -121,7 +149,7 @@ def test_chain_page_logs_in_streams_greeks_and_recovers_from_a_server_restart(st
             stack["web"].start(port=stack["port"])
             expect(conn).to_have_text("live", timeout=WAIT_MS)
             wait_for_greeks_to_change(page)
-            expect(page.locator("#feed-badge")).to_have_text("MOCK")
+            expect(page.locator("#feed-badge")).to_have_text("MOCK", timeout=WAIT_MS)
             assert json.loads(greek_texts(page))
         finally:
             browser.close()

@@ -4,6 +4,7 @@ subscriptions, waiting on conditions, and runticker subprocesses."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import subprocess
@@ -58,9 +59,12 @@ def wait_until(predicate: Callable[[], object], *, timeout_s: float, interval_s:
 
 async def async_wait_until(predicate: Callable[[], object], *, timeout_s: float = 5.0,
                            interval_s: float = 0.02, what: str = "condition"):
+    """Wait for ``predicate()`` to be truthy; it may return an awaitable (a database read)."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:

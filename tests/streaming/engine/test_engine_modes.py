@@ -9,6 +9,7 @@ import time
 
 import orjson
 import pytest
+from django.conf import settings
 
 from accounts.models import KiteAccount
 from accounts.services import account_set_session
@@ -17,6 +18,7 @@ from streaming.control import notify_engines_on_commit
 from streaming.engine.store import run_db
 from streaming.market import IST, SyntheticMarket
 from streaming.models import UnderlyingBar
+from streaming.nse_calendar import is_trading_day, parse_holidays
 from tests.streaming.engine.runtime_helpers import (
     InProcessEngine,
     async_wait_until,
@@ -48,16 +50,18 @@ def epoch_at_ist(day: dt.date, hour: int, minute: int) -> float:
     return dt.datetime(day.year, day.month, day.day, hour, minute, tzinfo=IST).timestamp()
 
 
-def next_weekday(today: dt.date) -> dt.date:
+def next_trading_day(today: dt.date) -> dt.date:
+    """The first trading day after ``today`` (weekends and MARKET_HOLIDAYS skipped)."""
+    holidays = parse_holidays(settings.MARKET_HOLIDAYS)
     day = today + dt.timedelta(days=1)
-    while day.weekday() >= 5:
+    while not is_trading_day(day, holidays):
         day += dt.timedelta(days=1)
     return day
 
 
 async def test_live_at_the_open_mock_after_the_close_never_mixed(world):
     """The engine's clock runs in a trading day; crossing 15:30 IST switches it to mock."""
-    day = next_weekday(dt.date.today())
+    day = next_trading_day(dt.date.today())
     offset = [epoch_at_ist(day, 15, 29) + 50 - time.time()]  # 10 s before the close
 
     def clock():
@@ -86,7 +90,7 @@ async def test_live_at_the_open_mock_after_the_close_never_mixed(world):
         assert h.engine.heartbeat_state()["mode"] == "mock"
         assert h.engine.heartbeat_state()["accounts"]["acc1"]["state"] == "stopped"
 
-        offset[0] = epoch_at_ist(next_weekday(day), 9, 16) - time.time()  # the next open
+        offset[0] = epoch_at_ist(next_trading_day(day), 9, 16) - time.time()  # the next open
         await async_wait_until(lambda: h.engine.mode == "live", timeout_s=5, what="live again")
         await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
                                what="reconnected at the open")
@@ -100,7 +104,7 @@ async def test_live_at_the_open_mock_after_the_close_never_mixed(world):
 async def test_a_failed_switch_to_mock_is_retried_until_the_mock_feed_runs(world):
     """An apply failing during the switch leaves the old mode in place, so the restarted mode
     loop switches again instead of believing it is already in mock mode with no feed."""
-    day = next_weekday(dt.date.today())
+    day = next_trading_day(dt.date.today())
     offset = [epoch_at_ist(day, 15, 29) + 50 - time.time()]  # 10 s before the close
 
     def clock():

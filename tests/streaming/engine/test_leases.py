@@ -18,6 +18,7 @@ from streaming.engine.leases import (
 )
 from streaming.engine.store import run_db
 from streaming.models import AccountLease
+from tests.streaming.engine.runtime_helpers import async_wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -30,7 +31,7 @@ def accounts():
     ]
 
 
-async def wait_for(predicate, *, timeout_s=10.0, interval_s=0.02):
+async def wait_for(predicate, *, timeout_s=30.0, interval_s=0.02):
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
@@ -169,9 +170,15 @@ async def test_unwanted_accounts_are_stopped_and_released(accounts):
         await wait_for(lambda: sorted(rec.acquired) == ids)
         m.set_wanted(ids[1:])
         await wait_for(lambda: rec.lost == [ids[0]])
-        owners = await run_db(lease_owners)
-        await wait_for(lambda: ids[0] not in owners)
-        assert ids[0] not in owners
+        # on_lost runs before the row is deleted: wait on the database, not on the callback.
+
+        async def released_owners():
+            owners = await run_db(lease_owners)
+            return owners if ids[0] not in owners else None
+
+        owners = await async_wait_until(
+            released_owners, timeout_s=30.0, what=f"lease of account {ids[0]} released"
+        )
         assert sorted(owners) == ids[1:]
     finally:
         task.cancel()

@@ -298,18 +298,28 @@ async def test_an_expired_session_moves_its_instruments_to_another_account(marke
     acc2 = await run_db(lambda: make_account("acc2", api_key="k2", access_token="tok-acc2"))
     await run_db(lambda: subscribe(tokens[:100]))
     async with InProcessEngine(accounts={"acc1": "k1", "acc2": "k2"}) as h:
+        # Generous deadlines: each step is a reconnect, a reload and a database round trip,
+        # which a loaded machine may stretch to seconds.
         await async_wait_until(
             lambda: len(h.sim.subscriptions("k1")) == 50 and len(h.sim.subscriptions("k2")) == 50,
-            timeout_s=15, what="balanced subscriptions",
+            timeout_s=60, what="balanced subscriptions",
         )
         h.sim.expire_token("k1")  # closes k1's sockets; the reconnect gets HTTP 403
-        await async_wait_until(lambda: len(h.sim.subscriptions("k2")) == 100, timeout_s=15,
+        await async_wait_until(lambda: len(h.sim.subscriptions("k2")) == 100, timeout_s=60,
                                what="acc1's instruments on acc2")
-        assert h.sim.connection_count("k1") == 0
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 0, timeout_s=60,
+                               what="no connection left on k1")
+
+        async def only_acc2_assigned():
+            assigned = await run_db(
+                lambda: set(Subscription.objects.values_list("assigned_account_id", flat=True))
+            )
+            return assigned == {acc2.pk}
+
+        await async_wait_until(only_acc2_assigned, timeout_s=60, what="every row assigned to acc2")
         status = await run_db(lambda: KiteAccount.objects.get(pk=acc1.pk).status)
         assert status == KiteAccount.Status.SESSION_EXPIRED
-        assigned = await run_db(lambda: set(
-            Subscription.objects.values_list("assigned_account_id", flat=True)))
-        assert assigned == {acc2.pk}
-        state = h.engine.heartbeat_state()
-        assert state["accounts"]["acc1"]["state"] == "session_expired"
+        await async_wait_until(
+            lambda: h.engine.heartbeat_state()["accounts"]["acc1"]["state"] == "session_expired",
+            timeout_s=30, what="acc1 reported session_expired",
+        )
