@@ -1,14 +1,21 @@
 # The two commands of the README: `make run` (the demo on embedded defaults) and `make test`.
-# Each installs what it needs first, so both work on a fresh machine.
+# Each installs what it needs first, so both work on a fresh machine. `make run` gets the
+# runtime packages only (no dev group: pytest, vollib, playwright...); `make test` adds them.
 export UV_PYTHON_DOWNLOADS := never
 # uv is called as a module of the machine's python3 so that no PATH set-up is needed.
 UV := python3 -m uv
 
-.PHONY: install install-browser install-promtool run test lint bench release prod-local
+.PHONY: uv install install-dev install-browser install-promtool run test lint bench release prod-local
 
-install:
+uv:
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
 	  || python3 -m pip install --quiet --user --break-system-packages uv
+
+# Exactly the runtime packages of uv.lock: dev-only packages are removed if present.
+install: uv
+	$(UV) sync --frozen --no-dev
+
+install-dev: uv
 	$(UV) sync --frozen
 
 # The browser tests drive Debian's Chromium; a browser cannot be downloaded at test time.
@@ -29,23 +36,24 @@ install-promtool:
 	  dpkg-deb -x prometheus_*.deb root; cd - >/dev/null; mkdir -p var/tools; \
 	  cp $$tmp/root/usr/bin/promtool $(PROMTOOL); rm -rf $$tmp; }
 
+# --no-sync: `uv run` would otherwise install the dev group again.
 run: install
-	$(UV) run python manage.py demo
+	$(UV) run --no-sync python manage.py demo
 
 # Before the first start and after every upgrade: schema, periodic jobs, static files.
 release: install
-	$(UV) run python manage.py migrate --noinput
-	$(UV) run python manage.py ensure_schedules
-	$(UV) run python manage.py collectstatic --noinput
+	$(UV) run --no-sync python manage.py migrate --noinput
+	$(UV) run --no-sync python manage.py ensure_schedules
+	$(UV) run --no-sync python manage.py collectstatic --noinput
 
 # The production layout of the Procfile on this machine, on the environment of .env.
 prod-local:
 	@test -f .env || { echo "make prod-local reads .env: cp .env.example .env and fill it in (docs/deploy.md)" >&2; exit 1; }
 	$(MAKE) release
-	$(UV) run honcho start
+	$(UV) run --no-sync honcho start
 
-test: install install-browser install-promtool
-	$(UV) run pytest
+test: install-dev install-browser install-promtool
+	$(UV) run --no-sync pytest
 
-lint: install
-	$(UV) run ruff check .
+lint: install-dev
+	$(UV) run --no-sync ruff check .

@@ -2,6 +2,7 @@
 
 from django import forms
 from django.contrib import admin, messages
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
@@ -107,7 +108,7 @@ class KiteAccountAdmin(admin.ModelAdmin):
         # next periodic reload.
         notify_engines_on_commit()
 
-    @admin.action(description="Disable selected accounts")
+    @admin.action(description="Disable selected accounts", permissions=["change"])
     def disable_accounts(self, request, queryset):
         for account in queryset:
             account.status = KiteAccount.Status.DISABLED
@@ -116,7 +117,7 @@ class KiteAccountAdmin(admin.ModelAdmin):
         notify_engines_on_commit()
         messages.success(request, f"Disabled {queryset.count()} account(s).")
 
-    @admin.action(description="Enable selected accounts")
+    @admin.action(description="Enable selected accounts", permissions=["change"])
     def enable_accounts(self, request, queryset):
         for account in queryset:
             account.status = KiteAccount.Status.ACTIVE
@@ -154,12 +155,24 @@ class ApiTokenAdmin(admin.ModelAdmin):
             return
         token, key = services.apitoken_create(user=obj.user, name=obj.name)
         obj.pk = token.pk
-        messages.warning(
-            request,
-            f"API token for {token.user}: {key}  (copy it now: it is stored hashed and never shown again)",
-        )
+        # Shown once by response_add, in that response only: a message would travel in the
+        # messages cookie (signed, not encrypted) or sit in the session.
+        request.api_key_created = key
 
-    @admin.action(description="Revoke selected tokens")
+    def response_add(self, request, obj, post_url_continue=None):
+        key = getattr(request, "api_key_created", None)
+        if key is None:
+            return super().response_add(request, obj, post_url_continue)
+        response = TemplateResponse(
+            request,
+            "admin/accounts/apitoken/created.html",
+            {**self.admin_site.each_context(request), "title": "API token created", "token": obj,
+             "key": key, "opts": self.opts},
+        )
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @admin.action(description="Revoke selected tokens", permissions=["change"])
     def revoke_tokens(self, request, queryset):
         for token in queryset.filter(revoked_at__isnull=True):
             services.apitoken_revoke(token=token)

@@ -12,6 +12,8 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import models
 
+from tickerproj.logging import remember_secret
+
 
 class Ciphertext(str):
     """A Fernet token read from the database, not yet decrypted."""
@@ -61,14 +63,19 @@ class _EncryptedAttribute:
         value = instance.__dict__.get(self.field.attname)
         if isinstance(value, Ciphertext):
             try:
-                return field_cipher().decrypt(value.encode()).decode()
+                secret = field_cipher().decrypt(value.encode()).decode()
             except InvalidToken:
                 raise DecryptionError(
                     model=instance._meta.label, field=self.field.name, pk=instance.pk
                 ) from None
+            # Whoever reads a secret may log an error holding it: the log scrubber knows it.
+            remember_secret(secret)
+            return secret
         return value
 
     def __set__(self, instance, value) -> None:
+        if isinstance(value, str) and not isinstance(value, Ciphertext):
+            remember_secret(value)
         instance.__dict__[self.field.attname] = value
 
 

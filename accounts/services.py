@@ -20,12 +20,17 @@ ENCRYPTED_FIELDS = ("api_secret", "access_token")
 def account_set_session(
     *, account: KiteAccount, access_token: str, user_id: str = "", issued_at: dt.datetime | None = None
 ) -> KiteAccount:
-    """Store a fresh access token: the account becomes active until 06:00 IST tomorrow."""
+    """Store a fresh access token, valid until 06:00 IST tomorrow.
+
+    The account becomes active, unless it is disabled: a new session never re-enables an
+    account someone chose to disable (enabling is its own, explicit step).
+    """
     issued_at = issued_at or timezone.now()
     account.access_token = access_token
     account.token_issued_at = issued_at
     account.token_expires_at = session_expiry_after(issued_at)
-    account.status = KiteAccount.Status.ACTIVE
+    if account.status != KiteAccount.Status.DISABLED:
+        account.status = KiteAccount.Status.ACTIVE
     account.last_error = ""
     if user_id:
         account.kite_user_id = user_id

@@ -14,6 +14,7 @@ import structlog
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
+from django.contrib.auth.decorators import permission_required
 from django.core import signing
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect
@@ -30,6 +31,8 @@ KITE_LOGIN_SESSION_KEY = "accounts.kite_login"
 KITE_LOGIN_STATE_SALT = "accounts.kite_login.state"
 KITE_LOGIN_STATE_MAX_AGE_S = 600
 """A login not completed within ten minutes must be started again."""
+LOGIN_PERMISSION = "accounts.change_kiteaccount"
+"""A Kite login replaces the account's session: only who may change the account may run it."""
 
 
 def _change_page(account_id: int | None) -> str:
@@ -39,6 +42,7 @@ def _change_page(account_id: int | None) -> str:
 
 
 @staff_member_required
+@permission_required(LOGIN_PERMISSION, raise_exception=True)
 @require_GET
 def kite_login(request: HttpRequest, pk: int) -> HttpResponse:
     """Start a Kite login for one account: remember it, then redirect to Kite."""
@@ -55,6 +59,7 @@ def kite_login(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @staff_member_required
+@permission_required(LOGIN_PERMISSION, raise_exception=True)
 @require_GET
 def kite_callback(request: HttpRequest) -> HttpResponse:
     """Kite's redirect after a login: exchange the request token and store the session."""

@@ -14,9 +14,18 @@ buffers whatever it is given), so this window, not TCP, is what keeps memory per
 bounded when a client stops reading: at most ``send_window`` frames in daphne's buffers plus
 one item per subscribed instrument here.
 
-Each connection re-joins its groups every few minutes (``group_refresh_s``): channels-redis
-forgets group members after a day, and all of them when Redis restarts, which would otherwise
-leave a long-open page silently frozen.
+Each connection re-joins its groups every few minutes (``group_refresh_s``, a third of the
+layer's ``group_expiry``): channels-redis forgets a member that has not re-joined within
+``group_expiry``, and all of them when Redis restarts, which would otherwise leave a long-open
+page silently frozen; a member left behind by a failed disconnect expires just as soon.
+
+Input is bounded before it costs anything (docs/security.md, H1): a :class:`BoundedInbox`
+takes frames off daphne's unbounded per-connection queue as they arrive and closes a client
+that lets too many pile up; an oversized frame is dropped unread; a frame larger than an ack
+counts against the message rate before it is parsed; a subscribe naming more instruments than
+the connection has room for is refused before its references are validated or looked up, so
+the lookup on channels' shared database thread is bounded; and a :class:`ConnectionCounter`
+caps the connections of one user and of one client address.
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter as Tally
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from itertools import islice
@@ -44,6 +54,7 @@ from streaming import schema
 from streaming.engine.universe import UNIVERSE_FIELDS, InstrumentUniverse, UniverseError
 from streaming.health import heartbeat_list_fresh
 from streaming.protocol import (
+    MAX_TEXT_FRAME_BYTES,
     SUBPROTOCOL,
     Ack,
     ChainSpec,
@@ -60,6 +71,7 @@ from streaming.protocol import (
     pong_message,
     snapshots_frame,
     subscribed_messages,
+    text_frame_bytes,
     unsubscribed_message,
 )
 from subscriptions.models import Instrument
@@ -80,6 +92,11 @@ MAX_FRAME_BYTES = 512 * 1024
 """... and never more bytes of items (daphne refuses to send a message over 1 MiB)."""
 MAX_UNRESOLVED_REPORTED = 100
 """An ``unknown_instrument`` error lists at most this many references."""
+SMALL_FRAME_BYTES = 256
+"""A frame up to this size (an ack, a ping) is parsed before it is counted, so that acks of
+new frames stay free; a larger one is counted against the rate limit first."""
+INBOX_MAX_BYTES = 4 * MAX_TEXT_FRAME_BYTES
+"""Bytes of client frames waiting for the consumer before the connection is closed."""
 
 
 class WebSocketMetrics:
@@ -104,7 +121,8 @@ class WebSocketMetrics:
         )
         self.client_messages = Counter(
             "tickerproj_ws_client_messages",
-            "Client messages received, by action (invalid ones as 'invalid').",
+            "Client messages received, by action (invalid ones as 'invalid', large ones the "
+            "rate limit refused before reading them as 'unread').",
             ["action"],
             registry=registry,
         )
@@ -126,8 +144,10 @@ class ConsumerSettings:
     """A client sending more than this many times the message limit in one second is closed."""
     group_refresh_s: float = 300.0
     """How often a connection re-joins its groups: channels-redis forgets a member after
-    ``group_expiry`` (a day) and forgets every group when Redis restarts without persistence,
-    and a trading desk keeps its chain page open for days."""
+    ``group_expiry`` and forgets every group when Redis restarts without persistence, and a
+    trading desk keeps its chain page open for days. A third of ``WS_GROUP_EXPIRY_S``."""
+    max_connections_per_user: int = 20
+    max_connections_per_ip: int = 100
 
     @classmethod
     def from_settings(cls, settings: Any) -> ConsumerSettings:
@@ -136,7 +156,15 @@ class ConsumerSettings:
             max_messages_per_s=settings.WS_MAX_MESSAGES_PER_S,
             send_window=settings.WS_SEND_WINDOW,
             heartbeat_max_age_s=settings.HEALTH_HEARTBEAT_MAX_AGE_S,
+            group_refresh_s=settings.WS_GROUP_EXPIRY_S / 3,
+            max_connections_per_user=settings.WS_MAX_CONNECTIONS_PER_USER,
+            max_connections_per_ip=settings.WS_MAX_CONNECTIONS_PER_IP,
         )
+
+    @property
+    def inbox_max_messages(self) -> int:
+        """Frames waiting for the consumer: more than a second's flood limit is a flood."""
+        return self.max_messages_per_s * self.flood_factor
 
     def limits(self) -> dict[str, int]:
         return {
@@ -178,6 +206,105 @@ class MessageRateLimiter:
         if self._count > self._per_s:
             return Verdict.LIMITED
         return Verdict.OK
+
+
+class ConnectionCounter:
+    """This web process's open WebSocket connections, per user and per client address.
+
+    One per application (streaming/routing.py), shared by its consumers on the one event loop,
+    so plain counters need no lock. Per process: N web processes allow N times the limits.
+    """
+
+    def __init__(self, *, per_user: int, per_ip: int) -> None:
+        self._per_user = per_user
+        self._per_ip = per_ip
+        self._users: Tally[str] = Tally()
+        self._ips: Tally[str] = Tally()
+
+    def acquire(self, *, user: str, ip: str | None) -> str | None:
+        """Count one more connection, or (counting nothing) say why it is refused."""
+        if self._users[user] >= self._per_user:
+            return f"this user already has {self._users[user]} open connections (limit {self._per_user})"
+        if ip is not None and self._ips[ip] >= self._per_ip:
+            return f"this address already has {self._ips[ip]} open connections (limit {self._per_ip})"
+        self._users[user] += 1
+        if ip is not None:
+            self._ips[ip] += 1
+        return None
+
+    def release(self, *, user: str, ip: str | None) -> None:
+        self._users[user] -= 1
+        if self._users[user] <= 0:
+            del self._users[user]
+        if ip is not None:
+            self._ips[ip] -= 1
+            if self._ips[ip] <= 0:
+                del self._ips[ip]
+
+
+OVERFLOW_MESSAGE_TYPE = "inbox.overflow"
+
+
+class BoundedInbox:
+    """Takes one connection's frames off daphne's queue as they arrive, within bounds.
+
+    daphne puts every client frame (up to its 1 MiB ``--websocket-max-message-size``) on an
+    unbounded per-connection asyncio.Queue that the consumer empties one message at a time;
+    while the consumer awaits a lookup, a client could pile frames up there without limit.
+    This pump keeps that queue empty: an oversized frame becomes a small marker (its payload
+    dropped unread), and when more than ``max_messages`` frames or ``max_bytes`` wait here the
+    consumer is told once (``inbox.overflow``) and every later frame is discarded until the
+    disconnect. Hand-written: channels and daphne have no per-connection inbound bound.
+    """
+
+    def __init__(
+        self,
+        upstream: Callable[[], Awaitable[dict[str, Any]]],
+        *,
+        max_messages: int,
+        max_bytes: int,
+        max_frame_bytes: int,
+    ) -> None:
+        self._upstream = upstream
+        self._max_messages = max_messages
+        self._max_bytes = max_bytes
+        self._max_frame_bytes = max_frame_bytes
+        self._queue: asyncio.Queue[tuple[dict[str, Any], int]] = asyncio.Queue()
+        self._bytes = 0
+        self._overflowed = False
+
+    async def pump(self) -> None:
+        """Move frames from daphne to here until the disconnect (run as the consumer's task)."""
+        while True:
+            message = await self._upstream()
+            size = 0
+            if message.get("type") == "websocket.receive":
+                if self._overflowed:
+                    continue
+                text = message.get("text")
+                size = text_frame_bytes(text) if text is not None else len(message.get("bytes") or b"")
+                if size > self._max_frame_bytes:
+                    message, size = {"type": "websocket.receive", "oversized": size}, 0
+                if (
+                    self._queue.qsize() >= self._max_messages
+                    or self._bytes + size > self._max_bytes
+                ):
+                    self._overflowed = True
+                    message = {
+                        "type": OVERFLOW_MESSAGE_TYPE,
+                        "waiting": self._queue.qsize(),
+                        "waiting_bytes": self._bytes,
+                    }
+                    size = 0
+            self._bytes += size
+            self._queue.put_nowait((message, size))
+            if message.get("type") == "websocket.disconnect":
+                return
+
+    async def receive(self) -> dict[str, Any]:
+        message, size = await self._queue.get()
+        self._bytes -= size
+        return message
 
 
 # --- resolving what a client asks for ---------------------------------------------------------
@@ -374,11 +501,14 @@ class TickerConsumer(AsyncWebsocketConsumer):
         *,
         config: ConsumerSettings,
         metrics: WebSocketMetrics,
+        connections: ConnectionCounter,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
         self._config = config
         self._metrics = metrics
+        self._connections = connections
+        self._holder: tuple[str, str | None] | None = None  # (user, ip) counted in _connections
         self._limiter = MessageRateLimiter(
             per_s=config.max_messages_per_s, flood_factor=config.flood_factor, clock=clock
         )
@@ -408,6 +538,8 @@ class TickerConsumer(AsyncWebsocketConsumer):
             await self.websocket_connect(message)
         elif kind == "websocket.disconnect":
             await self.websocket_disconnect(message)
+        elif kind == OVERFLOW_MESSAGE_TYPE:
+            await self._inbox_overflow(message)
         else:
             # Another component's message sent to this channel: not ours to act on.
             self._log.warning("ws.unexpected_message", type=str(kind)[:60])
@@ -434,6 +566,13 @@ class TickerConsumer(AsyncWebsocketConsumer):
             )
             await self._refuse(ErrorCode.UNAUTHORIZED, why, CloseCode.UNAUTHORIZED)
             return
+        holder = (str(user.pk), self.scope["client"][0] if self.scope.get("client") else None)
+        if (refused := self._connections.acquire(user=holder[0], ip=holder[1])) is not None:
+            await self._refuse(
+                ErrorCode.TOO_MANY_CONNECTIONS, refused, CloseCode.TOO_MANY_CONNECTIONS
+            )
+            return
+        self._holder = holder
         self._open = True
         self._counted = True
         # Owned by this consumer: cancelled and awaited when it disconnects or is cancelled.
@@ -453,9 +592,20 @@ class TickerConsumer(AsyncWebsocketConsumer):
         await self.close(close_code)
 
     async def __call__(self, scope, receive, send) -> None:
+        inbox = BoundedInbox(
+            receive,
+            max_messages=self._config.inbox_max_messages,
+            max_bytes=INBOX_MAX_BYTES,
+            max_frame_bytes=MAX_TEXT_FRAME_BYTES,
+        )
+        # Owned here: cancelled and awaited below, whatever ends the connection.
+        pump = asyncio.create_task(inbox.pump(), name="ws-inbox")
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, inbox.receive, send)
         finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
             # Also when daphne cancels the application instead of sending a disconnect.
             if self._counted:
                 try:
@@ -474,17 +624,31 @@ class TickerConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         self._open = False
         await self._stop_refresher()
-        for group in list(self._group_refs):
-            await self.channel_layer.group_discard(group, self.channel_name)
+        groups = list(self._group_refs)
         self._group_refs.clear()
         self._subs.clear()
         self._pending.clear()
         if self._counted:
+            # Counted off first: a Redis error below must not leave the gauge or the caps high.
             self._counted = False
             self._metrics.connections.dec()
+            if self._holder is not None:
+                self._connections.release(user=self._holder[0], ip=self._holder[1])
+                self._holder = None
             self._log.info(
                 "ws.disconnected", code=code, frames=self._frames, dropped=self._dropped
             )
+        failed, error = 0, ""
+        for group in groups:
+            # Every group is tried: one Redis error must not leave the others joined (what
+            # is left expires after group_expiry).
+            try:
+                await self.channel_layer.group_discard(group, self.channel_name)
+            except (OSError, RedisError) as exc:
+                failed += 1
+                error = str(exc)[:200]
+        if failed:
+            self._log.warning("ws.group_discard_failed", groups=failed, error=error)
 
     async def _refresh_groups(self) -> None:
         """Re-join this connection's groups every ``group_refresh_s``, for as long as it lives."""
@@ -513,6 +677,16 @@ class TickerConsumer(AsyncWebsocketConsumer):
         if not self._open:
             return  # refused or closing: the client's last words need no answer
         text = message.get("text")
+        if "oversized" in message:
+            self._metrics.client_messages.labels("invalid").inc()
+            if await self._admit():
+                await self._send_error(
+                    ErrorCode.MESSAGE_TOO_LARGE,
+                    f"message of {message['oversized']} bytes exceeds {MAX_TEXT_FRAME_BYTES}; "
+                    "it was not read",
+                    limit=MAX_TEXT_FRAME_BYTES,
+                )
+            return
         if text is None:
             self._metrics.client_messages.labels("invalid").inc()
             if await self._admit():
@@ -521,12 +695,26 @@ class TickerConsumer(AsyncWebsocketConsumer):
                     "binary frames are not supported; send JSON objects as text frames",
                 )
             return
+        # Counted before the parse, which costs in proportion to the frame's size.
+        admitted = len(text) > SMALL_FRAME_BYTES
+        if admitted and not await self._admit():
+            self._metrics.client_messages.labels("unread").inc()
+            return
         try:
-            msg = parse_client_message(text)
+            msg = parse_client_message(
+                text,
+                subscribe_room=max(0, self._config.max_subscriptions - len(self._subs)),
+                held_tokens=self._subs,
+                held_symbols=self._symbols,
+            )
         except ProtocolError as exc:
             self._metrics.client_messages.labels("invalid").inc()
-            if await self._admit():
-                await self._send_error(exc.code, exc.message, request_id=exc.request_id)
+            if admitted or await self._admit():
+                detail = exc.detail
+                if exc.code is ErrorCode.TOO_MANY_SUBSCRIPTIONS:
+                    detail = {**detail, "limit": self._config.max_subscriptions,
+                              "subscriptions": len(self._subs)}
+                await self._send_error(exc.code, exc.message, request_id=exc.request_id, **detail)
             return
         self._metrics.client_messages.labels(msg.action).inc()
         if isinstance(msg, Ack) and self._acked < msg.seq <= self._seq:
@@ -534,7 +722,7 @@ class TickerConsumer(AsyncWebsocketConsumer):
             self._acked = msg.seq
             await self._pump()
             return
-        if not await self._admit():
+        if not admitted and not await self._admit():
             return
         if isinstance(msg, Ack):
             if msg.seq > self._seq:
@@ -565,14 +753,28 @@ class TickerConsumer(AsyncWebsocketConsumer):
             )
             return False
         self._log.warning("ws.flood", limit_per_s=self._config.max_messages_per_s)
-        await self._send_error(
-            ErrorCode.FLOOD,
+        await self._close_flooded(
             f"more than {self._config.max_messages_per_s * self._config.flood_factor} "
-            "messages in one second; closing",
+            "messages in one second; closing"
         )
+        return False
+
+    async def _inbox_overflow(self, message: dict[str, Any]) -> None:
+        """Too many frames waited unread (docs/security.md, H1): close the connection."""
+        if not self._open:
+            return
+        self._log.warning(
+            "ws.inbox_overflow", waiting=message.get("waiting"), waiting_bytes=message.get("waiting_bytes")
+        )
+        await self._close_flooded(
+            f"more than {self._config.inbox_max_messages} messages or {INBOX_MAX_BYTES} bytes "
+            "sent faster than they could be handled; closing"
+        )
+
+    async def _close_flooded(self, why: str) -> None:
+        await self._send_error(ErrorCode.FLOOD, why)
         self._open = False
         await self.close(CloseCode.FLOOD)
-        return False
 
     async def _send_error(
         self, code: ErrorCode, message: str, *, request_id: Any = None, **detail: Any
@@ -582,6 +784,8 @@ class TickerConsumer(AsyncWebsocketConsumer):
 
     async def _subscribe(self, msg: Subscribe) -> None:
         try:
+            # On channels' one shared database thread: bounded work, since a subscribe names
+            # at most the connection's room (WS_MAX_SUBSCRIPTIONS) of new instruments.
             res = await database_sync_to_async(resolve_selection)(
                 refs=msg.instruments,
                 chain=msg.chain,
@@ -608,16 +812,24 @@ class TickerConsumer(AsyncWebsocketConsumer):
                 requested=len(new),
             )
             return
-        joined = []
+        joined = sorted({i.group for i in new} - set(self._group_refs))
+        try:
+            for group in joined:
+                await self.channel_layer.group_add(group, self.channel_name)
+        except (OSError, RedisError) as exc:
+            # Nothing is recorded as subscribed; a group joined here expires (group_expiry).
+            self._log.warning("ws.subscribe_failed", error=str(exc)[:200])
+            await self._send_error(
+                ErrorCode.UNAVAILABLE,
+                "the stream is unavailable (channel layer error); nothing was subscribed, "
+                "try again",
+                request_id=msg.id,
+            )
+            return
         for inst in new:
             self._subs[inst.token] = inst.group
             self._symbols[(inst.exchange, inst.tradingsymbol)] = inst.token
-            refs = self._group_refs.get(inst.group, 0)
-            if refs == 0:
-                joined.append(inst.group)
-            self._group_refs[inst.group] = refs + 1
-        for group in joined:
-            await self.channel_layer.group_add(group, self.channel_name)
+            self._group_refs[inst.group] = self._group_refs.get(inst.group, 0) + 1
         if res.instruments:
             for reply in subscribed_messages(
                 request_id=msg.id,
@@ -636,12 +848,22 @@ class TickerConsumer(AsyncWebsocketConsumer):
             )
         if res.instruments:
             # The full current state, not only later changes: the engines answer this channel.
-            await self.channel_layer.group_send(
-                schema.SNAPSHOT_REQUESTS_GROUP,
-                schema.snapshot_request_message(
-                    reply_to=self.channel_name, tokens=[i.token for i in res.instruments]
-                ),
-            )
+            try:
+                await self.channel_layer.group_send(
+                    schema.SNAPSHOT_REQUESTS_GROUP,
+                    schema.snapshot_request_message(
+                        reply_to=self.channel_name, tokens=[i.token for i in res.instruments]
+                    ),
+                )
+            except (OSError, RedisError) as exc:
+                # Subscribed: later changes arrive; only the initial state is missing.
+                self._log.warning("ws.snapshot_request_failed", error=str(exc)[:200])
+                await self._send_error(
+                    ErrorCode.UNAVAILABLE,
+                    "subscribed, but the current state could not be requested; it arrives "
+                    "with the next change",
+                    request_id=msg.id,
+                )
 
     async def _unsubscribe(self, msg: Unsubscribe) -> None:
         if msg.all:

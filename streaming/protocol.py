@@ -14,7 +14,7 @@ Server -> client (JSON text frames, ``type`` names the message): ``hello``, ``su
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Container, Iterable, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
 
@@ -38,9 +38,11 @@ SUBPROTOCOL: Final = "tickerproj.v1"
 TOKEN_SUBPROTOCOL_PREFIX: Final = "tickerproj.token."  # noqa: S105 (a prefix, not a secret)
 """A client may carry its API token as the subprotocol ``tickerproj.token.<key>``."""
 
-MAX_TEXT_FRAME_BYTES: Final = 512 * 1024
-"""Larger client frames are refused before parsing (a 10 000-token subscribe is ~100 KiB)."""
+MAX_TEXT_FRAME_BYTES: Final = 128 * 1024
+"""Larger client frames (UTF-8 bytes) are refused before parsing: 2000 references written as
+``EXCHANGE:TRADINGSYMBOL`` are ~60 KiB, so a full connection fits in one message."""
 MAX_INSTRUMENTS_PER_MESSAGE: Final = 20_000
+"""The absolute cap; a subscribe is also capped, before validation, at the connection's room."""
 MAX_STRIKES_AROUND_ATM: Final = 1_000
 MAX_ID_LENGTH: Final = 64
 MAX_INSTRUMENTS_PER_REPLY: Final = 2000
@@ -60,6 +62,8 @@ class ErrorCode(StrEnum):
     UNKNOWN_ACTION = "unknown_action"
     UNKNOWN_INSTRUMENT = "unknown_instrument"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    MESSAGE_TOO_LARGE = "message_too_large"
     RATE_LIMITED = "rate_limited"
     FLOOD = "flood"
     UNAUTHORIZED = "unauthorized"
@@ -73,6 +77,7 @@ class CloseCode:
     SUBPROTOCOL_REQUIRED: Final = 4400
     UNAUTHORIZED: Final = 4401
     FLOOD: Final = 4008
+    TOO_MANY_CONNECTIONS: Final = 4429
 
 
 # --- client messages --------------------------------------------------------------------------
@@ -192,12 +197,42 @@ class ProtocolError(Exception):
         self.detail = detail
 
 
-def parse_client_message(text: str) -> Subscribe | Unsubscribe | Ping | Ack:
-    """Parse one client text frame; raises ProtocolError with the right code on any problem."""
-    if len(text) > MAX_TEXT_FRAME_BYTES:
+def text_frame_bytes(text: str) -> int:
+    """The UTF-8 size of a text frame, without encoding it when it is plain ASCII."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _is_held(value: Any, tokens: Container[int], symbols: Container[tuple[str, str]]) -> bool:
+    """Whether a raw reference names an instrument the connection already holds."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value in tokens
+    if isinstance(value, str):
+        if value.isascii() and value.isdigit() and 0 < len(value) <= 19:
+            return int(value) in tokens
+        exchange, _, symbol = value.partition(":")
+        return (exchange.upper(), symbol) in symbols
+    return False
+
+
+def parse_client_message(
+    text: str,
+    *,
+    subscribe_room: int = MAX_INSTRUMENTS_PER_MESSAGE,
+    held_tokens: Collection[int] = frozenset(),
+    held_symbols: Container[tuple[str, str]] = frozenset(),
+) -> Subscribe | Unsubscribe | Ping | Ack:
+    """Parse one client text frame; raises ProtocolError with the right code on any problem.
+
+    ``subscribe_room`` is how many more instruments the connection may hold: a subscribe
+    naming more that it does not already hold (``held_*``) is refused after the JSON decode,
+    before any reference is validated or looked up.
+    """
+    size = text_frame_bytes(text)
+    if size > MAX_TEXT_FRAME_BYTES:
         raise ProtocolError(
-            ErrorCode.INVALID_MESSAGE,
-            f"message of {len(text)} characters exceeds {MAX_TEXT_FRAME_BYTES}",
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"message of {size} bytes exceeds {MAX_TEXT_FRAME_BYTES}",
+            limit=MAX_TEXT_FRAME_BYTES,
         )
     try:
         raw = orjson.loads(text)
@@ -221,6 +256,21 @@ def parse_client_message(text: str) -> Subscribe | Unsubscribe | Ping | Ack:
             f"unknown action {action[:40]!r}; expected one of {sorted(KNOWN_ACTIONS)}",
             request_id=request_id,
         )
+    instruments = raw.get("instruments")
+    if action == "subscribe" and isinstance(instruments, list) and len(instruments) > subscribe_room:
+        if len(instruments) > subscribe_room + len(held_tokens):
+            new = len(instruments)  # cannot fit whatever is held: no reference is looked at
+        else:
+            new = sum(1 for v in instruments if not _is_held(v, held_tokens, held_symbols))
+        if new > subscribe_room:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"{new} instruments not yet subscribed named, but this connection has room for "
+                f"{subscribe_room} more; nothing was subscribed",
+                request_id=request_id,
+                requested=new,
+                room=subscribe_room,
+            )
     try:
         return _CLIENT_MESSAGE.validate_python(raw)
     except ValidationError as exc:

@@ -6,7 +6,12 @@ from collections.abc import Callable
 from channels.security.websocket import WebsocketDenier
 from django.urls import re_path
 
-from streaming.consumers import ConsumerSettings, TickerConsumer, WebSocketMetrics
+from streaming.consumers import (
+    ConnectionCounter,
+    ConsumerSettings,
+    TickerConsumer,
+    WebSocketMetrics,
+)
 
 WS_PATH = "/ws/v1/"
 
@@ -18,7 +23,12 @@ def websocket_routes(
     clock: Callable[[], float] = time.monotonic,
 ) -> list:
     """URL patterns for the WebSocket router; the consumer's collaborators are passed in."""
-    consumer = TickerConsumer.as_asgi(config=config, metrics=metrics, clock=clock)
+    connections = ConnectionCounter(
+        per_user=config.max_connections_per_user, per_ip=config.max_connections_per_ip
+    )
+    consumer = TickerConsumer.as_asgi(
+        config=config, metrics=metrics, connections=connections, clock=clock
+    )
     return [
         re_path(r"^ws/v1/?$", consumer),
         # Unknown paths are refused at the handshake instead of raising in the router.

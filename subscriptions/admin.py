@@ -6,6 +6,7 @@ from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.contenttypes.models import ContentType
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import connection
 from django.http import HttpResponseRedirect
@@ -13,6 +14,8 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
+from django_celery_beat import admin as beat_admin
+from django_celery_beat.models import PeriodicTask
 from import_export.admin import ImportMixin
 from import_export.formats.base_formats import CSV
 
@@ -74,6 +77,9 @@ class UpcomingExpiryFilter(admin.SimpleListFilter):
             return queryset.filter(expiry=dt.date.fromisoformat(value))
         except ValueError:
             return queryset.none()  # a hand-edited URL: show nothing rather than fail
+
+
+REFRESH_PERMISSION = "subscriptions.change_instrument"
 
 
 @admin.register(Instrument)
@@ -158,6 +164,10 @@ class InstrumentAdmin(admin.ModelAdmin):
         }
         return TemplateResponse(request, "admin/subscriptions/instrument/subscribe_chain.html", context)
 
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {**(extra_context or {}), "can_refresh": request.user.has_perm(REFRESH_PERMISSION)}
+        return super().changelist_view(request, extra_context)
+
     def get_urls(self):
         refresh = path(
             "refresh/",
@@ -169,7 +179,11 @@ class InstrumentAdmin(admin.ModelAdmin):
     def refresh_now_view(self, request):
         """POST from the changelist's "Refresh instruments now" button: run the refresh job."""
         changelist = reverse("admin:subscriptions_instrument_changelist")
-        if request.method != "POST" or not request.user.has_perm("subscriptions.view_instrument"):
+        # The refresh rewrites the registry: it needs the change permission (the admin's own
+        # has_change_permission is False only to keep rows read-only in the forms).
+        if not request.user.has_perm(REFRESH_PERMISSION):
+            raise PermissionDenied(f"refreshing instruments needs {REFRESH_PERMISSION}")
+        if request.method != "POST":
             return HttpResponseRedirect(changelist)
         outcome = tasks.job_dispatch(tasks.refresh_instruments, embedded=settings.EMBEDDED)
         messages.info(request, f"Instrument refresh {outcome}.")
@@ -315,3 +329,18 @@ class JobRunAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+class PeriodicTaskAdmin(beat_admin.PeriodicTaskAdmin):
+    """django-celery-beat's admin, whose actions (enable, disable, toggle, run now) ask for no
+    permission: here each needs the change permission, as every action of ours does."""
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        if self.has_change_permission(request):
+            return actions
+        return {name: a for name, a in actions.items() if name not in beat_admin.PeriodicTaskAdmin.actions}
+
+
+admin.site.unregister(PeriodicTask)
+admin.site.register(PeriodicTask, PeriodicTaskAdmin)

@@ -1,7 +1,13 @@
 """The instrument registry (Kite's dump), what we subscribe to, and who owns each change."""
 
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
+
+MAX_STRIKES_EACH_SIDE = 100
+"""201 strikes of calls and puts per expiry: more than any listed chain, far below Kite's limits."""
+MAX_HISTORY_DAYS_BACK = 730
+"""Two years of candles: an option lives for months; a typo of 32 767 days would not."""
 
 
 class Instrument(models.Model):
@@ -135,7 +141,9 @@ class RebalanceRule(models.Model):
     expiries_explicit = models.JSONField(
         default=list, blank=True, help_text='Explicit ISO dates, e.g. ["2026-11-24"].'
     )
-    strikes_each_side = models.PositiveSmallIntegerField(default=10)
+    strikes_each_side = models.PositiveSmallIntegerField(
+        default=10, validators=[MaxValueValidator(MAX_STRIKES_EACH_SIDE)]
+    )
     mode = models.CharField(max_length=8, choices=Subscription.Mode.choices, default=Subscription.Mode.FULL)
     pinned_account = models.ForeignKey(
         "accounts.KiteAccount", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
@@ -175,7 +183,9 @@ class HistoryRange(models.Model):
 
     instrument = models.ForeignKey(Instrument, on_delete=models.CASCADE, related_name="+")
     interval = models.CharField(max_length=16, default="minute")
-    days_back = models.PositiveSmallIntegerField(default=30)
+    days_back = models.PositiveSmallIntegerField(
+        default=30, validators=[MinValueValidator(1), MaxValueValidator(MAX_HISTORY_DAYS_BACK)]
+    )
     enabled = models.BooleanField(default=True)
     last_run_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_result = models.TextField(blank=True, editable=False)

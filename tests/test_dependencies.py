@@ -99,3 +99,25 @@ def test_daphne_serves_the_project_on_the_resolved_autobahn(settings):
 def _test_database_url(settings) -> str:
     db = settings.DATABASES["default"]
     return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+def test_make_install_gives_the_runtime_without_dev_only_packages(tmp_path):
+    """L9 (docs/security.md): what `make run` installs holds no test tooling."""
+    venv = tmp_path / "venv"
+    # As on a fresh shell: the machine's python3, not this test run's virtualenv.
+    path = [p for p in os.environ["PATH"].split(os.pathsep) if not p.startswith(sys.prefix)]
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env.update(PATH=os.pathsep.join(path), UV_PROJECT_ENVIRONMENT=str(venv))
+    result = subprocess.run(["make", "install"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    installed = {p.name.split("-")[0].lower() for p in site.glob("*.dist-info")}
+    assert {"django", "daphne", "channels", "numpy"} <= installed
+    for dev_only in ("vollib", "py_vollib", "pytest", "playwright", "hypothesis", "ruff"):
+        assert dev_only not in installed, f"{dev_only} is in the runtime environment"
+    # And the runtime works without them: Django loads the project.
+    subprocess.run(
+        [str(venv / "bin" / "python"), "manage.py", "check"], cwd=ROOT, check=True,
+        capture_output=True, timeout=300,
+        env={**os.environ, "TICKERPROJ_VAR_DIR": str(tmp_path / "var"), "DATABASE_URL": ""},
+    )

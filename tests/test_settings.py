@@ -72,3 +72,86 @@ def test_production_without_keys_refuses_to_start(tmp_path):
     )
     assert result.returncode != 0
     assert "FIELD_ENCRYPTION_KEYS must be set" in result.stderr
+
+
+SECURITY_PROBE = """
+import json, django
+from django.conf import settings
+django.setup()
+print(json.dumps({
+    "proxy_ssl": getattr(settings, "SECURE_PROXY_SSL_HEADER", None),
+    "hsts": settings.SECURE_HSTS_SECONDS, "ssl_redirect": settings.SECURE_SSL_REDIRECT,
+    "backends": settings.AUTHENTICATION_BACKENDS, "middleware": settings.MIDDLEWARE[-1],
+}))
+"""
+
+PRODUCTION_ENV = {
+    "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/test",
+    "SECRET_KEY": "x",
+    "FIELD_ENCRYPTION_KEYS": "mm3JPTf9TRR7OBOOigZVYZMNBLNeIIxHivuB6kCvdHE=",
+}
+
+
+def _run(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+        env={**BASE_ENV, "DJANGO_SETTINGS_MODULE": "tickerproj.settings", **env},
+    )
+
+
+def test_an_invalid_encryption_key_refuses_to_start_naming_its_position(tmp_path):
+    result = _run(PROBE, {**PRODUCTION_ENV, "TICKERPROJ_VAR_DIR": str(tmp_path),
+                          "FIELD_ENCRYPTION_KEYS": PRODUCTION_ENV["FIELD_ENCRYPTION_KEYS"] + ",not-a-key"})
+    assert result.returncode != 0
+    assert "FIELD_ENCRYPTION_KEYS[1] is not a Fernet key" in result.stderr
+    assert "not-a-key" not in result.stderr
+
+
+def test_a_secret_file_is_never_written_through_a_planted_link(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    var = tmp_path / "var"
+    var.mkdir()
+    (var / "secret_key").symlink_to(elsewhere / "stolen")
+    result = _run(PROBE, {"TICKERPROJ_VAR_DIR": str(var)})
+    assert result.returncode != 0 and "must be a regular file" in result.stderr
+    assert not (elsewhere / "stolen").exists()
+
+
+def test_https_settings_come_from_the_environment(tmp_path):
+    found = json.loads(_run(SECURITY_PROBE, {
+        **PRODUCTION_ENV, "TICKERPROJ_VAR_DIR": str(tmp_path), "TRUST_X_FORWARDED_PROTO": "true",
+        "SECURE_HSTS_SECONDS": "31536000", "SECURE_SSL_REDIRECT": "true",
+    }).stdout.strip().splitlines()[-1])
+    assert found["proxy_ssl"] == ["HTTP_X_FORWARDED_PROTO", "https"]
+    assert found["hsts"] == 31536000 and found["ssl_redirect"] is True
+    assert found["backends"][0] == "axes.backends.AxesStandaloneBackend"
+    assert found["middleware"] == "axes.middleware.AxesMiddleware"
+    default = json.loads(_run(SECURITY_PROBE, {**PRODUCTION_ENV, "TICKERPROJ_VAR_DIR": str(tmp_path)})
+                         .stdout.strip().splitlines()[-1])
+    assert default["proxy_ssl"] is None, "a forwarded header is trusted only when told"
+
+
+REDIS_TLS_PROBE = """
+import json, django
+from django.conf import settings
+django.setup()
+import redis
+from tickerproj.celery import app
+pool = redis.Redis.from_url(settings.REDIS_URL).connection_pool
+print(json.dumps({
+    "layer": settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"][0]["address"],
+    "redis": [pool.connection_class.__name__, pool.connection_kwargs["password"]],
+    "backend": type(app.backend).__name__, "broker_ssl": bool(app.connection_for_write().ssl),
+}))
+"""
+
+
+def test_redis_auth_and_tls_come_through_redis_url(tmp_path):
+    """L12: a password and TLS (rediss://) reach the channel layer, Celery and our clients."""
+    url = "rediss://:s3cret@redis.example:6380/3?ssl_cert_reqs=required"
+    result = _run(REDIS_TLS_PROBE, {**PRODUCTION_ENV, "TICKERPROJ_VAR_DIR": str(tmp_path), "REDIS_URL": url})
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found == {"layer": url, "redis": ["SSLConnection", "s3cret"], "backend": "RedisBackend",
+                     "broker_ssl": True}

@@ -27,6 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest  #
 
 from streaming.consumers import ConsumerSettings, WebSocketMetrics  # noqa: E402
 from streaming.health import HealthCollector, RedisProbe  # noqa: E402
+from streaming.origins import OriginAllowList  # noqa: E402
 from streaming.routing import websocket_routes  # noqa: E402
 from streaming.views import HealthViews  # noqa: E402
 from streaming.ws_auth import ApiTokenOrSessionAuth  # noqa: E402
@@ -111,8 +112,11 @@ def build_application(
     return ProtocolTypeRouter(
         {
             "http": _HttpRouter(django_asgi_app, MetricsEndpoint(registries, access=ops_access)),
-            "websocket": ApiTokenOrSessionAuth(
-                URLRouter(websocket_routes(config=config, metrics=metrics, clock=clock))
+            "websocket": OriginAllowList(
+                ApiTokenOrSessionAuth(
+                    URLRouter(websocket_routes(config=config, metrics=metrics, clock=clock))
+                ),
+                allowed=settings.WS_ALLOWED_ORIGINS,
             ),
         }
     )

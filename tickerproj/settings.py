@@ -6,6 +6,7 @@ channel layer and periodic jobs run in-process (``manage.py demo``). ``DATABASE_
 Celery on Redis. See README.md for the full table.
 """
 
+import datetime as dt
 from pathlib import Path
 
 import environ
@@ -14,6 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from tickerproj.access import parse_networks, validate_ops_token
 from tickerproj.logging import configure_logging
+from tickerproj.private_files import private_file_create
 from tickerproj.redis_connection import SentinelTarget, parse_sentinels, sentinel_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -56,8 +58,15 @@ def _embedded_secret(name: str, make) -> str:
     """A secret for the embedded demo, generated once into var/ so it survives restarts."""
     path = VAR_DIR / name
     if not path.exists():
-        path.write_text(make())
-        path.chmod(0o600)
+        try:
+            private_file_create(path, make())
+        except FileExistsError:
+            # Another process created it first; a dangling symlink is refused below.
+            pass
+        except OSError as exc:
+            raise ImproperlyConfigured(f"cannot create the private file {path}: {exc}") from exc
+    if path.is_symlink() or not path.is_file():
+        raise ImproperlyConfigured(f"{path} must be a regular file, not a link")
     return path.read_text().strip()
 
 
@@ -76,6 +85,15 @@ FIELD_ENCRYPTION_KEYS = env.list("FIELD_ENCRYPTION_KEYS", default=[_default_keys
 """Fernet keys for secrets at rest, newest first; independent of SECRET_KEY."""
 if not FIELD_ENCRYPTION_KEYS:
     raise ImproperlyConfigured("FIELD_ENCRYPTION_KEYS must be set when DATABASE_URL is set")
+for _position, _key in enumerate(FIELD_ENCRYPTION_KEYS):
+    # Found here, at start-up, not at the first decrypt (where runticker would crash-loop).
+    try:
+        Fernet(_key.encode())
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"FIELD_ENCRYPTION_KEYS[{_position}] is not a Fernet key (32 url-safe base64 bytes, "
+            "from `python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'`)"
+        ) from None
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
@@ -93,6 +111,7 @@ INSTALLED_APPS = [
     "django_structlog",
     "django_prometheus",
     "import_export",
+    "axes",
     "accounts",
     "subscriptions",
     "streaming",
@@ -112,7 +131,22 @@ MIDDLEWARE = [
     # After authentication, so its request_finished line names the user.
     "django_structlog.middlewares.RequestMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
+    # Last, as django-axes requires: locks out repeated failed admin logins.
+    "axes.middleware.AxesMiddleware",
 ]
+
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.int("LOGIN_FAILURE_LIMIT", default=5)
+"""Failed logins of one username from one address before both are locked out."""
+AXES_COOLOFF_TIME = dt.timedelta(minutes=env.int("LOGIN_LOCKOUT_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False
+# Its admin's "clean up" action asks for no permission; unlock with `manage.py axes_reset_username`.
+AXES_ENABLE_ADMIN = False
 
 ROOT_URLCONF = "tickerproj.urls"
 ASGI_APPLICATION = "tickerproj.asgi.application"
@@ -168,6 +202,8 @@ else:
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+WS_GROUP_EXPIRY_S = env.int("WS_GROUP_EXPIRY_S", default=900)
+"""channels-redis forgets a WebSocket's group membership after this; consumers re-join at a third."""
 # Names this installation's channel-layer keys and engine control channel on a shared Redis.
 CHANNEL_LAYER_PREFIX = env.str("CHANNEL_LAYER_PREFIX", default="tickerproj")
 if REDIS_SENTINEL is not None:
@@ -204,6 +240,9 @@ elif REDIS_URL:
                 "prefix": CHANNEL_LAYER_PREFIX,
                 "capacity": env.int("CHANNEL_LAYER_CAPACITY", default=1000),
                 "expiry": 10,
+                # Consumers re-join every WS_GROUP_EXPIRY_S / 3; a member a failed disconnect
+                # left behind is forgotten after this, not after channels-redis's 24 h.
+                "group_expiry": WS_GROUP_EXPIRY_S,
             },
         }
     }
@@ -274,6 +313,12 @@ TICKER_SAFETY_RELOAD_S = env.float("TICKER_SAFETY_RELOAD_S", default=60.0)
 WS_MAX_SUBSCRIPTIONS = env.int("WS_MAX_SUBSCRIPTIONS", default=2000)
 WS_MAX_MESSAGES_PER_S = env.int("WS_MAX_MESSAGES_PER_S", default=20)
 WS_SEND_WINDOW = env.int("WS_SEND_WINDOW", default=4)
+WS_ALLOWED_ORIGINS = env.list("WS_ALLOWED_ORIGINS", default=CSRF_TRUSTED_ORIGINS)
+"""Exact ``scheme://host[:port]`` origins whose pages may open WebSockets (empty: hosts only)."""
+WS_MAX_CONNECTIONS_PER_USER = env.int("WS_MAX_CONNECTIONS_PER_USER", default=20)
+WS_MAX_CONNECTIONS_PER_IP = env.int("WS_MAX_CONNECTIONS_PER_IP", default=100)
+"""Per web process; behind a reverse proxy run daphne with --proxy-headers, or every client
+shares the proxy's address."""
 HEALTH_HEARTBEAT_MAX_AGE_S = env.float("HEALTH_HEARTBEAT_MAX_AGE_S", default=15.0)
 HEALTH_STREAM_STALL_S = env.float("HEALTH_STREAM_STALL_S", default=30.0)
 """A live account streaming instruments with no tick for this long makes /health 503."""
@@ -304,6 +349,13 @@ LOGIN_URL = "admin:login"
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=not EMBEDDED)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+# Behind a TLS-terminating proxy that sets X-Forwarded-Proto (and strips it from clients).
+if env.bool("TRUST_X_FORWARDED_PROTO", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+"""Set it (e.g. 31536000) once the site is served over HTTPS only; browsers remember it."""
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
 
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOG_JSON = env.bool("LOG_JSON", default=not DEBUG)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -119,7 +120,7 @@ class Supervisor:
                 state.state = "stopped"
                 raise
             # The supervision boundary: any error of a task is logged, counted and restarted.
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - logged below with a redacted traceback
                 if time.monotonic() - started >= self._healthy_after_s:
                     attempt = 0
                 attempt += 1
@@ -135,7 +136,11 @@ class Supervisor:
                 if not restart:
                     state.state = "failed"
                     log.error(
-                        "engine.task_failed", task=state.name, owner=state.owner, exc_info=exc
+                        "engine.task_failed",
+                        task=state.name,
+                        owner=state.owner,
+                        error=state.last_error,
+                        traceback=_redacted_traceback(exc),
                     )
                     return
                 delay_s = self._wait(_Attempt(attempt))  # type: ignore[arg-type]
@@ -146,7 +151,8 @@ class Supervisor:
                     owner=state.owner,
                     restarts=state.restarts,
                     restart_in_s=round(delay_s, 2),
-                    exc_info=exc,
+                    error=state.last_error,
+                    traceback=_redacted_traceback(exc),
                 )
                 try:
                     await asyncio.sleep(delay_s)
@@ -203,6 +209,11 @@ class Supervisor:
         self._closing = True
         tasks = list(self._tasks.values())
         await _cancel_and_wait(tasks)
+
+
+def _redacted_traceback(exc: BaseException) -> str:
+    """The traceback as text with Kite credentials removed, never the raw exc_info."""
+    return redact("".join(traceback.format_exception(exc)))
 
 
 async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:

@@ -33,13 +33,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import urlencode
 
 import numpy as np
 import structlog
 from tenacity import RetryCallState, wait_exponential_jitter
 from tenacity.wait import wait_base
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.uri import parse_uri
 
 from streaming.kite.codec import (
     ErrorMessage,
@@ -182,6 +184,18 @@ def _sole(group: BaseExceptionGroup) -> BaseException:
     while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
         group = group.exceptions[0]
     return group
+
+
+def _checked_ws_url(url: str) -> str:
+    """``url`` if websockets can connect to it, checked before any credential is added to it
+    (websockets' InvalidURI quotes the whole URL, which would then hold the access token)."""
+    try:
+        parse_uri(url)
+    except InvalidURI:
+        raise ValueError(f"KITE_WS_URL must be a ws:// or wss:// URL, got {url[:200]!r}") from None
+    if "?" in url or "#" in url:
+        raise ValueError(f"KITE_WS_URL must not carry a query or fragment, got {url[:200]!r}")
+    return url
 
 
 def _chunks(items: list[int], size: int) -> Iterable[list[int]]:
@@ -331,6 +345,10 @@ class KiteConnection:
                 return _Outcome.EXPIRED
             if status == _RATE_LIMIT_HTTP_STATUS:
                 return _Outcome.RATE_LIMITED
+            return _Outcome.FAILED
+        except InvalidURI:
+            # Its text is the whole URL, token included: never let it travel.
+            self.last_error = f"invalid WebSocket URL {client.ws_url!r}"
             return _Outcome.FAILED
         except (InvalidHandshake, OSError, TimeoutError) as exc:
             if client.closing:
@@ -541,7 +559,7 @@ class KiteTickerClient:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.api_key = api_key
         self.account = account or api_key
-        self.ws_url = ws_url
+        self.ws_url = _checked_ws_url(ws_url)
         self.watchdog_s = float(watchdog_s)
         self.connect_timeout_s = float(connect_timeout_s)
         self.close_timeout_s = float(close_timeout_s)
@@ -690,8 +708,10 @@ class KiteTickerClient:
         return self._access_token, self._token_generation
 
     def _url(self, access_token: str) -> str:
-        # Exactly as kiteconnect's KiteTicker builds it.
-        return f"{self.ws_url}?api_key={self.api_key}&access_token={access_token}"
+        # The query kiteconnect's KiteTicker sends, encoded: a token's characters cannot make
+        # the URL invalid, and the base URL was checked without it (_checked_ws_url).
+        query = urlencode({"api_key": self.api_key, "access_token": access_token})
+        return f"{self.ws_url}?{query}"
 
     async def _session_rejected(self, generation: int, *, connection: int) -> None:
         if generation != self._token_generation or self.session is SessionState.EXPIRED:

@@ -87,3 +87,15 @@ def test_rotation_with_a_wrong_key_fails_clearly_and_changes_nothing(settings):
     with pytest.raises(CommandError, match=rf"accounts.KiteAccount.api_secret for pk={account.pk}"):
         call_command("rotate_encryption_keys")
     assert _raw_columns(account.pk) == before
+
+
+@pytest.mark.django_db
+def test_a_decrypted_secret_is_scrubbed_from_the_logs():
+    from tickerproj.logging import SCRUBBER
+
+    account = KiteAccount.objects.create(label="scrub", api_key="kscrub")
+    # Stored through the field (encrypted) without passing through the model attribute.
+    KiteAccount.objects.filter(pk=account.pk).update(access_token="DecryptedOnlyToken4242")
+    assert "DecryptedOnlyToken4242" in SCRUBBER.scrub("DecryptedOnlyToken4242")
+    assert KiteAccount.objects.get(pk=account.pk).access_token == "DecryptedOnlyToken4242"
+    assert SCRUBBER.scrub("error: DecryptedOnlyToken4242 expired") == "error: [scrubbed] expired"

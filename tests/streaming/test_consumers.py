@@ -414,7 +414,7 @@ async def test_oversized_frame_is_refused_before_parsing(redis_layer, headers):
     comm, _ = await ws_connect(app, headers=headers)
     await comm.send_to(text_data='{"action":"ping","pad":"' + "x" * 600_000 + '"}')
     err = await recv(comm)
-    assert err["code"] == "invalid_message" and "exceeds" in err["message"]
+    assert err["code"] == "message_too_large" and "exceeds" in err["message"]
     await comm.disconnect()
 
 

@@ -351,3 +351,19 @@ def test_two_workers_running_the_same_rule_at_once_give_the_result_of_one(market
     # And a later single run agrees that nothing is missing.
     again = rebalance_rule_apply(rule_id=rule.pk, prices=FixedPrice(26_000.0))
     assert (again.activated, again.deactivated) == (0, 0)
+
+
+@pytest.mark.django_db
+def test_rule_and_history_sizes_are_bounded():
+    from django.core.exceptions import ValidationError
+
+    from subscriptions.models import HistoryRange
+
+    with pytest.raises(ValidationError, match="strikes_each_side"):
+        RebalanceRule(name="huge", underlying="NIFTY", strikes_each_side=32_767).full_clean()
+    option = Instrument.objects.create(
+        instrument_token=4242, exchange_token=1, tradingsymbol="X", name="NIFTY",
+        instrument_type="CE", segment="NFO-OPT", exchange="NFO",
+    )
+    with pytest.raises(ValidationError, match="days_back"):
+        HistoryRange(instrument=option, days_back=32_767).full_clean()

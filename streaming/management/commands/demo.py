@@ -56,6 +56,7 @@ from subscriptions.services import (
     subscription_activate,
 )
 from tickerproj.logging import configure_logging
+from tickerproj.private_files import private_file_create
 
 log = structlog.get_logger(__name__)
 
@@ -106,8 +107,7 @@ def demo_user_ensure(*, username: str, password_file: Path) -> str:
         password = password_file.read_text().strip()
     else:
         password = secrets.token_urlsafe(9)
-        password_file.write_text(password + "\n")
-        password_file.chmod(0o600)
+        private_file_create(password_file, password + "\n")
     user_model = get_user_model()
     user, created = user_model.objects.get_or_create(
         username=username, defaults={"is_staff": True, "is_superuser": True}

@@ -185,13 +185,14 @@ class InProcessEngine:
             config, channel_layer=self.layer, client_factory=self._client_factory, **extra
         )
         self._task = asyncio.create_task(self.engine.run(self._stop), name="test-engine")
-        await asyncio.wait_for(self.engine.started.wait(), timeout=10)
+        await asyncio.wait_for(self.engine.started.wait(), timeout=60)
         return self
 
     async def __aexit__(self, *exc) -> None:
         self._stop.set()
         try:
-            await asyncio.wait_for(self._task, timeout=20)
+            # Failure bounds for a loaded machine (stress-ng beside the suite), not speed claims.
+            await asyncio.wait_for(self._task, timeout=60)
         finally:
             await self.sim.stop()
 

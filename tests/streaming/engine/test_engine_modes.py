@@ -71,32 +71,32 @@ async def test_live_at_the_open_mock_after_the_close_never_mixed(world):
                                mode_check_interval_s=0.2, mock_interval_ms=100) as h:
         listener = await h.listen(world["group"])
         assert h.engine.mode == "live"
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="live connection")
-        await listener.until(lambda: len(listener.latest) > 20, timeout_s=10,
+        await listener.until(lambda: len(listener.latest) > 20, timeout_s=60,
                              what="live snapshots")
         assert {s["is_mock"] for s in listener.latest.values()} == {False}
 
         offset[0] += 20  # past 15:30 IST
-        await async_wait_until(lambda: h.engine.mode == "mock", timeout_s=5, what="mock mode")
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 0, timeout_s=5,
+        await async_wait_until(lambda: h.engine.mode == "mock", timeout_s=60, what="mock mode")
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 0, timeout_s=60,
                                what="Kite connections closed after the close")
         # Everything now comes from the mock market, and every snapshot says so.
         await listener.drain(0.5)  # what was in flight at the switch
         listener.latest.clear()
-        await listener.until(lambda: len(listener.latest) > 20, timeout_s=10,
+        await listener.until(lambda: len(listener.latest) > 20, timeout_s=60,
                              what="mock snapshots")
         assert {s["is_mock"] for s in listener.latest.values()} == {True}
         assert h.engine.heartbeat_state()["mode"] == "mock"
         assert h.engine.heartbeat_state()["accounts"]["acc1"]["state"] == "stopped"
 
         offset[0] = epoch_at_ist(next_trading_day(day), 9, 16) - time.time()  # the next open
-        await async_wait_until(lambda: h.engine.mode == "live", timeout_s=5, what="live again")
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.engine.mode == "live", timeout_s=60, what="live again")
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="reconnected at the open")
         await listener.drain(0.5)
         listener.latest.clear()
-        await listener.until(lambda: len(listener.latest) > 20, timeout_s=10,
+        await listener.until(lambda: len(listener.latest) > 20, timeout_s=60,
                              what="live snapshots again")
         assert {s["is_mock"] for s in listener.latest.values()} == {False}
 
@@ -113,7 +113,7 @@ async def test_a_failed_switch_to_mock_is_retried_until_the_mock_feed_runs(world
     async with InProcessEngine(accounts={"acc1": "k1"}, force_mode=None, clock=clock,
                                mode_check_interval_s=0.2, mock_interval_ms=100) as h:
         assert h.engine.mode == "live"
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="live connection")
         set_tokens = h.engine.mock_feed.set_tokens
         failures = []
@@ -128,13 +128,13 @@ async def test_a_failed_switch_to_mock_is_retried_until_the_mock_feed_runs(world
         offset[0] += 20  # past 15:30 IST
         await async_wait_until(
             lambda: h.engine.mode == "mock" and h.engine.supervisor.is_running("mock_feed"),
-            timeout_s=15, what="mock mode with its feed running",
+            timeout_s=60, what="mock mode with its feed running",
         )
         assert failures, "the injected failure never happened"
         assert h.engine.supervisor.state("mode").restarts >= 1
         assert h.sim.connection_count("k1") == 0
         listener = await h.listen(world["group"])
-        await listener.until(lambda: len(listener.latest) > 20, timeout_s=10,
+        await listener.until(lambda: len(listener.latest) > 20, timeout_s=60,
                              what="mock snapshots")
         assert {s["is_mock"] for s in listener.latest.values()} == {True}
 
@@ -142,7 +142,7 @@ async def test_a_failed_switch_to_mock_is_retried_until_the_mock_feed_runs(world
 async def test_a_failed_apply_is_applied_again(world):
     """The applier's request survives an apply that raises: the restarted loop applies it."""
     async with InProcessEngine(accounts={"acc1": "k1"}) as h:
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="streaming")
         set_tokens = h.engine.mock_feed.set_tokens
         calls = []
@@ -157,14 +157,14 @@ async def test_a_failed_apply_is_applied_again(world):
         h.engine.mock_feed.set_tokens = set_tokens_failing_once
         h.engine.request_apply()
         # Well before the safety reload (60 s), which would apply anyway.
-        await async_wait_until(lambda: any(run >= 1 for run in calls), timeout_s=15,
+        await async_wait_until(lambda: any(run >= 1 for run in calls), timeout_s=60,
                                what="the restarted applier applying the request again")
         assert calls[0] == 0
 
 
 async def test_a_new_login_reaches_the_running_client(world):
     async with InProcessEngine(accounts={"acc1": "k1"}) as h:
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="connected with the first token")
         first = {c.id for c in h.sim.connections("k1")}
         # The morning login: Kite now accepts only the new token.
@@ -184,7 +184,7 @@ async def test_a_new_login_reaches_the_running_client(world):
         await async_wait_until(
             lambda: h.sim.connection_count("k1") == 1
             and {c.id for c in h.sim.connections("k1")} != first,
-            timeout_s=15, what="reconnected with the new token",
+            timeout_s=60, what="reconnected with the new token",
         )
         assert h.engine.heartbeat_state()["accounts"]["acc1"]["session"] == "ok"
 
@@ -193,7 +193,7 @@ async def test_accounts_option_restricts_what_this_process_streams(world):
     await run_db(lambda: make_account("acc2", api_key="k2", access_token="tok-acc2"))
     async with InProcessEngine(accounts={"acc1": "k1", "acc2": "k2"},
                                account_labels=frozenset({"acc2"})) as h:
-        await async_wait_until(lambda: h.sim.connection_count("k2") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k2") == 1, timeout_s=60,
                                what="acc2 streaming")
         # The allocation is global (acc1 gets its share), but this process only holds acc2.
         await asyncio.sleep(1.0)
@@ -203,13 +203,13 @@ async def test_accounts_option_restricts_what_this_process_streams(world):
 
 async def test_relogin_after_expiry_resumes_streaming(world):
     async with InProcessEngine(accounts={"acc1": "k1"}) as h:
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="streaming")
         h.sim.expire_token("k1")
         await async_wait_until(
             lambda: h.engine.heartbeat_state()["accounts"].get("acc1", {}).get("state")
             == "session_expired",
-            timeout_s=15, what="session expired seen",
+            timeout_s=60, what="session expired seen",
         )
         h.sim.set_access_token("k1", "tok-morning")
 
@@ -219,11 +219,11 @@ async def test_relogin_after_expiry_resumes_streaming(world):
             notify_engines_on_commit()
 
         await run_db(login)
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="streaming again after the login")
         await async_wait_until(
             lambda: h.engine.heartbeat_state()["accounts"]["acc1"]["state"] == "streaming",
-            timeout_s=10, what="heartbeat streaming",
+            timeout_s=60, what="heartbeat streaming",
         )
 
 
@@ -232,13 +232,13 @@ async def test_a_reload_that_still_sees_the_refused_token_does_not_restart_the_c
     written, or another engine's view): only a new token lifts the expiry."""
     account_id = world["account"].pk
     async with InProcessEngine(accounts={"acc1": "k1"}) as h:
-        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=15,
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
                                what="streaming")
         h.sim.expire_token("k1")
         sup = h.engine.supervisor
         await async_wait_until(
             lambda: sup.state("expire:acc1") is not None and not sup.is_running("expire:acc1"),
-            timeout_s=15, what="the expiry recorded",
+            timeout_s=60, what="the expiry recorded",
         )
         assert sup.state("expire:acc1").state == "finished"
         assert account_id not in h.engine.connections.running()
@@ -258,7 +258,7 @@ async def test_closed_underlying_bars_are_stored_and_published(world):
     async with InProcessEngine(accounts={}, force_mode="mock", mock_interval_ms=60_000) as h:
         listener = await h.listen(schema.bars_group("NIFTY"))
         await async_wait_until(lambda: index in set(h.engine.pipeline.universe.tokens.tolist()),
-                               timeout_s=15, what="the index in the engine's universe")
+                               timeout_s=60, what="the index in the engine's universe")
         # Ticks of two minutes of exchange time (ahead of the mock feed's own tick, so none
         # is late): the second minute's tick closes the first minute's bar.
         minute = (int(time.time()) // 60 + 2) * 60
@@ -278,7 +278,7 @@ async def test_closed_underlying_bars_are_stored_and_published(world):
             await async_wait_until(
                 lambda: any(orjson.loads(m["item"])["start_ts"] == minute * 1000
                             for m in messages),
-                timeout_s=10, what="bar.closed message for the minute",
+                timeout_s=60, what="bar.closed message for the minute",
             )
         finally:
             task.cancel()

@@ -490,3 +490,19 @@ async def test_the_access_token_never_reaches_logs(sim, market, harness, caplog)
         assert not [text for text in texts if secret in text]
     assert any(event["event"] == "kite.ws.session_expired" for event in events)
     assert any(event["event"] == "kite.ws.retry" for event in events)
+
+
+@pytest.mark.parametrize("url", ["https://ws.kite.trade", "ws.kite.trade", "wss://ws.kite.trade/?x=1"])
+def test_a_url_websockets_would_refuse_is_refused_before_the_token_joins_it(url):
+    """H2 (docs/security.md): websockets' InvalidURI quotes the whole URL, token included."""
+    token = "tokInUrlCheck0123456789"
+    with pytest.raises(ValueError, match="KITE_WS_URL") as raised:
+        KiteTickerClient(api_key="k1", access_token=token, ws_url=url,
+                         on_ticks=lambda ticks: None, on_session_expired=lambda: None)
+    assert token not in str(raised.value)
+
+
+def test_the_query_is_encoded_so_a_token_cannot_break_the_url():
+    client = KiteTickerClient(api_key="k1", access_token="x", ws_url="wss://ws.kite.trade",
+                              on_ticks=lambda ticks: None, on_session_expired=lambda: None)
+    assert client._url("a&b c") == "wss://ws.kite.trade?api_key=k1&access_token=a%26b+c"

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('subscriptions', '0003_candlegreeks_no_separate_instrument_index'),
+        ('subscriptions', '0004_bounded_rule_and_history_sizes'),
     ]
 
     operations = [
