@@ -135,11 +135,13 @@ def test_the_worker_logs_json_with_task_ids_and_serves_task_metrics(redis_client
 
         def counted():
             status, text = _scrape(port, settings.OPS_TOKEN)
-            line = 'tickerproj_celery_tasks_total{outcome="succeeded",task="accounts.expire_sessions"} 1.0'
-            return status == 200 and line in text and text
+            lines = (
+                'tickerproj_celery_tasks_total{outcome="succeeded",task="accounts.expire_sessions"} 1.0',
+                'tickerproj_celery_task_duration_seconds_count{task="accounts.expire_sessions"} 1.0',
+            )
+            return status == 200 and all(line in text for line in lines)
 
-        text = wait_until(counted, timeout_s=30, what="the task counted in the worker's metrics")
-        assert 'tickerproj_celery_task_duration_seconds_count{task="accounts.expire_sessions"} 1.0' in text
+        wait_until(counted, timeout_s=30, what="the task counted and timed in the worker's metrics")
         assert _scrape(port, None)[0] == 403
         assert _scrape(port, "wrong-token")[0] == 403
     finally:
