@@ -127,23 +127,44 @@ class KiteAccountAdmin(admin.ModelAdmin):
         messages.success(request, f"Enabled {queryset.count()} account(s).")
 
 
-class ApiTokenAddForm(forms.ModelForm):
+class ApiTokenScopesField(forms.MultipleChoiceField):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(
+            choices=ApiToken.Scope.choices, widget=forms.CheckboxSelectMultiple,
+            help_text="What programs holding this token may do.", **kwargs,
+        )  # fmt: skip
+
+
+class ApiTokenForm(forms.ModelForm):
+    scopes = ApiTokenScopesField(required=False)
+
     class Meta:
         model = ApiToken
-        fields = ["user", "name"]
+        fields = ["name", "scopes"]
+
+
+class ApiTokenAddForm(forms.ModelForm):
+    scopes = ApiTokenScopesField(initial=[ApiToken.Scope.READ])
+
+    class Meta:
+        model = ApiToken
+        fields = ["user", "name", "scopes"]
 
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
-    list_display = ["name", "user", "prefix", "created_at", "last_used_at", "revoked_at"]
+    list_display = ["name", "user", "prefix", "scopes_display", "created_at", "last_used_at", "revoked_at"]
     list_filter = ["revoked_at"]
     search_fields = ["name", "prefix", "user__username"]
     readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
     actions = ["revoke_tokens"]
 
+    @admin.display(description="scopes")
+    def scopes_display(self, obj: ApiToken) -> str:
+        return ", ".join(obj.scopes) or "none"
+
     def get_form(self, request, obj=None, **kwargs):
-        if obj is None:
-            kwargs["form"] = ApiTokenAddForm
+        kwargs["form"] = ApiTokenAddForm if obj is None else ApiTokenForm
         return super().get_form(request, obj, **kwargs)
 
     def get_readonly_fields(self, request, obj=None):
@@ -153,7 +174,9 @@ class ApiTokenAdmin(admin.ModelAdmin):
         if change:
             super().save_model(request, obj, form, change)
             return
-        token, key = services.apitoken_create(user=obj.user, name=obj.name)
+        token, key = services.apitoken_create(
+            user=obj.user, name=obj.name, scopes=form.cleaned_data["scopes"]
+        )
         obj.pk = token.pk
         # Shown once by response_add, in that response only: a message would travel in the
         # messages cookie (signed, not encrypted) or sit in the session.

@@ -73,9 +73,14 @@ class KiteAccount(models.Model):
 
 
 class ApiToken(models.Model):
-    """A bearer token for programs on the WebSocket API; only its SHA-256 is stored."""
+    """A bearer token for programs (HTTP API and WebSocket); only its SHA-256 is stored."""
 
     PREFIX_LENGTH = 8
+
+    class Scope(models.TextChoices):
+        READ = "read", "read: market data, history, bars, status"
+        SUBSCRIBE = "subscribe", "subscribe: manage subscriptions"
+        TRADE = "trade", "trade: orders"
 
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
@@ -86,6 +91,9 @@ class ApiToken(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    scopes = models.JSONField(
+        default=list, blank=True, help_text="What the token may do: read, subscribe, trade."
+    )
 
     class Meta:
         ordering = ["-created_at"]
@@ -106,3 +114,6 @@ class ApiToken(models.Model):
     @property
     def is_active(self) -> bool:
         return self.revoked_at is None
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes

@@ -1,6 +1,7 @@
 """Writes to broker accounts: sessions, status, API tokens, key rotation."""
 
 import datetime as dt
+from collections.abc import Iterable
 
 import structlog
 from cryptography.fernet import InvalidToken
@@ -10,6 +11,7 @@ from django.utils import timezone
 
 from accounts.fields import Ciphertext, DecryptionError, rotate_ciphertext
 from accounts.models import ApiToken, KiteAccount, session_expiry_after
+from accounts.revocation import ws_close_on_commit, ws_session_group, ws_token_group, ws_user_group
 from streaming.control import notify_engines_on_commit
 
 log = structlog.get_logger(__name__)
@@ -99,19 +101,43 @@ def accounts_expire_sessions(*, now: dt.datetime | None = None) -> list[str]:
     return labels
 
 
-def apitoken_create(*, user, name: str) -> tuple[ApiToken, str]:
+def apitoken_create(
+    *, user, name: str, scopes: Iterable[str] = (ApiToken.Scope.READ,)
+) -> tuple[ApiToken, str]:
     """Create an API token; the plain key is returned once and never stored."""
+    scopes = sorted(set(scopes))
+    unknown = set(scopes) - set(ApiToken.Scope.values)
+    if unknown:
+        raise ValueError(f"unknown scopes {sorted(unknown)}; expected some of {ApiToken.Scope.values}")
     key = ApiToken.new_key()
     token = ApiToken.objects.create(
-        user=user, name=name, prefix=key[: ApiToken.PREFIX_LENGTH], key_hash=ApiToken.hash_key(key)
+        user=user,
+        name=name,
+        prefix=key[: ApiToken.PREFIX_LENGTH],
+        key_hash=ApiToken.hash_key(key),
+        scopes=scopes,
     )
-    log.info("apitoken.created", user=user.get_username(), prefix=token.prefix)
+    log.info("apitoken.created", user=user.get_username(), prefix=token.prefix, scopes=scopes)
     return token, key
 
 
 def apitoken_revoke(*, token: ApiToken) -> None:
-    ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    """Revoke a token; its open WebSockets are closed once the revocation commits."""
+    with transaction.atomic():
+        ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        ws_close_on_commit(group=ws_token_group(token.pk), reason="api token revoked")
     log.info("apitoken.revoked", prefix=token.prefix)
+
+
+def user_close_websockets(*, user_id: int, reason: str) -> None:
+    """Close every WebSocket of a user (deactivated or deleted) once the change commits."""
+    ws_close_on_commit(group=ws_user_group(user_id), reason=reason)
+    log.info("user.websockets_closed", user_id=user_id, reason=reason)
+
+
+def session_close_websockets(*, session_key: str) -> None:
+    """Close the WebSockets a browser session opened (the user logged out)."""
+    ws_close_on_commit(group=ws_session_group(session_key), reason="logged out")
 
 
 def secrets_rotate_encryption_keys() -> int:

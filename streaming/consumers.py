@@ -50,6 +50,7 @@ from django.utils import timezone
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
 
+from accounts.revocation import WS_REVOKED_MESSAGE_TYPE, ws_auth_groups
 from streaming import schema
 from streaming.engine.universe import UNIVERSE_FIELDS, InstrumentUniverse, UniverseError
 from streaming.health import heartbeat_list_fresh
@@ -523,6 +524,7 @@ class TickerConsumer(AsyncWebsocketConsumer):
         self._dropped = 0
         self._frames = 0
         self._refresher: asyncio.Task | None = None
+        self._auth_groups: list[str] = []
         self._log = log
 
     # Channels' dispatch closes stale DB connections (a thread hop) before every message; the
@@ -540,6 +542,8 @@ class TickerConsumer(AsyncWebsocketConsumer):
             await self.websocket_disconnect(message)
         elif kind == OVERFLOW_MESSAGE_TYPE:
             await self._inbox_overflow(message)
+        elif kind == WS_REVOKED_MESSAGE_TYPE:
+            await self._credential_revoked(message)
         else:
             # Another component's message sent to this channel: not ours to act on.
             self._log.warning("ws.unexpected_message", type=str(kind)[:60])
@@ -561,9 +565,10 @@ class TickerConsumer(AsyncWebsocketConsumer):
             )
             return
         if user is None or not user.is_authenticated:
-            why = "invalid or revoked API token" if self.scope.get("auth_error") else (
-                "log in, or send an API token"
-            )
+            why = {
+                "invalid_token": "invalid or revoked API token",
+                "scope_missing": "the API token lacks the 'read' scope",
+            }.get(self.scope.get("auth_error"), "log in, or send an API token")
             await self._refuse(ErrorCode.UNAUTHORIZED, why, CloseCode.UNAUTHORIZED)
             return
         holder = (str(user.pk), self.scope["client"][0] if self.scope.get("client") else None)
@@ -575,6 +580,10 @@ class TickerConsumer(AsyncWebsocketConsumer):
         self._holder = holder
         self._open = True
         self._counted = True
+        # Revoking the token, deactivating the user or logging out closes this socket.
+        self._auth_groups = ws_auth_groups(self.scope)
+        for group in self._auth_groups:
+            await self.channel_layer.group_add(group, self.channel_name)
         # Owned by this consumer: cancelled and awaited when it disconnects or is cancelled.
         self._refresher = asyncio.create_task(
             self._refresh_groups(), name=f"ws-group-refresh:{self.channel_name}"
@@ -585,6 +594,11 @@ class TickerConsumer(AsyncWebsocketConsumer):
         await self.send(
             text_data=hello_message(user=user.get_username(), auth=auth, limits=self._config.limits())
         )
+
+    async def _credential_revoked(self, message: dict[str, Any]) -> None:
+        self._log.info("ws.credential_revoked", reason=str(message.get("reason"))[:60])
+        await self._refuse(ErrorCode.UNAUTHORIZED, str(message.get("reason")), CloseCode.UNAUTHORIZED)
+        await self.disconnect(CloseCode.UNAUTHORIZED)
 
     async def _refuse(self, code: ErrorCode, message: str, close_code: int) -> None:
         self._log.info("ws.refused", code=str(code))
@@ -624,8 +638,9 @@ class TickerConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         self._open = False
         await self._stop_refresher()
-        groups = list(self._group_refs)
+        groups = [*self._group_refs, *self._auth_groups]
         self._group_refs.clear()
+        self._auth_groups = []
         self._subs.clear()
         self._pending.clear()
         if self._counted:
@@ -656,6 +671,8 @@ class TickerConsumer(AsyncWebsocketConsumer):
             await asyncio.sleep(self._config.group_refresh_s)
             groups = list(self._group_refs)
             try:
+                for group in self._auth_groups:
+                    await self.channel_layer.group_add(group, self.channel_name)
                 for group in groups:
                     if group in self._group_refs:
                         await self.channel_layer.group_add(group, self.channel_name)

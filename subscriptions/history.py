@@ -81,7 +81,10 @@ class HistoryError(Exception):
 class CandleSource(Protocol):
     """What the service needs from the REST client: ``KiteRestClient.historical``."""
 
-    def historical(self, instrument_token: int, from_, to, interval: str, *, oi: bool = False): ...
+    def historical(
+        self, instrument_token: int, from_, to, interval: str, *, oi: bool = False,
+        continuous: bool = False,
+    ): ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,6 +454,27 @@ def history_cover(
         )
 
 
+def coverage_end(
+    *, table: HistoryTable, end: dt.datetime, interval: str, now: dt.datetime
+) -> dt.datetime:
+    """How far a fetch may be recorded complete: up to the last candle Kite returned.
+
+    Not up to the wall clock: Kite publishes a candle some time after it closes, so a candle
+    missing from the answer may still come, and a coverage past it would make it a permanent
+    hole. Only a session's closing candle vouches for the rest of its day (nothing trades
+    after the close). An answer with no candles covers nothing.
+    """
+    if not len(table):
+        return dt.datetime.min.replace(tzinfo=dt.UTC)
+    last_candle = dt.datetime.fromtimestamp(int(table.ts_s[-1]), tz=IST)
+    covered = last_candle
+    if interval != "day":
+        closes = dt.datetime.combine(last_candle.date(), SESSION_CLOSE_IST, tzinfo=IST)
+        if last_candle + dt.timedelta(seconds=INTERVAL_SECONDS[interval]) >= closes:
+            covered = dt.datetime.combine(last_candle.date(), dt.time(23, 59, 59), tzinfo=IST)
+    return min(end, final_until(interval=interval, now=now), covered)
+
+
 def final_until(*, interval: str, now: dt.datetime) -> dt.datetime:
     """The latest candle start whose candle has closed at ``now``: later ones may still change."""
     if interval == "day":
@@ -506,7 +530,7 @@ def history_get(
         q=q,
     )
     history_store(instrument=instrument, interval=interval, table=computed)
-    covered_end = min(end, final_until(interval=interval, now=now))
+    covered_end = coverage_end(table=computed, end=end, interval=interval, now=now)
     history_cover(
         instrument=instrument,
         interval=interval,
@@ -599,6 +623,47 @@ def history_payload(result: HistoryResult) -> dict[str, Any]:
         "units": {"iv": "fraction", "theta": "per calendar day", "vega": "per vol point",
                   "rho": "per 1% rate", "delta": "dV/dF (future) or dV/dS (spot)"},
         "candles": list(history_rows(result.table)),
+    }
+
+
+def history_candles(
+    *,
+    instrument: Instrument,
+    interval: str,
+    start: dt.datetime,
+    end: dt.datetime,
+    client: CandleSource,
+    oi: bool,
+    continuous: bool,
+) -> dict[str, Any]:
+    """Candles of any instrument (index, equity, future, option) as Kite gives them, no Greeks."""
+    if continuous and instrument.instrument_type != Instrument.Type.FUTURE:
+        raise HistoryError(
+            f"continuous candles exist for futures only; {instrument} is {instrument.instrument_type}",
+            code="continuous_needs_future", instrument_token=instrument.pk,
+        )  # fmt: skip
+    series = client.historical(
+        instrument.instrument_token, start, end, interval, oi=oi, continuous=continuous
+    )
+    ts = _ts_text(_epoch_s(series.ts))
+    oi_values = series.oi.tolist() if series.oi is not None else [None] * len(ts)
+    columns = zip(
+        ts, series.open.tolist(), series.high.tolist(), series.low.tolist(),
+        series.close.tolist(), series.volume.tolist(), oi_values, strict=True,
+    )  # fmt: skip
+    return {
+        "instrument_token": instrument.instrument_token,
+        "tradingsymbol": instrument.tradingsymbol,
+        "exchange": instrument.exchange,
+        "kind": instrument.instrument_type,
+        "interval": interval,
+        "from": start.isoformat(),
+        "to": end.isoformat(),
+        "source": "kite",
+        "candles": [
+            {"ts": t, "open": o, "high": h, "low": lo, "close": c, "volume": v, "oi": i}
+            for t, o, h, lo, c, v, i in columns
+        ],
     }
 
 

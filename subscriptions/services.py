@@ -9,10 +9,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 from django.db import transaction
+from django.db.models import Count
 from django.utils import timezone
 
+from accounts.models import KiteAccount
 from streaming.control import notify_engines_on_commit
 from streaming.greeks import IST
+from streaming.kite.limits import MAX_INSTRUMENTS_PER_API_KEY
 from streaming.kite.schemas import INSTRUMENT_CSV_COLUMNS
 from subscriptions.models import Instrument, RebalanceRule, Subscription
 
@@ -118,6 +121,119 @@ def subscription_set_mode(*, subscription: Subscription, mode: str) -> None:
     with transaction.atomic():
         Subscription.objects.filter(pk=subscription.pk).update(mode=mode, updated_at=timezone.now())
         notify_engines_on_commit()
+
+
+# --- many at once, with admission (the HTTP API) ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRefusal:
+    """Why one instrument of a request cannot be streamed."""
+
+    instrument_token: int
+    reason: str
+
+
+class SubscriptionAdmissionError(Exception):
+    """The request does not fit the accounts' capacity; nothing was changed."""
+
+    def __init__(self, refusals: list[AdmissionRefusal], *, summary: str) -> None:
+        super().__init__(summary)
+        self.refusals = refusals
+        self.summary = summary
+
+
+def _admit(*, new_tokens: list[int], pinned_account) -> None:
+    """Refuse (raise) unless ``new_tokens`` fit Kite's per-key capacity on the accounts.
+
+    Each account that can stream (not disabled, not in error) holds at most
+    ``MAX_INSTRUMENTS_PER_API_KEY`` instruments; pinned subscriptions fill their own account,
+    the others share what is left. The accounts are locked, so two requests cannot both take
+    the last room.
+    """
+    accounts = list(
+        KiteAccount.objects.select_for_update()
+        .exclude(status__in=[KiteAccount.Status.DISABLED, KiteAccount.Status.ERROR])
+        .order_by("pk")
+        .values_list("pk", "label")
+    )
+    active = Subscription.objects.filter(status=Subscription.Status.ACTIVE)
+    pinned_load = dict(
+        active.filter(pinned_account__isnull=False)
+        .values("pinned_account")
+        .annotate(n=Count("pk"))
+        .values_list("pinned_account", "n")
+    )
+    unpinned_load = active.filter(pinned_account__isnull=True).count()
+    if pinned_account is not None:
+        held = pinned_load.get(pinned_account.pk, 0)
+        usable = pinned_account.pk in {pk for pk, _ in accounts}
+        room = MAX_INSTRUMENTS_PER_API_KEY - held if usable else 0
+        why = (
+            f"account {pinned_account.label} holds {held} of {MAX_INSTRUMENTS_PER_API_KEY} instruments"
+            if usable else f"account {pinned_account.label} is {pinned_account.status}: it streams nothing"
+        )  # fmt: skip
+    else:
+        room = sum(max(0, MAX_INSTRUMENTS_PER_API_KEY - pinned_load.get(pk, 0)) for pk, _ in accounts)
+        room -= unpinned_load
+        why = (
+            f"{len(accounts)} account(s) can stream {len(accounts) * MAX_INSTRUMENTS_PER_API_KEY} "
+            f"instruments ({MAX_INSTRUMENTS_PER_API_KEY} per api key); "
+            f"{unpinned_load + sum(pinned_load.values())} are subscribed"
+        )
+    room = max(0, room)
+    if len(new_tokens) <= room:
+        return
+    overflow = new_tokens[room:]
+    raise SubscriptionAdmissionError(
+        [AdmissionRefusal(token, f"no capacity: {why}") for token in overflow],
+        summary=f"{len(overflow)} of {len(new_tokens)} new instruments do not fit: {why}",
+    )
+
+
+def subscriptions_activate_many(
+    *,
+    instruments: Sequence[Instrument],
+    mode: str,
+    source: str = Subscription.Source.API,
+    pinned_account=None,
+) -> list[Subscription]:
+    """Subscribe many instruments in one transaction, all or none, with one engine notice.
+
+    Instruments already streamed take the new mode, source and pin; the new ones must fit the
+    accounts' capacity, else :class:`SubscriptionAdmissionError` lists each one that does not.
+    """
+    tokens = list(dict.fromkeys(i.pk for i in instruments))
+    with transaction.atomic():
+        already = set(
+            Subscription.objects.filter(
+                instrument_id__in=tokens, status=Subscription.Status.ACTIVE
+            ).values_list("instrument_id", flat=True)
+        )
+        _admit(new_tokens=[t for t in tokens if t not in already], pinned_account=pinned_account)
+        now = timezone.now()
+        rows = [
+            Subscription(
+                instrument_id=token, mode=mode, status=Subscription.Status.ACTIVE, status_reason="",
+                source=source, pinned_account=pinned_account, rebalance_rule=None,
+                created_at=now, updated_at=now,
+            )
+            for token in tokens
+        ]  # fmt: skip
+        Subscription.objects.bulk_create(
+            rows,
+            batch_size=1000,
+            update_conflicts=True,
+            unique_fields=["instrument"],
+            update_fields=[
+                "mode", "status", "status_reason", "source", "pinned_account", "rebalance_rule",
+                "updated_at",
+            ],
+        )  # fmt: skip
+        notify_engines_on_commit()
+    log.info("subscriptions.activated_many", count=len(tokens), new=len(tokens) - len(already),
+             mode=mode, source=source)  # fmt: skip
+    return list(Subscription.objects.filter(instrument_id__in=tokens).select_related("instrument"))
 
 
 # --- instrument registry refresh (Kite's daily dump) ----------------------------------------

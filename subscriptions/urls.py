@@ -1,4 +1,4 @@
-"""HTTP API of the subscriptions app (mounted under /api/)."""
+"""The pre-v1 HTTP path of the subscriptions app (mounted under /api/)."""
 
 from django.urls import path
 
@@ -7,5 +7,5 @@ from subscriptions import views
 app_name = "subscriptions"
 
 urlpatterns = [
-    path("history/<int:instrument_token>", views.history, name="history"),
+    path("history/<int:instrument_token>", views.history_redirect, name="history"),
 ]

@@ -88,10 +88,10 @@ async def demo(tmp_path):
 
 
 async def login(http: aiohttp.ClientSession, base: str, username: str, password: str) -> str:
-    """Log in through the admin form as a browser would; returns the chain page's HTML."""
+    """Log in through the login form as a browser would; returns the chain page's HTML."""
     async with http.get(base) as resp:
         assert resp.status == 200
-        assert "/admin/login/" in str(resp.url), "the chain page requires a login"
+        assert "/accounts/login/" in str(resp.url), "the chain page requires a login"
         html = await resp.text()
         login_url = str(resp.url)
     csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', html).group(1)

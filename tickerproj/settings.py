@@ -111,6 +111,7 @@ INSTALLED_APPS = [
     "django_structlog",
     "django_prometheus",
     "import_export",
+    "ninja",
     "axes",
     "accounts",
     "subscriptions",
@@ -120,6 +121,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "tickerproj.request_id.RequestIdMiddleware",
+    "tickerproj.api_support.ApiEnvelopeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -313,6 +315,17 @@ TICKER_SAFETY_RELOAD_S = env.float("TICKER_SAFETY_RELOAD_S", default=60.0)
 WS_MAX_SUBSCRIPTIONS = env.int("WS_MAX_SUBSCRIPTIONS", default=2000)
 WS_MAX_MESSAGES_PER_S = env.int("WS_MAX_MESSAGES_PER_S", default=20)
 WS_SEND_WINDOW = env.int("WS_SEND_WINDOW", default=4)
+WS_MAX_CONNECTS_PER_IP_PER_MINUTE = env.int("WS_MAX_CONNECTS_PER_IP_PER_MINUTE", default=120)
+"""WebSocket connects one client IP may open per minute on one web process."""
+
+# HTTP API v1 (tickerproj/api.py, docs/http-api.md).
+API_RATE_LIMIT = env.str("API_RATE_LIMIT", default="600/m")
+"""Requests per token (or session user), in django-ninja's rate syntax."""
+API_HISTORY_RATE_LIMIT = env.str("API_HISTORY_RATE_LIMIT", default="30/m")
+"""History requests per token: each may call Kite."""
+API_HISTORY_CONCURRENCY_PER_CALLER = env.int("API_HISTORY_CONCURRENCY_PER_CALLER", default=2)
+"""History requests one token (or user) may have in flight on one web process."""
+API_BULK_MAX_ITEMS = 5000
 WS_ALLOWED_ORIGINS = env.list("WS_ALLOWED_ORIGINS", default=CSRF_TRUSTED_ORIGINS)
 """Exact ``scheme://host[:port]`` origins whose pages may open WebSockets (empty: hosts only)."""
 WS_MAX_CONNECTIONS_PER_USER = env.int("WS_MAX_CONNECTIONS_PER_USER", default=20)
@@ -344,7 +357,9 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 WHITENOISE_USE_FINDERS = True
-LOGIN_URL = "admin:login"
+LOGIN_URL = "accounts:login"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "accounts:login"
 
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=not EMBEDDED)

@@ -1,4 +1,4 @@
-"""Historical Greeks end to end: GET /api/history/<token> for 30 sessions of minute candles.
+"""Historical Greeks end to end: GET /api/v1/history/<token> for 30 sessions of minute candles.
 
 What runs, in one process: Django's test client calls the history view (auth, query
 validation, the service, JSON with orjson); the service fetches the option's candles and its
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> None:
     with SimulatorThread(sim) as thread:
         settings.KITE_API_ROOT = thread.http_url
         query = {"from": start.isoformat(), "to": end.isoformat(), "interval": "minute"}
-        url = f"/api/history/{option.pk}"
+        url = f"/api/v1/history/{option.pk}"
 
         def clear() -> None:
             CandleGreeks.objects.filter(instrument=option).delete()

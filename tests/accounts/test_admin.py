@@ -102,7 +102,7 @@ def test_a_new_api_key_is_shown_once_in_the_response_and_stored_nowhere(admin_cl
 
     from accounts.models import ApiToken
 
-    response = admin_client.post(reverse("admin:accounts_apitoken_add"), {"user": admin_user.pk, "name": "bot"})
+    response = admin_client.post(reverse("admin:accounts_apitoken_add"), {"user": admin_user.pk, "name": "bot", "scopes": ["read"]})
     assert response.status_code == 200
     assert "no-store" in response["Cache-Control"]
     token = ApiToken.objects.get(name="bot")

@@ -2,7 +2,7 @@
 
 The production layout in miniature, on the test PostgreSQL and Redis: ``daphne`` serving
 tickerproj.asgi and ``manage.py runticker --mock`` streaming the synthetic market through the
-real pipeline, each its own process. The browser logs in through the admin form, opens the
+real pipeline, each its own process. The browser logs in through the login form, opens the
 chain, sees Greeks arrive and change, and sees the connection badge go to "reconnecting" when
 daphne restarts and back to "live" once it is up again.
 """
@@ -97,7 +97,7 @@ def test_chain_page_logs_in_streams_greeks_and_recovers_from_a_server_restart(st
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 900})
             page.goto(base)
-            expect(page).to_have_url(re.compile(r"/admin/login/\?next=/$"), timeout=WAIT_MS)
+            expect(page).to_have_url(re.compile(r"/accounts/login/\?next=/$"), timeout=WAIT_MS)
             page.fill("#id_username", USERNAME)
             page.fill("#id_password", PASSWORD)
             page.click("input[type=submit]")
@@ -176,7 +176,7 @@ def _config(response) -> dict:
 def test_chain_page_requires_a_login(client):
     response = client.get("/")
     assert response.status_code == 302
-    assert response["Location"] == "/admin/login/?next=/"
+    assert response["Location"] == "/accounts/login/?next=/"
 
 
 @pytest.mark.django_db
@@ -193,7 +193,7 @@ def test_chain_page_pickers_default_to_nifty_and_its_nearest_expiry(logged_in):
         "hint": "premium at or below intrinsic value: no volatility fits",
     }
     assert config["flags"]["pair_iv"]["failure"] is False
-    assert config["loginUrl"] == "/admin/login/?next=%2F"
+    assert config["loginUrl"] == "/accounts/login/?next=%2F"
     html = response.content.decode()
     assert f'<option value="{EXPIRY2.isoformat()}">' in html
     assert 'id="conn-badge"' in html and 'id="feed-badge"' in html

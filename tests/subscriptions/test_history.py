@@ -1,9 +1,10 @@
-"""GET /api/history/<token>: candles with Greeks from the simulator, stored and served again."""
+"""GET /api/v1/history/<token>: candles (with Greeks for options) from the simulator, stored and served again."""
 
 from __future__ import annotations
 
 import datetime as dt
 import threading
+from contextlib import ExitStack
 
 import numpy as np
 import orjson
@@ -21,6 +22,7 @@ from streaming.greeks import (
     years_to_expiry,
 )
 from streaming.kite.rest import KiteRateLimiter, KiteRestClient
+from subscriptions.history import history_get, history_missing_start
 from subscriptions.models import CandleGreeks, HistoryCoverage, Instrument
 from tests.subscriptions.conftest import SIM_ACCESS_TOKEN, SIM_API_KEY
 
@@ -65,7 +67,7 @@ def last_sessions(days: int) -> tuple[dt.datetime, dt.datetime]:
 
 def get_history(client, token: int, start: dt.datetime, end: dt.datetime, interval="minute", **headers):
     return client.get(
-        f"/api/history/{token}",
+        f"/api/v1/history/{token}",
         {"from": start.isoformat(), "to": end.isoformat(), "interval": interval},
         **headers,
     )
@@ -133,7 +135,9 @@ def test_a_second_request_is_served_from_postgresql_without_calling_kite(staff_c
     assert CandleGreeks.objects.filter(instrument=option).count() == len(first["candles"])
 
     inner_start = start + dt.timedelta(days=1)
-    inner_end = end - dt.timedelta(days=1)
+    # The stored span ends at the last closed candle Kite returned (or its session's end),
+    # not at the request's end, which may be later today.
+    inner_end = HistoryCoverage.objects.get(instrument=option).end
     second = orjson.loads(get_history(staff_client, option.pk, inner_start, inner_end).content)
     assert second["source"] == "stored"
     assert sim.sim.rest_requests.get("market.historical", 0) == calls
@@ -155,6 +159,46 @@ def test_a_later_request_fetches_only_the_span_it_misses(staff_client, history_e
     assert ts == sorted(set(ts))  # no candle twice, none lost at the seam
     with sim_client(sim) as kite:
         assert len(ts) == len(kite.historical(option.pk, start, end, "minute"))
+
+
+def test_coverage_ends_at_the_last_candle_kite_returned_not_the_clock(history_env, sim):
+    """L2: a candle Kite publishes late must not fall into a span already marked complete."""
+    option = nifty_option(with_future=True)
+    day = timezone.now().astimezone(IST).date() - dt.timedelta(days=1)
+    while day.weekday() >= 5:
+        day -= dt.timedelta(days=1)
+    start = dt.datetime.combine(day, dt.time(9, 15), tzinfo=IST)
+    end = dt.datetime.combine(day, dt.time(12, 0, 30), tzinfo=IST)  # mid-session
+    with ExitStack() as stack:
+        result = history_get(
+            instrument=option, interval="minute", start=start, end=end,
+            client_factory=lambda: stack.enter_context(sim_client(sim)),
+            r=R, q=0.0, now=end + dt.timedelta(hours=1),  # the clock is long past ``end``
+        )  # fmt: skip
+    last_candle = dt.datetime.fromtimestamp(int(result.table.ts_s[-1]), tz=dt.UTC)
+    assert last_candle < end
+    [span] = HistoryCoverage.objects.filter(instrument=option)
+    assert span.end == last_candle
+    # A later request up to the same end asks Kite again for what came after that candle.
+    assert history_missing_start(instrument=option, interval="minute", start=start, end=end) is not None
+
+
+def test_a_sessions_closing_candle_covers_the_rest_of_its_day(history_env, sim):
+    option = nifty_option(with_future=True, kind="PE")
+    day = timezone.now().astimezone(IST).date() - dt.timedelta(days=1)
+    while day.weekday() >= 5:
+        day -= dt.timedelta(days=1)
+    start = dt.datetime.combine(day, dt.time(9, 15), tzinfo=IST)
+    end = dt.datetime.combine(day, dt.time(20, 0), tzinfo=IST)
+    with ExitStack() as stack:
+        history_get(
+            instrument=option, interval="minute", start=start, end=end,
+            client_factory=lambda: stack.enter_context(sim_client(sim)),
+            r=R, q=0.0, now=end + dt.timedelta(hours=1),
+        )  # fmt: skip
+    [span] = HistoryCoverage.objects.filter(instrument=option)
+    assert span.end == end
+    assert history_missing_start(instrument=option, interval="minute", start=start, end=end) is None
 
 
 def test_an_option_without_a_future_uses_the_index_spot(staff_client, history_env, sim):
@@ -196,38 +240,69 @@ def test_token_auth_works_and_anonymous_is_refused(client, history_env, django_u
     user = django_user_model.objects.create_user("program")
     _, key = apitoken_create(user=user, name="bot")
     assert get_history(client, option.pk, start, end, HTTP_AUTHORIZATION=f"Token {key}").status_code == 200
-    # A logged-in user who is not staff needs a token.
+    # A token without the 'read' scope is refused, naming the scope.
+    _, subscribe_only = apitoken_create(user=user, name="sub", scopes=["subscribe"])
+    response = get_history(client, option.pk, start, end, HTTP_AUTHORIZATION=f"Token {subscribe_only}")
+    assert response.status_code == 403
+    assert "'read'" in orjson.loads(response.content)["error"]["message"]
+    # A logged-in trader (not staff) reads history with the session.
     client.force_login(django_user_model.objects.create_user("viewer"))
-    assert get_history(client, option.pk, start, end).status_code == 401
+    assert get_history(client, option.pk, start, end).status_code == 200
 
 
 @pytest.mark.parametrize(
     ("query", "field"),
     [
         ({"to": "2026-11-20"}, "from"),
-        ({"from": "2026-11-20", "to": "2026-11-19"}, "query"),
+        ({"from": "2026-11-20", "to": "2026-11-19"}, None),
         ({"from": "2026-11-20", "to": "2026-11-20", "interval": "2minute"}, "interval"),
         ({"from": "yesterday", "to": "2026-11-20"}, "from"),
-        ({"from": "2025-01-01", "to": "2026-11-20"}, "query"),  # far too many minute candles
-        ({"from": "2026-11-20", "to": "2026-11-20", "foo": "1"}, "foo"),
+        ({"from": "2025-01-01", "to": "2026-11-20"}, None),  # far too many minute candles
     ],
 )
 def test_bad_queries_get_a_400_naming_the_field(staff_client, history_env, query, field):
     option = nifty_option(with_future=True)
-    response = staff_client.get(f"/api/history/{option.pk}", query)
+    response = staff_client.get(f"/api/v1/history/{option.pk}", query)
     assert response.status_code == 400
-    body = orjson.loads(response.content)
-    assert body["error"] == "invalid query"
-    assert field in [d["field"] for d in body["details"]]
+    error = orjson.loads(response.content)["error"]
+    assert error["code"] == "invalid_request"
+    assert error.get("field") == field
+    assert error["request_id"] == response["X-Request-ID"]
 
 
-def test_unknown_instrument_and_non_options_are_refused(staff_client, history_env):
+def test_unknown_instrument_is_a_404_naming_it(staff_client, history_env):
     start, end = last_sessions(1)
-    assert get_history(staff_client, 999, start, end).status_code == 404
+    response = get_history(staff_client, 999, start, end)
+    assert response.status_code == 404
+    assert "999" in orjson.loads(response.content)["error"]["message"]
+
+
+def test_an_index_gets_its_candles_without_greeks(staff_client, history_env):
     index = Instrument.objects.get(tradingsymbol="NIFTY 50")
+    start, end = last_sessions(2)
     response = get_history(staff_client, index.pk, start, end)
+    assert response.status_code == 200, response.content
+    body = orjson.loads(response.content)
+    assert body["source"] == "kite" and body["kind"] == "EQ"
+    assert len(body["candles"]) > 100
+    assert set(body["candles"][0]) == {"ts", "open", "high", "low", "close", "volume", "oi"}
+
+
+def test_continuous_is_for_futures_only(staff_client, history_env):
+    index = Instrument.objects.get(tradingsymbol="NIFTY 50")
+    start, end = last_sessions(1)
+    response = staff_client.get(
+        f"/api/v1/history/{index.pk}",
+        {"from": start.isoformat(), "to": end.isoformat(), "continuous": "true"},
+    )
     assert response.status_code == 400
-    assert orjson.loads(response.content)["code"] == "not_an_option"
+    assert orjson.loads(response.content)["error"]["code"] == "continuous_needs_future"
+
+
+def test_the_old_path_redirects_to_v1_keeping_the_query(staff_client, history_env):
+    response = staff_client.get("/api/history/123?from=2026-11-20&to=2026-11-20")
+    assert response.status_code == 308
+    assert response["Location"] == "/api/v1/history/123?from=2026-11-20&to=2026-11-20"
 
 
 def test_no_kite_session_is_a_503(staff_client, history_env, sim_account):
@@ -237,7 +312,7 @@ def test_no_kite_session_is_a_503(staff_client, history_env, sim_account):
     start, end = last_sessions(1)
     response = get_history(staff_client, option.pk, start, end)
     assert response.status_code == 503
-    assert orjson.loads(response.content)["code"] == "no_kite_session"
+    assert orjson.loads(response.content)["error"]["code"] == "no_kite_session"
 
 
 def test_kite_errors_are_a_502_with_context(staff_client, history_env, sim):
@@ -247,7 +322,7 @@ def test_kite_errors_are_a_502_with_context(staff_client, history_env, sim):
     start, end = last_sessions(1)
     response = get_history(staff_client, option.pk, start, end)
     assert response.status_code == 502
-    assert "historical" in orjson.loads(response.content)["error"]
+    assert "historical" in orjson.loads(response.content)["error"]["message"]
     assert not CandleGreeks.objects.exists()
     assert not HistoryCoverage.objects.exists()
 

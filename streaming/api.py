@@ -1,0 +1,110 @@
+"""HTTP API v1: stored 1-minute underlying bars and the service's status (tickerproj/api.py)."""
+
+import datetime as dt
+
+from django.db.models import Count
+from django.utils import timezone
+from ninja import Field, Query, Router, Schema
+from ninja.pagination import CursorPagination, paginate
+
+from accounts.models import ApiToken, KiteAccount
+from streaming.kite.limits import MAX_INSTRUMENTS_PER_API_KEY
+from streaming.models import AccountLease, EngineHeartbeat, UnderlyingBar
+from tickerproj.api_support import ApiError, require_scope, require_staff_or_scope
+
+router = Router(tags=["bars and status"])
+
+BARS_MAX_DAYS = 31
+"""One request reads at most a month of minutes (about 11,000 bars per instrument)."""
+
+
+class BarOut(Schema):
+    instrument_token: int = Field(alias="instrument_id")
+    start: dt.datetime
+    open: float | None
+    high: float | None
+    low: float | None
+    close: float | None
+    volume: int
+    tick_count: int
+    is_gap: bool = Field(description="No tick arrived in this minute; prices are null.")
+    is_mock: bool
+
+
+class BarFilters(Schema):
+    instrument_token: int
+    start: dt.datetime = Field(alias="from")
+    end: dt.datetime = Field(alias="to")
+
+
+@router.get("/bars", response=list[BarOut], summary="Stored 1-minute underlying bars, gaps marked")
+@paginate(CursorPagination, ordering=("start",), page_size=500, max_page_size=2000)
+def bar_list(request, filters: Query[BarFilters]):
+    require_scope(request, ApiToken.Scope.READ)
+    if filters.end < filters.start:
+        raise ApiError(400, "invalid_range", "'from' is after 'to'", field="from")
+    if filters.end - filters.start > dt.timedelta(days=BARS_MAX_DAYS):
+        raise ApiError(400, "range_too_long", f"at most {BARS_MAX_DAYS} days per request", field="to")
+    return UnderlyingBar.objects.filter(
+        instrument_id=filters.instrument_token, start__gte=filters.start, start__lte=filters.end
+    )
+
+
+class AccountStatusOut(Schema):
+    id: int
+    label: str
+    status: str
+    engine: str | None = Field(description="The runticker holding this account's lease.")
+    instruments: int = Field(description="Active subscriptions the engine assigned to it.")
+    capacity: int
+    last_tick_age_s: float | None
+    token_expires_at: dt.datetime | None
+
+
+class EngineStatusOut(Schema):
+    engine_id: str
+    mode: str | None
+    heartbeat_age_s: float
+    streamed_count: int | None
+
+
+class StatusOut(Schema):
+    accounts: list[AccountStatusOut]
+    engines: list[EngineStatusOut]
+
+
+@router.get("/status", response=StatusOut, summary="Accounts and engines (staff or 'read')")
+def status(request):
+    require_staff_or_scope(request, ApiToken.Scope.READ)
+    now = timezone.now()
+    held = dict(
+        KiteAccount.objects.annotate(n=Count("assigned_subscriptions")).values_list("pk", "n")
+    )
+    leases = {
+        lease.account_id: lease.owner
+        for lease in AccountLease.objects.filter(expires_at__gt=now)
+    }
+    engines = list(EngineHeartbeat.objects.order_by("engine_id"))
+    tick_age: dict[int, float | None] = {}
+    for hb in engines:
+        for acc in (hb.state.get("accounts") or {}).values():
+            if isinstance(acc, dict) and "account_id" in acc:
+                tick_age[acc["account_id"]] = acc.get("last_tick_age_s")
+    return {
+        "accounts": [
+            {
+                "id": a.pk, "label": a.label, "status": a.status, "engine": leases.get(a.pk),
+                "instruments": held.get(a.pk, 0), "capacity": MAX_INSTRUMENTS_PER_API_KEY,
+                "last_tick_age_s": tick_age.get(a.pk), "token_expires_at": a.token_expires_at,
+            }
+            for a in KiteAccount.objects.order_by("label")
+        ],
+        "engines": [
+            {
+                "engine_id": hb.engine_id, "mode": hb.state.get("mode"),
+                "heartbeat_age_s": round((now - hb.updated_at).total_seconds(), 1),
+                "streamed_count": hb.state.get("streamed_count"),
+            }
+            for hb in engines
+        ],
+    }  # fmt: skip
