@@ -5,7 +5,7 @@ export UV_PYTHON_DOWNLOADS := never
 # uv is called as a module of the machine's python3 so that no PATH set-up is needed.
 UV := python3 -m uv
 
-.PHONY: uv install install-dev install-browser run test lint bench
+.PHONY: uv install install-dev install-browser install-promtool run test lint bench release prod-local
 
 uv:
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
@@ -24,11 +24,35 @@ install-browser:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
+# promtool checks deploy/prometheus/alerts.yml in the tests. It comes from Debian's prometheus
+# package, unpacked into var/tools rather than installed: installing it would start a Prometheus.
+PROMTOOL := var/tools/promtool
+install-promtool:
+	@test -x $(PROMTOOL) || { \
+	  set -e; tmp=$$(mktemp -d); cd $$tmp; \
+	  apt-get download prometheus >/dev/null 2>&1 || { \
+	    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	    $$SUDO apt-get update -qq && apt-get download prometheus; }; \
+	  dpkg-deb -x prometheus_*.deb root; cd - >/dev/null; mkdir -p var/tools; \
+	  cp $$tmp/root/usr/bin/promtool $(PROMTOOL); rm -rf $$tmp; }
+
 # --no-sync: `uv run` would otherwise install the dev group again.
 run: install
 	$(UV) run --no-sync python manage.py demo
 
-test: install-dev install-browser
+# Before the first start and after every upgrade: schema, periodic jobs, static files.
+release: install
+	$(UV) run --no-sync python manage.py migrate --noinput
+	$(UV) run --no-sync python manage.py ensure_schedules
+	$(UV) run --no-sync python manage.py collectstatic --noinput
+
+# The production layout of the Procfile on this machine, on the environment of .env.
+prod-local:
+	@test -f .env || { echo "make prod-local reads .env: cp .env.example .env and fill it in (docs/deploy.md)" >&2; exit 1; }
+	$(MAKE) release
+	$(UV) run --no-sync honcho start
+
+test: install-dev install-browser install-promtool
 	$(UV) run --no-sync pytest
 
 lint: install-dev

@@ -7,7 +7,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from accounts import services
+from accounts import selectors, services
 from accounts.models import ApiToken, KiteAccount
 
 
@@ -52,6 +52,7 @@ class KiteAccountAdmin(admin.ModelAdmin):
     form = KiteAccountForm
     list_display = [
         "label", "api_key", "kite_user_id", "status", "needs_login_display", "token_expires_at",
+        "engine_display", "last_tick_display", "capacity_display",
         "secrets_display", "kite_login_link", "updated_at",
     ]
     list_filter = ["status"]
@@ -60,6 +61,23 @@ class KiteAccountAdmin(admin.ModelAdmin):
         "kite_login_link", "token_issued_at", "token_expires_at", "last_error", "created_at", "updated_at",
     ]
     actions = ["disable_accounts", "enable_accounts"]
+
+    def get_queryset(self, request):
+        return selectors.account_list_with_engine(super().get_queryset(request), now=timezone.now())
+
+    @admin.display(description="streamed by")
+    def engine_display(self, obj: KiteAccount) -> str:
+        return getattr(obj, "lease_owner", None) or "-"
+
+    @admin.display(description="last tick")
+    def last_tick_display(self, obj: KiteAccount) -> str:
+        age_s = selectors.account_streaming(obj, now=timezone.now()).last_tick_age_s
+        return "-" if age_s is None else f"{age_s:.0f} s ago"
+
+    @admin.display(description="instruments / capacity")
+    def capacity_display(self, obj: KiteAccount) -> str:
+        streaming = selectors.account_streaming(obj, now=timezone.now())
+        return f"{streaming.instruments} / {streaming.capacity}"
 
     @admin.display(description="needs login", boolean=True)
     def needs_login_display(self, obj: KiteAccount) -> bool:

@@ -8,6 +8,11 @@ class StreamingConfig(AppConfig):
 
     def ready(self) -> None:
         from streaming.control import ChangeNotifier, control_channel
+        from tickerproj.redis_connection import sentinel_master_check
+
+        if settings.REDIS_SENTINEL is not None:
+            # A clear start-up error naming the master, not a stream of connection errors.
+            sentinel_master_check(settings.REDIS_SENTINEL)
 
         # Built once from settings; services reach it through the app registry.
         self.change_notifier = ChangeNotifier(

@@ -13,6 +13,8 @@ import structlog
 from django.apps import apps
 from django.db import transaction
 
+from tickerproj.redis_connection import redis_client
+
 log = structlog.get_logger(__name__)
 
 RELOAD_MESSAGE = b"reload"
@@ -35,7 +37,7 @@ class ChangeNotifier:
     def __init__(self, *, redis_url: str = "", channel: str = "") -> None:
         if redis_url and not channel:
             raise ValueError("a Redis notifier needs its control channel")
-        self._redis = redis.Redis.from_url(redis_url) if redis_url else None
+        self._redis = redis_client(redis_url) if redis_url else None
         self._channel = channel
         self._listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()

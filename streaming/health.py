@@ -13,8 +13,8 @@ Reasons:
 - ``engine_status_invalid``: an engine's status document does not parse (``streaming.status``):
   another version, or a renamed field; that engine is left out of the other checks.
 - ``session_expired``: an account that is not disabled needs a Kite login.
-- ``stream_stalled``: during market hours, an account streams instruments but its last tick
-  is too old.
+- ``stream_stalled``: during market hours (or always, with HEALTH_STALL_WHEN_MARKET_CLOSED),
+  an account streams instruments but its last tick is too old.
 - ``task_failed``: an engine task is restarting or gave up, or crashed within the last
   HEALTH_HEARTBEAT_MAX_AGE_S (so a crash that healed at once is still seen for a while).
 - ``account_unleased``: an engine streams live but no engine holds a streamable account.
@@ -24,6 +24,10 @@ Reasons:
   ones still streamed, or a wrong mode (from a DriftReport younger than its maximum age).
 - ``subscriptions_unassigned``: engines cannot stream some active subscriptions (the reasons,
   e.g. capacity, are in the report and on each subscription).
+
+Three audiences (see README): :func:`liveness_report` (the process answers: for restarts),
+:func:`readiness_report` (database and Redis answer: for load balancers) and
+:func:`health_report` (the business report: for monitoring and ops).
 """
 
 from __future__ import annotations
@@ -36,14 +40,66 @@ from typing import Any
 import redis
 from django.db import DatabaseError, connections
 from django.utils import timezone
+from prometheus_client.core import GaugeMetricFamily
 
 from accounts.models import KiteAccount
 from accounts.selectors import account_list_needing_login, account_list_streamable
 from streaming import status
 from streaming.models import AccountLease, EngineHeartbeat
 from subscriptions.jobs import drift_report_latest
+from tickerproj.redis_connection import redis_client
 
 Reason = dict[str, Any]
+
+#: Every code a check can report, so that /metrics shows each one, at 0 when all is well.
+REASON_CODES = (
+    "database_down",
+    "redis_down",
+    "no_heartbeat",
+    "session_expired",
+    "stream_stalled",
+    "task_failed",
+    "account_unleased",
+    "needs_login",
+    "subscription_drift",
+    "subscriptions_unassigned",
+)
+
+
+class RedisProbe:
+    """PING through one pooled client per URL, so a probe opens no new connection per call.
+
+    Owned by whoever serves the health endpoints (one per process) and passed to each
+    :class:`HealthContext`.
+    """
+
+    def __init__(self, *, timeout_s: float = 1.0, client_name: str = "tickerproj.health") -> None:
+        self._timeout_s = timeout_s
+        self._client_name = client_name
+        self._clients: dict[str, redis.Redis] = {}
+
+    def ping(self, url: str) -> str | None:
+        """None when Redis at ``url`` answers PING, else the error's text."""
+        client = self._clients.get(url)
+        if client is None:
+            client = self._clients[url] = redis_client(
+                url,
+                socket_timeout=self._timeout_s,
+                socket_connect_timeout=self._timeout_s,
+                client_name=self._client_name,
+                # One connection is all a probe needs; a burst of probes queues for it.
+                max_connections=2,
+            )
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            return str(exc)[:200]
+        return None
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
 
 
 @dataclass
@@ -53,7 +109,10 @@ class HealthContext:
     redis_url: str
     heartbeat_max_age_s: float
     stream_stall_s: float
-    redis_timeout_s: float = 1.0
+    redis_probe: RedisProbe = field(default_factory=RedisProbe)
+    #: Report silence as a stall even while the market is closed (to test alerting, or for
+    #: a feed that should never be silent).
+    stall_when_market_closed: bool = False
     db_alias: str = "default"
     #: The reconciler writes every 30 s; an older report is not trusted (the job is not running).
     drift_report_max_age_s: float = 300.0
@@ -97,18 +156,8 @@ def check_database(ctx: HealthContext) -> list[Reason]:
 def check_redis(ctx: HealthContext) -> list[Reason]:
     if not ctx.redis_url:
         return []
-    client = redis.Redis.from_url(
-        ctx.redis_url,
-        socket_timeout=ctx.redis_timeout_s,
-        socket_connect_timeout=ctx.redis_timeout_s,
-    )
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        return [{"code": "redis_down", "error": str(exc)[:200]}]
-    finally:
-        client.close()
-    return []
+    error = ctx.redis_probe.ping(ctx.redis_url)
+    return [{"code": "redis_down", "error": error}] if error is not None else []
 
 
 def check_heartbeat(ctx: HealthContext) -> list[Reason]:
@@ -150,7 +199,9 @@ def check_streams(ctx: HealthContext) -> list[Reason]:
     reasons = []
     for st, _ in ctx.parsed.statuses:
         # Kite sends nothing while the market is closed: silence then is not a stall.
-        if st.mode != "live" or not st.market_open:
+        if st.mode != "live":
+            continue
+        if not st.market_open and not ctx.stall_when_market_closed:
             continue
         for label, acc in st.accounts.items():
             if acc.state != "streaming" or not acc.instruments:
@@ -265,6 +316,24 @@ CHECKS: list[Callable[[HealthContext], list[Reason]]] = [
 """Run in order; the database check runs first so the others can skip when it is down."""
 
 
+READINESS_CHECKS: list[Callable[[HealthContext], list[Reason]]] = [check_database, check_redis]
+"""What this process needs to serve requests; accounts and engines are not its business."""
+
+
+def liveness_report() -> dict[str, Any]:
+    """The process answers; touches nothing, so a database outage restarts no web process."""
+    return {"status": "ok"}
+
+
+def readiness_report(ctx: HealthContext) -> dict[str, Any]:
+    """``ready`` when the database and Redis answer; only reason codes, never error texts."""
+    codes = [reason["code"] for check in READINESS_CHECKS for reason in check(ctx)]
+    return {
+        "status": "ready" if not codes else "unavailable",
+        "reasons": [{"code": code} for code in codes],
+    }
+
+
 def health_report(ctx: HealthContext) -> dict[str, Any]:
     """Run every check; ``ok`` is True when no check found a reason."""
     reasons: list[Reason] = []
@@ -295,3 +364,30 @@ def health_report_public(report: dict[str, Any]) -> dict[str, Any]:
     """What anyone may see of a report: its status and each reason's code, once."""
     codes = dict.fromkeys(reason["code"] for reason in report["reasons"])
     return {"status": report["status"], "reasons": [{"code": code} for code in codes]}
+
+
+class HealthCollector:
+    """The business report as Prometheus gauges, for alert rules (deploy/prometheus/alerts.yml).
+
+    ``tickerproj_health_reasons{code}`` counts the reasons of each code (accounts needing a
+    login, stalled streams...); ``tickerproj_health_ok`` is 1 when there are none. Labels are
+    codes only: account labels would make the series count grow with the accounts.
+    """
+
+    def __init__(self, report: Callable[[], dict[str, Any]]) -> None:
+        self._report = report
+
+    def collect(self):
+        report = self._report()
+        counts = dict.fromkeys(REASON_CODES, 0)
+        for reason in report["reasons"]:
+            counts[reason["code"]] = counts.get(reason["code"], 0) + 1
+        reasons = GaugeMetricFamily(
+            "tickerproj_health_reasons", "Reasons /health reports, by code.", labels=["code"]
+        )
+        for code, count in counts.items():
+            reasons.add_metric([code], count)
+        yield reasons
+        yield GaugeMetricFamily(
+            "tickerproj_health_ok", "1 when /health reports no reason.", value=float(not report["reasons"])
+        )

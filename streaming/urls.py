@@ -3,12 +3,18 @@
 from django.urls import re_path
 
 from streaming import views
+from streaming.health import RedisProbe
 
 app_name = "streaming"
 
+# One per process: it holds the Redis probe's pooled connection.
+_health = views.HealthViews(redis_probe=RedisProbe())
+
 urlpatterns = [
-    # Both /health and /health/: load balancers probe without following redirects.
-    re_path(r"^health/?$", views.health, name="health"),
+    # Each with and without the trailing slash: load balancers probe without following redirects.
+    re_path(r"^health/live/?$", _health.live, name="health-live"),
+    re_path(r"^health/ready/?$", _health.ready, name="health-ready"),
+    re_path(r"^health/?$", _health.report, name="health"),
 ]
 
 # The live option-chain page (login required).

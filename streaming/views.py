@@ -1,44 +1,98 @@
 """HTTP views of the streaming app: the service's health and the live option-chain page."""
 
 import datetime as dt
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlencode
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
+from django.core.cache import caches
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render, resolve_url
 from django.utils import timezone
+from django.utils.decorators import method_decorator
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from streaming.greeks import FAILURE_FLAGS, Flag
-from streaming.health import HealthContext, health_report, health_report_public
+from streaming.health import (
+    HealthContext,
+    RedisProbe,
+    health_report,
+    health_report_public,
+    liveness_report,
+    readiness_report,
+)
 from streaming.routing import WS_PATH
 from subscriptions.selectors import instrument_list_expiries, instrument_list_underlyings
-from tickerproj.access import is_staff_or_direct_loopback
+from tickerproj.access import OpsAccess
 
 
-@never_cache
-@require_GET
-def health(request: HttpRequest) -> JsonResponse:
-    """200 when everything is live, 503 with the reasons otherwise.
+class HealthViews:
+    """``/health/live``, ``/health/ready`` and ``/health``: one instance per process.
 
-    Anyone gets the status and the reason codes; only staff and direct loopback clients get
-    the details (engine ids, account labels, error texts), which are no business of the public.
+    It owns the Redis probe (one pooled connection, not one per call). Reports are cached
+    for HEALTH_CACHE_S so that a flood of public probes costs a few queries a second at most.
+    Anyone gets statuses and reason codes; the details of ``/health`` (engine ids, account
+    labels, error texts) need explicit ops access (tickerproj/access.py).
     """
-    ctx = HealthContext(
-        redis_url=settings.REDIS_URL,
-        heartbeat_max_age_s=settings.HEALTH_HEARTBEAT_MAX_AGE_S,
-        stream_stall_s=settings.HEALTH_STREAM_STALL_S,
-    )
-    report = health_report(ctx)
-    status = 200 if report["status"] == "ok" else 503
-    detailed = is_staff_or_direct_loopback(
-        user=request.user,
-        client_host=request.META.get("REMOTE_ADDR"),
-        header_names=request.headers.keys(),
-    )
-    return JsonResponse(report if detailed else health_report_public(report), status=status)
+
+    def __init__(self, *, redis_probe: RedisProbe, cache_alias: str = "default") -> None:
+        self._redis_probe = redis_probe
+        self._cache_alias = cache_alias
+
+    def _context(self) -> HealthContext:
+        return HealthContext(
+            redis_url=settings.REDIS_URL,
+            heartbeat_max_age_s=settings.HEALTH_HEARTBEAT_MAX_AGE_S,
+            stream_stall_s=settings.HEALTH_STREAM_STALL_S,
+            stall_when_market_closed=settings.HEALTH_STALL_WHEN_MARKET_CLOSED,
+            redis_probe=self._redis_probe,
+        )
+
+    def _cached(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        ttl_s = settings.HEALTH_CACHE_S
+        if ttl_s <= 0:
+            return compute()
+        cache = caches[self._cache_alias]
+        report = cache.get(key)
+        if report is None:
+            report = compute()
+            cache.set(key, report, timeout=ttl_s)
+        return report
+
+    def business_report(self) -> dict[str, Any]:
+        """The full /health report (cached like the view's); also what /metrics exports."""
+        return self._cached("tickerproj.health.report", lambda: health_report(self._context()))
+
+    @method_decorator(never_cache)
+    @method_decorator(require_GET)
+    def live(self, request: HttpRequest) -> JsonResponse:
+        """200 while the process answers: what a supervisor restarts on."""
+        return JsonResponse(liveness_report())
+
+    @method_decorator(never_cache)
+    @method_decorator(require_GET)
+    def ready(self, request: HttpRequest) -> JsonResponse:
+        """200 when this process can serve (database and Redis): what a load balancer uses."""
+        report = self._cached(
+            "tickerproj.health.ready", lambda: readiness_report(self._context())
+        )
+        return JsonResponse(report, status=200 if report["status"] == "ready" else 503)
+
+    @method_decorator(never_cache)
+    @method_decorator(require_GET)
+    def report(self, request: HttpRequest) -> JsonResponse:
+        """200 when everything is live, 503 with the reasons otherwise: for monitoring."""
+        report = self.business_report()
+        status = 200 if report["status"] == "ok" else 503
+        detailed = OpsAccess.from_settings(settings).allows(
+            user=request.user,
+            client_host=request.META.get("REMOTE_ADDR"),
+            authorization=request.headers.get("Authorization"),
+        )
+        return JsonResponse(report if detailed else health_report_public(report), status=status)
 
 
 CHAIN_STRIKE_CHOICES = (5, 10, 15, 20, 30, 50)

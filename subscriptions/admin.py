@@ -1,5 +1,7 @@
 """Admin for ops: a read-only instrument registry fast at 100k rows, and subscriptions."""
 
+import datetime as dt
+
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.models import CHANGE, LogEntry
@@ -8,14 +10,27 @@ from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import connection
 from django.http import HttpResponseRedirect
+from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.functional import cached_property
 from django_celery_beat import admin as beat_admin
 from django_celery_beat.models import PeriodicTask
+from import_export.admin import ImportMixin
+from import_export.formats.base_formats import CSV
 
-from subscriptions import services, tasks
+from subscriptions import selectors, services, tasks
+from subscriptions.forms import SubscribeChainForm
+from subscriptions.imports import SubscriptionResource
 from subscriptions.jobs import drift_report_latest
-from subscriptions.models import DriftReport, HistoryRange, Instrument, RebalanceRule, Subscription
+from subscriptions.models import (
+    DriftReport,
+    HistoryRange,
+    Instrument,
+    JobRun,
+    RebalanceRule,
+    Subscription,
+)
 
 
 class EstimatedCountPaginator(Paginator):
@@ -39,6 +54,30 @@ class EstimatedCountPaginator(Paginator):
         return super().count
 
 
+class UpcomingExpiryFilter(admin.SimpleListFilter):
+    """The next expiries (not every date since the registry began), plus "expired"."""
+
+    title = "expiry"
+    parameter_name = "expiry"
+    upcoming_count = 12
+
+    def lookups(self, request, model_admin):
+        today = timezone.localdate()
+        upcoming = selectors.instrument_list_upcoming_expiries(on_or_after=today, limit=self.upcoming_count)
+        return [(d.isoformat(), f"{d:%d %b %Y}") for d in upcoming] + [("expired", "expired")]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if not value:
+            return queryset
+        if value == "expired":
+            return queryset.filter(expiry__lt=timezone.localdate())
+        try:
+            return queryset.filter(expiry=dt.date.fromisoformat(value))
+        except ValueError:
+            return queryset.none()  # a hand-edited URL: show nothing rather than fail
+
+
 REFRESH_PERMISSION = "subscriptions.change_instrument"
 
 
@@ -49,12 +88,14 @@ class InstrumentAdmin(admin.ModelAdmin):
         "tradingsymbol", "exchange", "segment", "instrument_type", "name", "expiry", "strike",
         "lot_size", "tick_size", "instrument_token",
     ]
-    list_filter = ["exchange", "segment", "instrument_type", "expiry"]
+    list_filter = ["exchange", "segment", "instrument_type", UpcomingExpiryFilter]
     search_fields = ["tradingsymbol", "name", "=instrument_token"]
     ordering = ["exchange", "tradingsymbol"]
     paginator = EstimatedCountPaginator
     show_full_result_count = False
     list_per_page = 100
+
+    actions = ["subscribe_chain"]
 
     def has_add_permission(self, request):
         return False
@@ -64,6 +105,63 @@ class InstrumentAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    def has_subscribe_permission(self, request) -> bool:
+        """The registry is read-only; subscribing is adding subscriptions."""
+        return request.user.has_perm("subscriptions.add_subscription")
+
+    @admin.action(description="Subscribe chain...", permissions=["subscribe"])
+    def subscribe_chain(self, request, queryset):
+        """Subscribe the chain of the selected instruments' underlying around the money.
+
+        The first POST (from the changelist) shows the form; its own POST ("apply") subscribes.
+        """
+        names = sorted(set(queryset.exclude(name="").values_list("name", flat=True)))
+        if len(names) != 1:
+            self.message_user(
+                request, f"Select instruments of one underlying (got {', '.join(names) or 'none'}).",
+                messages.ERROR,
+            )
+            return None
+        underlying = names[0]
+        today = timezone.localdate()
+        expiries = selectors.instrument_list_expiries(underlying=underlying, on_or_after=today)
+        form = SubscribeChainForm(
+            request.POST if "apply" in request.POST else None,
+            expiries=expiries,
+            initial={"underlying": underlying, "expiries": [e.isoformat() for e in expiries[:1]]},
+        )
+        if form.is_valid():
+            price = form.cleaned_data["around_price"] or selectors.instrument_nearest_future_price(
+                underlying=underlying, on_or_after=today
+            )
+            if price is None:
+                form.add_error("around_price", f"no price known for {underlying}: enter one")
+            else:
+                chosen = [dt.date.fromisoformat(v) for v in form.cleaned_data["expiries"]]
+                activated = services.subscriptions_activate_chain(
+                    underlying=underlying,
+                    expiries=chosen,
+                    around_price=price,
+                    strikes_each_side=form.cleaned_data["strikes_each_side"],
+                    mode=form.cleaned_data["mode"],
+                )
+                self.message_user(
+                    request,
+                    f"Subscribed {len(activated)} {underlying} option(s) around {price:g} "
+                    f"for {', '.join(f'{d:%d %b}' for d in chosen)}.",
+                    messages.SUCCESS,
+                )
+                return None
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Subscribe the {underlying} chain",
+            "form": form,
+            "opts": self.model._meta,
+            "selected": request.POST.getlist(admin.helpers.ACTION_CHECKBOX_NAME),
+            "action": "subscribe_chain",
+        }
+        return TemplateResponse(request, "admin/subscriptions/instrument/subscribe_chain.html", context)
 
     def changelist_view(self, request, extra_context=None):
         extra_context = {**(extra_context or {}), "can_refresh": request.user.has_perm(REFRESH_PERMISSION)}
@@ -110,7 +208,10 @@ def _log_bulk_change(request, queryset, message: str) -> None:
 
 
 @admin.register(Subscription)
-class SubscriptionAdmin(admin.ModelAdmin):
+class SubscriptionAdmin(ImportMixin, admin.ModelAdmin):
+    # "Import" on the changelist: CSV (subscriptions/imports.py), a dry-run preview, then confirm.
+    resource_classes = [SubscriptionResource]
+    import_formats = [CSV]
     list_display = [
         "instrument", "mode", "status", "source", "pinned_account", "assigned_account",
         "streamed_mode", "unassigned_reason", "status_reason", "updated_at",
@@ -205,6 +306,24 @@ class DriftReportAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(JobRun)
+class JobRunAdmin(admin.ModelAdmin):
+    """The last run of each job: written by the worker (tickerproj/celery_observability.py)."""
+
+    list_display = ["task_name", "outcome", "finished_at", "duration_s", "summary", "task_id"]
+    list_filter = ["outcome"]
+    ordering = ["task_name"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
         return False
 
 

@@ -20,7 +20,7 @@ from django.utils import timezone
 from streaming import status
 from streaming.models import EngineHeartbeat
 from subscriptions import services
-from subscriptions.models import DriftReport, Subscription
+from subscriptions.models import DriftReport, JobRun, Subscription
 
 log = structlog.get_logger(__name__)
 
@@ -149,3 +149,24 @@ def subscriptions_reconcile(
 
 def drift_report_latest() -> DriftReport | None:
     return DriftReport.objects.filter(name=DRIFT_REPORT_NAME).first()
+
+
+#: A run's summary is for a person reading the admin, not a result store.
+JOB_RUN_SUMMARY_MAX_CHARS: Final = 1000
+
+
+def job_run_record(
+    *, task_name: str, task_id: str, outcome: str, duration_s: float | None, summary: str
+) -> JobRun:
+    """Overwrite the task's last-run row with this run's outcome."""
+    run, _ = JobRun.objects.update_or_create(
+        task_name=task_name,
+        defaults={
+            "task_id": task_id,
+            "outcome": outcome,
+            "finished_at": timezone.now(),
+            "duration_s": duration_s,
+            "summary": summary[:JOB_RUN_SUMMARY_MAX_CHARS],
+        },
+    )
+    return run

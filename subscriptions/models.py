@@ -235,6 +235,25 @@ class CandleGreeks(models.Model):
         return f"{self.instrument_id} {self.interval} {self.ts:%Y-%m-%d %H:%M}"
 
 
+class JobRun(models.Model):
+    """How the last run of each Celery job ended, for ops in the admin (one row per task)."""
+
+    class Outcome(models.TextChoices):
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        RETRIED = "retried", "Retrying"
+
+    task_name = models.CharField(max_length=200, primary_key=True)
+    task_id = models.CharField(max_length=64)
+    outcome = models.CharField(max_length=12, choices=Outcome.choices)
+    finished_at = models.DateTimeField()
+    duration_s = models.FloatField(null=True)
+    summary = models.TextField(blank=True, help_text="The result, or the error.")
+
+    def __str__(self) -> str:
+        return f"{self.task_name} {self.outcome} at {self.finished_at:%Y-%m-%d %H:%M:%S}"
+
+
 class DriftReport(models.Model):
     """What the reconciler last found between the wanted subscriptions and what engines stream.
 

@@ -80,6 +80,16 @@ def instrument_list_expiries(*, underlying: str, on_or_after: dt.date) -> list[d
     )
 
 
+def instrument_list_upcoming_expiries(*, on_or_after: dt.date, limit: int) -> list[dt.date]:
+    """The next ``limit`` expiry dates of any instrument, nearest first."""
+    return list(
+        Instrument.objects.filter(expiry__gte=on_or_after)
+        .values_list("expiry", flat=True)
+        .distinct()
+        .order_by("expiry")[:limit]
+    )
+
+
 def instrument_list_underlyings() -> list[str]:
     """Names that have options, for the chain page's picker."""
     return list(

@@ -58,6 +58,43 @@ def subscription_activate(
     return subscription
 
 
+class ChainWithoutStrikes(ValueError):
+    """The registry has no options of that underlying and expiry."""
+
+
+@transaction.atomic
+def subscriptions_activate_chain(
+    *,
+    underlying: str,
+    expiries: Iterable[dt.date],
+    around_price: float,
+    strikes_each_side: int,
+    mode: str = Subscription.Mode.FULL,
+) -> list[Subscription]:
+    """Subscribe the calls and puts of ``strikes_each_side`` strikes either side of the strike
+    nearest ``around_price`` (and that strike), for each expiry; one transaction."""
+    activated: list[Subscription] = []
+    for expiry in expiries:
+        chain = list(
+            Instrument.objects.filter(
+                name=underlying,
+                expiry=expiry,
+                instrument_type__in=[Instrument.Type.CALL, Instrument.Type.PUT],
+            ).order_by("strike", "instrument_type")
+        )
+        strikes = sorted({i.strike for i in chain})
+        if not strikes:
+            raise ChainWithoutStrikes(f"no {underlying} options expiring {expiry:%Y-%m-%d} in the registry")
+        atm = min(range(len(strikes)), key=lambda k: abs(strikes[k] - around_price))
+        window = set(strikes[max(0, atm - strikes_each_side) : atm + strikes_each_side + 1])
+        activated.extend(
+            subscription_activate(instrument=instrument, mode=mode, source=Subscription.Source.MANUAL)
+            for instrument in chain
+            if instrument.strike in window
+        )
+    return activated
+
+
 def subscriptions_set_status(*, subscription_ids: Iterable[int], status: str, reason: str = "") -> int:
     """Activate or deactivate many subscriptions in one UPDATE; returns how many changed."""
     with transaction.atomic():

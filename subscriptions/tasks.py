@@ -3,8 +3,9 @@
 Each task reads its settings here (the edge), takes its JobLock (a run that finds the lock
 held logs ``joblock.busy`` and returns), calls one service and releases the lock. Services are
 idempotent, so a task delivered twice (acks_late after a worker crash) does no harm. Only
-transient Kite errors are retried, by Celery's autoretry with exponential backoff and jitter;
-everything else fails the run loudly.
+transient Kite errors are retried, by Celery's autoretry with exponential backoff and jitter,
+and, for the daily jobs, a database blip (a dropped connection, a failover): their next run is
+a day away. Everything else fails the run loudly.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Final, TypeVar
 import structlog
 from celery import Task, shared_task
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 from django.db.models import Q
 from django.utils import timezone
 
@@ -57,13 +59,23 @@ def transient_kite_errors() -> Iterator[None]:
 
 
 # Shared options: retries only for transient Kite errors, backoff 2, 4, 8... s with jitter.
-_RETRYING: Final[dict[str, Any]] = {
-    "bind": True,
-    "autoretry_for": (KiteTransientError,),
+RETRY_BACKOFF: Final[dict[str, Any]] = {
     "retry_backoff": 2,
     "retry_backoff_max": 120,
     "retry_jitter": True,
     "max_retries": 5,
+}
+_RETRYING: Final[dict[str, Any]] = {"bind": True, "autoretry_for": (KiteTransientError,), **RETRY_BACKOFF}
+
+#: A dropped or refused database connection: worth another try for a job that runs once a
+#: day. A retry gets a fresh connection (Celery's Django fixup closes the broken one, and the
+#: pool discards it). The job's lock is the same owner's (host, pid, task id), so it is retaken.
+DATABASE_BLIPS: Final = (OperationalError, InterfaceError)
+
+#: Retries for the daily jobs: transient Kite errors and database blips.
+DAILY_RETRYING: Final[dict[str, Any]] = {
+    **_RETRYING,
+    "autoretry_for": (KiteTransientError, *DATABASE_BLIPS),
 }
 
 REFRESH_TIME_LIMIT_S: Final = 300
@@ -87,7 +99,7 @@ def _client() -> KiteRestClient:
     name="subscriptions.refresh_instruments",
     soft_time_limit=REFRESH_TIME_LIMIT_S - 30,
     time_limit=REFRESH_TIME_LIMIT_S,
-    **_RETRYING,
+    **DAILY_RETRYING,
 )
 def refresh_instruments(self: Task) -> dict[str, Any]:
     """Reload Kite's instrument dump; subscriptions of expired or delisted contracts retire.
@@ -204,7 +216,7 @@ def rebalance_strikes(self: Task, rule_ids: list[int] | None = None) -> dict[str
     name="subscriptions.enrich_history",
     soft_time_limit=HISTORY_TIME_LIMIT_S - 60,
     time_limit=HISTORY_TIME_LIMIT_S,
-    **_RETRYING,
+    **DAILY_RETRYING,
 )
 def enrich_history(self: Task) -> dict[str, Any]:
     """Compute and store the Greeks of every enabled HistoryRange that is not yet stored."""

@@ -12,7 +12,7 @@ from subscriptions.models import Instrument
 
 def pytest_configure(config):
     # A clear failure instead of confusing errors when someone runs the suite on SQLite.
-    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    if not settings.DATABASES["default"]["ENGINE"].endswith(".backends.postgresql"):
         raise pytest.UsageError("the test suite runs on PostgreSQL: set DATABASE_URL (see README)")
 
 

@@ -56,7 +56,8 @@ def test_urls_switch_to_postgres_pool_redis_and_the_simulator(tmp_path):
             "KITE_WS_URL": "ws://127.0.0.1:8600/ws",
         }
     )
-    assert found["engine"] == "django.db.backends.postgresql" and found["pool"]
+    # Django's PostgreSQL backend, instrumented for /metrics.
+    assert found["engine"] == "django_prometheus.db.backends.postgresql" and found["pool"]
     assert found["layer"] == "channels_redis.core.RedisChannelLayer"
     assert found["broker"] == "redis://127.0.0.1:6379/0"
     assert found["api_root"] == "http://127.0.0.1:8600"

@@ -1,28 +1,77 @@
-"""Who may see the service's internals (/metrics, /health details): staff, or this machine."""
+"""Who may see the service's internals (/metrics, the detailed /health): explicit access only.
+
+Access is given to an active staff session, to a request carrying the bearer token of
+``OPS_TOKEN``, or to a peer address inside ``OPS_ALLOWED_NETWORKS``. Nothing is inferred from
+loopback: behind a reverse proxy on the same host every client is "loopback".
+"""
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-#: A request carrying any of these came through a reverse proxy, so its peer address being
-#: loopback says nothing about where the client is.
-PROXY_HEADERS = frozenset({"x-forwarded-for", "x-real-ip", "forwarded"})
+from django.core.exceptions import ImproperlyConfigured
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Shortest OPS_TOKEN accepted: a bearer secret must not be guessable.
+OPS_TOKEN_MIN_LENGTH = 32
 
 
-def is_staff_or_direct_loopback(
-    *, user: Any, client_host: str | None, header_names: Iterable[str]
-) -> bool:
-    """True for an active staff user, or a client on this machine not behind a reverse proxy.
+def parse_networks(values: Iterable[str], *, setting: str = "OPS_ALLOWED_NETWORKS") -> tuple[Network, ...]:
+    """CIDRs (or single addresses) as networks; a bad entry is a start-up error naming it."""
+    networks = []
+    for value in values:
+        value = value.strip()
+        if not value:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"{setting}: {value!r} is not an IP address or CIDR ({exc})") from exc
+    return tuple(networks)
 
-    ``header_names`` are the request's header names in any case (ASGI or Django spelling).
-    """
-    if user is not None and user.is_authenticated and user.is_active and user.is_staff:
-        return True
-    if not client_host or any(name.lower() in PROXY_HEADERS for name in header_names):
-        return False
-    try:
-        return ipaddress.ip_address(client_host).is_loopback
-    except ValueError:
+
+def validate_ops_token(token: str) -> str:
+    if token and len(token) < OPS_TOKEN_MIN_LENGTH:
+        raise ImproperlyConfigured(
+            f"OPS_TOKEN must be at least {OPS_TOKEN_MIN_LENGTH} characters (got {len(token)})"
+        )
+    return token
+
+
+@dataclass(frozen=True)
+class OpsAccess:
+    """The explicit credentials that open the service's internals; empty means staff only."""
+
+    token: str = ""
+    allowed_networks: tuple[Network, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> OpsAccess:
+        return cls(token=settings.OPS_TOKEN, allowed_networks=tuple(settings.OPS_ALLOWED_NETWORKS))
+
+    def allows(self, *, user: Any, client_host: str | None, authorization: str | None) -> bool:
+        """True for an active staff user, the right bearer token or an allow-listed peer.
+
+        ``client_host`` is the TCP peer (never a forwarded header, which any client can set);
+        ``authorization`` is the raw ``Authorization`` header, if any.
+        """
+        if user is not None and user.is_authenticated and user.is_active and user.is_staff:
+            return True
+        if self.token and authorization:
+            scheme, _, credential = authorization.partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(
+                credential.strip().encode(), self.token.encode()
+            ):
+                return True
+        if self.allowed_networks and client_host:
+            try:
+                address = ipaddress.ip_address(client_host)
+            except ValueError:
+                return False
+            return any(address in network for network in self.allowed_networks)
         return False

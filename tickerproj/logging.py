@@ -173,6 +173,9 @@ def configure_logging(*, json: bool, level: str) -> None:
             },
         }
     )
+    # Python warnings (Celery's root-user SecurityWarning, deprecations) as log events, not raw
+    # stderr text between the JSON lines.
+    logging.captureWarnings(True)
     structlog.configure(
         processors=[
             *shared,

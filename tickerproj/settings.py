@@ -13,17 +13,39 @@ import environ
 from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 
+from tickerproj.access import parse_networks, validate_ops_token
 from tickerproj.logging import configure_logging
 from tickerproj.private_files import private_file_create
+from tickerproj.redis_connection import SentinelTarget, parse_sentinels, sentinel_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(environ.Env().str("TICKERPROJ_VAR_DIR", default=str(BASE_DIR / "var")))
 
 env = environ.Env()
-environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+if (BASE_DIR / ".env").exists():  # else django-environ logs a non-JSON line before logging is set up
+    environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DATABASE_URL = env.str("DATABASE_URL", default="")
 REDIS_URL = env.str("REDIS_URL", default="")
+REDIS_SENTINELS = env.list("REDIS_SENTINELS", default=[])
+"""``host:port`` of the Redis Sentinels; when set they find the master, REDIS_URL is ignored."""
+REDIS_SENTINEL_MASTER = env.str("REDIS_SENTINEL_MASTER", default="tickerproj")
+REDIS_SENTINEL_DB = env.int("REDIS_SENTINEL_DB", default=0)
+REDIS_SENTINEL_PASSWORD = env.str("REDIS_SENTINEL_PASSWORD", default="")
+"""The master's (requirepass) password, if any."""
+REDIS_SENTINEL = (
+    SentinelTarget(
+        sentinels=parse_sentinels(REDIS_SENTINELS),
+        master_name=REDIS_SENTINEL_MASTER,
+        db=REDIS_SENTINEL_DB,
+        password=REDIS_SENTINEL_PASSWORD,
+    )
+    if REDIS_SENTINELS
+    else None
+)
+if REDIS_SENTINEL is not None:
+    # The project's own clients read this URL through tickerproj.redis_connection.
+    REDIS_URL = sentinel_url(REDIS_SENTINEL)
 EMBEDDED = not DATABASE_URL
 """True on embedded defaults (SQLite, no Redis): the single-process demo set-up."""
 
@@ -86,6 +108,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "django_celery_beat",
+    "django_structlog",
+    "django_prometheus",
+    "import_export",
     "ninja",
     "axes",
     "accounts",
@@ -94,6 +119,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "tickerproj.request_id.RequestIdMiddleware",
     "tickerproj.api_support.ApiEnvelopeMiddleware",
     "django.middleware.security.SecurityMiddleware",
@@ -104,6 +130,9 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # After authentication, so its request_finished line names the user.
+    "django_structlog.middlewares.RequestMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
     # Last, as django-axes requires: locks out repeated failed admin logins.
     "axes.middleware.AxesMiddleware",
 ]
@@ -155,6 +184,9 @@ if EMBEDDED:
     }
 else:
     DATABASES = {"default": env.db_url_config(DATABASE_URL)}
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        # Django's PostgreSQL backend with query, error and connection counters for /metrics.
+        DATABASES["default"]["ENGINE"] = "django_prometheus.db.backends.postgresql"
     DATABASES["default"].setdefault("OPTIONS", {})
     DATABASES["default"]["OPTIONS"].update(
         {
@@ -186,7 +218,29 @@ WS_GROUP_EXPIRY_S = env.int("WS_GROUP_EXPIRY_S", default=900)
 """channels-redis forgets a WebSocket's group membership after this; consumers re-join at a third."""
 # Names this installation's channel-layer keys and engine control channel on a shared Redis.
 CHANNEL_LAYER_PREFIX = env.str("CHANNEL_LAYER_PREFIX", default="tickerproj")
-if REDIS_URL:
+if REDIS_SENTINEL is not None:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                # channels-redis asks the sentinels for the master on every new connection.
+                "hosts": [
+                    {
+                        "sentinels": list(REDIS_SENTINEL.sentinels),
+                        "master_name": REDIS_SENTINEL.master_name,
+                        "db": REDIS_SENTINEL.db,
+                        "password": REDIS_SENTINEL.password or None,
+                        "socket_timeout": 15,
+                        "socket_connect_timeout": 5,
+                    }
+                ],
+                "prefix": CHANNEL_LAYER_PREFIX,
+                "capacity": env.int("CHANNEL_LAYER_CAPACITY", default=1000),
+                "expiry": 10,
+            },
+        }
+    }
+elif REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -211,6 +265,13 @@ else:
 # the periodic jobs in-process, so no broker is needed.
 CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_RESULT_BACKEND = REDIS_URL or "cache+memory://"
+if REDIS_SENTINEL is not None:
+    _auth = f":{REDIS_SENTINEL.password}@" if REDIS_SENTINEL.password else ""
+    CELERY_BROKER_URL = CELERY_RESULT_BACKEND = ";".join(
+        f"sentinel://{_auth}{host}:{port}/{REDIS_SENTINEL.db}" for host, port in REDIS_SENTINEL.sentinels
+    )
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"master_name": REDIS_SENTINEL.master_name}
+    CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = {"master_name": REDIS_SENTINEL.master_name}
 CELERY_TASK_ALWAYS_EAGER = False
 CELERY_TIMEZONE = "Asia/Kolkata"
 CELERY_TASK_ACKS_LATE = True
@@ -219,6 +280,18 @@ CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT_S", default=600)
 CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT_S", default=540)
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_METRICS_PORT = env.int("CELERY_METRICS_PORT", default=0)
+"""The worker serves its task metrics here (0: off), behind OPS_TOKEN / OPS_ALLOWED_NETWORKS."""
+CELERY_METRICS_ADDR = env.str("CELERY_METRICS_ADDR", default="127.0.0.1")
+# Task lines carry task_id, and the request_id of the request that queued the task.
+DJANGO_STRUCTLOG_CELERY_ENABLED = True
+# ipware would pick a client address from X-Forwarded-For, which any client can set.
+DJANGO_STRUCTLOG_IP_LOGGING_ENABLED = False
+# Its request_id is the X-Request-ID that tickerproj.request_id has checked (or made).
+DJANGO_STRUCTLOG_TRUST_UPSTREAM_REQUEST_ID = True
+
+# The admin's CSV import (subscriptions/imports.py) needs the add permission, not just view.
+IMPORT_EXPORT_IMPORT_PERMISSION_CODE = "add"
 
 # Kite Connect. Defaults are Kite's production endpoints; point them at `manage.py kitesim`
 # to run everything against the loopback simulator.
@@ -273,6 +346,17 @@ shares the proxy's address."""
 HEALTH_HEARTBEAT_MAX_AGE_S = env.float("HEALTH_HEARTBEAT_MAX_AGE_S", default=15.0)
 HEALTH_STREAM_STALL_S = env.float("HEALTH_STREAM_STALL_S", default=30.0)
 """A live account streaming instruments with no tick for this long makes /health 503."""
+HEALTH_STALL_WHEN_MARKET_CLOSED = env.bool("HEALTH_STALL_WHEN_MARKET_CLOSED", default=False)
+"""Report ``stream_stalled`` even while the market is closed (to test alerting end to end)."""
+HEALTH_CACHE_S = env.float("HEALTH_CACHE_S", default=2.0)
+"""How long a process reuses its /health and /health/ready reports (0: compute every call)."""
+
+# Explicit access to /metrics and the detailed /health (besides staff sessions): never loopback.
+OPS_TOKEN = validate_ops_token(env.str("OPS_TOKEN", default=""))
+"""Bearer token for Prometheus and monitoring: ``Authorization: Bearer <OPS_TOKEN>``."""
+OPS_ALLOWED_NETWORKS = parse_networks(env.list("OPS_ALLOWED_NETWORKS", default=[]))
+"""Peer addresses/CIDRs let in without a token (the TCP peer, never X-Forwarded-For)."""
+
 RECONCILE_GRACE_S = env.float("RECONCILE_GRACE_S", default=20.0)
 """The reconciler ignores subscriptions changed this recently: engines reload within seconds."""
 

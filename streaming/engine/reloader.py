@@ -15,10 +15,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
 import structlog
 
 from streaming.control import ChangeNotifier
+from tickerproj.redis_connection import async_redis_client
 
 log = structlog.get_logger(__name__)
 
@@ -117,7 +117,7 @@ class RedisNoticeListener:
         self.subscribed = asyncio.Event()
 
     async def run(self) -> None:
-        client = aioredis.Redis.from_url(
+        client = async_redis_client(
             self._redis_url, health_check_interval=self._health_check_interval_s
         )
         try:

@@ -23,6 +23,9 @@ from streaming.kite.redaction import redact
 
 log = structlog.get_logger(__name__)
 
+#: How often a stopping task that has not ended yet is cancelled again.
+RECANCEL_INTERVAL_S = 0.2
+
 TaskStateName = Literal["running", "restarting", "failed", "finished", "stopped"]
 
 
@@ -217,11 +220,20 @@ def _redacted_traceback(exc: BaseException) -> str:
 
 
 async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended.
+
+    The cancel is repeated until a task is done: on Python 3.11, ``asyncio.wait_for`` swallows
+    a cancellation that lands just as its inner wait completes (a lease loop woken by a notice
+    at the moment of shutdown), so a single cancel can be lost and the loop would run on.
+    """
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=RECANCEL_INTERVAL_S)
     for task in tasks:
-        task.cancel()
-    if not tasks:
-        return
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    for task, result in zip(tasks, results, strict=True):
-        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-            log.warning("engine.task_stop_error", task=task.get_name(), error=repr(result))
+        if task.cancelled():
+            continue
+        error = task.exception()
+        if error is not None:
+            log.warning("engine.task_stop_error", task=task.get_name(), error=repr(error))

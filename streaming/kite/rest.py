@@ -81,6 +81,7 @@ from streaming.kite.schemas import (
     Session,
     Trade,
 )
+from tickerproj.redis_connection import redis_client
 
 log = structlog.get_logger(__name__)
 
@@ -293,7 +294,7 @@ class KiteRateLimiter:
     @classmethod
     def from_redis_url(cls, redis_url: str, **kwargs: Any) -> KiteRateLimiter:
         """The deployment's limiter: shared through Redis when a URL is given, else in-process."""
-        client = redis.Redis.from_url(redis_url) if redis_url else None
+        client = redis_client(redis_url) if redis_url else None
         return cls(redis_client=client, **kwargs)
 
     def _key(self, api_key: str, rate_class: str) -> str:

@@ -73,7 +73,7 @@ def test_health_reports_the_accounts_that_need_a_login(client):
     # A token that lapsed after the job ran is reported too, before anyone marks it.
     KiteAccount.objects.filter(label="fresh").update(token_expires_at=timezone.now() - dt.timedelta(minutes=1))
 
-    response = client.get("/health")
+    response = client.get("/health", HTTP_AUTHORIZATION=f"Bearer {settings.OPS_TOKEN}")
     assert response.status_code == 503
     reasons = response.json()["reasons"]
     assert {"code": "session_expired", "account": "expired"} in reasons

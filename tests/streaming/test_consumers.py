@@ -592,13 +592,17 @@ async def test_frames_are_engine_bytes_verbatim(redis_layer, universe, headers):
 # --- metrics endpoint ---------------------------------------------------------------------------
 
 
-async def test_metrics_endpoint_for_loopback_and_staff_only(redis_layer, universe, headers):
+async def test_metrics_endpoint_for_explicit_ops_access_only(redis_layer, universe, headers):
+    """M1: staff, the OPS_TOKEN bearer or an allow-listed peer; loopback alone is nobody."""
     from asgiref.testing import ApplicationCommunicator
     from channels.db import database_sync_to_async
 
     from tests.streaming.wsutil import session_cookie_for, staff_user
+    from tickerproj.access import OpsAccess, parse_networks
 
-    app, _ = make_app()
+    token = "metrics-token-0123456789abcdefghij"
+    access = OpsAccess(token=token, allowed_networks=parse_networks(["192.0.2.0/24"]))
+    app, _ = make_app(ops_access=access)
 
     async def get(client, hdrs=()):
         scope = {
@@ -618,10 +622,12 @@ async def test_metrics_endpoint_for_loopback_and_staff_only(redis_layer, univers
         body = await comm.receive_output(5)
         return start["status"], body["body"]
 
-    status, body = await get(("127.0.0.1", 5555))
+    assert (await get(("127.0.0.1", 5555)))[0] == 403
+    status, body = await get(("10.0.0.9", 5555), [(b"authorization", f"Bearer {token}".encode())])
     assert status == 200 and b"tickerproj_ws_connections" in body and b"process_" in body
-    assert (await get(("127.0.0.1", 5555), [(b"x-forwarded-for", b"1.2.3.4")]))[0] == 403
-    assert (await get(("10.0.0.9", 5555)))[0] == 403
+    assert (await get(("10.0.0.9", 5555), [(b"authorization", b"Bearer wrong")]))[0] == 403
+    assert (await get(("192.0.2.44", 5555)))[0] == 200
+    assert (await get(("10.0.0.9", 5555), [(b"x-forwarded-for", b"192.0.2.44")]))[0] == 403
     _, trader_cookie = headers
     assert (await get(("10.0.0.9", 5555), [trader_cookie]))[0] == 403
     staff = await database_sync_to_async(staff_user)()

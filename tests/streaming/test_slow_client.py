@@ -77,12 +77,16 @@ def universe():
     return groups
 
 
+METRICS_TOKEN = "slow-client-metrics-token-0123456789"
+
+
 @pytest.fixture
 def daphne(layer_prefix, universe, tmp_path):
     """daphne serving the project on the test database, as `daphne tickerproj.asgi:application`."""
     port = free_port()
     env = service_env(
-        layer_prefix=layer_prefix, WS_MAX_SUBSCRIPTIONS="10000", WS_SEND_WINDOW="4", LOG_LEVEL="WARNING"
+        layer_prefix=layer_prefix, WS_MAX_SUBSCRIPTIONS="10000", WS_SEND_WINDOW="4", LOG_LEVEL="WARNING",
+        OPS_TOKEN=METRICS_TOKEN,
     )
     server = daphne_process(port=port, env=env, log_dir=tmp_path).start(port=port)
     yield server, port
@@ -102,7 +106,10 @@ async def publish_round(layer, groups: dict[str, list[int]], value: int) -> int:
 
 async def metric(port: int, name: str) -> float:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    writer.write(
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Authorization: Bearer " + METRICS_TOKEN.encode() + b"\r\n\r\n"
+    )
     body = (await reader.read()).decode()
     writer.close()
     for line in body.splitlines():

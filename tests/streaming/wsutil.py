@@ -136,12 +136,16 @@ def make_config(**overrides: Any) -> ConsumerSettings:
     return ConsumerSettings(**values)
 
 
-def make_app(config: ConsumerSettings | None = None, clock: Callable[[], float] | None = None):
+def make_app(
+    config: ConsumerSettings | None = None, clock: Callable[[], float] | None = None, ops_access=None
+):
     """The project's ASGI application with fresh metrics; returns (app, metrics)."""
     from tickerproj.asgi import build_application
 
     metrics = WebSocketMetrics(CollectorRegistry())
     extra = {"clock": clock} if clock is not None else {}
+    if ops_access is not None:
+        extra["ops_access"] = ops_access
     return build_application(metrics=metrics, config=config or make_config(), **extra), metrics
 
 

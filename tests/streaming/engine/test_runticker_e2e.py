@@ -5,6 +5,7 @@ over real PostgreSQL and Redis. /health follows the engine: 200 while it streams
 
 import asyncio
 import json
+import os
 import socket
 import sys
 import time
@@ -90,7 +91,11 @@ async def read_snapshots(ws, wanted: set[int], *, timeout_s: float) -> dict[int,
 
 def health(port: int) -> tuple[int, dict]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/health",
+            headers={"Authorization": f"Bearer {os.environ['OPS_TOKEN']}"},  # the details
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:  # 503 arrives as an HTTPError with the body
         return exc.code, json.loads(exc.read())

@@ -259,3 +259,26 @@ async def test_a_crashed_engine_task_is_restarted_reported_in_health_and_heals(o
         assert await h.engine.heartbeat.write_once(h.engine.status())
         body = await run_db(report, max_age_s=3.0)
         assert body["reasons"] == []
+
+
+async def test_a_task_that_loses_a_cancellation_is_still_stopped():
+    """Python 3.11's wait_for drops a cancel that lands as its inner wait completes; the
+    supervisor cancels again until the task has ended (the lease loop hung shutdown so)."""
+    sup = Supervisor(on_crash=lambda name, owner, exc: None, backoff_initial_s=0.01)
+    cancels = []
+
+    async def swallows_the_first_cancel():
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancels.append(time.monotonic())
+                if len(cancels) > 1:
+                    raise
+                # what a lost cancellation looks like from inside the loop: it goes on
+
+    sup.spawn("stubborn", swallows_the_first_cancel, owner="engine")
+    await async_wait_until(lambda: sup.is_running("stubborn"))
+    await asyncio.wait_for(sup.stop("stubborn"), timeout=30)
+    assert len(cancels) == 2
+    assert not sup.is_running("stubborn")

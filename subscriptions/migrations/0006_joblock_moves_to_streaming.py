@@ -6,7 +6,7 @@ from django.db import migrations
 class Migration(migrations.Migration):
 
     dependencies = [
-        ("subscriptions", "0004_bounded_rule_and_history_sizes"),
+        ("subscriptions", "0005_jobrun"),
         ("streaming", "0002_joblock"),
     ]
 
