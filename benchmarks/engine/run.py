@@ -75,6 +75,11 @@ def setup_environment(args) -> dict[str, str]:
             "TICKER_HEARTBEAT_INTERVAL_S": "2",
             "TICKER_FLUSH_INTERVAL_MS": str(args.flush_interval_ms),
             "WS_MAX_SUBSCRIPTIONS": "2000",
+            # The benchmark's clients are one user on one address: lift the per-user and
+            # per-address caps (production defaults 20 / 100 / 120 a minute) above its load.
+            "WS_MAX_CONNECTIONS_PER_USER": "5000",
+            "WS_MAX_CONNECTIONS_PER_IP": "5000",
+            "WS_MAX_CONNECTS_PER_IP_PER_MINUTE": "100000",
             "PYTHONUNBUFFERED": "1",
             "DJANGO_SETTINGS_MODULE": "tickerproj.settings",
         }
