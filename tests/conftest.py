@@ -4,7 +4,6 @@ import datetime as dt
 
 import pytest
 import redis
-import structlog
 from django.conf import settings
 
 from streaming.kite.schemas import INSTRUMENT_CSV_COLUMNS
@@ -12,10 +11,6 @@ from subscriptions.models import Instrument
 
 
 def pytest_configure(config):
-    # structlog.testing.capture_logs cannot see loggers cached on first use (a documented
-    # limitation): in the test process loggers stay uncached, so whichever test first logs
-    # through a module's logger, later captures still see it.
-    structlog.configure(cache_logger_on_first_use=False)
     # A clear failure instead of confusing errors when someone runs the suite on SQLite.
     if not settings.DATABASES["default"]["ENGINE"].endswith(".backends.postgresql"):
         raise pytest.UsageError("the test suite runs on PostgreSQL: set DATABASE_URL (see README)")
