@@ -11,7 +11,6 @@ from functools import partial
 
 import numpy as np
 import pytest
-import structlog
 from tenacity import wait_exponential_jitter
 from websockets.asyncio.client import connect
 
@@ -223,20 +222,28 @@ async def test_resubscribes_every_instrument_after_dropped_connections(sim, mark
     await streaming_everything(sim, h, wanted)
 
 
-async def test_watchdog_reconnects_a_stalled_connection(sim, market, harness):
+def structured_events(caplog) -> list[dict]:
+    """The structlog events of the captured records. Read through the standard library, not
+    structlog.testing.capture_logs, which misses loggers cached on first use by an earlier
+    test after logging was configured again."""
+    return [record.msg for record in caplog.records if isinstance(record.msg, dict)]
+
+
+async def test_watchdog_reconnects_a_stalled_connection(sim, market, harness, caplog):
     h = harness(watchdog_s=1.0)
     wanted = full_load(market)
     await h.client.set_subscriptions(wanted)
     await streaming_everything(sim, h, wanted)
     attempts = sim.connection_attempts(API_KEY)
 
-    with structlog.testing.capture_logs() as events:
+    with caplog.at_level(logging.DEBUG, logger="streaming.kite"):
         sim.stall(API_KEY)  # sockets stay open, nothing (not even a heartbeat) is sent
         await wait_until(lambda: all(c.reconnects >= 1 for c in h.client.health().connections))
         assert sim.connection_attempts(API_KEY) >= attempts + 3
         ticks_during_stall = h.ticks
         sim.resume()
         await streaming_everything(sim, h, wanted)
+    events = structured_events(caplog)
     watchdog = [e for e in events if e["event"] == "kite.ws.watchdog"]
     assert {e["connection"] for e in watchdog} == {0, 1, 2}
     assert all(e["silent_s"] == 1.0 for e in watchdog)
@@ -468,7 +475,7 @@ async def test_a_failing_callback_ends_run_with_its_exception_and_run_can_restar
 
 async def test_the_access_token_never_reaches_logs(sim, market, harness, caplog):
     caplog.set_level(logging.DEBUG, logger="streaming.kite.ticker.wire")
-    with structlog.testing.capture_logs() as events:
+    with caplog.at_level(logging.DEBUG, logger="streaming.kite"):
         # A refused token, a port with nothing listening, and a normal session.
         sim.expire_token(API_KEY)
         h = harness()
@@ -481,6 +488,7 @@ async def test_the_access_token_never_reaches_logs(sim, market, harness, caplog)
         sim.set_access_token(API_KEY, "tickertoken-second")
         await h.client.update_token("tickertoken-second")
         await wait_until(lambda: sim.connection_count(API_KEY) == 1)
+    events = structured_events(caplog)
     wire = [record.getMessage() for record in caplog.records]
     assert any("access_token=***" in message for message in wire)  # websockets logged the URL
     texts = [*wire, *(repr(event) for event in events)]
