@@ -31,8 +31,14 @@ class BarOut(Schema):
     close: float | None
     volume: int
     tick_count: int
-    is_gap: bool = Field(description="No tick arrived in this minute; prices are null.")
+    is_gap: bool = Field(
+        description="No tick arrived in this minute and no historical candle filled it (yet, "
+        "or Kite lacks it): prices are null."
+    )
     is_mock: bool
+    backfilled: bool = Field(
+        description="No tick arrived in this minute; prices are Kite's historical minute candle."
+    )
 
 
 class BarFilters(Schema):

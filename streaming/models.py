@@ -4,7 +4,11 @@ from django.db import models
 
 
 class UnderlyingBar(models.Model):
-    """A 1-minute OHLCV bar of an underlying built from ticks; a minute with no tick is a gap."""
+    """A 1-minute OHLCV bar of an underlying built from ticks; a minute with no tick is a gap.
+
+    A gap is later filled from Kite's historical candles where Kite has the minute
+    (``backfilled``; ``streaming.services.bars_backfill``).
+    """
 
     instrument = models.ForeignKey(
         "subscriptions.Instrument", on_delete=models.CASCADE, related_name="bars"
@@ -18,6 +22,13 @@ class UnderlyingBar(models.Model):
     tick_count = models.PositiveIntegerField(default=0)
     is_gap = models.BooleanField(default=False, help_text="No tick arrived in this minute.")
     is_mock = models.BooleanField(default=False)
+    backfilled = models.BooleanField(
+        default=False, help_text="Filled from Kite's historical candles after a gap, not from ticks."
+    )
+    backfill_checked_at = models.DateTimeField(
+        null=True, blank=True,
+        help_text="A gap Kite's history was asked for and lacked: it stays a gap, not asked again.",
+    )
 
     class Meta:
         constraints = [

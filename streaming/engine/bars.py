@@ -60,6 +60,8 @@ class Bar:
     ticks: int
     is_gap: bool
     is_mock: bool
+    #: Filled from Kite's historical candles (streaming.services.bars_backfill), not ticks.
+    backfilled: bool = False
 
     def item(self) -> bytes:
         """The bar's JSON for ``bar.closed`` messages (:func:`streaming.schema.encode_bar`)."""
@@ -75,6 +77,7 @@ class Bar:
             ticks=self.ticks,
             is_gap=self.is_gap,
             is_mock=self.is_mock,
+            backfilled=self.backfilled,
         )
 
     def row(self) -> dict[str, Any]:
@@ -90,6 +93,7 @@ class Bar:
             "tick_count": self.ticks,
             "is_gap": self.is_gap,
             "is_mock": self.is_mock,
+            "backfilled": self.backfilled,
         }
 
 

@@ -252,18 +252,25 @@ def heartbeat_prune(*, older_than: dt.datetime) -> int:
 
 
 def bars_save(*, bars: Sequence[Mapping[str, Any]]) -> int:
-    """Upsert closed 1-minute bars (a restarted engine may close the same minute again)."""
+    """Store closed 1-minute bars: live bars upserted, gap bars only where the minute is empty.
+
+    A restarted engine may close the same minute again (the upsert). A gap bar never
+    replaces a row: the minute is then a live bar or one backfilled from Kite's history.
+    """
     if not bars:
         return 0
-    objs = [UnderlyingBar(**bar) for bar in bars]
+    live = [UnderlyingBar(**bar) for bar in bars if not bar["is_gap"]]
+    gaps = [UnderlyingBar(**bar) for bar in bars if bar["is_gap"]]
     UnderlyingBar.objects.bulk_create(
-        objs,
+        live,
         update_conflicts=True,
         unique_fields=["instrument", "start"],
-        update_fields=["open", "high", "low", "close", "volume", "tick_count", "is_gap", "is_mock"],
+        update_fields=["open", "high", "low", "close", "volume", "tick_count", "is_gap", "is_mock",
+                       "backfilled"],
         batch_size=_BULK_BATCH,
     )
-    return len(objs)
+    UnderlyingBar.objects.bulk_create(gaps, ignore_conflicts=True, batch_size=_BULK_BATCH)
+    return len(live) + len(gaps)
 
 
 def bars_save_each(*, bars: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping[str, Any], str]]:
