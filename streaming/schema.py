@@ -79,6 +79,7 @@ SNAPSHOT_FIELDS: Final = (
     "flags",
     "exchange_ts",
     "is_mock",
+    "rest_fallback",
 )
 
 
@@ -311,7 +312,16 @@ def _int_pieces(key: str, values: np.ndarray) -> list[bytes]:
     return pieces
 
 
-_MOCK_TAILS: Final = np.array([b',"is_mock":false}', b',"is_mock":true}'], dtype=object)
+# Indexed by is_mock + 2 * rest_fallback.
+_TAILS: Final = np.array(
+    [
+        b',"is_mock":false,"rest_fallback":false}',
+        b',"is_mock":true,"rest_fallback":false}',
+        b',"is_mock":false,"rest_fallback":true}',
+        b',"is_mock":true,"rest_fallback":true}',
+    ],
+    dtype=object,
+)
 
 
 def encode_snapshots(
@@ -336,12 +346,14 @@ def encode_snapshots(
     flags: Sequence[bytes],
     exchange_ts: np.ndarray,
     is_mock: np.ndarray,
+    rest_fallback: np.ndarray | None = None,
 ) -> list[bytes]:
     """Write one snapshot JSON per row from columns; returns one ``bytes`` per row.
 
     ``prefixes`` come from :func:`snapshot_prefix`, ``flags`` from :func:`flags_piece`.
     Float columns use NaN for null. Integer columns (quantities, volume, oi, ``exchange_ts``
-    in epoch milliseconds) use -1 for null. Rounding: ``change`` to 2 decimals, ``forward``
+    in epoch milliseconds) use -1 for null. ``rest_fallback`` (all false when None) marks
+    rows whose data came from Kite's quote API while their socket was stalled. Rounding: ``change`` to 2 decimals, ``forward``
     and ``underlying`` to 4, iv and Greeks to 6 significant digits; prices as they are.
     """
     n = len(prefixes)
@@ -364,7 +376,10 @@ def encode_snapshots(
     columns.append(_float_pieces("underlying", prices[1]))
     columns.append(flags)
     columns.append(_int_pieces("exchange_ts", exchange_ts))
-    columns.append(_MOCK_TAILS[np.asarray(is_mock, dtype=np.intp)].tolist())
+    tail = np.asarray(is_mock, dtype=np.intp)
+    if rest_fallback is not None:
+        tail = tail + 2 * np.asarray(rest_fallback, dtype=np.intp)
+    columns.append(_TAILS[tail].tolist())
     if any(len(column) != n for column in columns):
         got = {len(column) for column in columns}
         raise ValueError(f"snapshot columns differ in length: expected={n} got={sorted(got)}")
@@ -383,6 +398,7 @@ assert (
         "flags",
         "exchange_ts",
         "is_mock",
+        "rest_fallback",
     )
 )
 
@@ -403,6 +419,7 @@ BAR_FIELDS: Final = (
     "ticks",
     "is_gap",
     "is_mock",
+    "backfilled",
 )
 
 
@@ -419,8 +436,12 @@ def encode_bar(
     ticks: int,
     is_gap: bool,
     is_mock: bool,
+    backfilled: bool = False,
 ) -> bytes:
-    """One closed 1-minute bar as JSON; a gap bar has null prices. ``start_ts`` in epoch ms."""
+    """One closed 1-minute bar as JSON; a gap bar has null prices. ``start_ts`` in epoch ms.
+
+    ``backfilled``: the minute had no tick and was filled from Kite's historical candles.
+    """
     return orjson.dumps(
         {
             "v": SCHEMA_VERSION,
@@ -435,5 +456,6 @@ def encode_bar(
             "ticks": ticks,
             "is_gap": is_gap,
             "is_mock": is_mock,
+            "backfilled": backfilled,
         }
     )

@@ -83,6 +83,14 @@ DEFAULT_SCHEDULES: Final[tuple[JobSchedule, ...]] = (
         expire_s=3600,
     ),
     JobSchedule(
+        name="Backfill bar gaps",
+        task="streaming.backfill_bars",
+        every=Cron(minute="*/5", hour="9-16", day_of_week="mon-fri"),
+        description="Fill the minutes of underlying bars that got no tick (disconnects, stalls, "
+        "takeovers) from Kite's historical candles; runticker also queues it after a gap.",
+        expire_s=300,
+    ),
+    JobSchedule(
         name="Enrich historical Greeks",
         task="subscriptions.enrich_history",
         every=Cron(minute="*/15", hour="16-23", day_of_week="mon-fri"),

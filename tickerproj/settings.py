@@ -309,6 +309,12 @@ TICKER_HEARTBEAT_INTERVAL_S = env.float("TICKER_HEARTBEAT_INTERVAL_S", default=2
 TICKER_LEASE_TTL_S = env.float("TICKER_LEASE_TTL_S", default=15.0)
 TICKER_SHUTDOWN_BOUND_S = env.float("TICKER_SHUTDOWN_BOUND_S", default=30.0)
 TICKER_STALE_UNDERLYING_S = env.float("TICKER_STALE_UNDERLYING_S", default=30.0)
+TICKER_REST_FALLBACK_AFTER_S = env.float("TICKER_REST_FALLBACK_AFTER_S", default=5.0)
+"""A connection silent or reconnecting this long has its instruments polled over REST (0: off)."""
+BACKFILL_MIN_AGE_S = env.int("BACKFILL_MIN_AGE_S", default=60)
+"""Gap minutes ended less than this long ago wait for a later backfill run (Kite's candle settles)."""
+BACKFILL_LOOKBACK_H = env.int("BACKFILL_LOOKBACK_H", default=24)
+"""How far back the periodic backfill looks for gap minutes."""
 MOCK_MARKET_ENABLED = env.bool("MOCK_MARKET_ENABLED", default=True)
 """Drive the pipeline from the synthetic market outside market hours."""
 MARKET_HOLIDAYS = env.list("MARKET_HOLIDAYS", default=[])

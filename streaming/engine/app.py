@@ -31,6 +31,7 @@ from streaming.engine.bars import BarAggregator
 from streaming.engine.barsink import BarSink
 from streaming.engine.config import EngineConfig
 from streaming.engine.connections import ClientFactory, ConnectionManager
+from streaming.engine.fallback import QuoteClientFactory, RestFallback
 from streaming.engine.heartbeat import HeartbeatWriter
 from streaming.engine.leases import LeaseManager
 from streaming.engine.market_hours import EngineMode, MarketHours, ModePolicy
@@ -45,16 +46,36 @@ from streaming.engine.reloader import (
     Reloader,
     ReloadTrigger,
 )
+from streaming.engine.store import AccountRow
 from streaming.engine.supervisor import Supervisor
 from streaming.engine.universe import InstrumentUniverse
 from streaming.engine.worker import PipelineWorker, TickIntake
+from streaming.kite.rest import KiteRateLimiter, KiteRestClient
 from streaming.market import SyntheticMarket
+from streaming.schema import InstrumentKind
 from streaming.status import EngineStatus
 
 log = structlog.get_logger(__name__)
 
 _WATCHED_REFRESH_S = 2.0
 """How often the publisher re-reads which groups have listeners."""
+
+
+def _quote_client_factory(config: EngineConfig) -> QuoteClientFactory:
+    """REST clients for the fallback: each account's own key, on the shared rate limiter."""
+    limiter = KiteRateLimiter.from_redis_url(config.redis_url)
+
+    def build(account: AccountRow) -> KiteRestClient:
+        # One attempt: the fallback's next call, a second later, is the retry.
+        return KiteRestClient(api_key=account.api_key, access_token=account.access_token,
+                              api_root=config.kite_api_root, rate_limiter=limiter,
+                              retry_attempts=1)
+
+    return build
+
+
+def _index_tokens(universe: InstrumentUniverse) -> frozenset[int]:
+    return frozenset(universe.tokens[universe.kind == InstrumentKind.INDEX].tolist())
 
 
 class Engine:
@@ -80,6 +101,7 @@ class Engine:
         applies: ApplyRequests,
         notices: RedisNoticeListener | LocalNoticeListener | None,
         loop_lag: LoopLagMonitor,
+        rest_fallback: RestFallback | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -100,6 +122,7 @@ class Engine:
         self.applies = applies
         self.notices = notices
         self.loop_lag = loop_lag
+        self.rest_fallback = rest_fallback
         self.publish_failures = PublishFailureLog()
         self._clock = clock
         self.mode: EngineMode = policy.mode_at(clock())
@@ -124,9 +147,15 @@ class Engine:
         client_factory: ClientFactory | None = None,
         metrics: EngineMetrics | None = None,
         market: SyntheticMarket | None = None,
+        quote_client_factory: QuoteClientFactory | None = None,
+        request_backfill: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> Engine:
-        """The production graph from a config, each part built once, callbacks running down."""
+        """The production graph from a config, each part built once, callbacks running down.
+
+        ``request_backfill`` is called (in a thread) when stored bars hold gap minutes or a
+        token's first bar after start (a takeover): the edge queues the backfill task.
+        """
         metrics = metrics or EngineMetrics()
         supervisor = Supervisor(
             on_crash=lambda name, _owner, _exc: metrics.task_crashes.labels(name).inc()
@@ -152,6 +181,23 @@ class Engine:
         trigger = ReloadTrigger(debounce_s=config.reload_debounce_ms / 1000.0,
                                 safety_interval_s=config.safety_reload_s)
         publisher = Publisher(channel_layer)
+        planner = StreamPlanner(
+            connections=connections, leases=leases, worker=worker, intake=intake,
+            mock_feed=mock_feed, supervisor=supervisor, trigger=trigger, metrics=metrics,
+            account_labels=config.account_labels,
+        )
+        rest_fallback = None
+        if config.rest_fallback_after_s > 0:
+            rest_fallback = RestFallback(
+                connections=connections,
+                accounts=lambda: planner.accounts,
+                client_factory=quote_client_factory or _quote_client_factory(config),
+                index_tokens=lambda: _index_tokens(worker.universe),
+                on_ticks=intake.rest_ticks,
+                clear_flags=worker.clear_rest_fallback,
+                metrics=metrics,
+                after_s=config.rest_fallback_after_s,
+            )
         notices: RedisNoticeListener | LocalNoticeListener | None = None
         if config.redis_url:
             notices = RedisNoticeListener(
@@ -161,13 +207,10 @@ class Engine:
             notices = LocalNoticeListener(notifier=notifier, trigger=trigger)
         return cls(
             config=config, metrics=metrics, supervisor=supervisor, worker=worker, intake=intake,
-            planner=StreamPlanner(
-                connections=connections, leases=leases, worker=worker, intake=intake,
-                mock_feed=mock_feed, supervisor=supervisor, trigger=trigger, metrics=metrics,
-                account_labels=config.account_labels,
-            ),
+            planner=planner,
             publisher=publisher,
-            bar_sink=BarSink(publisher=publisher, metrics=metrics, close_due=worker.close_due_bars),
+            bar_sink=BarSink(publisher=publisher, metrics=metrics, close_due=worker.close_due_bars,
+                             on_gaps=request_backfill),
             connections=connections, mock_feed=mock_feed, leases=leases,
             heartbeat=HeartbeatWriter(
                 engine_id=config.engine_id, interval_s=config.heartbeat_interval_s,
@@ -176,7 +219,7 @@ class Engine:
             policy=ModePolicy(hours=MarketHours(holidays=config.holidays),
                               mock_enabled=config.mock_enabled, force=config.force_mode),
             trigger=trigger, applies=applies, notices=notices, loop_lag=LoopLagMonitor(metrics),
-            clock=clock,
+            rest_fallback=rest_fallback, clock=clock,
         )
 
     # --- running ----------------------------------------------------------------------------
@@ -204,6 +247,8 @@ class Engine:
             sup.spawn("watched_groups", self._watched_loop, owner="publisher")
             sup.spawn("bars", self.bar_sink.run, owner="bars")
             sup.spawn("mode", self._mode_loop, owner="engine")
+            if self.rest_fallback is not None:
+                sup.spawn("rest_fallback", self.rest_fallback.run, owner="engine")
             sup.spawn("heartbeat", lambda: self.heartbeat.run(self.status), owner="engine")
             if self.mode == "mock":
                 sup.spawn("mock_feed", self.mock_feed.run, owner="mock")

@@ -4,6 +4,10 @@ The engine hands over the bars the aggregator closed (on a later minute's tick, 
 clock); :class:`BarSink` publishes them and stores them, once a second, off the flush path.
 A bar is queued for the database before it is published, so a failed publish never loses
 it; while the database is away unsaved bars wait, bounded, and are retried.
+
+When a save held gap bars, or the first bar of a token since this engine started (after a
+takeover or a restart the minutes before it were nobody's), ``on_gaps`` is called, in a
+thread: the edge queues the backfill task that fills them from Kite's history.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class BarSink:
         metrics: EngineMetrics,
         close_due: Callable[[], Awaitable[list[Bar]]],
         interval_s: float = 1.0,
+        on_gaps: Callable[[], None] | None = None,
     ) -> None:
         self._publisher = publisher
         self._metrics = metrics
@@ -49,6 +54,8 @@ class BarSink:
         self._interval_s = interval_s
         self._pending: list[Bar] = []
         self._unsaved: list[dict[str, Any]] = []
+        self._on_gaps = on_gaps
+        self._saved_tokens: set[int] = set()
 
     def add(self, closed: list[Bar]) -> None:
         """Bars the aggregator closed on ticks (called on the event loop)."""
@@ -111,3 +118,11 @@ class BarSink:
                 del rows[:-MAX_UNSAVED_BARS]
             return
         self._unsaved = []
+        await self._saved(rows)
+
+    async def _saved(self, rows: list[dict[str, Any]]) -> None:
+        tokens = {row["instrument_id"] for row in rows}
+        first = not tokens <= self._saved_tokens
+        self._saved_tokens |= tokens
+        if self._on_gaps is not None and (first or any(row["is_gap"] for row in rows)):
+            await asyncio.to_thread(self._on_gaps)

@@ -22,12 +22,15 @@ class EngineConfig:
     heartbeat_interval_s: float = 2.0
     lease_ttl_s: float = 15.0
     watchdog_s: float = 10.0
+    #: Poll a stalled connection's instruments over REST after this long (0: never).
+    rest_fallback_after_s: float = 5.0
     risk_free_rate: float = 0.065
     stale_underlying_s: float = 30.0
     mock_enabled: bool = True
     force_mode: EngineMode | None = None
     holidays: frozenset[dt.date] = frozenset()
     kite_ws_url: str = "wss://ws.kite.trade"
+    kite_api_root: str = "https://api.kite.trade"
     redis_url: str = ""
     #: Redis pub/sub channel of change notices (streaming.control.control_channel).
     control_channel: str = ""
@@ -58,12 +61,14 @@ class EngineConfig:
             heartbeat_interval_s=settings.TICKER_HEARTBEAT_INTERVAL_S,
             lease_ttl_s=settings.TICKER_LEASE_TTL_S,
             watchdog_s=settings.TICKER_WATCHDOG_S,
+            rest_fallback_after_s=settings.TICKER_REST_FALLBACK_AFTER_S,
             risk_free_rate=settings.RISK_FREE_RATE,
             stale_underlying_s=settings.TICKER_STALE_UNDERLYING_S,
             mock_enabled=settings.MOCK_MARKET_ENABLED,
             force_mode=force_mode,
             holidays=parse_holidays(settings.MARKET_HOLIDAYS),
             kite_ws_url=settings.KITE_WS_URL,
+            kite_api_root=settings.KITE_API_ROOT,
             redis_url=settings.REDIS_URL,
             control_channel=control_channel(settings.CHANNEL_LAYER_PREFIX),
             account_labels=labels,

@@ -35,6 +35,8 @@ class TickerClient(Protocol):
 
     def health(self) -> ClientHealth: ...
 
+    def tokens_on(self, index: int) -> list[int]: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -193,6 +195,15 @@ class ConnectionManager:
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(aid) for aid in list(self._running)))
+
+    def connection_health(self) -> dict[int, tuple[str, ClientHealth]]:
+        """Per running account: its label and its client's health (the REST fallback reads it)."""
+        return {aid: (r.label, r.client.health()) for aid, r in self._running.items()}
+
+    def tokens_on(self, account_id: int, index: int) -> list[int]:
+        """The instruments wanted on one of an account's connections; none if it stopped."""
+        running = self._running.get(account_id)
+        return running.client.tokens_on(index) if running is not None else []
 
     def states(self) -> dict[int, dict[str, Any]]:
         """Per account: state, connections, reconnects and session, from the clients."""

@@ -114,6 +114,17 @@ class EngineMetrics:
         self.bars_closed = Counter(
             "tickerproj_engine_bars_closed", "Underlying 1-minute bars closed.", registry=r
         )
+        self.rest_fallback_requests = Counter(
+            "tickerproj_engine_rest_fallback_requests",
+            "Kite quote calls made for stalled connections, by account and outcome.",
+            ["account", "outcome"],
+            registry=r,
+        )
+        self.rest_fallback_accounts = Gauge(
+            "tickerproj_engine_rest_fallback_accounts",
+            "Accounts whose instruments are polled over REST while a socket is stalled.",
+            registry=r,
+        )
 
     def serve(self, port: int, *, addr: str = "127.0.0.1"):
         """Expose /metrics on ``port`` (a daemon thread of prometheus_client's)."""

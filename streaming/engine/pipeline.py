@@ -219,9 +219,17 @@ class SnapshotPipeline:
     # --- ingest -----------------------------------------------------------------------------
 
     def ingest(
-        self, ticks: np.ndarray, *, is_mock: bool, received_epoch_s: float | None = None
+        self,
+        ticks: np.ndarray,
+        *,
+        is_mock: bool,
+        received_epoch_s: float | None = None,
+        rest_fallback: bool = False,
     ) -> IngestResult:
-        """Take a batch of decoded ticks (TICK_DTYPE); unknown tokens are counted and dropped."""
+        """Take a batch of decoded ticks (TICK_DTYPE); unknown tokens are counted and dropped.
+
+        ``rest_fallback``: the ticks were built from Kite's quote API during a stall.
+        """
         if len(ticks) == 0:
             return IngestResult(ticks=0)
         received = self._clock() if received_epoch_s is None else received_epoch_s
@@ -229,7 +237,9 @@ class SnapshotPipeline:
         unknown = len(ticks) - slots.size
         if unknown:
             ticks = ticks[known]
-        result = self._state.ingest(slots, ticks, is_mock=is_mock, received_s=received)
+        result = self._state.ingest(
+            slots, ticks, is_mock=is_mock, received_s=received, rest_fallback=rest_fallback
+        )
         if unknown:
             return IngestResult(
                 ticks=result.ticks + unknown,
@@ -239,6 +249,11 @@ class SnapshotPipeline:
                 source_resets=result.source_resets,
             )
         return result
+
+    def clear_rest_fallback(self, tokens: Iterable[int]) -> None:
+        """The socket of ``tokens`` is back: their snapshots lose the ``rest_fallback`` flag."""
+        slots, _ = self._u.slots_of(list(tokens))
+        self._state.clear_rest_fallback(slots)
 
     @property
     def pending(self) -> int:
@@ -444,6 +459,7 @@ class SnapshotPipeline:
             flags=flag_piece_list(self._flag_pieces, self._flags[slots]),
             exchange_ts=np.where(ts > 0, ts * 1000, -1),
             is_mock=mock,
+            rest_fallback=st.rest_fallback[slots],
         )
         self._items[slots] = items
         return items

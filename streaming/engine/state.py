@@ -52,7 +52,8 @@ class TickState:
     unknown); ``bid_qty``, ``ask_qty``, ``volume``, ``oi`` (int64, -1 when unknown);
     ``exchange_ts`` (int64 epoch seconds, 0 when the packet has none); ``received_s``
     (float64, when the engine received the last accepted tick); ``is_mock``, ``has_data``,
-    ``dirty`` (bool).
+    ``dirty`` (bool); ``rest_fallback`` (bool: the last accepted tick came from Kite's quote
+    API, polled while the instrument's socket was stalled).
     """
 
     def __init__(self, n: int) -> None:
@@ -70,6 +71,7 @@ class TickState:
         self.is_mock = np.zeros(n, dtype=bool)
         self.has_data = np.zeros(n, dtype=bool)
         self.dirty = np.zeros(n, dtype=bool)
+        self.rest_fallback = np.zeros(n, dtype=bool)
 
     # --- writes -----------------------------------------------------------------------------
 
@@ -82,9 +84,16 @@ class TickState:
         self.exchange_ts[slots] = 0
         self.is_mock[slots] = False
         self.has_data[slots] = False
+        self.rest_fallback[slots] = False
 
     def ingest(
-        self, slots: np.ndarray, ticks: np.ndarray, *, is_mock: bool, received_s: float
+        self,
+        slots: np.ndarray,
+        ticks: np.ndarray,
+        *,
+        is_mock: bool,
+        received_s: float,
+        rest_fallback: bool = False,
     ) -> IngestResult:
         """Apply ``ticks`` (TICK_DTYPE, already restricted to known tokens) at ``slots``."""
         n_ticks = len(ticks)
@@ -143,6 +152,7 @@ class TickState:
         changed |= self.volume[s] != volume
         changed |= self.oi[s] != oi
         changed |= self.exchange_ts[s] != ts
+        changed |= self.rest_fallback[s] != rest_fallback
 
         self.ltp[s] = ltp
         self.close[s] = close
@@ -156,6 +166,7 @@ class TickState:
         self.received_s[s] = received_s
         self.is_mock[s] = is_mock
         self.has_data[s] = True
+        self.rest_fallback[s] = rest_fallback
         self.dirty[s[changed]] = True
         return IngestResult(
             ticks=n_ticks,
@@ -163,6 +174,12 @@ class TickState:
             changed=int(np.count_nonzero(changed)),
             source_resets=resets,
         )
+
+    def clear_rest_fallback(self, slots: np.ndarray) -> None:
+        """The socket of ``slots`` is back: their snapshots lose the flag (republished)."""
+        flagged = slots[self.rest_fallback[slots]]
+        self.rest_fallback[flagged] = False
+        self.dirty[flagged] = True
 
     def take_dirty(self) -> np.ndarray:
         """Slots changed since the last call (ascending), and clear the marks."""
@@ -180,7 +197,8 @@ class TickState:
     def carried_to(self, n: int, old_slots: np.ndarray, new_slots: np.ndarray) -> TickState:
         """A state of ``n`` slots holding this state's ``old_slots`` at ``new_slots``."""
         out = TickState(n)
-        for name in (*_FLOAT_COLUMNS, *_INT_COLUMNS, "exchange_ts", "is_mock", "has_data", "dirty"):
+        for name in (*_FLOAT_COLUMNS, *_INT_COLUMNS, "exchange_ts", "is_mock", "has_data", "dirty",
+                     "rest_fallback"):
             getattr(out, name)[new_slots] = getattr(self, name)[old_slots]
         return out
 

@@ -81,7 +81,8 @@ class PipelineWorker:
         self._clock = clock
         self._max_inbox_bytes = max_inbox_bytes
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
-        self._inbox: list[tuple[np.ndarray, bool, float]] = []
+        # (ticks, is_mock, received, rest_fallback) per queued frame.
+        self._inbox: list[tuple[np.ndarray, bool, float, bool]] = []
         self._inbox_ticks = 0
         self._inbox_bytes = 0
         self._flush_ms: deque[float] = deque(maxlen=_FLUSH_SAMPLES)
@@ -102,15 +103,19 @@ class PipelineWorker:
     def flush_ms_p50(self) -> float | None:
         return round(statistics.median(self._flush_ms), 2) if self._flush_ms else None
 
-    def enqueue(self, ticks: np.ndarray, *, is_mock: bool) -> None:
-        """Queue one decoded frame for the next flush (event loop; only appends)."""
-        self._inbox.append((ticks, is_mock, self._clock()))
+    def enqueue(self, ticks: np.ndarray, *, is_mock: bool, rest_fallback: bool = False) -> None:
+        """Queue one decoded frame for the next flush (event loop; only appends).
+
+        ``rest_fallback``: ticks built from Kite's quote API during a stall; they update the
+        snapshots (flagged) but not the bars, which the historical backfill fills.
+        """
+        self._inbox.append((ticks, is_mock, self._clock(), rest_fallback))
         self._inbox_ticks += len(ticks)
         self._inbox_bytes += ticks.nbytes
         while self._inbox_bytes > self._max_inbox_bytes and len(self._inbox) > 1:
             # The pipeline thread has fallen far behind: drop the oldest frames (their
             # instruments' later ticks supersede them), count them, and carry on.
-            old, _, _ = self._inbox.pop(0)
+            old, _, _, _ = self._inbox.pop(0)
             self._inbox_ticks -= len(old)
             self._inbox_bytes -= old.nbytes
             self._metrics.dropped.labels("inbox_overflow").inc(len(old))
@@ -132,6 +137,10 @@ class PipelineWorker:
         """Make ``universe`` the one the pipeline streams, between two flushes."""
         await self.on_thread(self._install, universe)
 
+    async def clear_rest_fallback(self, tokens: list[int]) -> None:
+        """Their socket is back: drop the ``rest_fallback`` flag of ``tokens``' snapshots."""
+        await self.on_thread(self._pipeline.clear_rest_fallback, tokens)
+
     async def close_due_bars(self) -> list[Bar]:
         return await self.on_thread(self._bars.close_due, self._clock())
 
@@ -147,16 +156,17 @@ class PipelineWorker:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _compute(
-        self, inbox: list[tuple[np.ndarray, bool, float]], now: float, watched: Any
+        self, inbox: list[tuple[np.ndarray, bool, float, bool]], now: float, watched: Any
     ) -> FlushOutcome:
         started = time.perf_counter()
         unknown = 0
         bars: list[Bar] = []
-        for ticks, is_mock, received in inbox:
+        for ticks, is_mock, received, rest_fallback in inbox:
             unknown += self._pipeline.ingest(
-                ticks, is_mock=is_mock, received_epoch_s=received
+                ticks, is_mock=is_mock, received_epoch_s=received, rest_fallback=rest_fallback
             ).unknown
-            bars.extend(self._bars.ingest(ticks, is_mock=is_mock, received_epoch_s=received))
+            if not rest_fallback:
+                bars.extend(self._bars.ingest(ticks, is_mock=is_mock, received_epoch_s=received))
         pending = self._pipeline.pending
         batches = self._pipeline.flush(now, watched=watched)
         if now - self._underlyings_at >= 1.0:
@@ -168,7 +178,7 @@ class PipelineWorker:
             bars=bars,
             unknown=unknown,
             compute_s=time.perf_counter() - started,
-            oldest_received=min((r for _, _, r in inbox), default=None),
+            oldest_received=min((r for _, _, r, _ in inbox), default=None),
         )
 
     def _install(self, universe: InstrumentUniverse) -> None:
@@ -214,6 +224,16 @@ class TickIntake:
         self._metrics.ticks_in.labels("live", label).inc(n)
         self.ticks_total += n
         self._worker.enqueue(ticks, is_mock=False)
+
+    def rest_ticks(self, account_id: int, ticks: np.ndarray) -> None:
+        """The REST fallback's quotes of a stalled account, as ticks (flagged ``rest_fallback``)."""
+        if not self.live:
+            self._metrics.dropped.labels("live_in_mock_mode").inc(len(ticks))
+            return
+        label = self.labels.get(account_id, f"#{account_id}")
+        self._metrics.ticks_in.labels("rest", label).inc(len(ticks))
+        self.ticks_total += len(ticks)
+        self._worker.enqueue(ticks, is_mock=False, rest_fallback=True)
 
     def mock_ticks(self, ticks: np.ndarray) -> None:
         self._metrics.ticks_in.labels("mock", "mock").inc(len(ticks))

@@ -604,6 +604,10 @@ class KiteTickerClient:
             out.update(conn.desired)
         return out
 
+    def tokens_on(self, index: int) -> list[int]:
+        """The instruments wanted on connection ``index`` (the REST fallback polls them)."""
+        return list(self.connections[index].desired)
+
     async def set_subscriptions(self, wanted: Mapping[int, Mode]) -> None:
         """Make ``wanted`` (token -> mode) the account's whole subscription set.
 

@@ -38,6 +38,10 @@ Fault injection (WebSocket)
     token, closes its connections and makes new upgrades fail with 403 until a new token is
     issued (``set_access_token`` or a session exchange).
 
+Fault injection (history)
+    ``omit_history(token, start_epoch_s, end_epoch_s)`` leaves that instrument's candles
+    starting in the range out of every historical answer, as minutes Kite itself lacks.
+
 Approximations, documented so no one mistakes them for Kite's words: the texts of WebSocket
 error messages and of the close reason on token expiry are the simulator's own.
 """
@@ -139,6 +143,11 @@ def _error_response(exc: KiteApiError) -> web.Response:
         {"status": "error", "message": exc.message, "data": None, "error_type": exc.error_type},
         status=exc.status,
     )
+
+
+def _candle_epoch_s(stamp: str) -> float:
+    """Epoch seconds of a candle's stamp as the market writes it (``2026-11-27T09:15:00+0530``)."""
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp()
 
 
 def _stamp(epoch_s: float) -> str:
@@ -328,6 +337,7 @@ class KiteSimulator:
         self._unknown_attempts: dict[str, int] = {}
         self._stalled_all = False
         self._stalled_keys: set[str] = set()
+        self._history_holes: dict[int, list[tuple[float, float]]] = {}
         self._runner: web.AppRunner | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self._actual_port: int | None = None
@@ -536,6 +546,10 @@ class KiteSimulator:
 
     def _is_stalled(self, api_key: str) -> bool:
         return self._stalled_all or api_key in self._stalled_keys
+
+    def omit_history(self, token: int, start_epoch_s: float, end_epoch_s: float) -> None:
+        """Historical answers leave out ``token``'s candles starting in [start, end] (epoch s)."""
+        self._history_holes.setdefault(int(token), []).append((start_epoch_s, end_epoch_s))
 
     def send_malformed(
         self,
@@ -818,6 +832,12 @@ class KiteSimulator:
             raise _input_error(f"interval exceeds max limit: {max_days} days")
         oi = request.query.get("oi", "0") in ("1", "true")
         candles = self.market.historical(int(raw_token), start, end, interval, oi=oi)
+        holes = self._history_holes.get(int(raw_token))
+        if holes:
+            candles = [
+                c for c in candles
+                if not any(lo <= _candle_epoch_s(c[0]) <= hi for lo, hi in holes)
+            ]
         return _success({"candles": candles})
 
     @staticmethod

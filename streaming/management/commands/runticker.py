@@ -22,12 +22,14 @@ from django.apps import apps
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
+from kombu.exceptions import OperationalError as BrokerError
 
 from streaming.engine.app import Engine
 from streaming.engine.config import EngineConfig
 from streaming.engine.leases import make_engine_id
 from streaming.engine.market_hours import EngineMode
 from streaming.engine.metrics import EngineMetrics
+from streaming.tasks import backfill_bars
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +62,24 @@ def build_engine(
         channel_layer=channel_layer or get_channel_layer(),
         notifier=notifier,
         metrics=metrics,
+        # Embedded defaults have no broker; the deployment's worker fills the gaps.
+        request_backfill=None if settings.EMBEDDED else backfill_requester(
+            countdown_s=settings.BACKFILL_MIN_AGE_S + 1
+        ),
     )
+
+
+def backfill_requester(*, countdown_s: float):
+    """Queue the gap backfill once Kite's candles of the gap minutes have settled."""
+
+    def request() -> None:
+        try:
+            backfill_bars.apply_async(countdown=countdown_s)
+        except (BrokerError, OSError) as exc:
+            # The periodic run fills the gaps anyway; nothing is lost by a missed request.
+            log.warning("backfill.request_failed", error=repr(exc)[:300])
+
+    return request
 
 
 def set_application_name(name: str) -> None:
