@@ -121,14 +121,17 @@ class InProcessEngine:
 
     def __init__(self, *, accounts: dict[str, str], market_seed: int = 0,
                  tick_interval_ms: float = 100.0, force_mode: str = "live",
-                 client_factory=None, clock=None, **config):
+                 client_factory=None, clock=None, market: SyntheticMarket | None = None,
+                 sim_options: dict | None = None, build_options: dict | None = None, **config):
         from channels.layers import get_channel_layer
 
         from streaming.sim.simulator import KiteSimulator
 
         self.sim = KiteSimulator(
-            market=SyntheticMarket(seed=market_seed), tick_interval_ms=tick_interval_ms
+            market=market or SyntheticMarket(seed=market_seed), tick_interval_ms=tick_interval_ms,
+            **(sim_options or {}),
         )
+        self._build_options = build_options or {}
         for label, key in accounts.items():
             self.sim.register_account(api_key=key, api_secret="secret", access_token=f"tok-{label}")
         self.layer = get_channel_layer()
@@ -149,11 +152,13 @@ class InProcessEngine:
         config = EngineConfig(
             engine_id=make_engine_id(),
             kite_ws_url=self.sim.ws_url,
+            kite_api_root=self.sim.http_url,
             redis_url=settings.REDIS_URL,
             control_channel=control_channel(settings.CHANNEL_LAYER_PREFIX),
             **self._config,
         )
         extra = {"clock": self._clock} if self._clock is not None else {}
+        extra.update(self._build_options)
         self.engine = Engine.build(
             config, channel_layer=self.layer, client_factory=self._client_factory, **extra
         )
