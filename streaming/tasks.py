@@ -22,6 +22,10 @@ log = structlog.get_logger(__name__)
 
 BACKFILL_TASK: Final = "streaming.backfill_bars"
 BACKFILL_TIME_LIMIT_S: Final = 300
+#: A run queued while another holds the lock comes back this much later (its gaps may be
+#: newer than the running one's read), a few times, before leaving them to the periodic run.
+BUSY_RETRY_S: Final = 10
+BUSY_RETRIES: Final = 3
 
 
 def _publish(bars: list[FilledBar]) -> None:
@@ -43,6 +47,7 @@ def _publish(bars: list[FilledBar]) -> None:
     bind=True,
     soft_time_limit=BACKFILL_TIME_LIMIT_S - 30,
     time_limit=BACKFILL_TIME_LIMIT_S,
+    max_retries=BUSY_RETRIES,
 )
 def backfill_bars(self: Task) -> dict[str, Any]:
     """Fill gap minutes of the last BACKFILL_LOOKBACK_H hours from Kite's minute candles.
@@ -69,5 +74,8 @@ def backfill_bars(self: Task) -> dict[str, Any]:
         _publish(result.filled)
         return result.summary()
 
-    return run_locked(name="backfill_bars", time_limit_s=BACKFILL_TIME_LIMIT_S,
-                      task_id=self.request.id or "", fn=run)
+    outcome = run_locked(name="backfill_bars", time_limit_s=BACKFILL_TIME_LIMIT_S,
+                         task_id=self.request.id or "", fn=run)
+    if "skipped" in outcome and "lock" in outcome["skipped"] and self.request.retries < BUSY_RETRIES:
+        raise self.retry(countdown=BUSY_RETRY_S)
+    return outcome
