@@ -76,6 +76,7 @@ def backfill_bars(self: Task) -> dict[str, Any]:
 
     outcome = run_locked(name="backfill_bars", time_limit_s=BACKFILL_TIME_LIMIT_S,
                          task_id=self.request.id or "", fn=run)
-    if "skipped" in outcome and "lock" in outcome["skipped"] and self.request.retries < BUSY_RETRIES:
+    busy = str(outcome.get("skipped", "")).startswith("lock ")
+    if busy and self.request.retries < BUSY_RETRIES:
         raise self.retry(countdown=BUSY_RETRY_S)
     return outcome

@@ -5,9 +5,10 @@ clock); :class:`BarSink` publishes them and stores them, once a second, off the 
 A bar is queued for the database before it is published, so a failed publish never loses
 it; while the database is away unsaved bars wait, bounded, and are retried.
 
-When a save held gap bars, or the first bar of a token since this engine started (after a
-takeover or a restart the minutes before it were nobody's), ``on_gaps`` is called, in a
-thread: the edge queues the backfill task that fills them from Kite's history.
+When a save held live gap bars, or the first live bar of a token since this engine started
+(after a takeover or a restart the minutes before it were nobody's), ``on_gaps`` is called,
+in a thread: the edge queues the backfill task that fills them from Kite's history. Mock
+bars never call it: the synthetic market has no history at Kite.
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ class BarSink:
         await self._saved(rows)
 
     async def _saved(self, rows: list[dict[str, Any]]) -> None:
-        tokens = {row["instrument_id"] for row in rows}
+        live = [row for row in rows if not row["is_mock"]]
+        tokens = {row["instrument_id"] for row in live}
         first = not tokens <= self._saved_tokens
         self._saved_tokens |= tokens
-        if self._on_gaps is not None and (first or any(row["is_gap"] for row in rows)):
+        if self._on_gaps is not None and (first or any(row["is_gap"] for row in live)):
             await asyncio.to_thread(self._on_gaps)

@@ -205,3 +205,39 @@ def test_backfill_never_overwrites_a_live_bar_and_keeps_the_rate_limit(redis_cli
         assert again.requests == 0
         assert sim.call(lambda: simulator.rest_requests["market.historical"]) == served
         client.close()
+
+
+async def test_the_engine_asks_for_a_backfill_after_live_gaps_or_a_first_bar_never_for_mock():
+    from channels.layers import InMemoryChannelLayer
+
+    from streaming.engine.bars import Bar
+    from streaming.engine.barsink import BarSink
+    from streaming.engine.metrics import EngineMetrics
+    from streaming.engine.publisher import Publisher
+    from tests.streaming.engine.builders import NIFTY_INDEX
+    from tests.streaming.engine.test_barsink import MINUTE_S as M0
+    from tests.streaming.engine.test_barsink import nifty_index
+
+    await run_db(nifty_index)
+    asked = []
+
+    async def nothing_due():
+        return []
+
+    sink = BarSink(publisher=Publisher(InMemoryChannelLayer()), metrics=EngineMetrics(),
+                   close_due=nothing_due, on_gaps=lambda: asked.append(True))
+
+    def bar(k: int, *, gap: bool = False, mock: bool = False) -> Bar:
+        price = None if gap else 100.0
+        return Bar(NIFTY_INDEX, "NIFTY", M0 + k * MINUTE_S, price, price, price, price, 0,
+                   0 if gap else 3, gap, mock)
+
+    for closed, expected in (
+        ([bar(0)], 1),  # the first live bar since start: a takeover or restart may have left a hole
+        ([bar(1)], 1),
+        ([bar(2, gap=True), bar(3)], 2),  # a live gap
+        ([bar(4, gap=True, mock=True), bar(5, mock=True)], 2),  # mock: nothing to ask Kite
+    ):
+        sink.add(closed)
+        await sink.step()
+        assert len(asked) == expected, closed
