@@ -6,11 +6,12 @@
    (Kite's 3 historical requests/s per api_key). Printed: requests, seconds, minutes filled,
    and the floor the rate limit sets (``(requests - 1) / 3`` s).
 2. REST fallback: a real engine streams ``--accounts`` accounts of ``--instruments`` options
-   each from the simulator; every account's socket is stalled; the engine polls with /quote
-   (at most 500 instruments a call, 1 call/s per api_key). Printed: the delay from the stall
-   to the first polled tick against ``--after-s``, quote calls per second per account against
-   Kite's limit of 1, seconds per full refresh of an account's instruments, and the delay from
-   the resume to the last call.
+   each from the simulator; every account's socket is stalled, then only the first's; the
+   engine polls with /quote (at most 500 instruments a call, 1 call/s per api_key, spread over
+   every account's key). Printed: the delay from the stall to the first polled tick against
+   ``--after-s``, quote calls per second per api_key against Kite's limit of 1, seconds per
+   full refresh of a stalled account's instruments, and the delay from the resume to the
+   last call.
 
 The simulator enforces Kite's limits (``enforce_rate_limits``): a refused call is counted.
 Run from the repository root (PostgreSQL on 127.0.0.1 with trust auth; the benchmark creates
@@ -171,53 +172,73 @@ async def bench_fallback(accounts: int, per_account: int, after_s: float, window
         def streamed() -> int:
             return thread.call(lambda: sum(len(sim.subscriptions(f"k{i}")) for i in range(accounts)))
 
-        def quote_calls() -> int:
-            return thread.call(lambda: sim.rest_requests.get("market.quote", 0))
-
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if streamed() >= accounts * per_account:
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)
-        rest = engine.metrics.ticks_in
-        thread.call(sim.stall)
-        stalled_at = time.monotonic()
-        first_rest = None
-        while time.monotonic() - stalled_at < window_s + after_s + 5:
-            if first_rest is None and any(rest.labels("rest", f"acc{i}")._value.get() for i in range(accounts)):
-                first_rest = time.monotonic() - stalled_at
-                calls_at_start = quote_calls()
-                window_started = time.monotonic()
-            if first_rest is not None and time.monotonic() - window_started >= window_s:
-                break
-            await asyncio.sleep(0.05)
-        calls = quote_calls() - calls_at_start
-        measured_s = time.monotonic() - window_started
-        errors = sum(engine.metrics.rest_fallback_requests.labels(f"acc{i}", "error")._value.get()
-                     for i in range(accounts))
-        thread.call(sim.resume)
-        resumed_at = time.monotonic()
-        last_calls, last_change = quote_calls(), time.monotonic()
-        while time.monotonic() - resumed_at < 5:
-            now_calls = quote_calls()
-            if now_calls != last_calls:
-                last_calls, last_change = now_calls, time.monotonic()
-            await asyncio.sleep(0.05)
         chunks = -(-per_account // QUOTE_MAX_INSTRUMENTS_PER_CALL)
-        rate = calls / measured_s / accounts
         print(f"rest fallback: {accounts} accounts x {per_account} instruments "
               f"({chunks} calls of <= {QUOTE_MAX_INSTRUMENTS_PER_CALL} per refresh), after_s={after_s}")
-        print(f"  first polled tick {first_rest:.2f} s after the stall (configured {after_s} s, "
-              f"checked every 0.25 s)")
-        print(f"  {calls} quote calls in {measured_s:.1f} s: {rate:.2f} calls/s per account "
-              f"(Kite's limit 1/s per api_key); refused or failed {int(errors)}")
-        print(f"  a full refresh of an account's instruments every {chunks / max(rate, 1e-9):.1f} s")
-        print(f"  last quote call {max(0.0, last_change - resumed_at):.2f} s after the resume")
+        for stalled in (list(range(accounts)), [0]):
+            await fallback_phase(engine, thread, sim, stalled=stalled, accounts=accounts,
+                                 chunks=chunks, after_s=after_s, window_s=window_s)
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=60)
         thread.__exit__(None, None, None)
+
+
+def calls_by_account(engine, accounts: int) -> list[float]:
+    counter = engine.metrics.rest_fallback_requests
+    return [counter.labels(f"acc{i}", "ok")._value.get() + counter.labels(f"acc{i}", "error")._value.get()
+            for i in range(accounts)]
+
+
+async def fallback_phase(engine, thread, sim, *, stalled: list[int], accounts: int, chunks: int,
+                         after_s: float, window_s: float) -> None:
+    """Stall ``stalled`` accounts' sockets, measure the polling, resume, wait for it to stop."""
+    rest = engine.metrics.ticks_in
+
+    def polled_ticks() -> float:
+        return sum(rest.labels("rest", f"acc{i}")._value.get() for i in stalled)
+
+    before = polled_ticks()
+    for i in stalled:
+        thread.call(sim.stall, f"k{i}")
+    stalled_at = time.monotonic()
+    first_rest = None
+    while time.monotonic() - stalled_at < window_s + after_s + 5:
+        if first_rest is None and polled_ticks() > before:
+            first_rest = time.monotonic() - stalled_at
+            calls_at_start = calls_by_account(engine, accounts)
+            window_started = time.monotonic()
+        if first_rest is not None and time.monotonic() - window_started >= window_s:
+            break
+        await asyncio.sleep(0.05)
+    measured_s = time.monotonic() - window_started
+    per_key = [(b - a) / measured_s for a, b in zip(calls_at_start, calls_by_account(engine, accounts),
+                                                      strict=True)]
+    errors = sum(engine.metrics.rest_fallback_requests.labels(f"acc{i}", "error")._value.get()
+                 for i in range(accounts))
+    thread.call(sim.resume)
+    resumed_at = time.monotonic()
+    last_calls, last_change = calls_by_account(engine, accounts), time.monotonic()
+    while time.monotonic() - resumed_at < 5:
+        now_calls = calls_by_account(engine, accounts)
+        if now_calls != last_calls:
+            last_calls, last_change = now_calls, time.monotonic()
+        await asyncio.sleep(0.05)
+    refresh_s = chunks * len(stalled) / max(sum(per_key), 1e-9)
+    print(f"  {len(stalled)} of {accounts} accounts stalled:")
+    print(f"    first polled tick {first_rest:.2f} s after the stall (configured {after_s} s, "
+          f"checked every 0.25 s)")
+    print(f"    quote calls/s per api_key over {measured_s:.1f} s: "
+          f"{', '.join(f'{r:.2f}' for r in per_key)} (Kite's limit 1/s each); "
+          f"refused or failed so far {int(errors)}")
+    print(f"    a stalled account's {chunks} chunks all refreshed every {refresh_s:.1f} s")
+    print(f"    last quote call {max(0.0, last_change - resumed_at):.2f} s after the resume")
 
 
 def main() -> None:

@@ -2,11 +2,12 @@
 
 When a connection that has instruments has received nothing (not even Kite's one-second
 heartbeat) for ``after_s``, or has been reconnecting that long, :class:`RestFallback` polls
-its instruments with ``/quote`` on the account's own api_key: one call of at most
-``QUOTE_MAX_INSTRUMENTS_PER_CALL`` instruments at a time per account, paced by the shared
-rate limiter (Kite's 1 quote request/s per api_key, counted with every other process's quote
-calls on that key). Accounts are polled side by side, each on its own key, so the load is
-spread over accounts and one account's stall never spends another's budget.
+its instruments with ``/quote``: chunks of at most ``QUOTE_MAX_INSTRUMENTS_PER_CALL``
+instruments, each chunk at most once a second, spread over the keys of every account this
+engine streams (each account's key makes one call at a time, paced by the shared rate
+limiter: Kite's 1 quote request/s per api_key, counted with every other process's quote
+calls on that key). A stalled account's instruments so refresh faster the more accounts
+lend their budget, and no key ever goes past its limit.
 
 The quotes become ticks (``TICK_DTYPE`` rows, as the codec would decode them) queued through
 the normal snapshot path, so IV and Greeks are computed as usual; their snapshots carry
@@ -34,10 +35,10 @@ from streaming.engine.connections import ConnectionManager
 from streaming.engine.metrics import EngineMetrics
 from streaming.engine.store import AccountRow
 from streaming.kite.codec import PACKET_FULL, PACKET_INDEX_FULL, empty_ticks
-from streaming.kite.limits import QUOTE_MAX_INSTRUMENTS_PER_CALL
+from streaming.kite.limits import QUOTE_MAX_INSTRUMENTS_PER_CALL, QUOTE_REQUESTS_PER_S
 from streaming.kite.rest import KiteError
 from streaming.kite.schemas import Quote
-from streaming.kite.ticker import ConnectionState
+from streaming.kite.ticker import ConnectionState, SessionState
 
 log = structlog.get_logger(__name__)
 
@@ -90,17 +91,42 @@ def quotes_to_ticks(quotes: Mapping[str, Quote], *, index_tokens: frozenset[int]
 
 @dataclass
 class _Polling:
-    """One stalled account: its instruments, where the round is, and the call in flight."""
+    """One stalled account: its instruments in chunks, when each chunk is due, what was polled."""
 
     label: str
     tokens: list[int]
-    next_chunk: int = 0
-    call: asyncio.Task[None] | None = None
+    due_s: dict[int, float] = field(default_factory=dict)  # chunk index -> next poll (monotonic)
     polled: set[int] = field(default_factory=set)
+
+    def chunk(self, index: int) -> list[int]:
+        size = QUOTE_MAX_INSTRUMENTS_PER_CALL
+        return self.tokens[index * size : (index + 1) * size]
+
+    def next_due(self, now: float) -> int | None:
+        """The chunk waiting longest among those due, or None."""
+        chunks = max(1, -(-len(self.tokens) // QUOTE_MAX_INSTRUMENTS_PER_CALL))
+        due = [(self.due_s.get(i, float("-inf")), i) for i in range(chunks)]
+        at, index = min(due)
+        return index if at <= now else None
+
+
+@dataclass
+class _Call:
+    """A quote call in flight on one account's key, for one stalled account's chunk."""
+
+    target: int
+    polling: _Polling
+    task: asyncio.Task[None]
 
 
 class RestFallback:
-    """Polls the instruments of stalled connections over REST; ``run()`` is the supervised loop."""
+    """Polls the instruments of stalled connections over REST; ``run()`` is the supervised loop.
+
+    Each stalled account's instruments are cut into chunks of at most 500; a chunk is polled at
+    most once a second, by whichever account's key is free (every running account with an
+    active session, stalled or not, lends its own 1 call/s): the load is spread over the
+    accounts, and a stalled account's instruments refresh faster the more accounts there are.
+    """
 
     def __init__(
         self,
@@ -127,9 +153,11 @@ class RestFallback:
         self._check_interval_s = check_interval_s
         self._monotonic = monotonic
         self._polling: dict[int, _Polling] = {}
+        self._calls: dict[int, _Call] = {}  # caller account -> its call in flight
         self._clients: dict[int, tuple[str, QuoteClient]] = {}  # account -> (fingerprint, client)
         # (account, connection) -> when it was first seen down without ever having a message.
         self._down_since: dict[tuple[int, int], float] = {}
+        self._turn = 0  # round robin over stalled accounts
 
     @property
     def polling(self) -> dict[int, list[int]]:
@@ -148,12 +176,16 @@ class RestFallback:
                 client.close()
             self._clients.clear()
 
-    def stalled(self) -> dict[int, tuple[str, list[int]]]:
-        """Per account with a stalled connection: its label and those connections' instruments."""
+    def stalled(self) -> tuple[dict[int, tuple[str, list[int]]], list[int]]:
+        """Accounts with a stalled connection (label, those connections' instruments), and the
+        accounts whose key can make calls (running, session active), in order."""
         now = self._monotonic()
         out: dict[int, tuple[str, list[int]]] = {}
+        callers: list[int] = []
         seen: set[tuple[int, int]] = set()
-        for aid, (label, health) in self._connections.connection_health().items():
+        for aid, (label, health) in sorted(self._connections.connection_health().items()):
+            if health.session is SessionState.ACTIVE:
+                callers.append(aid)
             tokens: list[int] = []
             for conn in health.connections:
                 if not conn.instruments or conn.state in (
@@ -175,11 +207,11 @@ class RestFallback:
             if tokens:
                 out[aid] = (label, tokens)
         self._down_since = {k: v for k, v in self._down_since.items() if k in seen}
-        return out
+        return out, callers
 
     async def step(self) -> None:
         """Start polling newly stalled accounts, stop those whose socket is back, poll."""
-        stalled = self.stalled()
+        stalled, callers = self.stalled()
         for aid in [a for a in self._polling if a not in stalled]:
             await self._stop(aid)
         for aid, (label, tokens) in stalled.items():
@@ -187,21 +219,50 @@ class RestFallback:
             if polling is None:
                 polling = self._polling[aid] = _Polling(label=label, tokens=tokens)
                 log.warning("rest_fallback.started", account=label, instruments=len(tokens))
-            polling.tokens = tokens
-            if polling.call is not None and polling.call.done():
-                polling.call.result()  # a bug in a call surfaces here, to the supervisor
-            if polling.call is None or polling.call.done():
-                polling.call = asyncio.create_task(
-                    self._poll_once(aid, polling), name=f"rest_fallback:{label}"
-                )
+            if polling.tokens != tokens:
+                polling.tokens, polling.due_s = tokens, {}
+        for caller, call in list(self._calls.items()):
+            if call.task.done():
+                del self._calls[caller]
+                call.task.result()  # a bug in a call surfaces here, to the supervisor
         self._metrics.rest_fallback_accounts.set(len(self._polling))
+        if not self._polling:
+            return
+        now = self._monotonic()
+        for caller in callers:
+            if caller in self._calls:
+                continue
+            picked = self._next_chunk(now)
+            if picked is None:
+                break
+            target, polling, index = picked
+            polling.due_s[index] = now + 1.0 / QUOTE_REQUESTS_PER_S
+            task = asyncio.create_task(
+                self._poll_once(caller, target, polling, polling.chunk(index)),
+                name=f"rest_fallback:{polling.label}:{index}",
+            )
+            self._calls[caller] = _Call(target=target, polling=polling, task=task)
+
+    def _next_chunk(self, now: float) -> tuple[int, _Polling, int] | None:
+        """The next due chunk, taking the stalled accounts in turn."""
+        targets = sorted(self._polling)
+        for offset in range(len(targets)):
+            target = targets[(self._turn + offset) % len(targets)]
+            polling = self._polling[target]
+            index = polling.next_due(now)
+            if index is not None:
+                self._turn = (self._turn + offset + 1) % len(targets)
+                return target, polling, index
+        return None
 
     async def _stop(self, aid: int) -> None:
         polling = self._polling.pop(aid)
-        if polling.call is not None:
-            polling.call.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await polling.call
+        for caller, call in list(self._calls.items()):
+            if call.target == aid:
+                del self._calls[caller]
+                call.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await call.task
         if polling.polled:
             await self._clear_flags(sorted(polling.polled))
         log.info("rest_fallback.stopped", account=polling.label, polled=len(polling.polled))
@@ -216,29 +277,24 @@ class RestFallback:
         self._clients[account.account_id] = (account.token_fingerprint, client)
         return client
 
-    async def _poll_once(self, aid: int, polling: _Polling) -> None:
-        """One quote call for the next chunk of the account's instruments (waits for its slot)."""
-        account = self._accounts().get(aid)
-        if account is None:
+    async def _poll_once(self, caller: int, target: int, polling: _Polling, chunk: list[int]) -> None:
+        """One quote call on ``caller``'s key for a chunk of ``target``'s instruments."""
+        account = self._accounts().get(caller)
+        if account is None or not chunk:
             return
-        chunks = max(1, -(-len(polling.tokens) // QUOTE_MAX_INSTRUMENTS_PER_CALL))
-        index = polling.next_chunk % chunks
-        polling.next_chunk = index + 1
-        size = QUOTE_MAX_INSTRUMENTS_PER_CALL
-        chunk = polling.tokens[index * size : (index + 1) * size]
         client = self._client(account)
         try:
             # In a thread: the client blocks on the shared limiter's slot, then on HTTP.
             quotes = await asyncio.to_thread(client.quote, [str(t) for t in chunk])
         except KiteError as exc:
-            self._metrics.rest_fallback_requests.labels(polling.label, "error").inc()
-            log.warning("rest_fallback.quote_failed", account=polling.label,
+            self._metrics.rest_fallback_requests.labels(account.label, "error").inc()
+            log.warning("rest_fallback.quote_failed", account=account.label, for_account=polling.label,
                         instruments=len(chunk), error=str(exc)[:300])
             return
-        if self._polling.get(aid) is not polling:
+        self._metrics.rest_fallback_requests.labels(account.label, "ok").inc()
+        if self._polling.get(target) is not polling:
             return  # the socket came back while the call was in flight: its data is dropped
-        self._metrics.rest_fallback_requests.labels(polling.label, "ok").inc()
         if quotes:
             ticks = quotes_to_ticks(quotes, index_tokens=self._index_tokens())
             polling.polled.update(int(t) for t in ticks["instrument_token"])
-            self._on_ticks(aid, ticks)
+            self._on_ticks(target, ticks)
