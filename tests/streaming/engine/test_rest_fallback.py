@@ -124,3 +124,40 @@ async def test_quote_errors_are_counted_and_polling_goes_on(nifty):
         assert errors(h.engine, "ok") >= 1
         assert h.engine.supervisor.state("rest_fallback").state == "running"
         h.sim.resume()
+
+
+@pytest.fixture
+def two_accounts():
+    """acc1 streams 700 options (two quote calls' worth), acc2 20 others."""
+    market = SyntheticMarket(seed=0, extra_underlyings=2)
+    instruments_from_market(market)
+    options = list(Instrument.objects.filter(instrument_type__in=("CE", "PE"))
+                   .order_by("instrument_token").values_list("instrument_token", flat=True))
+    acc1 = make_account("acc1", api_key="k1", access_token="tok-acc1")
+    acc2 = make_account("acc2", api_key="k2", access_token="tok-acc2")
+    subscribe(options[:700], pinned=acc1)
+    subscribe(options[700:720], pinned=acc2)
+    return market, acc1.pk
+
+
+async def test_a_stalled_accounts_instruments_are_polled_on_every_accounts_key(two_accounts):
+    market, acc1 = two_accounts
+    async with InProcessEngine(accounts={"acc1": "k1", "acc2": "k2"}, market=market,
+                               rest_fallback_after_s=AFTER_S, watchdog_s=30.0) as h:
+        await async_wait_until(
+            lambda: len(h.sim.subscriptions("k1")) == 700 and len(h.sim.subscriptions("k2")) == 20,
+            timeout_s=60,
+        )
+        h.sim.stall("k1")
+        await async_wait_until(lambda: errors(h.engine, "ok") >= 1, timeout_s=60)
+        started = time.monotonic()
+        ok2 = h.engine.metrics.rest_fallback_requests.labels("acc2", "ok")
+        await async_wait_until(lambda: ok2._value.get() >= 2, timeout_s=60)
+        elapsed_s = time.monotonic() - started
+        assert set(h.engine.rest_fallback.polling) == {acc1}  # acc2's socket is fine
+        for label in ("acc1", "acc2"):  # each key within Kite's 1 call/s
+            calls = sum(h.engine.metrics.rest_fallback_requests.labels(label, o)._value.get()
+                        for o in ("ok", "error"))
+            assert calls <= elapsed_s + 2, label
+        h.sim.resume()
+        await async_wait_until(lambda: h.engine.rest_fallback.polling == {}, timeout_s=60)
