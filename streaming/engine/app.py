@@ -147,7 +147,6 @@ class Engine:
         client_factory: ClientFactory | None = None,
         metrics: EngineMetrics | None = None,
         market: SyntheticMarket | None = None,
-        quote_client_factory: QuoteClientFactory | None = None,
         request_backfill: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> Engine:
@@ -191,7 +190,7 @@ class Engine:
             rest_fallback = RestFallback(
                 connections=connections,
                 accounts=lambda: planner.accounts,
-                client_factory=quote_client_factory or _quote_client_factory(config),
+                client_factory=_quote_client_factory(config),
                 index_tokens=lambda: _index_tokens(worker.universe),
                 on_ticks=intake.rest_ticks,
                 clear_flags=worker.clear_rest_fallback,
