@@ -114,6 +114,23 @@ class EngineMetrics:
         self.bars_closed = Counter(
             "tickerproj_engine_bars_closed", "Underlying 1-minute bars closed.", registry=r
         )
+        self.recorded_frames = Counter(
+            "tickerproj_engine_recorded_frames",
+            "Raw Kite frames written to recordings, per account.",
+            ["account"],
+            registry=r,
+        )
+        self.recording_dropped = Counter(
+            "tickerproj_engine_recording_dropped_frames",
+            "Raw Kite frames not recorded because the recorder thread was too far behind.",
+            ["account"],
+            registry=r,
+        )
+        self.recorder_cpu_seconds = Counter(
+            "tickerproj_engine_recorder_cpu_seconds",
+            "CPU time of the recorder thread (compression and writes).",
+            registry=r,
+        )
 
     def serve(self, port: int, *, addr: str = "127.0.0.1"):
         """Expose /metrics on ``port`` (a daemon thread of prometheus_client's)."""
