@@ -143,6 +143,10 @@ class ConnectionManager:
     def running(self) -> set[int]:
         return set(self._running)
 
+    def recorded(self) -> set[int]:
+        """The accounts whose raw frames are being recorded."""
+        return {aid for aid, running in self._running.items() if running.tap.sink is not None}
+
     def token_in_use(self, account_id: int) -> tuple[str, dt.datetime | None] | None:
         """Fingerprint and issue time of the token the account's client streams with."""
         running = self._running.get(account_id)

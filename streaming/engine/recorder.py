@@ -83,6 +83,8 @@ class FrameRecorder:
         metrics: EngineMetrics,
         max_pending_bytes: int = MAX_PENDING_BYTES,
         spare_recent_s: float = RECENT_FILE_S,
+        block_bytes: int = BLOCK_BYTES,
+        block_interval_s: float = BLOCK_INTERVAL_S,
         monotonic_ns: Callable[[], int] = time.monotonic_ns,
         wall_ns: Callable[[], int] = time.time_ns,
     ) -> None:
@@ -97,6 +99,8 @@ class FrameRecorder:
         self._metrics = metrics
         self._max_pending_bytes = max_pending_bytes
         self._spare_recent_s = spare_recent_s
+        self._block_bytes = block_bytes
+        self._block_interval_s = block_interval_s
         self._monotonic_ns = monotonic_ns
         self._wall_ns = wall_ns
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -130,14 +134,15 @@ class FrameRecorder:
                     dropped.inc()
                     return
                 pending.bytes += len(payload)
-            put((account, kind, received_ns, payload))
+                gap = pending.dropped.pop(account, 0)  # dropped just before this frame
+            put((account, kind, received_ns, payload, gap))
 
         return record
 
     def stop_account(self, *, account: str) -> None:
         """Close ``account``'s file after what it has queued; its sink must not be used again."""
         if self._thread is not None:
-            self._queue.put((account, None, 0, b""))
+            self._queue.put((account, None, 0, b"", 0))
             log.info("recorder.account_stopped", account=account)
 
     def close(self, *, timeout_s: float = 10.0) -> None:
@@ -182,13 +187,14 @@ class FrameRecorder:
             for account in list(self._open):
                 self._close(account)
 
-    def _take(self, account: str, kind: RecordKind | None, received_ns: int, payload: bytes) -> None:
+    def _take(
+        self, account: str, kind: RecordKind | None, received_ns: int, payload: bytes, gap: int
+    ) -> None:
         if kind is None:
             self._close(account)
             return
         with self._lock:
             self._pending.bytes -= len(payload)
-            gap = self._pending.dropped.pop(account, 0)
         current = self._open.get(account)
         if current is None:
             current = self._open[account] = _Open(account, self._new_writer(account, index=0))
@@ -198,20 +204,20 @@ class FrameRecorder:
         if current.first_buffered_s is None:
             current.first_buffered_s = time.monotonic()
         self._metrics.recorded_frames.labels(account).inc()
-        if current.writer.buffered_bytes >= BLOCK_BYTES:
+        if current.writer.buffered_bytes >= self._block_bytes:
             self._write_block(current)
 
     def _next_flush_in_s(self) -> float | None:
         due = [o.first_buffered_s for o in self._open.values() if o.first_buffered_s is not None]
         if not due:
             return None
-        return max(0.0, min(due) + BLOCK_INTERVAL_S - time.monotonic())
+        return max(0.0, min(due) + self._block_interval_s - time.monotonic())
 
     def _flush_due(self) -> None:
         now = time.monotonic()
         for current in list(self._open.values()):
             started = current.first_buffered_s
-            if started is not None and now - started >= BLOCK_INTERVAL_S:
+            if started is not None and now - started >= self._block_interval_s:
                 self._write_block(current)
 
     def _write_block(self, current: _Open) -> None:

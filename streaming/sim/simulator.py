@@ -44,7 +44,8 @@ Replay
     frames, heartbeats, text) goes, byte for byte and at its recorded pace divided by the
     source's ``speed``, to the oldest live connection that has subscribed. The frames are
     what the recorded account was subscribed to, whatever the replaying client subscribes;
-    the market still answers REST. ``replay_finished`` is set when the last message is sent.
+    the market still answers REST. ``replay_finished`` is set when the last message is sent;
+    ``replay_start`` (an event) holds the replay back until it is set.
 
 Approximations, documented so no one mistakes them for Kite's words: the texts of WebSocket
 error messages and of the close reason on token expiry are the simulator's own.
@@ -309,6 +310,7 @@ class KiteSimulator:
         clock: Callable[[], float] = time.time,
         monotonic_fn: Callable[[], float] = time.monotonic,
         replay: ReplaySource | None = None,
+        replay_start: asyncio.Event | None = None,
     ) -> None:
         if tick_interval_ms <= 0 or heartbeat_interval_ms <= 0:
             raise ValueError(
@@ -349,6 +351,7 @@ class KiteSimulator:
         self.bytes_sent = 0
         self.rest_requests: dict[str, int] = {}
         self.replay = replay
+        self._replay_start = replay_start
         self.replay_finished = asyncio.Event()
         self._subscribed = asyncio.Event()  # a connection subscribed (a replay may start)
 
@@ -1437,6 +1440,8 @@ class KiteSimulator:
         """Send the recording's messages at their recorded pace (divided by its speed)."""
         loop = asyncio.get_running_loop()
         origin: tuple[float, int] | None = None  # (loop time, receive ns) the pace counts from
+        if self._replay_start is not None:
+            await self._replay_start.wait()
         for received_ns, message in replay.messages():
             conn = self._replay_target()
             while conn is None:

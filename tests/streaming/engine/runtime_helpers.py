@@ -116,17 +116,18 @@ class InProcessEngine:
     """A simulator and an engine on the test's event loop, over the configured channel layer.
 
     ``async with InProcessEngine(accounts={"acc1": "k1"}) as h:`` starts both; ``h.sim``,
-    ``h.engine`` and ``h.layer`` are then live.
+    ``h.engine`` and ``h.layer`` are then live. ``sim``: a simulator of the test's own (a
+    replaying one) instead of one on the synthetic market.
     """
 
     def __init__(self, *, accounts: dict[str, str], market_seed: int = 0,
                  tick_interval_ms: float = 100.0, force_mode: str = "live",
-                 client_factory=None, clock=None, **config):
+                 client_factory=None, clock=None, sim=None, **config):
         from channels.layers import get_channel_layer
 
         from streaming.sim.simulator import KiteSimulator
 
-        self.sim = KiteSimulator(
+        self.sim = sim or KiteSimulator(
             market=SyntheticMarket(seed=market_seed), tick_interval_ms=tick_interval_ms
         )
         for label, key in accounts.items():
