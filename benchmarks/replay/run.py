@@ -29,6 +29,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -69,6 +70,50 @@ def wait_streaming(ports: list[int], per_account: int, timeout_s: float = 300.0)
             return
         time.sleep(1.0)
     raise RuntimeError("the runticker processes did not stream their accounts in time")
+
+
+class GroupWatcher:
+    """One channels-redis member of every group the accounts publish to, drained on a thread
+    of this process: the engines serialise and publish every snapshot, as they do when the
+    chain pages are open (nobody watching, they skip that work)."""
+
+    def __init__(self, groups: list[str]) -> None:
+        self.groups = groups
+        self.received = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self._thread.start()
+
+    async def _run(self) -> None:
+        from channels.layers import get_channel_layer
+
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        for group in self.groups:
+            await layer.group_add(group, channel)
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(layer.receive(channel), timeout=1.0)
+            except TimeoutError:
+                continue
+            self.received += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def published_groups(market, per_account: int) -> list[str]:
+    from streaming.schema import chain_group, underlying_group
+    from subscriptions.models import Subscription
+
+    subscribed = set(Subscription.objects.values_list("instrument_id", flat=True))
+    groups = set()
+    for r in market.instruments:
+        if r["instrument_token"] in subscribed and r["instrument_type"] in ("CE", "PE"):
+            groups.add(chain_group(r["name"], r["expiry"]))
+            groups.add(underlying_group(r["name"]))
+    return sorted(groups)
 
 
 def set_recording(label: str, on: bool) -> None:
@@ -121,6 +166,9 @@ def recording_phase(args, env, logdir: Path, recordings: Path) -> Path:
     _plan, _sample, total = prepare_phase(market, accounts=2, per_account=args.per_account,
                                           clients=1)
     assert total == 2 * args.per_account, f"the market holds only {total} instruments"
+    watcher = GroupWatcher(published_groups(market, args.per_account)) if args.watch else None
+    print(f"  groups watched: {len(watcher.groups) if watcher else 0} (--no-watch: none)",
+          flush=True)
     no_sample = logdir / "sample.npy"  # the simulator's latency signatures are not needed
     np.save(no_sample, np.zeros(0, dtype=np.int64))
     sim, ws_url, http_url = start_simulator(args, env, logdir, 2, no_sample, logdir / "steps.npz")
@@ -155,6 +203,9 @@ def recording_phase(args, env, logdir: Path, recordings: Path) -> Path:
             proc.stop()
         sim.send_signal(15)
         sim.wait(timeout=30)
+        if watcher is not None:
+            watcher.stop()
+            print(f"  snapshot messages received by the watcher: {watcher.received:,}")
 
     def per_tick(r):
         return r["cpu_s"] / max(r["ticks"], 1)
@@ -211,6 +262,10 @@ def replay_phase(args, env, logdir: Path, files: list[Path]) -> None:
     print(f"\n== replay at --speed {args.speed:g}: {len(files)} files, {len(schedule):,} "
           f"messages, {packets:,} ticks over {recorded_s:.1f} s recorded "
           f"({packets / recorded_s:,.0f} ticks/s)", flush=True)
+    raw = sum(len(m) for _, m in schedule)
+    stored = sum(p.stat().st_size for p in files)
+    print(f"  recording: {raw / 1e6:.1f} MB of frames in {stored / 1e6:.1f} MB of files "
+          f"(ratio {raw / stored:.2f})")
     proc = Proc("replay", [sys.executable, "manage.py", "replay", *map(str, files), "--speed",
                            str(args.speed), "--port", "0", "--api-key", "bench",
                            "--access-token", "bench-token"], env, logdir)
@@ -253,6 +308,8 @@ def main() -> None:
     parser.add_argument("--database", default="bench_replay")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/6")
     parser.add_argument("--flush-interval-ms", type=int, default=100)
+    parser.add_argument("--no-watch", dest="watch", action="store_false",
+                        help="nobody watches the groups: the engines publish nothing")
     args = parser.parse_args()
     env = setup_environment(args)
     os.environ["CHANNEL_LAYER_PREFIX"] = env["CHANNEL_LAYER_PREFIX"]  # the services' notices

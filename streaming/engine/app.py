@@ -141,7 +141,8 @@ class Engine:
         intake = TickIntake(worker=worker, metrics=metrics)
         recorder = FrameRecorder(directory=config.recording_dir,
                                  max_file_bytes=config.recording_max_file_bytes,
-                                 max_total_bytes=config.recording_max_total_bytes, metrics=metrics)
+                                 max_total_bytes=config.recording_max_total_bytes,
+                                 zstd_level=config.recording_zstd_level, metrics=metrics)
         connections = ConnectionManager(supervisor=supervisor, ws_url=config.kite_ws_url,
                                         watchdog_s=config.watchdog_s, metrics=metrics,
                                         client_factory=client_factory, recorder=recorder)

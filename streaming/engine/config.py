@@ -11,6 +11,7 @@ from typing import Any
 from streaming.control import control_channel
 from streaming.engine.leases import make_engine_id
 from streaming.engine.market_hours import EngineMode
+from streaming.kite.recording import ZSTD_LEVEL
 from streaming.nse_calendar import parse_holidays
 
 
@@ -41,6 +42,7 @@ class EngineConfig:
     recording_dir: Path = Path("var/recordings")
     recording_max_file_bytes: int = 256 * 1024 * 1024
     recording_max_total_bytes: int = 4096 * 1024 * 1024
+    recording_zstd_level: int = ZSTD_LEVEL
 
     def __post_init__(self) -> None:
         if self.redis_url and not self.control_channel:
@@ -78,4 +80,5 @@ class EngineConfig:
             recording_dir=Path(settings.TICKER_RECORDING_DIR),
             recording_max_file_bytes=settings.TICKER_RECORDING_MAX_FILE_MB * 1024 * 1024,
             recording_max_total_bytes=settings.TICKER_RECORDING_MAX_TOTAL_MB * 1024 * 1024,
+            recording_zstd_level=settings.TICKER_RECORDING_ZSTD_LEVEL,
         )

@@ -28,7 +28,14 @@ from pathlib import Path
 import structlog
 
 from streaming.engine.metrics import EngineMetrics
-from streaming.kite.recording import SUFFIX, RecordingHeader, RecordingWriter, RecordKind
+from streaming.kite.recording import (
+    SUFFIX,
+    ZSTD_LEVEL,
+    ZSTD_LEVELS,
+    RecordingHeader,
+    RecordingWriter,
+    RecordKind,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +88,7 @@ class FrameRecorder:
         max_file_bytes: int,
         max_total_bytes: int,
         metrics: EngineMetrics,
+        zstd_level: int = ZSTD_LEVEL,
         max_pending_bytes: int = MAX_PENDING_BYTES,
         spare_recent_s: float = RECENT_FILE_S,
         block_bytes: int = BLOCK_BYTES,
@@ -88,6 +96,11 @@ class FrameRecorder:
         monotonic_ns: Callable[[], int] = time.monotonic_ns,
         wall_ns: Callable[[], int] = time.time_ns,
     ) -> None:
+        if zstd_level not in ZSTD_LEVELS:
+            raise ValueError(
+                f"TICKER_RECORDING_ZSTD_LEVEL must be in [{ZSTD_LEVELS.start}, "
+                f"{ZSTD_LEVELS.stop - 1}], got {zstd_level}"
+            )
         if max_file_bytes <= 0 or max_total_bytes < max_file_bytes:
             raise ValueError(
                 f"recording sizes: max file {max_file_bytes} bytes must be positive and at most "
@@ -97,6 +110,7 @@ class FrameRecorder:
         self.max_file_bytes = max_file_bytes
         self.max_total_bytes = max_total_bytes
         self._metrics = metrics
+        self._zstd_level = zstd_level
         self._max_pending_bytes = max_pending_bytes
         self._spare_recent_s = spare_recent_s
         self._block_bytes = block_bytes
@@ -253,7 +267,7 @@ class FrameRecorder:
         while True:
             path = folder / f"{_file_label(account)}-{stamp}-{index:04d}{SUFFIX}"
             try:
-                writer = RecordingWriter(path, header=header,
+                writer = RecordingWriter(path, header=header, level=self._zstd_level,
                                          monotonic_start_ns=self._monotonic_ns())
             except FileExistsError:  # a restart within the same second
                 index += 1

@@ -68,7 +68,10 @@ _RECORD = struct.Struct(">BQI")  # kind, received_ns, payload_len
 MAX_HEADER_BYTES: Final = 64 * 1024
 #: A block holds about a second of frames; anything claiming more is damage, not data.
 MAX_BLOCK_BYTES: Final = 256 * 1024 * 1024
-ZSTD_LEVEL: Final = 3
+#: The default zstd level (TICKER_RECORDING_ZSTD_LEVEL): a fast negative level, because the
+#: recorder's CPU is shared with the tick path and disk is cheaper (benchmarks/replay/README.md).
+ZSTD_LEVEL: Final = -5
+ZSTD_LEVELS: Final = range(-100, zstandard.MAX_COMPRESSION_LEVEL + 1)
 
 
 class RecordKind(enum.IntEnum):
@@ -166,6 +169,10 @@ class RecordingWriter:
         self.path = path
         self.header = header
         self._start_ns = monotonic_start_ns
+        if level not in ZSTD_LEVELS:
+            raise ValueError(
+                f"zstd level must be in [{ZSTD_LEVELS.start}, {ZSTD_LEVELS.stop - 1}], got {level}"
+            )
         self._compressor = zstandard.ZstdCompressor(level=level)
         self._buffer = bytearray()
         self._count = 0
@@ -191,7 +198,7 @@ class RecordingWriter:
         """Compress the buffered records into one block and write it out."""
         if not self._count:
             return
-        compressed = self._compressor.compress(bytes(self._buffer))
+        compressed = self._compressor.compress(self._buffer)
         self._file.write(_BLOCK.pack(len(compressed), zlib.crc32(compressed), self._count))
         self._file.write(compressed)
         self._file.flush()

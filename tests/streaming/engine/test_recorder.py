@@ -136,6 +136,19 @@ def test_stopping_an_account_closes_its_file_and_a_restart_opens_another(tmp_pat
     assert [r.payload for r in read_all(paths)] == [frame(1.0), frame(2.0)]
 
 
-def test_sizes_that_cannot_work_are_refused(tmp_path):
+def test_settings_that_cannot_work_are_refused(tmp_path):
     with pytest.raises(ValueError, match="max file 2000 bytes must be positive and at most"):
         make(tmp_path, max_file_bytes=2000, max_total_bytes=1000)
+    with pytest.raises(ValueError, match=r"TICKER_RECORDING_ZSTD_LEVEL must be in \[-100, 22\], got 23"):
+        make(tmp_path, zstd_level=23)
+
+
+@pytest.mark.parametrize("level", [-5, 1, 3])
+def test_every_level_reads_back(tmp_path, level):
+    recorder, _ = make(tmp_path, zstd_level=level)
+    sent = [frame(26000.0 + i) for i in range(20)]
+    sink = recorder.open(account="acc1")
+    for message in sent:
+        sink(message)
+    recorder.close()
+    assert [r.payload for r in read_all(recordings(tmp_path))] == sent
