@@ -1422,7 +1422,6 @@ class KiteSimulator:
                 conn.tick_due = True
                 conn.wake.set()
 
-
     # --- replay ---------------------------------------------------------------------------
 
     async def _drained(self, conn: _Connection) -> None:
@@ -1443,6 +1442,10 @@ class KiteSimulator:
         if self._replay_start is not None:
             await self._replay_start.wait()
         for received_ns, message in replay.messages():
+            if origin is not None:
+                delay = origin[0] + (received_ns - origin[1]) / 1e9 / replay.speed - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             conn = self._replay_target()
             while conn is None:
                 # No one to send to (not yet subscribed, or reconnecting): wait, then go on
@@ -1453,9 +1456,6 @@ class KiteSimulator:
                 origin = None
             if origin is None:
                 origin = (loop.time(), received_ns)
-            delay = origin[0] + (received_ns - origin[1]) / 1e9 / replay.speed - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
             if len(conn.outbox) >= _REPLAY_MAX_OUTBOX:
                 await self._drained(conn)  # the writer is behind: queue no more than it sends
             is_text = isinstance(message, str)
