@@ -29,7 +29,10 @@ class KiteAccountForm(forms.ModelForm):
 
     class Meta:
         model = KiteAccount
-        fields = ["label", "api_key", "api_secret", "access_token", "kite_user_id", "status"]
+        fields = [
+            "label", "api_key", "api_secret", "access_token", "kite_user_id", "status",
+            "record_frames",
+        ]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -53,9 +56,9 @@ class KiteAccountAdmin(admin.ModelAdmin):
     list_display = [
         "label", "api_key", "kite_user_id", "status", "needs_login_display", "token_expires_at",
         "engine_display", "last_tick_display", "capacity_display",
-        "secrets_display", "kite_login_link", "updated_at",
+        "secrets_display", "record_frames", "kite_login_link", "updated_at",
     ]
-    list_filter = ["status"]
+    list_filter = ["status", "record_frames"]
     search_fields = ["label", "api_key", "kite_user_id"]
     readonly_fields = [
         "kite_login_link", "token_issued_at", "token_expires_at", "last_error", "created_at", "updated_at",

@@ -42,6 +42,11 @@ class KiteAccount(models.Model):
     token_issued_at = models.DateTimeField(null=True, blank=True)
     token_expires_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
+    record_frames = models.BooleanField(
+        default=False,
+        help_text="Record the raw Kite ticker frames this account receives, for manage.py replay "
+        "(files under TICKER_RECORDING_DIR, rotated and capped in size).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -1,7 +1,7 @@
 """The house's import rules, read from the source: imports run one way, down.
 
-- no production module imports the Kite simulator but the demo and ``kitesim`` commands, and
-  the synthetic market imports nothing of it;
+- no production module imports the Kite simulator but the demo, ``kitesim`` and ``replay``
+  commands, and the synthetic market imports nothing of it;
 - models, services and selectors never import the engine or the Celery app;
 - only services tell the engines (``notify_engines_on_commit``).
 """
@@ -38,8 +38,12 @@ def imports_any(tree: ast.Module, prefixes: tuple[str, ...]) -> set[str]:
     return {n for n in imported(tree) if any(n == p or n.startswith(p + ".") for p in prefixes)}
 
 
-def test_only_the_demo_and_kitesim_import_the_simulator():
-    allowed = {"streaming/management/commands/demo.py", "streaming/management/commands/kitesim.py"}
+def test_only_the_demo_kitesim_and_replay_import_the_simulator():
+    allowed = {
+        "streaming/management/commands/demo.py",
+        "streaming/management/commands/kitesim.py",
+        "streaming/management/commands/replay.py",
+    }
     offenders = {
         path: found
         for path, tree in production_modules().items()

@@ -327,6 +327,15 @@ TICKER_RELOAD_DEBOUNCE_MS = env.int("TICKER_RELOAD_DEBOUNCE_MS", default=200)
 """A burst of change notices settles this long before the engine reloads once."""
 TICKER_SAFETY_RELOAD_S = env.float("TICKER_SAFETY_RELOAD_S", default=60.0)
 """The engine reloads this often even without a notice, in case one was lost."""
+TICKER_RECORDING_DIR = BASE_DIR / env.str("TICKER_RECORDING_DIR", default=str(VAR_DIR / "recordings"))
+"""Where runticker records the raw Kite frames of accounts with record_frames on (a relative
+path is taken from the project's folder)."""
+TICKER_RECORDING_MAX_FILE_MB = env.int("TICKER_RECORDING_MAX_FILE_MB", default=256)
+"""A recording file is closed and a new one started at this compressed size."""
+TICKER_RECORDING_MAX_TOTAL_MB = env.int("TICKER_RECORDING_MAX_TOTAL_MB", default=4096)
+"""The recording directory's cap: the oldest recordings are deleted to stay under it."""
+TICKER_RECORDING_ZSTD_LEVEL = env.int("TICKER_RECORDING_ZSTD_LEVEL", default=-5)
+"""zstd level of recordings: negative is faster and larger (CPU is shared with the tick path)."""
 
 # Browser WebSockets.
 WS_MAX_SUBSCRIPTIONS = env.int("WS_MAX_SUBSCRIPTIONS", default=2000)

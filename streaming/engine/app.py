@@ -40,6 +40,7 @@ from streaming.engine.mockfeed import MockFeed
 from streaming.engine.pipeline import SnapshotPipeline
 from streaming.engine.planner import ApplyRequests, StreamPlanner
 from streaming.engine.publisher import Publisher, PublishError, PublishFailureLog
+from streaming.engine.recorder import FrameRecorder
 from streaming.engine.reloader import (
     LocalNoticeListener,
     RedisNoticeListener,
@@ -93,6 +94,7 @@ class Engine:
         publisher: Publisher,
         bar_sink: BarSink,
         connections: ConnectionManager,
+        recorder: FrameRecorder,
         mock_feed: MockFeed,
         leases: LeaseManager,
         heartbeat: HeartbeatWriter,
@@ -114,6 +116,7 @@ class Engine:
         self.publisher = publisher
         self.bar_sink = bar_sink
         self.connections = connections
+        self.recorder = recorder
         self.mock_feed = mock_feed
         self.leases = leases
         self.heartbeat = heartbeat
@@ -164,9 +167,13 @@ class Engine:
         worker = PipelineWorker(pipeline=pipeline, bars=BarAggregator({}), metrics=metrics,
                                 clock=clock)
         intake = TickIntake(worker=worker, metrics=metrics)
+        recorder = FrameRecorder(directory=config.recording_dir,
+                                 max_file_bytes=config.recording_max_file_bytes,
+                                 max_total_bytes=config.recording_max_total_bytes,
+                                 zstd_level=config.recording_zstd_level, metrics=metrics)
         connections = ConnectionManager(supervisor=supervisor, ws_url=config.kite_ws_url,
                                         watchdog_s=config.watchdog_s, metrics=metrics,
-                                        client_factory=client_factory)
+                                        client_factory=client_factory, recorder=recorder)
         market = market or SyntheticMarket(
             seed=config.mock_seed, r=config.risk_free_rate, holidays=config.holidays
         )
@@ -210,7 +217,7 @@ class Engine:
             publisher=publisher,
             bar_sink=BarSink(publisher=publisher, metrics=metrics, close_due=worker.close_due_bars,
                              on_gaps=request_backfill),
-            connections=connections, mock_feed=mock_feed, leases=leases,
+            connections=connections, recorder=recorder, mock_feed=mock_feed, leases=leases,
             heartbeat=HeartbeatWriter(
                 engine_id=config.engine_id, interval_s=config.heartbeat_interval_s,
                 started_at=dt.datetime.now(dt.UTC),
@@ -266,6 +273,8 @@ class Engine:
             await self.supervisor.stop("leases")
             await self.connections.stop_all()
             closed = True
+            # Every frame received is in its recording before the process goes.
+            await asyncio.to_thread(self.recorder.close)
             await self.supervisor.shutdown()
             try:
                 await self._flush_once()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from streaming.control import control_channel
 from streaming.engine.leases import make_engine_id
 from streaming.engine.market_hours import EngineMode
+from streaming.kite.recording import ZSTD_LEVEL
 from streaming.nse_calendar import parse_holidays
 
 
@@ -40,6 +42,10 @@ class EngineConfig:
     reload_debounce_ms: int = 200
     safety_reload_s: float = 60.0
     mode_check_interval_s: float = 1.0
+    recording_dir: Path = Path("var/recordings")
+    recording_max_file_bytes: int = 256 * 1024 * 1024
+    recording_max_total_bytes: int = 4096 * 1024 * 1024
+    recording_zstd_level: int = ZSTD_LEVEL
 
     def __post_init__(self) -> None:
         if self.redis_url and not self.control_channel:
@@ -76,4 +82,8 @@ class EngineConfig:
             mock_seed=settings.MOCK_MARKET_SEED,
             reload_debounce_ms=settings.TICKER_RELOAD_DEBOUNCE_MS,
             safety_reload_s=settings.TICKER_SAFETY_RELOAD_S,
+            recording_dir=Path(settings.TICKER_RECORDING_DIR),
+            recording_max_file_bytes=settings.TICKER_RECORDING_MAX_FILE_MB * 1024 * 1024,
+            recording_max_total_bytes=settings.TICKER_RECORDING_MAX_TOTAL_MB * 1024 * 1024,
+            recording_zstd_level=settings.TICKER_RECORDING_ZSTD_LEVEL,
         )

@@ -4,6 +4,8 @@ The :class:`ConnectionManager` starts an account's client when the engine gains 
 hands it new per-connection subscriptions on every reload (the client sends only the
 difference, so untouched instruments keep streaming), gives it a new access token after a
 login, and stops it, awaited, when the lease is lost or the account is no longer streamable.
+For an account whose ``record_frames`` is on, the client's raw frames also go to the
+:class:`~streaming.engine.recorder.FrameRecorder` (switched on and off at reloads).
 """
 
 from __future__ import annotations
@@ -17,9 +19,16 @@ import numpy as np
 import structlog
 
 from streaming.engine.metrics import EngineMetrics
+from streaming.engine.recorder import FrameRecorder, RawFrameSink
 from streaming.engine.store import AccountRow
 from streaming.engine.supervisor import Supervisor
-from streaming.kite.ticker import ClientHealth, ConnectionState, KiteTickerClient, SessionState
+from streaming.kite.ticker import (
+    ClientHealth,
+    ConnectionState,
+    KiteTickerClient,
+    RawFrameCallback,
+    SessionState,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -41,7 +50,8 @@ class TickerClient(Protocol):
 
 
 ClientFactory = Callable[..., TickerClient]
-"""Builds a client: keyword arguments account, ws_url, watchdog_s, on_ticks, on_session_expired."""
+"""Builds a client: keyword arguments account, ws_url, watchdog_s, on_ticks, on_session_expired,
+on_raw_frame."""
 
 
 def default_client_factory(
@@ -51,6 +61,7 @@ def default_client_factory(
     watchdog_s: float,
     on_ticks: Callable[[np.ndarray], None],
     on_session_expired: Callable[[], None],
+    on_raw_frame: RawFrameCallback | None = None,
 ) -> TickerClient:
     return KiteTickerClient(
         api_key=account.api_key,
@@ -59,6 +70,7 @@ def default_client_factory(
         watchdog_s=watchdog_s,
         on_ticks=on_ticks,
         on_session_expired=on_session_expired,
+        on_raw_frame=on_raw_frame,
         account=account.label,
     )
 
@@ -83,11 +95,25 @@ def client_state(health: ClientHealth) -> dict[str, Any]:
     }
 
 
-class _Running:
-    __slots__ = ("client", "label", "token_fingerprint", "token_issued_at")
+class _FrameTap:
+    """A client's raw-frame callback: hands frames to the recorder while the account records."""
 
-    def __init__(self, client: TickerClient, account: AccountRow) -> None:
+    __slots__ = ("sink",)
+
+    def __init__(self) -> None:
+        self.sink: RawFrameSink | None = None
+
+    def __call__(self, message: bytes | str) -> None:
+        if self.sink is not None:
+            self.sink(message)
+
+
+class _Running:
+    __slots__ = ("client", "label", "tap", "token_fingerprint", "token_issued_at")
+
+    def __init__(self, client: TickerClient, account: AccountRow, tap: _FrameTap) -> None:
         self.client = client
+        self.tap = tap
         self.label = account.label
         self.token_fingerprint = account.token_fingerprint
         self.token_issued_at = account.token_issued_at
@@ -104,6 +130,7 @@ class ConnectionManager:
         watchdog_s: float,
         metrics: EngineMetrics,
         client_factory: ClientFactory | None = None,
+        recorder: FrameRecorder | None = None,
         close_timeout_s: float = 3.0,
     ) -> None:
         self._supervisor = supervisor
@@ -111,11 +138,16 @@ class ConnectionManager:
         self._watchdog_s = watchdog_s
         self._metrics = metrics
         self._factory = client_factory or default_client_factory
+        self._recorder = recorder
         self._close_timeout_s = close_timeout_s
         self._running: dict[int, _Running] = {}
 
     def running(self) -> set[int]:
         return set(self._running)
+
+    def recorded(self) -> set[int]:
+        """The accounts whose raw frames are being recorded."""
+        return {aid for aid, running in self._running.items() if running.tap.sink is not None}
 
     def token_in_use(self, account_id: int) -> tuple[str, dt.datetime | None] | None:
         """Fingerprint and issue time of the token the account's client streams with."""
@@ -137,13 +169,15 @@ class ConnectionManager:
         (account_id, reason)`` Kite's refusal of the token.
         """
         if account.account_id not in self._running:
-            self._start(account, on_ticks, on_session_expired)
+            running = self._start(account, on_ticks, on_session_expired)
+            self._set_recording(running, account)
 
     async def update(self, account: AccountRow, wanted: Mapping[int, str]) -> None:
         """Stream ``wanted`` (token -> mode) on the running client; it sends only the diff."""
         running = self._running.get(account.account_id)
         if running is None:
             return
+        self._set_recording(running, account)
         if running.token_fingerprint != account.token_fingerprint:
             log.info("connections.token_updated", account=account.label)
             running.token_fingerprint = account.token_fingerprint
@@ -166,14 +200,16 @@ class ConnectionManager:
         def account_expired() -> None:
             on_session_expired(aid, "Kite refused the access token on the ticker (HTTP 403)")
 
+        tap = _FrameTap()
         client = self._factory(
             account=account,
             ws_url=self._ws_url,
             watchdog_s=self._watchdog_s,
             on_ticks=account_ticks,
             on_session_expired=account_expired,
+            on_raw_frame=tap,
         )
-        running = _Running(client, account)
+        running = _Running(client, account, tap)
         self._running[aid] = running
         self._supervisor.spawn(f"kite:{label}", client.run, owner=f"account:{label}")
         log.info("connections.started", account=label)
@@ -191,7 +227,22 @@ class ConnectionManager:
             log.warning("connections.close_timeout", account=running.label)
         finally:
             await self._supervisor.stop(f"kite:{running.label}")
+            self._stop_recording(running)
         log.info("connections.stopped", account=running.label)
+
+    def _set_recording(self, running: _Running, account: AccountRow) -> None:
+        """Record the account's raw frames exactly while its ``record_frames`` is on."""
+        if self._recorder is None:
+            return
+        if account.record_frames and running.tap.sink is None:
+            running.tap.sink = self._recorder.open(account=running.label)
+        elif not account.record_frames:
+            self._stop_recording(running)
+
+    def _stop_recording(self, running: _Running) -> None:
+        if running.tap.sink is not None and self._recorder is not None:
+            running.tap.sink = None
+            self._recorder.stop_account(account=running.label)
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(aid) for aid in list(self._running)))

@@ -125,6 +125,23 @@ class EngineMetrics:
             "Accounts whose instruments are polled over REST while a socket is stalled.",
             registry=r,
         )
+        self.recorded_frames = Counter(
+            "tickerproj_engine_recorded_frames",
+            "Raw Kite frames written to recordings, per account.",
+            ["account"],
+            registry=r,
+        )
+        self.recording_dropped = Counter(
+            "tickerproj_engine_recording_dropped_frames",
+            "Raw Kite frames not recorded because the recorder thread was too far behind.",
+            ["account"],
+            registry=r,
+        )
+        self.recorder_cpu_seconds = Counter(
+            "tickerproj_engine_recorder_cpu_seconds",
+            "CPU time of the recorder thread (compression and writes).",
+            registry=r,
+        )
 
     def serve(self, port: int, *, addr: str = "127.0.0.1"):
         """Expose /metrics on ``port`` (a daemon thread of prometheus_client's)."""

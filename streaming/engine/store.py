@@ -89,6 +89,8 @@ class AccountRow:
     access_token: str = field(repr=False, default="")
     #: When the token was stored: a session expiry is recorded only against this login.
     token_issued_at: dt.datetime | None = None
+    #: Record this account's raw Kite frames (KiteAccount.record_frames).
+    record_frames: bool = False
 
     @property
     def token_fingerprint(self) -> str:
@@ -165,6 +167,7 @@ def world_load() -> World:
                 streamable=streamable,
                 access_token=access_token,
                 token_issued_at=acc.token_issued_at,
+                record_frames=acc.record_frames,
             )
         )
     subs = [

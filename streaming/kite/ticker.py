@@ -172,6 +172,8 @@ class _Outcome(enum.Enum):
 TicksCallback = Callable[[np.ndarray], Awaitable[None] | None]
 TextCallback = Callable[[OrderMessage | ErrorMessage | InfoMessage], Awaitable[None] | None]
 SessionExpiredCallback = Callable[[], Awaitable[None] | None]
+RawFrameCallback = Callable[[bytes | str], None]
+"""Gets every message as received (binary frames, heartbeats, text); must not block."""
 
 
 async def _maybe_await(result: Awaitable[None] | None) -> None:
@@ -407,6 +409,8 @@ class KiteConnection:
                 self.last_error = redact(f"closed: {exc}", token)
                 return _Outcome.DROPPED
             self.last_message_at = client._clock()
+            if client._on_raw_frame is not None:
+                client._on_raw_frame(message)
             if isinstance(message, bytes):
                 await self._on_binary(message)
             else:
@@ -505,7 +509,9 @@ class KiteTickerClient:
     ``on_ticks(ticks)`` gets each binary frame's decoded ``TICK_DTYPE`` array (never one call
     per tick); ``on_text(message)`` each validated order / error / message text frame;
     ``on_session_expired()`` is called once when Kite refuses the token (HTTP 401/403), after
-    which nothing reconnects until ``update_token`` brings a different token. Callbacks may be
+    which nothing reconnects until ``update_token`` brings a different token;
+    ``on_raw_frame(message)`` (plain function, must not block: it is on the tick path) each
+    message exactly as received, before decoding, for recording. Callbacks may be
     plain functions or coroutines; they run on the client's event loop, and an exception from
     one ends ``run()`` (a consumer bug is not a network fault to retry).
 
@@ -522,6 +528,7 @@ class KiteTickerClient:
         on_ticks: TicksCallback,
         on_session_expired: SessionExpiredCallback,
         on_text: TextCallback | None = None,
+        on_raw_frame: RawFrameCallback | None = None,
         account: str | None = None,
         watchdog_s: float = 5.0,
         connect_timeout_s: float = 10.0,
@@ -573,6 +580,7 @@ class KiteTickerClient:
         )
         self._on_ticks = on_ticks
         self._on_text = on_text
+        self._on_raw_frame = on_raw_frame
         self._on_session_expired = on_session_expired
         self._clock = clock
         self._access_token = access_token

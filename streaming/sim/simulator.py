@@ -42,6 +42,15 @@ Fault injection (history)
     ``omit_history(token, start_epoch_s, end_epoch_s)`` leaves that instrument's candles
     starting in the range out of every historical answer, as minutes Kite itself lacks.
 
+Replay
+    With ``replay=ReplaySource(...)`` (``streaming.sim.replay``) the ticker sends a recording
+    instead of the market: once a connection has subscribed, each recorded message (tick
+    frames, heartbeats, text) goes, byte for byte and at its recorded pace divided by the
+    source's ``speed``, to the oldest live connection that has subscribed. The frames are
+    what the recorded account was subscribed to, whatever the replaying client subscribes;
+    the market still answers REST. ``replay_finished`` is set when the last message is sent;
+    ``replay_start`` (an event) holds the replay back until it is set.
+
 Approximations, documented so no one mistakes them for Kite's words: the texts of WebSocket
 error messages and of the close reason on token expiry are the simulator's own.
 """
@@ -85,6 +94,7 @@ from streaming.kite.limits import (
     Mode,
 )
 from streaming.market import IST, SyntheticMarket
+from streaming.sim.replay import ReplaySource
 
 __all__ = ["KiteSimulator", "SimulatorThread"]
 
@@ -103,6 +113,8 @@ _SHUTDOWN_TIMEOUT_S: Final = 2.0
 # How long a close waits for the peer's close frame (a stalled client must not hang stop()).
 _CLOSE_TIMEOUT_S: Final = 2.0
 _MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
+_REPLAY_POLL_S: Final = 0.01
+_REPLAY_MAX_OUTBOX: Final = 64
 
 TOKEN_ERROR_MESSAGE: Final = "Incorrect `api_key` or `access_token`."  # noqa: S105 - not a secret
 RATE_ERROR_MESSAGE: Final = "Too many requests"
@@ -246,6 +258,7 @@ class _Connection:
     subscriptions: dict[int, Mode] = field(default_factory=dict)
     outbox: deque[tuple[str, bytes | str]] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    drained: asyncio.Event = field(default_factory=asyncio.Event)  # the outbox was emptied
     tick_due: bool = False
     groups: list[tuple[np.ndarray, int]] | None = None  # (market rows, packet length)
     last_sent_s: float = 0.0
@@ -305,6 +318,8 @@ class KiteSimulator:
         require_kite_version: bool = True,
         clock: Callable[[], float] = time.time,
         monotonic_fn: Callable[[], float] = time.monotonic,
+        replay: ReplaySource | None = None,
+        replay_start: asyncio.Event | None = None,
     ) -> None:
         if tick_interval_ms <= 0 or heartbeat_interval_ms <= 0:
             raise ValueError(
@@ -345,6 +360,10 @@ class KiteSimulator:
         self.frames_sent = 0
         self.bytes_sent = 0
         self.rest_requests: dict[str, int] = {}
+        self.replay = replay
+        self._replay_start = replay_start
+        self.replay_finished = asyncio.Event()
+        self._subscribed = asyncio.Event()  # a connection subscribed (a replay may start)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -371,7 +390,10 @@ class KiteSimulator:
             raise
         self._actual_port = sock.getsockname()[1]
         self._runner = runner
-        self._tick_task = asyncio.create_task(self._tick_loop(), name="kitesim.tick_loop")
+        self._tick_task = asyncio.create_task(
+            self._tick_loop() if self.replay is None else self._replay_loop(self.replay),
+            name="kitesim.tick_loop",
+        )
         log.info("kitesim.started", http_url=self.http_url, ws_url=self.ws_url)
 
     async def stop(self) -> None:
@@ -1297,6 +1319,7 @@ class KiteSimulator:
                         }
                     ).decode(),
                 )
+            self._subscribed.set()
         conn.invalidate()
 
     async def _writer(self, conn: _Connection) -> None:
@@ -1334,6 +1357,7 @@ class KiteSimulator:
                 else:
                     await conn.ws.send_bytes(payload)  # type: ignore[arg-type]
                 conn.last_sent_s = time.monotonic()
+            conn.drained.set()
             if conn.tick_due:
                 conn.tick_due = False
                 await self._send_ticks(conn)
@@ -1417,6 +1441,55 @@ class KiteSimulator:
             for conn in self._connections.values():
                 conn.tick_due = True
                 conn.wake.set()
+
+    # --- replay ---------------------------------------------------------------------------
+
+    async def _drained(self, conn: _Connection) -> None:
+        """Wait until the connection's writer has sent its outbox, or the connection is gone."""
+        while conn.outbox and conn.id in self._connections:
+            conn.drained.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(conn.drained.wait(), timeout=_REPLAY_POLL_S)
+
+    def _replay_target(self) -> _Connection | None:
+        """The oldest live connection that has subscribed: it receives the recording."""
+        return next((c for c in self._connections.values() if c.subscriptions), None)
+
+    async def _replay_loop(self, replay: ReplaySource) -> None:
+        """Send the recording's messages at their recorded pace (divided by its speed)."""
+        loop = asyncio.get_running_loop()
+        origin: tuple[float, int] | None = None  # (loop time, receive ns) the pace counts from
+        if self._replay_start is not None:
+            await self._replay_start.wait()
+        for received_ns, message in replay.messages():
+            if origin is not None:
+                delay = origin[0] + (received_ns - origin[1]) / 1e9 / replay.speed - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            conn = self._replay_target()
+            while conn is None:
+                # No one to send to (not yet subscribed, or reconnecting): wait, then go on
+                # from here at the recorded pace rather than in a burst.
+                self._subscribed.clear()
+                await self._subscribed.wait()
+                conn = self._replay_target()
+                origin = None
+            if origin is None:
+                origin = (loop.time(), received_ns)
+            if len(conn.outbox) >= _REPLAY_MAX_OUTBOX:
+                await self._drained(conn)  # the writer is behind: queue no more than it sends
+            is_text = isinstance(message, str)
+            conn.queue("text" if is_text else "binary", message)
+            replay.sent += 1
+            replay.last_sent_s = time.monotonic()
+            if replay.first_sent_s is None:
+                replay.first_sent_s = replay.last_sent_s
+            if not is_text:
+                replay.binary_bytes_sent += len(message)
+        if (conn := self._replay_target()) is not None:
+            await self._drained(conn)
+        log.info("kitesim.replay_finished", sent=replay.sent, damage=str(replay.damage or ""))
+        self.replay_finished.set()
 
 
 # --- a simulator for synchronous code --------------------------------------------------------

@@ -116,18 +116,20 @@ class InProcessEngine:
     """A simulator and an engine on the test's event loop, over the configured channel layer.
 
     ``async with InProcessEngine(accounts={"acc1": "k1"}) as h:`` starts both; ``h.sim``,
-    ``h.engine`` and ``h.layer`` are then live.
+    ``h.engine`` and ``h.layer`` are then live. ``sim``: a simulator of the test's own (a
+    replaying one) instead of one on the synthetic market.
     """
 
     def __init__(self, *, accounts: dict[str, str], market_seed: int = 0,
                  tick_interval_ms: float = 100.0, force_mode: str = "live",
                  client_factory=None, clock=None, market: SyntheticMarket | None = None,
-                 sim_options: dict | None = None, build_options: dict | None = None, **config):
+                 sim=None, sim_options: dict | None = None, build_options: dict | None = None,
+                 **config):
         from channels.layers import get_channel_layer
 
         from streaming.sim.simulator import KiteSimulator
 
-        self.sim = KiteSimulator(
+        self.sim = sim or KiteSimulator(
             market=market or SyntheticMarket(seed=market_seed), tick_interval_ms=tick_interval_ms,
             **(sim_options or {}),
         )
