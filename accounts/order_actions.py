@@ -31,7 +31,7 @@ from typing import Annotated, Any, Final, Literal
 import orjson
 import structlog
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -518,12 +518,40 @@ Resolution = Literal["settled", "resolved", "waiting", "resent", "given_up"]
 def order_resolve_unknown(*, order_id: int, desk: OrderDesk) -> Resolution:
     """Settle an UNKNOWN order from Kite's order book; re-send only once Kite has shown none.
 
-    "waiting" (and "resent", when the re-send's answer was lost too) mean: ask again later.
+    A PENDING order (its placing process stopped) is settled too: one whose send was claimed
+    is looked for like an UNKNOWN one; one never sent is given up after the grace period
+    rather than sent late. Once every order of a placement is settled, the placement's
+    answer is stored (a key whose first request died gets an answer). "waiting" (and
+    "resent", when the re-send's answer was lost too) mean: ask again later.
     """
-    order = Order.objects.select_related("account").filter(pk=order_id).first()
-    if order is None or order.status != OrderStatus.UNKNOWN:
+    order = Order.objects.select_related("account", "placement").filter(pk=order_id).first()
+    if order is None or order.status not in (OrderStatus.UNKNOWN, OrderStatus.PENDING):
         return "settled"
     actor = OrderActor(user=None, origin="task")
+    if order.status == OrderStatus.PENDING and order.sent_at is None:
+        return _pending_never_sent(order, actor=actor, desk=desk)
+    # UNKNOWN, or PENDING with a send claimed: the placing process stopped while sending.
+    outcome = _resolve_from_book(order, actor=actor, desk=desk)
+    if order.placement is not None and outcome in ("resolved", "given_up"):
+        _placement_answer(order.placement)
+    return outcome
+
+
+def _pending_never_sent(order: Order, *, actor: OrderActor, desk: OrderDesk) -> Resolution:
+    """An order stored but never sent (its process stopped first): given up, not sent late."""
+    if (desk.now() - order.created_at).total_seconds() < desk.limits.unknown_grace_s:
+        return "waiting"
+    message = "not sent: the placing process stopped before sending it; place it again with a new key"
+    order_apply_update(account=order.account, source="resolve",
+                       update={"tag": order.tag, "status": OrderStatus.REJECTED, "status_message": message})
+    order_audit_record(actor=actor, action=OrderAudit.Action.RESOLVE, outcome=OrderAudit.Outcome.REJECTED,
+                       account=order.account, order=order, error_code="not_sent", response={"message": message})
+    if order.placement is not None and not order.placement.orders.filter(status=OrderStatus.PENDING).exists():
+        _placement_answer(order.placement)
+    return "given_up"
+
+
+def _resolve_from_book(order: Order, *, actor: OrderActor, desk: OrderDesk) -> Resolution:
     broker = desk.broker_for(order.account)
     try:
         book = broker.orders()
@@ -658,6 +686,13 @@ def _broker_call(*, actor: OrderActor, order: Order, action: str, request: dict,
 
 
 # --- account-wide actions ----------------------------------------------------------------------
+
+
+def orders_stale(*, desk: OrderDesk) -> list[int]:
+    """Orders to resolve: every UNKNOWN one, and PENDING ones older than the grace period."""
+    before = desk.now() - dt.timedelta(seconds=desk.limits.unknown_grace_s)
+    stale = Q(status=OrderStatus.UNKNOWN) | Q(status=OrderStatus.PENDING, created_at__lt=before)
+    return list(Order.objects.filter(stale).order_by("pk").values_list("pk", flat=True)[:500])
 
 
 def orders_refresh_from_broker(*, account: KiteAccount, broker: Broker) -> int:
