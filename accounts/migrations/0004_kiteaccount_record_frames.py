@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('accounts', '0002_apitoken_scopes'),
+        ('accounts', '0003_orders'),
     ]
 
     operations = [
