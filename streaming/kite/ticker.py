@@ -172,6 +172,7 @@ class _Outcome(enum.Enum):
 TicksCallback = Callable[[np.ndarray], Awaitable[None] | None]
 TextCallback = Callable[[OrderMessage | ErrorMessage | InfoMessage], Awaitable[None] | None]
 SessionExpiredCallback = Callable[[], Awaitable[None] | None]
+ConnectedCallback = Callable[[int, int], Awaitable[None] | None]
 
 
 async def _maybe_await(result: Awaitable[None] | None) -> None:
@@ -370,6 +371,8 @@ class KiteConnection:
         self._closed_on_purpose = False
         self._dirty.set()
         self._log().info("kite.ws.connected", instruments=len(self.desired), connects=self.connects)
+        if client._on_connected is not None:
+            await _maybe_await(client._on_connected(self.index, self.connects))
         try:
             async with asyncio.TaskGroup() as tasks:
                 syncer = tasks.create_task(
@@ -505,7 +508,9 @@ class KiteTickerClient:
     ``on_ticks(ticks)`` gets each binary frame's decoded ``TICK_DTYPE`` array (never one call
     per tick); ``on_text(message)`` each validated order / error / message text frame;
     ``on_session_expired()`` is called once when Kite refuses the token (HTTP 401/403), after
-    which nothing reconnects until ``update_token`` brings a different token. Callbacks may be
+    which nothing reconnects until ``update_token`` brings a different token;
+    ``on_connected(index, connects)`` after each successful upgrade of connection ``index``
+    (order updates sent while no socket was up are lost: the engine asks for a sync). Callbacks may be
     plain functions or coroutines; they run on the client's event loop, and an exception from
     one ends ``run()`` (a consumer bug is not a network fault to retry).
 
@@ -522,6 +527,7 @@ class KiteTickerClient:
         on_ticks: TicksCallback,
         on_session_expired: SessionExpiredCallback,
         on_text: TextCallback | None = None,
+        on_connected: ConnectedCallback | None = None,
         account: str | None = None,
         watchdog_s: float = 5.0,
         connect_timeout_s: float = 10.0,
@@ -573,6 +579,7 @@ class KiteTickerClient:
         )
         self._on_ticks = on_ticks
         self._on_text = on_text
+        self._on_connected = on_connected
         self._on_session_expired = on_session_expired
         self._clock = clock
         self._access_token = access_token
