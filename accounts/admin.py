@@ -8,7 +8,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from accounts import selectors, services
-from accounts.models import ApiToken, KiteAccount
+from accounts.models import ApiToken, KiteAccount, OrderSyncRun
 
 
 class KiteAccountForm(forms.ModelForm):
@@ -197,3 +197,26 @@ class ApiTokenAdmin(admin.ModelAdmin):
             services.apitoken_revoke(token=token)
             self.log_change(request, token, "Revoked")
         messages.success(request, "Revoked.")
+
+
+@admin.register(OrderSyncRun)
+class OrderSyncRunAdmin(admin.ModelAdmin):
+    """Each order sync and what it had to correct: read-only, written by accounts/sync.py."""
+
+    list_display = [
+        "account", "trigger", "status", "started_at", "finished_at", "orders_seen",
+        "trades_seen", "correction_count", "error",
+    ]  # fmt: skip
+    list_filter = ["status", "trigger", "account"]
+    date_hierarchy = "started_at"
+    readonly_fields = [f.name for f in OrderSyncRun._meta.fields]
+
+    @admin.display(description="corrections")
+    def correction_count(self, obj: OrderSyncRun) -> int:
+        return len(obj.corrections)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

@@ -36,6 +36,7 @@ from streaming.engine.leases import LeaseManager
 from streaming.engine.market_hours import EngineMode, MarketHours, ModePolicy
 from streaming.engine.metrics import EngineMetrics, LoopLagMonitor
 from streaming.engine.mockfeed import MockFeed
+from streaming.engine.orders import OrderUpdateRelay, RequestSync
 from streaming.engine.pipeline import SnapshotPipeline
 from streaming.engine.planner import ApplyRequests, StreamPlanner
 from streaming.engine.publisher import Publisher, PublishError, PublishFailureLog
@@ -45,6 +46,7 @@ from streaming.engine.reloader import (
     Reloader,
     ReloadTrigger,
 )
+from streaming.engine.store import order_update_apply, run_db
 from streaming.engine.supervisor import Supervisor
 from streaming.engine.universe import InstrumentUniverse
 from streaming.engine.worker import PipelineWorker, TickIntake
@@ -72,6 +74,7 @@ class Engine:
         publisher: Publisher,
         bar_sink: BarSink,
         connections: ConnectionManager,
+        orders: OrderUpdateRelay,
         mock_feed: MockFeed,
         leases: LeaseManager,
         heartbeat: HeartbeatWriter,
@@ -92,6 +95,7 @@ class Engine:
         self.publisher = publisher
         self.bar_sink = bar_sink
         self.connections = connections
+        self.orders = orders
         self.mock_feed = mock_feed
         self.leases = leases
         self.heartbeat = heartbeat
@@ -124,9 +128,14 @@ class Engine:
         client_factory: ClientFactory | None = None,
         metrics: EngineMetrics | None = None,
         market: SyntheticMarket | None = None,
+        request_order_sync: RequestSync | None = None,
         clock: Callable[[], float] = time.time,
     ) -> Engine:
-        """The production graph from a config, each part built once, callbacks running down."""
+        """The production graph from a config, each part built once, callbacks running down.
+
+        ``request_order_sync(account_id, reason)`` asks for a sync of the account's orders
+        (runticker: the Celery job) after each ticker connect; without it, none is asked for.
+        """
         metrics = metrics or EngineMetrics()
         supervisor = Supervisor(
             on_crash=lambda name, _owner, _exc: metrics.task_crashes.labels(name).inc()
@@ -136,9 +145,16 @@ class Engine:
         worker = PipelineWorker(pipeline=pipeline, bars=BarAggregator({}), metrics=metrics,
                                 clock=clock)
         intake = TickIntake(worker=worker, metrics=metrics)
+
+        async def apply_order_update(account_id: int, update: dict[str, Any]) -> None:
+            await run_db(order_update_apply, account_id=account_id, update=update)
+
+        orders = OrderUpdateRelay(
+            apply=apply_order_update, metrics=metrics, request_sync=request_order_sync
+        )
         connections = ConnectionManager(supervisor=supervisor, ws_url=config.kite_ws_url,
                                         watchdog_s=config.watchdog_s, metrics=metrics,
-                                        client_factory=client_factory)
+                                        client_factory=client_factory, orders=orders)
         market = market or SyntheticMarket(
             seed=config.mock_seed, r=config.risk_free_rate, holidays=config.holidays
         )
@@ -168,7 +184,7 @@ class Engine:
             ),
             publisher=publisher,
             bar_sink=BarSink(publisher=publisher, metrics=metrics, close_due=worker.close_due_bars),
-            connections=connections, mock_feed=mock_feed, leases=leases,
+            connections=connections, orders=orders, mock_feed=mock_feed, leases=leases,
             heartbeat=HeartbeatWriter(
                 engine_id=config.engine_id, interval_s=config.heartbeat_interval_s,
                 started_at=dt.datetime.now(dt.UTC),
@@ -203,6 +219,8 @@ class Engine:
                       owner="publisher")
             sup.spawn("watched_groups", self._watched_loop, owner="publisher")
             sup.spawn("bars", self.bar_sink.run, owner="bars")
+            sup.spawn("order_updates", self.orders.run, owner="orders")
+            sup.spawn("order_syncs", self.orders.run_syncs, owner="orders")
             sup.spawn("mode", self._mode_loop, owner="engine")
             sup.spawn("heartbeat", lambda: self.heartbeat.run(self.status), owner="engine")
             if self.mode == "mock":

@@ -4,6 +4,8 @@ The :class:`ConnectionManager` starts an account's client when the engine gains 
 hands it new per-connection subscriptions on every reload (the client sends only the
 difference, so untouched instruments keep streaming), gives it a new access token after a
 login, and stops it, awaited, when the lease is lost or the account is no longer streamable.
+Each client's order text frames and connects go to the engine's
+:class:`~streaming.engine.orders.OrderUpdateRelay`, tagged with the account.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import numpy as np
 import structlog
 
 from streaming.engine.metrics import EngineMetrics
+from streaming.engine.orders import OrderUpdateRelay
 from streaming.engine.store import AccountRow
 from streaming.engine.supervisor import Supervisor
+from streaming.kite.codec import ErrorMessage, InfoMessage, OrderMessage
 from streaming.kite.ticker import ClientHealth, ConnectionState, KiteTickerClient, SessionState
 
 log = structlog.get_logger(__name__)
@@ -39,7 +43,8 @@ class TickerClient(Protocol):
 
 
 ClientFactory = Callable[..., TickerClient]
-"""Builds a client: keyword arguments account, ws_url, watchdog_s, on_ticks, on_session_expired."""
+"""Builds a client: keyword arguments account, ws_url, watchdog_s, on_ticks, on_session_expired,
+on_text, on_connected."""
 
 
 def default_client_factory(
@@ -49,6 +54,8 @@ def default_client_factory(
     watchdog_s: float,
     on_ticks: Callable[[np.ndarray], None],
     on_session_expired: Callable[[], None],
+    on_text: Callable[[OrderMessage | ErrorMessage | InfoMessage], None] | None = None,
+    on_connected: Callable[[int, int], None] | None = None,
 ) -> TickerClient:
     return KiteTickerClient(
         api_key=account.api_key,
@@ -57,6 +64,8 @@ def default_client_factory(
         watchdog_s=watchdog_s,
         on_ticks=on_ticks,
         on_session_expired=on_session_expired,
+        on_text=on_text,
+        on_connected=on_connected,
         account=account.label,
     )
 
@@ -102,6 +111,7 @@ class ConnectionManager:
         watchdog_s: float,
         metrics: EngineMetrics,
         client_factory: ClientFactory | None = None,
+        orders: OrderUpdateRelay | None = None,
         close_timeout_s: float = 3.0,
     ) -> None:
         self._supervisor = supervisor
@@ -109,6 +119,7 @@ class ConnectionManager:
         self._watchdog_s = watchdog_s
         self._metrics = metrics
         self._factory = client_factory or default_client_factory
+        self._orders = orders
         self._close_timeout_s = close_timeout_s
         self._running: dict[int, _Running] = {}
 
@@ -164,12 +175,24 @@ class ConnectionManager:
         def account_expired() -> None:
             on_session_expired(aid, "Kite refused the access token on the ticker (HTTP 403)")
 
+        hooks: dict[str, Callable[..., None]] = {}
+        if (orders := self._orders) is not None:
+
+            def account_text(message: OrderMessage | ErrorMessage | InfoMessage) -> None:
+                if isinstance(message, OrderMessage):
+                    orders.order_message(aid, message)
+
+            def account_connected(index: int, connects: int) -> None:
+                orders.connected(aid, index, connects)
+
+            hooks = {"on_text": account_text, "on_connected": account_connected}
         client = self._factory(
             account=account,
             ws_url=self._ws_url,
             watchdog_s=self._watchdog_s,
             on_ticks=account_ticks,
             on_session_expired=account_expired,
+            **hooks,
         )
         running = _Running(client, account)
         self._running[aid] = running
