@@ -21,13 +21,14 @@ from django.db import DatabaseError
 from django.db.models import Case, IntegerField, Value, When
 from django.http import HttpRequest
 from ninja import Router
+from ninja.throttling import AnonRateThrottle
 from pydantic import ValidationError
 
 from accounts.fields import DecryptionError
 from accounts.models import KiteAccount
 from accounts.order_services import OrderUpdateError, order_apply_update
 from streaming.kite.postback import MAX_POSTBACK_BYTES, Postback, postback_checksum_valid
-from tickerproj.api_support import ApiError, CallerRateThrottle
+from tickerproj.api_support import ApiError
 
 log = structlog.get_logger(__name__)
 
@@ -107,7 +108,7 @@ def postback_receive(*, body: bytes, remote_addr: str | None) -> PostbackOutcome
 @router.post(
     "/kite/postback",
     auth=None,
-    throttle=[CallerRateThrottle(settings.KITE_POSTBACK_RATE_LIMIT)],
+    throttle=[AnonRateThrottle(settings.KITE_POSTBACK_RATE_LIMIT)],
     summary="Kite order postback (webhook)",
     response={200: dict},
 )
