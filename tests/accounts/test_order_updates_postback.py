@@ -17,8 +17,8 @@ from streaming.kite.postback import MAX_POSTBACK_BYTES, postback_checksum
 pytestmark = pytest.mark.django_db
 
 URL = "/api/v1/kite/postback"
-SECRET = "postback-secret-9f2c"  # noqa: S105 - a test secret
-OTHER_SECRET = "other-secret-71aa"  # noqa: S105
+SECRET = "postback-secret-9f2c"
+OTHER_SECRET = "other-secret-71aa"
 
 
 @pytest.fixture

@@ -121,7 +121,7 @@ class InProcessEngine:
 
     def __init__(self, *, accounts: dict[str, str], market_seed: int = 0,
                  tick_interval_ms: float = 100.0, force_mode: str = "live",
-                 client_factory=None, clock=None, **config):
+                 client_factory=None, clock=None, request_order_sync=None, **config):
         from channels.layers import get_channel_layer
 
         from streaming.sim.simulator import KiteSimulator
@@ -136,6 +136,7 @@ class InProcessEngine:
         self.engine = None
         self._client_factory = client_factory
         self._clock = clock
+        self._request_order_sync = request_order_sync
         self._stop = asyncio.Event()
         self._task = None
 
@@ -154,6 +155,8 @@ class InProcessEngine:
             **self._config,
         )
         extra = {"clock": self._clock} if self._clock is not None else {}
+        if self._request_order_sync is not None:
+            extra["request_order_sync"] = self._request_order_sync
         self.engine = Engine.build(
             config, channel_layer=self.layer, client_factory=self._client_factory, **extra
         )
