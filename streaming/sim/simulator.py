@@ -547,6 +547,10 @@ class KiteSimulator:
     def orders(self, api_key: str) -> list[dict[str, Any]]:
         return [history[-1] for history in self._account(api_key).orders.values()]
 
+    def order_history(self, api_key: str, order_id: str) -> list[dict[str, Any]]:
+        """Every state the order went through, oldest first (as ``/orders/{order_id}``)."""
+        return [dict(state) for state in self._account(api_key).orders[order_id]]
+
     # --- fault injection ------------------------------------------------------------------
 
     async def drop_connections(self, api_key: str | None = None) -> int:
