@@ -46,7 +46,7 @@ from streaming.engine.reloader import (
     Reloader,
     ReloadTrigger,
 )
-from streaming.engine.store import order_update_apply, run_db
+from streaming.engine.store import order_update_apply, run_db_publishing
 from streaming.engine.supervisor import Supervisor
 from streaming.engine.universe import InstrumentUniverse
 from streaming.engine.worker import PipelineWorker, TickIntake
@@ -147,7 +147,7 @@ class Engine:
         intake = TickIntake(worker=worker, metrics=metrics)
 
         async def apply_order_update(account_id: int, update: dict[str, Any]) -> None:
-            await run_db(order_update_apply, account_id=account_id, update=update)
+            await run_db_publishing(order_update_apply, account_id=account_id, update=update)
 
         orders = OrderUpdateRelay(
             apply=apply_order_update, metrics=metrics, request_sync=request_order_sync
