@@ -2,10 +2,11 @@
 
 Kite pushes ``{"type": "order", "data": {...}}`` on every ticker socket of the account, so
 with three connections one change arrives up to three times: :class:`OrderUpdateRelay`
-drops the copies it saw recently, queues the rest (bounded) and one supervised task applies
-them in arrival order, each through ``apply(account_id, update)`` (the order service in a
-database thread, which is idempotent and never moves an order backwards, so a copy that
-slips through changes nothing).
+drops the copies it saw recently, queues the rest (bounded) and applies them, each through
+``apply(account_id, update)`` (the order service in a database thread, which is idempotent
+and never moves an order backwards, so a copy that slips through changes nothing). An
+apply waits mostly on PostgreSQL, so ``workers`` queues are drained side by side; one
+order's updates always go to the same queue and keep their arrival order.
 
 Updates sent while no socket was up are lost on this channel. So every successful connect
 asks for a sync of the account (``request_sync``, the Celery job that reconciles orders,
@@ -31,6 +32,8 @@ from streaming.kite.codec import OrderMessage
 log = structlog.get_logger(__name__)
 
 MAX_PENDING_UPDATES: Final = 10_000
+APPLY_WORKERS: Final = 2
+"""Half the engine's database threads (store.DB_THREADS): leases and heartbeats keep theirs."""
 RECENT_UPDATES_REMEMBERED: Final = 4096
 """Copies of one change arrive within milliseconds of each other; this covers many seconds."""
 SYNC_MIN_INTERVAL_S: Final = 10.0
@@ -49,13 +52,16 @@ class OrderUpdateRelay:
         metrics: EngineMetrics,
         request_sync: RequestSync | None = None,
         max_pending: int = MAX_PENDING_UPDATES,
+        workers: int = APPLY_WORKERS,
         sync_min_interval_s: float = SYNC_MIN_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._apply = apply
         self._metrics = metrics
         self._request_sync = request_sync
-        self._queue: asyncio.Queue[tuple[int, dict[str, Any]]] = asyncio.Queue(max_pending)
+        self._queues: list[asyncio.Queue[tuple[int, dict[str, Any]]]] = [
+            asyncio.Queue(max(1, max_pending // workers)) for _ in range(workers)
+        ]
         self._recent: OrderedDict[tuple[int, bytes], None] = OrderedDict()
         self._syncs_wanted: dict[int, str] = {}
         self._last_sync_at: dict[int, float] = {}
@@ -76,8 +82,10 @@ class OrderUpdateRelay:
         self._recent[key] = None
         if len(self._recent) > RECENT_UPDATES_REMEMBERED:
             self._recent.popitem(last=False)
+        order_key = update.get("order_id") or update.get("tag") or ""
+        queue = self._queues[hash((account_id, order_key)) % len(self._queues)]
         try:
-            self._queue.put_nowait((account_id, update))
+            queue.put_nowait((account_id, update))
         except asyncio.QueueFull:
             # Never block the socket reader: the sync reads Kite's order book instead.
             self._metrics.order_updates.labels("overflow").inc()
@@ -97,9 +105,14 @@ class OrderUpdateRelay:
     # --- supervised tasks ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Apply queued updates one at a time (an order's updates keep their order)."""
+        """Drain every queue, each applying its updates one at a time."""
+        async with asyncio.TaskGroup() as tasks:
+            for index, queue in enumerate(self._queues):
+                tasks.create_task(self._drain(queue), name=f"orders.apply.{index}")
+
+    async def _drain(self, queue: asyncio.Queue[tuple[int, dict[str, Any]]]) -> None:
         while True:
-            account_id, update = await self._queue.get()
+            account_id, update = await queue.get()
             try:
                 await self._apply(account_id, update)
             except StoreError as exc:
@@ -135,4 +148,4 @@ class OrderUpdateRelay:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return sum(queue.qsize() for queue in self._queues)
