@@ -12,7 +12,6 @@ import re
 from typing import Annotated
 
 import orjson
-import structlog
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse
 from ninja import Header, Query, Router, Schema
@@ -37,8 +36,6 @@ from accounts.order_desk import order_desk_from_settings
 from accounts.order_models import IDEMPOTENCY_KEY_MAX_LENGTH, OrderStatus
 from accounts.order_selectors import accounts_tradable_by, order_get_visible, orders_list
 from tickerproj.api_support import ApiError, caller_user, error_response, require_scope
-
-log = structlog.get_logger(__name__)
 
 router = Router(tags=["orders"])
 

@@ -434,14 +434,16 @@ def order_place(
         existing = OrderPlacement.objects.get(user=actor.user, idempotency_key=idempotency_key)
         return _replay(existing, fingerprint)
     broker = desk.broker_for(account)
+    sent = []
     for order in placement.orders.order_by("slice_index"):
-        order_send(order=order, broker=broker, actor=actor, desk=desk, action=OrderAudit.Action.PLACE)
-    return _placement_answer(placement)
+        order.account = account
+        sent.append(order_send(order=order, broker=broker, actor=actor, desk=desk, action=OrderAudit.Action.PLACE))
+    return _placement_answer(placement, orders=sent)
 
 
-def _placement_answer(placement: OrderPlacement) -> ActionResult:
+def _placement_answer(placement: OrderPlacement, *, orders: list[Order] | None = None) -> ActionResult:
     """Store the placement's answer once; every later POST with its key gets this."""
-    orders = list(placement.orders.order_by("slice_index"))
+    orders = orders if orders is not None else list(placement.orders.order_by("slice_index"))
     statuses = {o.status for o in orders}
     body: dict[str, Any] = {
         "placement": {"id": placement.pk, "idempotency_key": placement.idempotency_key,
@@ -458,6 +460,8 @@ def _placement_answer(placement: OrderPlacement) -> ActionResult:
     OrderPlacement.objects.filter(pk=placement.pk, response_status__isnull=True).update(
         response_status=status, response_body=body
     )
+    # Read back, so the first answer is byte for byte what every replay returns (jsonb's key
+    # order), and a resolver that stored it first wins.
     placement.refresh_from_db(fields=["response_status", "response_body"])
     return ActionResult(status=placement.response_status, body=placement.response_body)
 
@@ -479,10 +483,11 @@ def order_send(*, order: Order, broker: Broker, actor: OrderActor, desk: OrderDe
         return order
     account = order.account
     source = "place"
+    updated: Order | None
     try:
         kite_order_id = broker.place_order(params=order.request)
     except BrokerAmbiguousError as exc:
-        order_apply_update(account=account, source=source, update={
+        updated = order_apply_update(account=account, source=source, update={
             "tag": order.tag, "status": OrderStatus.UNKNOWN,
             "status_message": f"Kite's answer was lost ({exc.message}); resolving from its order book",
         })  # fmt: skip
@@ -495,19 +500,21 @@ def order_send(*, order: Order, broker: Broker, actor: OrderActor, desk: OrderDe
     except (BrokerRejectedError, BrokerNotSentError) as exc:
         sent = isinstance(exc, BrokerRejectedError)
         message = exc.message if sent else f"not sent to Kite: {exc.message}"
-        order_apply_update(account=account, source=source,
+        updated = order_apply_update(account=account, source=source,
                            update={"tag": order.tag, "status": OrderStatus.REJECTED, "status_message": message})
         order_audit_record(actor=actor, action=action, outcome=OrderAudit.Outcome.REJECTED, account=account,
                            order=order, error_code="kite_rejected" if sent else "kite_unreachable",
                            request=order.request, response={"error": message, "error_type": exc.error_type})
     else:
-        order_apply_update(account=account, source=source, update={
+        updated = order_apply_update(account=account, source=source, update={
             "order_id": kite_order_id, "tag": order.tag, "status": OrderStatus.PUT_ORDER_REQ_RECEIVED,
         })  # fmt: skip
         order_audit_record(actor=actor, action=action, outcome=OrderAudit.Outcome.OK, account=account,
                            order=order, request=order.request, response={"order_id": kite_order_id})
-    order.refresh_from_db()
-    return order
+    if updated is None:  # an update from the feed got there first and is newer
+        order.refresh_from_db()
+        return order
+    return updated
 
 
 # --- resolving UNKNOWN orders ------------------------------------------------------------------
