@@ -17,6 +17,7 @@ overflowing queue asks for one too instead of blocking the socket readers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -143,7 +144,10 @@ class OrderUpdateRelay:
                 await self._request_sync(account_id, reason)
                 log.info("orders.sync_requested", account_id=account_id, reason=reason)
             if waits:
-                await asyncio.sleep(min(waits))
+                # Until the earliest is due, or sooner if another account wants one.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(waits)):
+                        await self._wake.wait()
                 self._wake.set()
 
     @property
