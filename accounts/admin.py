@@ -13,7 +13,7 @@ from accounts import (
     selectors,
     services,
 )
-from accounts.models import MARKET_PROTECTION_AUTO, ApiToken, KiteAccount
+from accounts.models import MARKET_PROTECTION_AUTO, ApiToken, KiteAccount, OrderSyncRun
 from accounts.order_actions import (
     OrderActor,
     account_cancel_all,
@@ -290,3 +290,25 @@ class ApiTokenAdmin(admin.ModelAdmin):
             self.log_change(request, token, "Revoked")
         messages.success(request, "Revoked.")
 
+
+@admin.register(OrderSyncRun)
+class OrderSyncRunAdmin(admin.ModelAdmin):
+    """Each order sync and what it had to correct: read-only, written by accounts/sync.py."""
+
+    list_display = [
+        "account", "trigger", "status", "started_at", "finished_at", "orders_seen",
+        "trades_seen", "correction_count", "error",
+    ]  # fmt: skip
+    list_filter = ["status", "trigger", "account"]
+    date_hierarchy = "started_at"
+    readonly_fields = [f.name for f in OrderSyncRun._meta.fields]
+
+    @admin.display(description="corrections")
+    def correction_count(self, obj: OrderSyncRun) -> int:
+        return len(obj.corrections)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

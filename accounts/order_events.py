@@ -3,6 +3,12 @@
 ``order_apply_update`` (accounts/order_services.py) calls :func:`order_event_publish` after
 its transaction commits, once per applied update. The document crosses a process boundary
 (to the WebSocket clients of ``orders.<account_id>``), so it has one typed model here.
+
+The publisher sends it, serialised once, to the account's channel-layer group
+(``streaming.schema.orders_group``); each consumer that follows the account wraps the bytes
+in an ``order`` frame (docs/websocket-protocol.md) without decoding them. Publishing is
+after commit and best effort: a channel layer that is away loses the push, never the update
+(clients read ``GET /api/v1/orders``).
 """
 
 from __future__ import annotations
@@ -11,17 +17,17 @@ import datetime as dt
 from typing import TYPE_CHECKING, Literal
 
 import structlog
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from pydantic import BaseModel, ConfigDict
+from redis.exceptions import RedisError
+
+from streaming.schema import order_event_message, orders_group
 
 if TYPE_CHECKING:
     from accounts.order_models import Order
 
 log = structlog.get_logger(__name__)
-
-
-def orders_group(account_id: int) -> str:
-    """The channel-layer group of one account's order updates."""
-    return f"orders.{account_id}"
 
 
 class OrderEvent(BaseModel):
@@ -70,8 +76,8 @@ class OrderEvent(BaseModel):
 def order_event_publish(*, order: Order) -> None:
     """Tell the listeners of ``orders_group(order.account_id)`` about the order's new state.
 
-    Called after commit by ``order_apply_update``. The WebSocket push lives with the
-    ``orders`` subscription (docs/websocket-protocol.md); here the event is built and logged.
+    Called after commit by ``order_apply_update``; a Redis failure is logged, not raised (the
+    order is stored; only this push is lost).
     """
     event = OrderEvent.from_order(order)
     log.info(
@@ -79,3 +85,14 @@ def order_event_publish(*, order: Order) -> None:
         kite_order_id=event.kite_order_id, status=event.status,
         filled_quantity=event.filled_quantity,
     )  # fmt: skip
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    message = order_event_message(
+        account_id=event.account_id, item=event.model_dump_json().encode()
+    )
+    try:
+        async_to_sync(layer.group_send)(orders_group(event.account_id), message)
+    except (OSError, RedisError) as exc:
+        log.warning("order.publish_failed", account_id=event.account_id, order=event.id,
+                    error=str(exc)[:200])

@@ -26,6 +26,12 @@ counts against the message rate before it is parsed; a subscribe naming more ins
 the connection has room for is refused before its references are validated or looked up, so
 the lookup on channels' shared database thread is bounded; and a :class:`ConnectionCounter`
 caps the connections of one user and of one client address.
+
+Order events (``{"action": "subscribe", "orders": ...}``) are not latest-wins: each one is
+sent as it comes, outside the snapshot window (they are few and each one matters). A
+connection joins ``orders.<account_id>`` only for accounts its user may see
+(``accounts_visible_to``), and re-checks that at most every ``ORDERS_RECHECK_S`` while
+events arrive, so a grant taken away in the admin stops the events within seconds.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from django.utils import timezone
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
 
+from accounts.order_selectors import accounts_visible_to
 from accounts.revocation import WS_REVOKED_MESSAGE_TYPE, ws_auth_groups
 from streaming import schema, status
 from streaming.engine.universe import UNIVERSE_FIELDS, InstrumentUniverse, UniverseError
@@ -68,6 +75,9 @@ from streaming.protocol import (
     Unsubscribe,
     error_message,
     hello_message,
+    order_frame,
+    orders_subscribed_message,
+    orders_unsubscribed_message,
     parse_client_message,
     pong_message,
     snapshots_frame,
@@ -98,6 +108,13 @@ SMALL_FRAME_BYTES = 256
 new frames stay free; a larger one is counted against the rate limit first."""
 INBOX_MAX_BYTES = 4 * MAX_TEXT_FRAME_BYTES
 """Bytes of client frames waiting for the consumer before the connection is closed."""
+ORDERS_RECHECK_S = 5.0
+"""How stale a connection's knowledge of which accounts its user may see may get."""
+
+
+def visible_account_labels(*, user: Any) -> dict[int, str]:
+    """The broker accounts whose orders ``user`` may see: id -> label."""
+    return dict(accounts_visible_to(user=user).values_list("id", "label"))
 
 
 class WebSocketMetrics:
@@ -519,6 +536,9 @@ class TickerConsumer(AsyncWebsocketConsumer):
         self._frames = 0
         self._refresher: asyncio.Task | None = None
         self._auth_groups: list[str] = []
+        self._orders: dict[int, str] = {}  # account id -> its orders group
+        self._orders_checked_at = 0.0
+        self._clock = clock
         self._log = log
 
     # Channels' dispatch closes stale DB connections (a thread hop) before every message; the
@@ -528,6 +548,8 @@ class TickerConsumer(AsyncWebsocketConsumer):
         kind = message.get("type")
         if kind == "snapshots.batch":
             await self.snapshots_batch(message)
+        elif kind == schema.ORDER_EVENT_TYPE:
+            await self.order_event(message)
         elif kind == "websocket.receive":
             await self.websocket_receive(message)
         elif kind == "websocket.connect":
@@ -632,9 +654,10 @@ class TickerConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         self._open = False
         await self._stop_refresher()
-        groups = [*self._group_refs, *self._auth_groups]
+        groups = [*self._group_refs, *self._auth_groups, *self._orders.values()]
         self._group_refs.clear()
         self._auth_groups = []
+        self._orders.clear()
         self._subs.clear()
         self._pending.clear()
         if self._counted:
@@ -665,7 +688,7 @@ class TickerConsumer(AsyncWebsocketConsumer):
             await asyncio.sleep(self._config.group_refresh_s)
             groups = list(self._group_refs)
             try:
-                for group in self._auth_groups:
+                for group in [*self._auth_groups, *self._orders.values()]:
                     await self.channel_layer.group_add(group, self.channel_name)
                 for group in groups:
                     if group in self._group_refs:
@@ -794,6 +817,9 @@ class TickerConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=error_message(code, message, request_id=request_id, **detail))
 
     async def _subscribe(self, msg: Subscribe) -> None:
+        if msg.orders is not None:
+            await self._subscribe_orders(msg)
+            return
         try:
             # On channels' one shared database thread: bounded work, since a subscribe names
             # at most the connection's room (WS_MAX_SUBSCRIPTIONS) of new instruments.
@@ -877,6 +903,14 @@ class TickerConsumer(AsyncWebsocketConsumer):
                 )
 
     async def _unsubscribe(self, msg: Unsubscribe) -> None:
+        if msg.orders is not None or (msg.all and self._orders):
+            accounts = list(self._orders) if msg.orders is True or msg.all else msg.orders
+            await self._leave_orders(accounts)
+            await self.send(
+                text_data=orders_unsubscribed_message(request_id=msg.id, accounts=self._orders)
+            )
+            if msg.orders is not None:
+                return
         if msg.all:
             removed = list(self._subs)
         else:
@@ -919,6 +953,88 @@ class TickerConsumer(AsyncWebsocketConsumer):
             elif (token := self._symbols.get((ref.exchange, ref.tradingsymbol))) is not None:
                 tokens.append(token)
         return tokens
+
+    # --- order events -------------------------------------------------------------------------
+
+    async def _visible_accounts(self) -> dict[int, str]:
+        visible = await database_sync_to_async(visible_account_labels)(user=self.scope["user"])
+        self._orders_checked_at = self._clock()
+        return visible
+
+    async def _subscribe_orders(self, msg: Subscribe) -> None:
+        try:
+            visible = await self._visible_accounts()
+        except DatabaseError as exc:
+            self._log.warning("ws.orders_resolve_failed", error=str(exc)[:200])
+            await self._send_error(
+                ErrorCode.UNAVAILABLE, "the account database is unavailable; try again",
+                request_id=msg.id,
+            )
+            return
+        if msg.orders is True:
+            wanted = set(visible)
+        else:
+            unknown = sorted(set(msg.orders) - set(visible))
+            if unknown:
+                # Not found and not visible read the same: no account's existence leaks.
+                await self._send_error(
+                    ErrorCode.UNKNOWN_ACCOUNT,
+                    f"{len(unknown)} account(s) not found or not visible to you; nothing was "
+                    "subscribed",
+                    request_id=msg.id,
+                    accounts=unknown,
+                )
+                return
+            wanted = set(msg.orders)
+        joined = {aid: schema.orders_group(aid) for aid in sorted(wanted - set(self._orders))}
+        try:
+            for group in joined.values():
+                await self.channel_layer.group_add(group, self.channel_name)
+        except (OSError, RedisError) as exc:
+            self._log.warning("ws.subscribe_failed", error=str(exc)[:200])
+            await self._send_error(
+                ErrorCode.UNAVAILABLE,
+                "the stream is unavailable (channel layer error); nothing was subscribed, "
+                "try again",
+                request_id=msg.id,
+            )
+            return
+        self._orders.update(joined)
+        await self.send(
+            text_data=orders_subscribed_message(
+                request_id=msg.id,
+                accounts=[{"id": aid, "label": visible.get(aid, "")} for aid in sorted(self._orders)],
+            )
+        )
+
+    async def _leave_orders(self, accounts: Iterable[int]) -> None:
+        for aid in list(accounts):
+            group = self._orders.pop(aid, None)
+            if group is not None:
+                await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def order_event(self, message: dict[str, Any]) -> None:
+        """Send one order event of a subscribed account the user (still) may see."""
+        account = message.get("account")
+        if not self._open or account not in self._orders:
+            return
+        if self._clock() - self._orders_checked_at > ORDERS_RECHECK_S:
+            try:
+                visible = await self._visible_accounts()
+            except DatabaseError as exc:
+                # Not knowing is not seeing: the event is withheld, the next one asks again.
+                self._log.warning("ws.orders_recheck_failed", error=str(exc)[:200])
+                return
+            lost = [aid for aid in self._orders if aid not in visible]
+            if lost:
+                self._log.info("ws.orders_access_lost", accounts=lost)
+                await self._leave_orders(lost)
+                await self.send(
+                    text_data=orders_unsubscribed_message(request_id=None, accounts=self._orders)
+                )
+            if account not in self._orders:
+                return
+        await self.send(text_data=order_frame(account_id=account, item=message["item"]))
 
     # --- snapshots ----------------------------------------------------------------------------
 

@@ -4,11 +4,12 @@ Documented for users in docs/websocket-protocol.md; this module is its one truth
 here is pure (no Django, no I/O) so that the consumer, the tests and the docs' examples agree.
 
 Client -> server (JSON text frames, one object each, ``action`` names the message):
-``subscribe``, ``unsubscribe``, ``ping`` and ``ack`` (credit-based flow control).
+``subscribe``, ``unsubscribe``, ``ping`` and ``ack`` (credit-based flow control). A
+``subscribe`` / ``unsubscribe`` names instruments and chains, or (alone) ``orders``.
 
 Server -> client (JSON text frames, ``type`` names the message): ``hello``, ``subscribed``,
 ``unsubscribed``, ``snapshots`` (pre-serialised engine items, never re-encoded here),
-``pong`` and ``error``.
+``orders_subscribed``, ``orders_unsubscribed``, ``order``, ``pong`` and ``error``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ MAX_INSTRUMENTS_PER_REPLY: Final = 2000
 MAX_UNRESOLVED_LISTED: Final = 100
 """Replies list at most this many unresolved references (and say how many there were)."""
 MAX_ERROR_MESSAGE_CHARS: Final = 500
+MAX_ORDER_ACCOUNTS_PER_MESSAGE: Final = 100
 
 KNOWN_ACTIONS: Final = frozenset({"subscribe", "unsubscribe", "ping", "ack"})
 
@@ -61,6 +63,7 @@ class ErrorCode(StrEnum):
     INVALID_MESSAGE = "invalid_message"
     UNKNOWN_ACTION = "unknown_action"
     UNKNOWN_INSTRUMENT = "unknown_instrument"
+    UNKNOWN_ACCOUNT = "unknown_account"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     MESSAGE_TOO_LARGE = "message_too_large"
@@ -135,36 +138,55 @@ class ChainSpec(_Strict):
 InstrumentRefField = Annotated[InstrumentRef, BeforeValidator(_parse_instrument_ref)]
 
 
+AccountIds = Annotated[
+    list[Annotated[StrictInt, Field(gt=0, lt=2**63)]],
+    Field(min_length=1, max_length=MAX_ORDER_ACCOUNTS_PER_MESSAGE),
+]
+"""Broker accounts named by id (``KiteAccount.id``), as the orders API lists them."""
+
+
 class _Selection(_Strict):
     id: RequestId | None = None
     instruments: Annotated[
         list[InstrumentRefField], Field(max_length=MAX_INSTRUMENTS_PER_MESSAGE)
     ] = Field(default_factory=list)
     chain: ChainSpec | None = None
+    orders: Literal[True] | AccountIds | None = None
+    """``true``: every account the user may see; a list: those accounts only."""
+
+    def _orders_alone(self) -> None:
+        if self.orders is not None and (self.instruments or self.chain is not None):
+            raise ValueError(
+                "'orders' goes in a message of its own, without 'instruments' or 'chain'"
+            )
 
 
 class Subscribe(_Selection):
-    """Add instruments and/or a chain to the connection; the server replies ``subscribed``."""
+    """Add instruments and/or a chain (reply ``subscribed``), or order events of broker
+    accounts (reply ``orders_subscribed``), to the connection."""
 
     action: Literal["subscribe"]
 
     @model_validator(mode="after")
     def _something(self) -> Subscribe:
-        if not self.instruments and self.chain is None:
-            raise ValueError("subscribe needs 'instruments' or 'chain'")
+        if not self.instruments and self.chain is None and self.orders is None:
+            raise ValueError("subscribe needs 'instruments', 'chain' or 'orders'")
+        self._orders_alone()
         return self
 
 
 class Unsubscribe(_Selection):
-    """Remove instruments, a chain, or everything (``all``); the server replies ``unsubscribed``."""
+    """Remove instruments, a chain, or everything (``all``); the server replies ``unsubscribed``
+    (and ``orders_unsubscribed`` for ``orders`` or ``all``)."""
 
     action: Literal["unsubscribe"]
     all: StrictBool = False
 
     @model_validator(mode="after")
     def _something(self) -> Unsubscribe:
-        if not self.instruments and self.chain is None and not self.all:
-            raise ValueError("unsubscribe needs 'instruments', 'chain' or 'all': true")
+        if not self.instruments and self.chain is None and not self.all and self.orders is None:
+            raise ValueError("unsubscribe needs 'instruments', 'chain', 'orders' or 'all': true")
+        self._orders_alone()
         return self
 
 
@@ -367,6 +389,24 @@ def unsubscribed_message(*, request_id: Any, tokens: Iterable[int], subscription
             "subscriptions": subscriptions,
         }
     )
+
+
+def orders_subscribed_message(*, request_id: Any, accounts: Iterable[dict[str, Any]]) -> str:
+    """The accounts whose order events this connection now receives (all of them)."""
+    return _dumps({"type": "orders_subscribed", "id": request_id, "accounts": list(accounts)})
+
+
+def orders_unsubscribed_message(*, request_id: Any, accounts: Iterable[int]) -> str:
+    """The accounts whose order events this connection still receives after an unsubscribe."""
+    return _dumps({"type": "orders_unsubscribed", "id": request_id, "accounts": sorted(accounts)})
+
+
+_ORDER_HEAD: Final = b'{"type":"order","v":%d,"account":%d,"data":'
+
+
+def order_frame(*, account_id: int, item: bytes) -> str:
+    """One ``order`` frame around a pre-serialised OrderEvent (never re-encoded here)."""
+    return ((_ORDER_HEAD % (PROTOCOL_VERSION, account_id)) + item + b"}").decode()
 
 
 _FRAME_HEAD: Final = b'{"type":"snapshots","v":%d,"seq":%d,"data":['

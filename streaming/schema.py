@@ -28,6 +28,7 @@ __all__ = [
     "BAR_CLOSED_TYPE",
     "BAR_FIELDS",
     "KINDS",
+    "ORDER_EVENT_TYPE",
     "SCHEMA_VERSION",
     "SNAPSHOTS_BATCH_TYPE",
     "SNAPSHOT_FIELDS",
@@ -42,6 +43,8 @@ __all__ = [
     "encode_bar",
     "encode_snapshots",
     "flags_piece",
+    "order_event_message",
+    "orders_group",
     "snapshot_prefix",
     "snapshot_request_message",
     "snapshots_batch_message",
@@ -138,11 +141,17 @@ def bars_group(name: str) -> str:
     return _checked_group(f"bars.{_group_part(name)}")
 
 
+def orders_group(account_id: int) -> str:
+    """The group a broker account's order events go to: ``orders.12``."""
+    return _checked_group(f"orders.{int(account_id)}")
+
+
 # --- engine -> consumer messages ------------------------------------------------------------
 
 SNAPSHOTS_BATCH_TYPE: Final = "snapshots.batch"
 SNAPSHOT_REQUEST_TYPE: Final = "snapshot.request"
 BAR_CLOSED_TYPE: Final = "bar.closed"
+ORDER_EVENT_TYPE: Final = "order.event"
 
 
 def snapshots_batch_message(
@@ -163,6 +172,11 @@ def snapshots_batch_message(
 def bar_closed_message(item: bytes) -> dict[str, Any]:
     """The channel-layer message announcing one closed bar (``item`` from :func:`encode_bar`)."""
     return {"type": BAR_CLOSED_TYPE, "item": item}
+
+
+def order_event_message(*, account_id: int, item: bytes) -> dict[str, Any]:
+    """The channel-layer message of one order change; ``item`` is the serialised OrderEvent."""
+    return {"type": ORDER_EVENT_TYPE, "account": int(account_id), "item": item}
 
 
 def snapshot_request_message(*, reply_to: str, tokens: Sequence[int]) -> dict[str, Any]:

@@ -91,6 +91,14 @@ DEFAULT_SCHEDULES: Final[tuple[JobSchedule, ...]] = (
         expire_s=300,
     ),
     JobSchedule(
+        name="Sync orders",
+        task="accounts.sync_orders",
+        every=Cron(minute="*/2", hour="9-15", day_of_week="mon-fri"),
+        description="Pull each live account's orders, trades and positions from Kite and record "
+        "what the live order updates missed (runticker also asks on every reconnect).",
+        expire_s=120,
+    ),
+    JobSchedule(
         name="Enrich historical Greeks",
         task="subscriptions.enrich_history",
         every=Cron(minute="*/15", hour="16-23", day_of_week="mon-fri"),

@@ -15,6 +15,7 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationError
 
 from accounts.api import router as orders_router
+from accounts.postback import router as postback_router
 from streaming.api import router as streaming_router
 from subscriptions.api import router as subscriptions_router
 from tickerproj.api_support import (
@@ -106,3 +107,4 @@ def _unexpected(request, exc: Exception):
 api.add_router("/", subscriptions_router)
 api.add_router("/", streaming_router)
 api.add_router("/", orders_router)
+api.add_router("/", postback_router)

@@ -298,6 +298,8 @@ IMPORT_EXPORT_IMPORT_PERMISSION_CODE = "add"
 KITE_API_ROOT = env.str("KITE_API_ROOT", default="https://api.kite.trade")
 KITE_WS_URL = env.str("KITE_WS_URL", default="wss://ws.kite.trade")
 KITE_LOGIN_URL = env.str("KITE_LOGIN_URL", default="https://kite.zerodha.com/connect/login")
+# Kite's order postbacks (POST /api/v1/kite/postback) per calling address, ninja's rate syntax.
+KITE_POSTBACK_RATE_LIMIT = env.str("KITE_POSTBACK_RATE_LIMIT", default="3000/m")
 
 # Orders (docs/orders.md). Kite's published order limits per account; over them is a 429.
 ORDERS_KITE_TIMEOUT_S = env.float("ORDERS_KITE_TIMEOUT_S", default=7.0)

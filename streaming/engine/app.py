@@ -37,6 +37,7 @@ from streaming.engine.leases import LeaseManager
 from streaming.engine.market_hours import EngineMode, MarketHours, ModePolicy
 from streaming.engine.metrics import EngineMetrics, LoopLagMonitor
 from streaming.engine.mockfeed import MockFeed
+from streaming.engine.orders import OrderUpdateRelay, RequestSync
 from streaming.engine.pipeline import SnapshotPipeline
 from streaming.engine.planner import ApplyRequests, StreamPlanner
 from streaming.engine.publisher import Publisher, PublishError, PublishFailureLog
@@ -47,7 +48,7 @@ from streaming.engine.reloader import (
     Reloader,
     ReloadTrigger,
 )
-from streaming.engine.store import AccountRow
+from streaming.engine.store import AccountRow, order_update_apply, run_db_publishing
 from streaming.engine.supervisor import Supervisor
 from streaming.engine.universe import InstrumentUniverse
 from streaming.engine.worker import PipelineWorker, TickIntake
@@ -95,6 +96,7 @@ class Engine:
         bar_sink: BarSink,
         connections: ConnectionManager,
         recorder: FrameRecorder,
+        orders: OrderUpdateRelay,
         mock_feed: MockFeed,
         leases: LeaseManager,
         heartbeat: HeartbeatWriter,
@@ -117,6 +119,7 @@ class Engine:
         self.bar_sink = bar_sink
         self.connections = connections
         self.recorder = recorder
+        self.orders = orders
         self.mock_feed = mock_feed
         self.leases = leases
         self.heartbeat = heartbeat
@@ -151,12 +154,15 @@ class Engine:
         metrics: EngineMetrics | None = None,
         market: SyntheticMarket | None = None,
         request_backfill: Callable[[], None] | None = None,
+        request_order_sync: RequestSync | None = None,
         clock: Callable[[], float] = time.time,
     ) -> Engine:
         """The production graph from a config, each part built once, callbacks running down.
 
         ``request_backfill`` is called (in a thread) when stored bars hold gap minutes or a
         token's first bar after start (a takeover): the edge queues the backfill task.
+        ``request_order_sync(account_id, reason)`` asks for a sync of the account's orders
+        (runticker: the Celery job) after each ticker connect; without it, none is asked for.
         """
         metrics = metrics or EngineMetrics()
         supervisor = Supervisor(
@@ -167,13 +173,21 @@ class Engine:
         worker = PipelineWorker(pipeline=pipeline, bars=BarAggregator({}), metrics=metrics,
                                 clock=clock)
         intake = TickIntake(worker=worker, metrics=metrics)
+
+        async def apply_order_update(account_id: int, update: dict[str, Any]) -> None:
+            await run_db_publishing(order_update_apply, account_id=account_id, update=update)
+
+        orders = OrderUpdateRelay(
+            apply=apply_order_update, metrics=metrics, request_sync=request_order_sync
+        )
         recorder = FrameRecorder(directory=config.recording_dir,
                                  max_file_bytes=config.recording_max_file_bytes,
                                  max_total_bytes=config.recording_max_total_bytes,
                                  zstd_level=config.recording_zstd_level, metrics=metrics)
         connections = ConnectionManager(supervisor=supervisor, ws_url=config.kite_ws_url,
                                         watchdog_s=config.watchdog_s, metrics=metrics,
-                                        client_factory=client_factory, recorder=recorder)
+                                        client_factory=client_factory, recorder=recorder,
+                                        orders=orders)
         market = market or SyntheticMarket(
             seed=config.mock_seed, r=config.risk_free_rate, holidays=config.holidays
         )
@@ -217,7 +231,8 @@ class Engine:
             publisher=publisher,
             bar_sink=BarSink(publisher=publisher, metrics=metrics, close_due=worker.close_due_bars,
                              on_gaps=request_backfill),
-            connections=connections, recorder=recorder, mock_feed=mock_feed, leases=leases,
+            connections=connections, recorder=recorder, orders=orders,
+            mock_feed=mock_feed, leases=leases,
             heartbeat=HeartbeatWriter(
                 engine_id=config.engine_id, interval_s=config.heartbeat_interval_s,
                 started_at=dt.datetime.now(dt.UTC),
@@ -252,6 +267,8 @@ class Engine:
                       owner="publisher")
             sup.spawn("watched_groups", self._watched_loop, owner="publisher")
             sup.spawn("bars", self.bar_sink.run, owner="bars")
+            sup.spawn("order_updates", self.orders.run, owner="orders")
+            sup.spawn("order_syncs", self.orders.run_syncs, owner="orders")
             sup.spawn("mode", self._mode_loop, owner="engine")
             if self.rest_fallback is not None:
                 sup.spawn("rest_fallback", self.rest_fallback.run, owner="engine")

@@ -6,6 +6,8 @@ difference, so untouched instruments keep streaming), gives it a new access toke
 login, and stops it, awaited, when the lease is lost or the account is no longer streamable.
 For an account whose ``record_frames`` is on, the client's raw frames also go to the
 :class:`~streaming.engine.recorder.FrameRecorder` (switched on and off at reloads).
+Each client's order text frames and connects go to the engine's
+:class:`~streaming.engine.orders.OrderUpdateRelay`, tagged with the account.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import numpy as np
 import structlog
 
 from streaming.engine.metrics import EngineMetrics
+from streaming.engine.orders import OrderUpdateRelay
 from streaming.engine.recorder import FrameRecorder, RawFrameSink
 from streaming.engine.store import AccountRow
 from streaming.engine.supervisor import Supervisor
+from streaming.kite.codec import ErrorMessage, InfoMessage, OrderMessage
 from streaming.kite.ticker import (
     ClientHealth,
     ConnectionState,
@@ -51,7 +55,7 @@ class TickerClient(Protocol):
 
 ClientFactory = Callable[..., TickerClient]
 """Builds a client: keyword arguments account, ws_url, watchdog_s, on_ticks, on_session_expired,
-on_raw_frame."""
+on_raw_frame, on_text, on_connected."""
 
 
 def default_client_factory(
@@ -62,6 +66,8 @@ def default_client_factory(
     on_ticks: Callable[[np.ndarray], None],
     on_session_expired: Callable[[], None],
     on_raw_frame: RawFrameCallback | None = None,
+    on_text: Callable[[OrderMessage | ErrorMessage | InfoMessage], None] | None = None,
+    on_connected: Callable[[int, int], None] | None = None,
 ) -> TickerClient:
     return KiteTickerClient(
         api_key=account.api_key,
@@ -71,6 +77,8 @@ def default_client_factory(
         on_ticks=on_ticks,
         on_session_expired=on_session_expired,
         on_raw_frame=on_raw_frame,
+        on_text=on_text,
+        on_connected=on_connected,
         account=account.label,
     )
 
@@ -131,6 +139,7 @@ class ConnectionManager:
         metrics: EngineMetrics,
         client_factory: ClientFactory | None = None,
         recorder: FrameRecorder | None = None,
+        orders: OrderUpdateRelay | None = None,
         close_timeout_s: float = 3.0,
     ) -> None:
         self._supervisor = supervisor
@@ -139,6 +148,7 @@ class ConnectionManager:
         self._metrics = metrics
         self._factory = client_factory or default_client_factory
         self._recorder = recorder
+        self._orders = orders
         self._close_timeout_s = close_timeout_s
         self._running: dict[int, _Running] = {}
 
@@ -201,6 +211,17 @@ class ConnectionManager:
             on_session_expired(aid, "Kite refused the access token on the ticker (HTTP 403)")
 
         tap = _FrameTap()
+        hooks: dict[str, Callable[..., None]] = {}
+        if (orders := self._orders) is not None:
+
+            def account_text(message: OrderMessage | ErrorMessage | InfoMessage) -> None:
+                if isinstance(message, OrderMessage):
+                    orders.order_message(aid, message)
+
+            def account_connected(index: int, connects: int) -> None:
+                orders.connected(aid, index, connects)
+
+            hooks = {"on_text": account_text, "on_connected": account_connected}
         client = self._factory(
             account=account,
             ws_url=self._ws_url,
@@ -208,6 +229,7 @@ class ConnectionManager:
             on_ticks=account_ticks,
             on_session_expired=account_expired,
             on_raw_frame=tap,
+            **hooks,
         )
         running = _Running(client, account, tap)
         self._running[aid] = running

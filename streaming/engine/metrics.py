@@ -31,6 +31,14 @@ class EngineMetrics:
             ["source", "account"],
             registry=r,
         )
+        self.order_updates = Counter(
+            "tickerproj_engine_order_updates",
+            "Kite order updates from the ticker sockets, by outcome (applied, duplicate: a copy "
+            "from another socket, overflow: queue full, failed: database error; the last two "
+            "ask for a sync).",
+            ["outcome"],
+            registry=r,
+        )
         self.snapshots_out = Counter(
             "tickerproj_engine_snapshots_out", "Snapshots published.", registry=r
         )

@@ -174,6 +174,7 @@ TextCallback = Callable[[OrderMessage | ErrorMessage | InfoMessage], Awaitable[N
 SessionExpiredCallback = Callable[[], Awaitable[None] | None]
 RawFrameCallback = Callable[[bytes | str], None]
 """Gets every message as received (binary frames, heartbeats, text); must not block."""
+ConnectedCallback = Callable[[int, int], Awaitable[None] | None]
 
 
 async def _maybe_await(result: Awaitable[None] | None) -> None:
@@ -372,6 +373,8 @@ class KiteConnection:
         self._closed_on_purpose = False
         self._dirty.set()
         self._log().info("kite.ws.connected", instruments=len(self.desired), connects=self.connects)
+        if client._on_connected is not None:
+            await _maybe_await(client._on_connected(self.index, self.connects))
         try:
             async with asyncio.TaskGroup() as tasks:
                 syncer = tasks.create_task(
@@ -511,7 +514,9 @@ class KiteTickerClient:
     ``on_session_expired()`` is called once when Kite refuses the token (HTTP 401/403), after
     which nothing reconnects until ``update_token`` brings a different token;
     ``on_raw_frame(message)`` (plain function, must not block: it is on the tick path) each
-    message exactly as received, before decoding, for recording. Callbacks may be
+    message exactly as received, before decoding, for recording.
+    ``on_connected(index, connects)`` after each successful upgrade of connection ``index``
+    (order updates sent while no socket was up are lost: the engine asks for a sync). Callbacks may be
     plain functions or coroutines; they run on the client's event loop, and an exception from
     one ends ``run()`` (a consumer bug is not a network fault to retry).
 
@@ -529,6 +534,7 @@ class KiteTickerClient:
         on_session_expired: SessionExpiredCallback,
         on_text: TextCallback | None = None,
         on_raw_frame: RawFrameCallback | None = None,
+        on_connected: ConnectedCallback | None = None,
         account: str | None = None,
         watchdog_s: float = 5.0,
         connect_timeout_s: float = 10.0,
@@ -581,6 +587,7 @@ class KiteTickerClient:
         self._on_ticks = on_ticks
         self._on_text = on_text
         self._on_raw_frame = on_raw_frame
+        self._on_connected = on_connected
         self._on_session_expired = on_session_expired
         self._clock = clock
         self._access_token = access_token

@@ -24,7 +24,17 @@ WebSocket
     knows (split at ``max_packets_per_frame``); a one-byte heartbeat goes out when nothing else
     was sent for ``heartbeat_interval_ms``. Kite sends ticks only on change; the simulator
     sends every subscribed instrument every interval, which is the harder case for a client.
-    Order updates are pushed as ``{"type": "order", "data": ...}`` text messages.
+    Order updates are pushed as ``{"type": "order", "data": ...}`` text messages in Kite's
+    shape (the postback document, with a blank ``checksum``).
+
+Postbacks
+    An account registered with a ``postback_url`` also gets each order update POSTed there as
+    Kite's postback JSON, ``checksum`` = SHA-256 of ``order_id + order_timestamp +
+    api_secret``, one at a time in order (``postbacks`` records each answer's HTTP status).
+    As on Kite, an order's first OPEN state is not posted; COMPLETE, CANCELLED, REJECTED and
+    every later change (UPDATE) are. ``mute_order_updates`` drops an account's order
+    updates on both channels (the missed updates a sync must repair); ``replay_order_update``
+    sends an order's earlier state again (replays and out-of-order delivery).
 
 Latency probe
     With ``latency_probe=True`` the ``last_trade_time`` field of every full-mode (184-byte)
@@ -74,7 +84,7 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 import numpy as np
 import orjson
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from yarl import URL
 
@@ -94,6 +104,7 @@ from streaming.kite.limits import (
     QUOTE_REQUESTS_PER_S,
     Mode,
 )
+from streaming.kite.postback import postback_checksum
 from streaming.market import IST, SyntheticMarket
 from streaming.sim.replay import ReplaySource
 
@@ -116,6 +127,9 @@ _CLOSE_TIMEOUT_S: Final = 2.0
 _MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 _REPLAY_POLL_S: Final = 0.01
 _REPLAY_MAX_OUTBOX: Final = 64
+_POSTBACK_TIMEOUT_S: Final = 10.0
+_POSTBACK_QUEUE: Final = 10_000
+_APP_ID: Final = 1234
 
 TOKEN_ERROR_MESSAGE: Final = "Incorrect `api_key` or `access_token`."  # noqa: S105 - not a secret
 RATE_ERROR_MESSAGE: Final = "Too many requests"
@@ -233,6 +247,8 @@ class _Account:
     user_id: str
     access_token: str | None
     redirect_url: str | None = None
+    postback_url: str | None = None
+    updates_muted: bool = False
     request_tokens: set[str] = field(default_factory=set)
     orders: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # id -> history
     trades: list[dict[str, Any]] = field(default_factory=list)
@@ -365,6 +381,10 @@ class KiteSimulator:
         self._history_holes: dict[int, list[tuple[float, float]]] = {}
         self._runner: web.AppRunner | None = None
         self._tick_task: asyncio.Task[None] | None = None
+        self._postback_task: asyncio.Task[None] | None = None
+        self._postback_queue: asyncio.Queue[tuple[str, str, str, bytes]] | None = None
+        self.postbacks: list[dict[str, Any]] = []
+        """Each postback sent: url, order_id, status and the HTTP status (None: no answer)."""
         self._actual_port: int | None = None
         self.ticks_sent = 0
         self.frames_sent = 0
@@ -406,6 +426,10 @@ class KiteSimulator:
             self._tick_loop() if self.replay is None else self._replay_loop(self.replay),
             name="kitesim.tick_loop",
         )
+        self._postback_queue = asyncio.Queue(maxsize=_POSTBACK_QUEUE)
+        self._postback_task = asyncio.create_task(
+            self._postback_loop(self._postback_queue), name="kitesim.postbacks"
+        )
         log.info("kitesim.started", http_url=self.http_url, ws_url=self.ws_url)
 
     async def stop(self) -> None:
@@ -415,6 +439,11 @@ class KiteSimulator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._tick_task
             self._tick_task = None
+        if self._postback_task is not None:
+            self._postback_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._postback_task
+            self._postback_task = None
         for conn in list(self._connections.values()):
             await conn.ws.close(code=_CLOSE_GOING_AWAY, message=b"simulator stopping")
         if self._runner is not None:
@@ -460,11 +489,13 @@ class KiteSimulator:
         access_token: str | None = None,
         user_id: str | None = None,
         redirect_url: str | None = None,
+        postback_url: str | None = None,
     ) -> None:
         """Add an API key; ``access_token`` makes it logged in at once.
 
         ``redirect_url`` is the app's registered redirect: ``login_url`` sends the browser
         there with a fresh ``request_token``, as Kite's login page does after a login.
+        ``postback_url``: where the app's order postbacks go (Kite's developer console).
         """
         if api_key in self._accounts:
             raise ValueError(f"api_key already registered: {api_key}")
@@ -474,7 +505,16 @@ class KiteSimulator:
             user_id=user_id or f"ZS{len(self._accounts) + 1:04d}",
             access_token=access_token,
             redirect_url=redirect_url,
+            postback_url=postback_url,
         )
+
+    def set_postback_url(self, api_key: str, url: str | None) -> None:
+        """Post the key's order updates to ``url`` from now on (None: no postbacks)."""
+        self._account(api_key).postback_url = url
+
+    def mute_order_updates(self, api_key: str, *, muted: bool = True) -> None:
+        """Drop (or, ``muted=False``, send again) the key's order text frames and postbacks."""
+        self._account(api_key).updates_muted = muted
 
     def issue_request_token(self, api_key: str) -> str:
         """What Kite's login redirect hands the app: a one-use token for ``/session/token``."""
@@ -550,6 +590,10 @@ class KiteSimulator:
 
     def orders(self, api_key: str) -> list[dict[str, Any]]:
         return [history[-1] for history in self._account(api_key).orders.values()]
+
+    def order_history(self, api_key: str, order_id: str) -> list[dict[str, Any]]:
+        """Every state the order went through, oldest first (as ``/orders/{order_id}``)."""
+        return [dict(state) for state in self._account(api_key).orders[order_id]]
 
     # --- fault injection ------------------------------------------------------------------
 
@@ -1093,7 +1137,59 @@ class KiteSimulator:
 
     def _record_order(self, account: _Account, order: dict[str, Any]) -> None:
         account.orders[order["order_id"]].append(order)
-        self.push_text(account.api_key, {"type": "order", "data": {**order, "user_id": account.user_id}})
+        self._send_order_update(account, order)
+
+    def replay_order_update(self, api_key: str, order_id: str, *, index: int = -1) -> None:
+        """Send state ``index`` of the order's history again (an older one: out of order)."""
+        account = self._account(api_key)
+        self._send_order_update(account, account.orders[order_id][index], replay=True)
+
+    def _send_order_update(
+        self, account: _Account, order: dict[str, Any], *, replay: bool = False
+    ) -> None:
+        """One order change to the key's ticker sockets and, as Kite chooses, its postback URL."""
+        if account.updates_muted:
+            return
+        update = {
+            **order,
+            "user_id": account.user_id,
+            "unfilled_quantity": order["pending_quantity"],
+            "app_id": _APP_ID,
+        }
+        self.push_text(account.api_key, {"type": "order", "data": {**update, "checksum": ""}})
+        first_open = order["status"] == "OPEN" and not order["modified"] and not order["filled_quantity"]
+        if account.postback_url is None or (first_open and not replay):
+            return
+        update["checksum"] = postback_checksum(
+            order_id=order["order_id"],
+            order_timestamp=order["order_timestamp"],
+            api_secret=account.api_secret,
+        )
+        item = (account.postback_url, order["order_id"], order["status"], orjson.dumps(update))
+        assert self._postback_queue is not None, "order updates are sent only while started"
+        try:
+            self._postback_queue.put_nowait(item)
+        except asyncio.QueueFull:
+            log.warning("kitesim.postback_dropped", order_id=order["order_id"], reason="queue full")
+
+    async def _postback_loop(self, queue: asyncio.Queue[tuple[str, str, str, bytes]]) -> None:
+        """POST queued postbacks one at a time, in order, as raw JSON bodies (as Kite does)."""
+        timeout = ClientTimeout(total=_POSTBACK_TIMEOUT_S)
+        async with ClientSession(timeout=timeout) as session:
+            while True:
+                url, order_id, status, body = await queue.get()
+                http_status: int | None = None
+                try:
+                    async with session.post(
+                        url, data=body, headers={"Content-Type": "application/json"}
+                    ) as response:
+                        http_status = response.status
+                        await response.read()
+                except (ClientError, TimeoutError) as exc:
+                    log.warning("kitesim.postback_failed", order_id=order_id, error=str(exc)[:200])
+                self.postbacks.append(
+                    {"url": url, "order_id": order_id, "status": status, "http_status": http_status}
+                )
 
     def _try_fill(self, account: _Account, order_id: str) -> None:
         """Fill an open order if the market is through its price (trigger orders rest).

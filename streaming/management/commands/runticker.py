@@ -5,6 +5,8 @@ the engine drains, closes its Kite connections, writes a final heartbeat and rel
 account leases at once so another process takes them over without waiting for expiry.
 That drain is bounded: TICKER_SHUTDOWN_BOUND_S after the signal the process exits whatever
 it waits on (a frozen PostgreSQL can pin a database thread, which would hold the exit).
+Every ticker connect of an account queues the Celery order sync of that account (with
+a broker; on embedded defaults there is none and no sync is asked for).
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from django.apps import apps
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
-from kombu.exceptions import OperationalError as BrokerError
+from kombu.exceptions import OperationalError as BrokerUnavailable
 
 from streaming.engine.app import Engine
 from streaming.engine.config import EngineConfig
 from streaming.engine.leases import make_engine_id
 from streaming.engine.market_hours import EngineMode
 from streaming.engine.metrics import EngineMetrics
+from streaming.engine.orders import RequestSync
 from streaming.tasks import backfill_bars
 
 log = structlog.get_logger(__name__)
@@ -48,6 +51,7 @@ def build_engine(
     account_labels: list[str] | None = None,
     metrics: EngineMetrics | None = None,
     channel_layer: Any = None,
+    request_order_sync: RequestSync | None = None,
 ) -> Engine:
     """The engine from this process's settings (runticker, and the demo running it in-process).
 
@@ -66,6 +70,7 @@ def build_engine(
         request_backfill=None if settings.EMBEDDED else backfill_requester(
             countdown_s=settings.BACKFILL_MIN_AGE_S + 1
         ),
+        request_order_sync=request_order_sync,
     )
 
 
@@ -75,9 +80,33 @@ def backfill_requester(*, countdown_s: float):
     def request() -> None:
         try:
             backfill_bars.apply_async(countdown=countdown_s)
-        except (BrokerError, OSError) as exc:
+        except (BrokerUnavailable, OSError) as exc:
             # The periodic run fills the gaps anyway; nothing is lost by a missed request.
             log.warning("backfill.request_failed", error=repr(exc)[:300])
+
+    return request
+
+
+#: A sync asked for on a reconnect and not started within this long is dropped (the next
+#: reconnect or the schedule asks again).
+ORDER_SYNC_EXPIRES_S = 120
+
+
+def celery_order_sync() -> RequestSync:
+    """Queue ``accounts.sync_orders`` for one account (the broker call runs off the loop)."""
+    from accounts.models import OrderSyncRun
+    from accounts.tasks import sync_orders
+
+    async def request(account_id: int, reason: str) -> None:
+        try:
+            await asyncio.to_thread(
+                sync_orders.apply_async,
+                kwargs={"account_id": account_id, "trigger": OrderSyncRun.Trigger.RECONNECT},
+                expires=ORDER_SYNC_EXPIRES_S,
+            )
+        except (BrokerUnavailable, OSError) as exc:
+            log.warning("orders.sync_request_failed", account_id=account_id, reason=reason,
+                        error=str(exc)[:200])
 
     return request
 
@@ -147,6 +176,9 @@ class Command(BaseCommand):
             engine_id=make_engine_id(prefix=options["engine_id"]),
             account_labels=labels,
             metrics=metrics,
+            request_order_sync=(
+                None if settings.CELERY_BROKER_URL == "memory://" else celery_order_sync()
+            ),
         )
         asyncio.run(self._run(engine, shutdown_bound_s=settings.TICKER_SHUTDOWN_BOUND_S))
 

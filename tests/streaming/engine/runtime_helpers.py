@@ -124,7 +124,7 @@ class InProcessEngine:
                  tick_interval_ms: float = 100.0, force_mode: str = "live",
                  client_factory=None, clock=None, market: SyntheticMarket | None = None,
                  sim=None, sim_options: dict | None = None, build_options: dict | None = None,
-                 **config):
+                 request_order_sync=None, **config):
         from channels.layers import get_channel_layer
 
         from streaming.sim.simulator import KiteSimulator
@@ -141,6 +141,7 @@ class InProcessEngine:
         self.engine = None
         self._client_factory = client_factory
         self._clock = clock
+        self._request_order_sync = request_order_sync
         self._stop = asyncio.Event()
         self._task = None
 
@@ -161,6 +162,8 @@ class InProcessEngine:
         )
         extra = {"clock": self._clock} if self._clock is not None else {}
         extra.update(self._build_options)
+        if self._request_order_sync is not None:
+            extra["request_order_sync"] = self._request_order_sync
         self.engine = Engine.build(
             config, channel_layer=self.layer, client_factory=self._client_factory, **extra
         )
