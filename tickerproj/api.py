@@ -14,6 +14,7 @@ from django.http import Http404
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationError
 
+from accounts.positions_api import router as positions_router
 from streaming.api import router as streaming_router
 from subscriptions.api import router as subscriptions_router
 from tickerproj.api_support import (
@@ -104,3 +105,4 @@ def _unexpected(request, exc: Exception):
 
 api.add_router("/", subscriptions_router)
 api.add_router("/", streaming_router)
+api.add_router("/", positions_router)
