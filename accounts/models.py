@@ -5,6 +5,7 @@ import hashlib
 import secrets
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -13,6 +14,17 @@ from streaming.greeks import IST
 from tickerproj.logging import remember_secret
 
 SESSION_EXPIRY_TIME_IST = dt.time(6, 0)
+
+MARKET_PROTECTION_AUTO = -1
+"""Kite's ``market_protection=-1``: Kite picks the protection band itself."""
+
+
+def default_allowed_exchanges() -> list[str]:
+    return ["NSE", "BSE", "NFO", "BFO"]
+
+
+def default_allowed_products() -> list[str]:
+    return ["MIS", "NRML", "CNC"]
 
 
 def session_expiry_after(issued_at: dt.datetime) -> dt.datetime:
@@ -42,6 +54,41 @@ class KiteAccount(models.Model):
     token_issued_at = models.DateTimeField(null=True, blank=True)
     token_expires_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
+    is_paper = models.BooleanField(
+        default=False, help_text="Orders go to the project's own matching engine; nothing reaches Kite."
+    )
+    traders = models.ManyToManyField(
+        settings.AUTH_USER_MODEL, blank=True, related_name="tradable_accounts",
+        help_text="Users who may place, modify and cancel orders on this account.",
+    )
+    # Trading settings and pre-trade checks (docs/orders.md).
+    market_protection = models.SmallIntegerField(
+        default=MARKET_PROTECTION_AUTO,
+        validators=[MinValueValidator(MARKET_PROTECTION_AUTO), MaxValueValidator(100)],
+        help_text="Sent with MARKET and SL-M orders: -1 = Kite's automatic protection, "
+        "1-100 = percent from the last price, 0 = off (the exchange may reject such orders).",
+    )
+    allowed_exchanges = models.JSONField(
+        default=default_allowed_exchanges, blank=True, help_text="Exchanges orders may go to."
+    )
+    allowed_products = models.JSONField(
+        default=default_allowed_products, blank=True, help_text="Products orders may use."
+    )
+    max_lots_per_order = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Most lots one order may have (empty: no limit)."
+    )
+    max_notional_per_order = models.DecimalField(
+        max_digits=16, decimal_places=2, null=True, blank=True,
+        help_text="Most rupees one order may be worth, quantity x price (empty: no limit).",
+    )
+    daily_loss_cap = models.DecimalField(
+        max_digits=16, decimal_places=2, null=True, blank=True,
+        help_text="New orders halt once the day's loss (realised + mark-to-market) reaches this (empty: no cap).",
+    )
+    kill_switch = models.BooleanField(
+        default=False, help_text="On: this account takes no new orders (cancels and exits still work)."
+    )
+    kill_switch_reason = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -117,3 +164,20 @@ class ApiToken(models.Model):
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
+
+
+from accounts.order_models import (  # noqa: E402  (re-exported: Django finds the models here)
+    Order,
+    OrderAudit,
+    OrderPlacement,
+    OrderStatus,
+    OrderSyncRun,
+    PositionSnapshot,
+    Trade,
+    TradingSwitch,
+)
+
+__all__ = [
+    "ApiToken", "KiteAccount", "Order", "OrderAudit", "OrderPlacement", "OrderStatus",
+    "OrderSyncRun", "PositionSnapshot", "Trade", "TradingSwitch",
+]

@@ -299,6 +299,33 @@ KITE_API_ROOT = env.str("KITE_API_ROOT", default="https://api.kite.trade")
 KITE_WS_URL = env.str("KITE_WS_URL", default="wss://ws.kite.trade")
 KITE_LOGIN_URL = env.str("KITE_LOGIN_URL", default="https://kite.zerodha.com/connect/login")
 
+# Orders (docs/orders.md). Kite's published order limits per account; over them is a 429.
+ORDERS_KITE_TIMEOUT_S = env.float("ORDERS_KITE_TIMEOUT_S", default=7.0)
+"""How long one order call to Kite may take; after it the order is UNKNOWN, never re-sent blindly."""
+ORDERS_UNKNOWN_GRACE_S = env.float("ORDERS_UNKNOWN_GRACE_S", default=60.0)
+"""How long after sending an order whose answer was lost we keep looking for it in Kite's
+order book before concluding Kite has no order with its tag (only then is it re-sent)."""
+ORDERS_UNKNOWN_CHECK_INTERVAL_S = env.float("ORDERS_UNKNOWN_CHECK_INTERVAL_S", default=5.0)
+"""How often the resolution task reads Kite's order book for an UNKNOWN order."""
+ORDERS_MAX_SEND_ATTEMPTS = env.int("ORDERS_MAX_SEND_ATTEMPTS", default=3)
+"""Sends of one order at most (each after Kite was shown to have none); then it is given up."""
+ORDERS_PER_S = env.int("ORDERS_PER_S", default=10)
+ORDERS_PER_MINUTE = env.int("ORDERS_PER_MINUTE", default=400)
+ORDERS_PER_DAY = env.int("ORDERS_PER_DAY", default=5000)
+ORDERS_MAX_MODIFICATIONS = env.int("ORDERS_MAX_MODIFICATIONS", default=25)
+ORDERS_MAX_SLICES = env.int("ORDERS_MAX_SLICES", default=10)
+"""Most orders one large order is sliced into (each within its underlying's freeze quantity)."""
+ORDERS_FREEZE_QUANTITIES = {
+    name: int(qty)
+    for name, qty in env.dict(
+        "ORDERS_FREEZE_QUANTITIES",
+        default={"NIFTY": "1800", "BANKNIFTY": "900", "FINNIFTY": "1800", "MIDCPNIFTY": "2800",
+                 "NIFTYNXT50": "600", "SENSEX": "1000", "BANKEX": "900"},
+    ).items()
+}
+"""Largest quantity (units, not lots) one order may carry, per underlying (the instrument's
+``name``), from the exchanges' freeze-limit circulars; larger orders are sliced."""
+
 # Greeks and the engine.
 RISK_FREE_RATE = env.float("RISK_FREE_RATE", default=0.065)
 """Annual rate that discounts option premia (a T-bill-like 6.5%, not NSE's fixed 10%)."""

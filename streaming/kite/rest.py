@@ -961,13 +961,16 @@ class KiteRestClient:
         trigger_price: float | None = None,
         validity: str | None = None,
         tag: str | None = None,
+        market_protection: int | None = None,
+        disclosed_quantity: int | None = None,
     ) -> str:
         """Place an order; returns Kite's order_id. Never retried once it may have been sent."""
         params = {
             "exchange": exchange, "tradingsymbol": tradingsymbol,
             "transaction_type": transaction_type, "quantity": quantity, "product": product,
             "order_type": order_type, "price": price, "trigger_price": trigger_price,
-            "validity": validity, "tag": tag,
+            "validity": validity, "tag": tag, "market_protection": market_protection,
+            "disclosed_quantity": disclosed_quantity,
         }
         instrument = f"{exchange}:{tradingsymbol}"
         data = self._request(
@@ -976,3 +979,53 @@ class KiteRestClient:
             params={k: v for k, v in params.items() if v is not None},
         )
         return validate_item(OrderPlaced, data, endpoint="place_order", instrument=instrument).order_id
+
+    def modify_order(
+        self,
+        *,
+        variety: str,
+        order_id: str,
+        quantity: int | None = None,
+        price: float | None = None,
+        order_type: str | None = None,
+        trigger_price: float | None = None,
+        validity: str | None = None,
+        disclosed_quantity: int | None = None,
+    ) -> str:
+        """Modify an open order; returns its order_id. Retried only when Kite cannot have seen it."""
+        params = {
+            "quantity": quantity, "price": price, "order_type": order_type,
+            "trigger_price": trigger_price, "validity": validity,
+            "disclosed_quantity": disclosed_quantity,
+        }
+        data = self._request(
+            endpoint="modify_order", rate_class="other", method="PUT", route="order.modify",
+            url_args={"variety": variety, "order_id": order_id}, instrument=f"order {order_id}",
+            policy=RetryPolicy.WRITE, params={k: v for k, v in params.items() if v is not None},
+        )
+        return validate_item(OrderPlaced, data, endpoint="modify_order",
+                             instrument=f"order {order_id}").order_id
+
+    def cancel_order(self, *, variety: str, order_id: str) -> str:
+        """Cancel an open order; returns its order_id. Retried only when Kite cannot have seen it."""
+        data = self._request(
+            endpoint="cancel_order", rate_class="other", method="DELETE", route="order.cancel",
+            url_args={"variety": variety, "order_id": order_id}, instrument=f"order {order_id}",
+            policy=RetryPolicy.WRITE,
+        )
+        return validate_item(OrderPlaced, data, endpoint="cancel_order",
+                             instrument=f"order {order_id}").order_id
+
+    def positions(self) -> dict[str, list[dict[str, Any]]]:
+        """Net and day positions, as Kite sends them (``{"net": [...], "day": [...]}``)."""
+        data = self._request(endpoint="positions", rate_class="other", method="GET",
+                             route="portfolio.positions")
+        if not isinstance(data, dict):
+            raise KiteResponseError(endpoint="positions", field="data", got=type(data).__name__,
+                                    reason="not an object with net and day")
+        for side in ("net", "day"):
+            rows = data.get(side)
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise KiteResponseError(endpoint="positions", field=side, got=rows,
+                                        reason="not a list of positions")
+        return {"net": data["net"], "day": data["day"]}

@@ -1,0 +1,183 @@
+"""The seam between the order services and whoever executes orders: Kite, or the paper engine.
+
+``broker_for(account=...)`` returns a :class:`Broker`: the Kite implementation on
+``streaming/kite/rest.py``'s ``KiteRestClient``, or ``accounts.paper.PaperBroker`` for a
+paper account. Every broker reports failures as one of three exceptions, because what the
+services may do next depends only on which:
+
+- :class:`BrokerRejectedError`: the broker answered no (nothing was placed);
+- :class:`BrokerNotSentError`: the request certainly never reached the broker (a connect
+  timeout, our own rate limiter): safe to report as not placed;
+- :class:`BrokerAmbiguousError`: the request may have reached the broker and the answer was
+  lost (read timeout, dropped connection, 5xx, a malformed reply). The order is UNKNOWN until
+  the order book says otherwise; it is never blindly re-sent.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from streaming.kite.rest import (
+    KiteApiError,
+    KiteError,
+    KiteRateLimiter,
+    KiteRateLimiterUnavailable,
+    KiteRateLimitTimeout,
+    KiteResponseError,
+    KiteRestClient,
+    KiteTokenError,
+    KiteTransportError,
+)
+
+if TYPE_CHECKING:
+    from accounts.models import KiteAccount
+
+PAPER_BROKER = "accounts.paper.PaperBroker"
+
+
+class BrokerError(Exception):
+    """Base of the three outcomes of a failed broker call; the message is free of secrets."""
+
+    def __init__(self, message: str, *, error_type: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type
+        self.status = status
+
+
+class BrokerRejectedError(BrokerError):
+    """The broker refused the request (input, order, permission or token error)."""
+
+    @property
+    def session_expired(self) -> bool:
+        return self.error_type == "TokenException"
+
+
+class BrokerNotSentError(BrokerError):
+    """The request never reached the broker: nothing happened there."""
+
+
+class BrokerAmbiguousError(BrokerError):
+    """The request may have reached the broker; its answer was lost."""
+
+
+class Broker(Protocol):
+    """What the order services need from an executor of orders (Kite's dict shapes)."""
+
+    def place_order(self, *, params: dict[str, Any]) -> str:
+        """Place; ``params`` holds ``variety`` and Kite's order fields. Returns the order_id."""
+
+    def modify_order(self, *, order_id: str, params: dict[str, Any]) -> str:
+        """Modify; ``params`` holds ``variety`` and the fields to change. Returns the order_id."""
+
+    def cancel_order(self, *, order_id: str, variety: str) -> str: ...
+
+    def orders(self) -> list[dict[str, Any]]: ...
+
+    def trades(self) -> list[dict[str, Any]]: ...
+
+    def positions(self) -> dict[str, list[dict[str, Any]]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Where Kite is and how long an order call may take; read from settings at the edge."""
+
+    api_root: str
+    redis_url: str
+    timeout_s: float
+
+    @classmethod
+    def from_settings(cls) -> BrokerConfig:
+        from django.conf import settings
+
+        return cls(
+            api_root=settings.KITE_API_ROOT, redis_url=settings.REDIS_URL,
+            timeout_s=settings.ORDERS_KITE_TIMEOUT_S,
+        )  # fmt: skip
+
+
+def _broker_error(exc: KiteError) -> BrokerError:
+    """Which of the three outcomes a REST client failure is."""
+    text = str(exc)
+    if isinstance(exc, KiteRateLimitTimeout | KiteRateLimiterUnavailable):
+        return BrokerNotSentError(text)
+    if isinstance(exc, KiteTransportError):
+        return (BrokerAmbiguousError if exc.request_sent else BrokerNotSentError)(text)
+    if isinstance(exc, KiteApiError):
+        status = exc.status or 0
+        if exc.error_type == "NetworkException" and status == 429:
+            return BrokerNotSentError(text, error_type=exc.error_type, status=status)
+        if exc.never_retried or 400 <= status < 500:
+            return BrokerRejectedError(text, error_type=exc.error_type, status=status)
+        return BrokerAmbiguousError(text, error_type=exc.error_type, status=status)
+    if isinstance(exc, KiteResponseError):
+        return BrokerAmbiguousError(text)
+    return BrokerAmbiguousError(text)
+
+
+class KiteBroker:
+    """A :class:`Broker` on Kite Connect for one account's session."""
+
+    def __init__(self, *, client: KiteRestClient) -> None:
+        self._client = client
+
+    def place_order(self, *, params: dict[str, Any]) -> str:
+        try:
+            return self._client.place_order(**params)
+        except KiteError as exc:
+            raise _broker_error(exc) from None
+
+    def modify_order(self, *, order_id: str, params: dict[str, Any]) -> str:
+        try:
+            return self._client.modify_order(order_id=order_id, **params)
+        except KiteError as exc:
+            raise _broker_error(exc) from None
+
+    def cancel_order(self, *, order_id: str, variety: str) -> str:
+        try:
+            return self._client.cancel_order(order_id=order_id, variety=variety)
+        except KiteError as exc:
+            raise _broker_error(exc) from None
+
+    def orders(self) -> list[dict[str, Any]]:
+        try:
+            return [o.model_dump() for o in self._client.orders()]
+        except KiteError as exc:
+            raise _reading_error(exc) from None
+
+    def trades(self) -> list[dict[str, Any]]:
+        try:
+            return [t.model_dump() for t in self._client.trades()]
+        except KiteError as exc:
+            raise _reading_error(exc) from None
+
+    def positions(self) -> dict[str, list[dict[str, Any]]]:
+        try:
+            return self._client.positions()
+        except KiteError as exc:
+            raise _reading_error(exc) from None
+
+
+def _reading_error(exc: KiteError) -> BrokerError:
+    """A failed read changes nothing anywhere: only rejected (e.g. token) or not done."""
+    if isinstance(exc, KiteTokenError):
+        return BrokerRejectedError(str(exc), error_type=exc.error_type, status=exc.status)
+    return BrokerNotSentError(str(exc), error_type=getattr(exc, "error_type", ""),
+                              status=getattr(exc, "status", None))
+
+
+def broker_for(*, account: KiteAccount, config: BrokerConfig | None = None) -> Broker:
+    """The broker that executes ``account``'s orders: paper engine or Kite."""
+    if account.is_paper:
+        module_name, _, class_name = PAPER_BROKER.rpartition(".")
+        paper_broker = getattr(importlib.import_module(module_name), class_name)
+        return paper_broker(account=account)
+    config = config or BrokerConfig.from_settings()
+    client = KiteRestClient(
+        api_key=account.api_key, access_token=account.access_token, api_root=config.api_root,
+        rate_limiter=KiteRateLimiter.from_redis_url(config.redis_url), timeout_s=config.timeout_s,
+    )  # fmt: skip
+    return KiteBroker(client=client)
