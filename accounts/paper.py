@@ -114,6 +114,10 @@ class PaperExchange:
         if not found:
             raise _rejected(f"paper: no instrument {exchange}:{symbol}")
         instrument = found[0]
+        lot = int(instrument.lot_size or 1)
+        if lot > 1 and quantity % lot:
+            raise _rejected(f"paper: quantity {quantity} is not a multiple of the lot size {lot} "
+                            f"of {exchange}:{symbol}")  # fmt: skip
         now = self._clock()
         order_id = f"P{uuid.uuid4().hex[:20]}"
         accepted = {

@@ -21,7 +21,7 @@ from collections import defaultdict
 from typing import Any
 
 import structlog
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 
 from accounts.order_models import OPEN_STATUSES, Order
 from accounts.paper import PaperExchange
@@ -73,10 +73,10 @@ class PaperDesk:
         renewed_at = 0.0
         loop = asyncio.get_running_loop()
         while True:
-            held = await sync_to_async(joblock_acquire)(
+            held = await database_sync_to_async(joblock_acquire)(
                 name=LOCK_NAME, owner=self._owner, ttl_s=self._lock_ttl_s
             )
-            book, groups = await sync_to_async(self._read_book)() if held else ({}, set())
+            book, groups = await database_sync_to_async(self._read_book)() if held else ({}, set())
             renew = loop.time() - renewed_at >= self._group_renew_s
             for group in sorted(groups if renew else groups - self._groups):
                 await self._layer.group_add(group, channel)
@@ -118,7 +118,7 @@ class PaperDesk:
                 except SnapshotParseError as exc:
                     log.error("paper.bad_snapshot", token=token, error=str(exc)[:200])
                     continue
-                self._book[token] = await sync_to_async(self._match)(orders, snapshot)
+                self._book[token] = await database_sync_to_async(self._match)(orders, snapshot)
 
     def _match(self, orders: list[Order], snapshot) -> list[Order]:
         """Match one instrument's open orders (all accounts, oldest first); what stays open."""

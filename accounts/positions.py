@@ -175,13 +175,12 @@ class PositionsReader:
         tokens = sorted({p.token for _, ps, _ in per_account for p in ps if p.token})
         snapshots = {t: s for t, s in self._quotes(tokens).items() if not s.is_mock} if tokens else {}
         everything = self._greeks.build([p for _, ps, _ in per_account for p in ps], snapshots)
-        return {
-            "convention": CONVENTION,
-            "accounts": [
-                {"account_id": a.pk, "label": a.label, "is_paper": a.is_paper, "error": error,
-                 "positions": [_row(r) for r in (p := self._greeks.build(ps, snapshots)).rows],
-                 **_summary(p)}
-                for a, ps, error in per_account
-            ],
-            **_summary(everything),
-        }  # fmt: skip
+        documents = []
+        for account, positions, error in per_account:
+            portfolio = self._greeks.build(positions, snapshots)
+            documents.append({
+                "account_id": account.pk, "label": account.label, "is_paper": account.is_paper,
+                "error": error, "positions": [_row(r) for r in portfolio.rows],
+                **_summary(portfolio),
+            })  # fmt: skip
+        return {"convention": CONVENTION, "accounts": documents, **_summary(everything)}
