@@ -135,7 +135,7 @@ def _row(row: PositionRow) -> dict[str, Any]:
         "buy_value": round(p.buy_value, 2), "sell_value": round(p.sell_value, 2),
         "ltp": row.ltp, "pnl": None if row.pnl is None else round(row.pnl, 2),
         "greeks": row.greeks,
-        "greeks_rs": None if row.greeks_rs is None else {k: round(v, 6) for k, v in row.greeks_rs.items()},
+        "greeks_rs": row.greeks_rs,
         "missing": row.missing,
     }  # fmt: skip
 
