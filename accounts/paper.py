@@ -39,7 +39,7 @@ from streaming.engine.market_hours import MarketHours
 from streaming.greeks import IST
 from streaming.nse_calendar import parse_holidays
 from streaming.snapshots import LiveSnapshot, SnapshotReader
-from subscriptions.selectors import instrument_list_by_symbols
+from subscriptions.selectors import instrument_list_by_symbols, subscription_tokens_active
 
 SOURCE = "paper"
 ORDER_TYPES = ("MARKET", "LIMIT", "SL", "SL-M")
@@ -148,7 +148,7 @@ class PaperExchange:
         if not self._hours.is_open(now):
             return (f"paper: the market is closed at {kite_time(now)} IST (NSE session "
                     "09:15-15:30 on trading days)")  # fmt: skip
-        snapshot = self._quotes([token]).get(token)
+        snapshot = self._quotes([token]).get(token) if subscription_tokens_active(tokens=[token]) else None
         if snapshot is None:
             return (f"paper: no live price for {exchange}:{symbol}: no engine streams it "
                     "(subscribe the instrument)")  # fmt: skip

@@ -20,10 +20,15 @@ import structlog
 
 from accounts.brokers import Broker, BrokerError, broker_for
 from accounts.order_models import Trade
+from accounts.order_selectors import accounts_visible_to
 from accounts.portfolio_greeks import NetPosition, Portfolio, PortfolioGreeks, PositionRow
 from streaming.snapshots import LiveSnapshot
 from subscriptions.models import Instrument
-from subscriptions.selectors import instrument_list_by_symbols, instrument_list_by_tokens
+from subscriptions.selectors import (
+    instrument_list_by_symbols,
+    instrument_list_by_tokens,
+    subscription_tokens_active,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -148,11 +153,24 @@ def _summary(portfolio: Portfolio) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class LoadedPositions:
+    """The database and broker half of a read: each account's positions, and which of their
+    instruments are streamed (only those are asked of the engines)."""
+
+    accounts: list[tuple[Any, list[NetPosition], str | None]]
+    streamed: list[int]
+
+
 class PositionsReader:
-    """Positions of some accounts with live portfolio Greeks, as one JSON-ready document."""
+    """Positions of some accounts with live portfolio Greeks, as one JSON-ready document.
+
+    :meth:`read` for sync callers; an async caller (the WebSocket push) runs :meth:`load` on
+    a database thread, awaits the snapshots itself and calls :meth:`assemble`.
+    """
 
     def __init__(
-        self, *, quotes: Callable[[Sequence[int]], dict[int, LiveSnapshot]],
+        self, *, quotes: Callable[[Sequence[int]], dict[int, LiveSnapshot]] | None = None,
         brokers: Callable[..., Broker] = broker_for, greeks: PortfolioGreeks | None = None,
     ) -> None:  # fmt: skip
         self._quotes = quotes
@@ -160,6 +178,12 @@ class PositionsReader:
         self._greeks = greeks or PortfolioGreeks()
 
     def read(self, *, accounts: Iterable[Any]) -> dict[str, Any]:
+        if self._quotes is None:
+            raise TypeError("PositionsReader.read needs quotes; async callers use load/assemble")
+        loaded = self.load(accounts=accounts)
+        return self.assemble(loaded, self._quotes(loaded.streamed) if loaded.streamed else {})
+
+    def load(self, *, accounts: Iterable[Any]) -> LoadedPositions:
         per_account: list[tuple[Any, list[NetPosition], str | None]] = []
         for account in accounts:
             error = None
@@ -173,14 +197,37 @@ class PositionsReader:
                 positions, error = [], f"Kite's positions could not be read: {exc.message[:200]}"
             per_account.append((account, positions, error))
         tokens = sorted({p.token for _, ps, _ in per_account for p in ps if p.token})
-        snapshots = {t: s for t, s in self._quotes(tokens).items() if not s.is_mock} if tokens else {}
-        everything = self._greeks.build([p for _, ps, _ in per_account for p in ps], snapshots)
+        # Waiting on a token no engine streams would only run out the reader's timeout.
+        streamed = sorted(subscription_tokens_active(tokens=tokens)) if tokens else []
+        return LoadedPositions(accounts=per_account, streamed=streamed)
+
+    def assemble(self, loaded: LoadedPositions, snapshots: dict[int, LiveSnapshot]) -> dict[str, Any]:
+        """The document; mock snapshots never price a position (live only)."""
+        live = {t: s for t, s in snapshots.items() if not s.is_mock}
+        everything = self._greeks.build([p for _, ps, _ in loaded.accounts for p in ps], live)
         documents = []
-        for account, positions, error in per_account:
-            portfolio = self._greeks.build(positions, snapshots)
+        for account, positions, error in loaded.accounts:
+            portfolio = self._greeks.build(positions, live)
             documents.append({
                 "account_id": account.pk, "label": account.label, "is_paper": account.is_paper,
                 "error": error, "positions": [_row(r) for r in portfolio.rows],
                 **_summary(portfolio),
             })  # fmt: skip
         return {"convention": CONVENTION, "accounts": documents, **_summary(everything)}
+
+
+def accounts_for_positions(*, user, account_id: int | None) -> list[Any] | None:
+    """The accounts ``user`` may see (or the one ``account_id``); None when that one is not."""
+    accounts = accounts_visible_to(user=user)
+    if account_id is not None:
+        accounts = accounts.filter(pk=account_id)
+        if not accounts.exists():
+            return None
+    return list(accounts)
+
+
+def positions_visible(*, user, account_id: int | None, reader: PositionsReader) -> dict[str, Any] | None:
+    """The positions document of the accounts ``user`` may see (or of the one ``account_id``);
+    None when that account is not visible to them."""
+    accounts = accounts_for_positions(user=user, account_id=account_id)
+    return None if accounts is None else reader.read(accounts=accounts)

@@ -10,8 +10,7 @@ from django.conf import settings
 from ninja import Field, Query, Router, Schema
 
 from accounts.models import ApiToken
-from accounts.order_selectors import accounts_visible_to
-from accounts.positions import PositionsReader
+from accounts.positions import PositionsReader, positions_visible
 from streaming.snapshots import SnapshotReader
 from tickerproj.api_support import ApiError, caller_user, require_scope
 
@@ -87,14 +86,11 @@ def positions_reader() -> PositionsReader:
 
 
 def positions_document(*, user, account_id: int | None) -> dict[str, Any]:
-    """What GET /positions answers (the WebSocket push sends the same document)."""
-    accounts = accounts_visible_to(user=user)
-    if account_id is not None:
-        accounts = accounts.filter(pk=account_id)
-        if not accounts.exists():
-            raise ApiError(404, "account_not_found", f"no account {account_id} visible to you",
-                           field="account")  # fmt: skip
-    return positions_reader().read(accounts=list(accounts))
+    document = positions_visible(user=user, account_id=account_id, reader=positions_reader())
+    if document is None:
+        raise ApiError(404, "account_not_found", f"no account {account_id} visible to you",
+                       field="account")  # fmt: skip
+    return document
 
 
 @router.get("/positions", response=PositionsOut,

@@ -4,11 +4,12 @@ Documented for users in docs/websocket-protocol.md; this module is its one truth
 here is pure (no Django, no I/O) so that the consumer, the tests and the docs' examples agree.
 
 Client -> server (JSON text frames, one object each, ``action`` names the message):
-``subscribe``, ``unsubscribe``, ``ping`` and ``ack`` (credit-based flow control).
+``subscribe``, ``unsubscribe``, ``ping``, ``ack`` (credit-based flow control) and
+``positions`` (start or stop the positions pushes).
 
 Server -> client (JSON text frames, ``type`` names the message): ``hello``, ``subscribed``,
 ``unsubscribed``, ``snapshots`` (pre-serialised engine items, never re-encoded here),
-``pong`` and ``error``.
+``pong``, ``positions`` / ``positions_stopped`` and ``error``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ MAX_UNRESOLVED_LISTED: Final = 100
 """Replies list at most this many unresolved references (and say how many there were)."""
 MAX_ERROR_MESSAGE_CHARS: Final = 500
 
-KNOWN_ACTIONS: Final = frozenset({"subscribe", "unsubscribe", "ping", "ack"})
+KNOWN_ACTIONS: Final = frozenset({"subscribe", "unsubscribe", "ping", "ack", "positions"})
 
 
 class ErrorCode(StrEnum):
@@ -69,6 +70,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"
     SUBPROTOCOL_REQUIRED = "subprotocol_required"
     UNAVAILABLE = "unavailable"
+    ACCOUNT_NOT_VISIBLE = "account_not_visible"
 
 
 class CloseCode:
@@ -182,7 +184,19 @@ class Ack(_Strict):
     seq: Annotated[StrictInt, Field(ge=0, lt=2**53)]
 
 
-ClientMessage = Annotated[Subscribe | Unsubscribe | Ping | Ack, Field(discriminator="action")]
+class Positions(_Strict):
+    """Start (``enabled``, the default) or stop the ``positions`` pushes: the net positions
+    with live portfolio Greeks of the accounts the user may see, or of one ``account_id``."""
+
+    action: Literal["positions"]
+    id: RequestId | None = None
+    enabled: StrictBool = True
+    account_id: Annotated[StrictInt, Field(gt=0, lt=2**63)] | None = None
+
+
+ClientMessage = Annotated[
+    Subscribe | Unsubscribe | Ping | Ack | Positions, Field(discriminator="action")
+]
 _CLIENT_MESSAGE: Final = TypeAdapter(ClientMessage)
 
 
@@ -220,7 +234,7 @@ def parse_client_message(
     subscribe_room: int = MAX_INSTRUMENTS_PER_MESSAGE,
     held_tokens: Collection[int] = frozenset(),
     held_symbols: Container[tuple[str, str]] = frozenset(),
-) -> Subscribe | Unsubscribe | Ping | Ack:
+) -> Subscribe | Unsubscribe | Ping | Ack | Positions:
     """Parse one client text frame; raises ProtocolError with the right code on any problem.
 
     ``subscribe_room`` is how many more instruments the connection may hold: a subscribe
@@ -367,6 +381,15 @@ def unsubscribed_message(*, request_id: Any, tokens: Iterable[int], subscription
             "subscriptions": subscriptions,
         }
     )
+
+
+def positions_message(*, request_id: Any, seq: int, document: dict[str, Any]) -> str:
+    """One ``positions`` push: the document of ``GET /api/v1/positions``, numbered."""
+    return _dumps({"type": "positions", "id": request_id, "seq": seq, "data": document})
+
+
+def positions_stopped_message(*, request_id: Any) -> str:
+    return _dumps({"type": "positions_stopped", "id": request_id})
 
 
 _FRAME_HEAD: Final = b'{"type":"snapshots","v":%d,"seq":%d,"data":['
