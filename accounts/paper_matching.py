@@ -2,7 +2,7 @@
 
 No Django, no I/O: given the open orders of one instrument (oldest first) and one live
 snapshot of it, :meth:`PaperMatcher.match` says what fills and what triggers. The rules
-(docs/orders.md, "Paper trading"):
+(docs/paper-trading.md, "Paper trading"):
 
 - a buy takes the best ask, a sell the best bid, never more than the quantity shown there:
   a market order fills ``min(pending, ask_qty)`` at the ask and the rest waits for the next

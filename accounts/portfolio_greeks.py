@@ -1,6 +1,6 @@
 """Net positions joined with the engine's live Greeks: the portfolio in rupees, pure.
 
-No Django, no I/O. The convention (docs/orders.md, "Positions and portfolio Greeks"): a
+No Django, no I/O. The convention (docs/paper-trading.md, "Positions and portfolio Greeks"): a
 snapshot's Greeks are per unit of premium (docs/snapshot-schema.md: ``delta`` is dV/dF of the
 premium, ``gamma`` per rupee of forward, ``theta`` rupees per calendar day, ``vega`` rupees
 per volatility point). A position of ``lots`` lots of ``lot_size`` units carries

@@ -5,7 +5,7 @@ broker (``broker_for``); a paper account's from its own trades (the paper engine
 through ``trade_record`` as Kite's fills are written). Each position is joined with the
 latest live snapshot of its instrument (:class:`streaming.snapshots.SnapshotReader`) and summed
 in rupees by :class:`accounts.portfolio_greeks.PortfolioGreeks` (the convention is there and
-in docs/orders.md). The API (``accounts/positions_api.py``), the WebSocket ``positions``
+in docs/paper-trading.md). The API (``accounts/positions_api.py``), the WebSocket ``positions``
 subscription and the positions page all read :meth:`PositionsReader.read`.
 """
 
