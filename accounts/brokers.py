@@ -19,6 +19,7 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from streaming.kite.redaction import redact
 from streaming.kite.rest import (
     KiteApiError,
     KiteError,
@@ -119,46 +120,57 @@ def _broker_error(exc: KiteError) -> BrokerError:
 
 
 class KiteBroker:
-    """A :class:`Broker` on Kite Connect for one account's session."""
+    """A :class:`Broker` on Kite Connect for one account's session.
 
-    def __init__(self, *, client: KiteRestClient) -> None:
+    Error messages leave with ``secrets`` (the account's api secret; the client already
+    redacts its access token) replaced, because they are stored in orders and audits.
+    """
+
+    def __init__(self, *, client: KiteRestClient, secrets: tuple[str, ...] = ()) -> None:
         self._client = client
+        self._secrets = secrets
+
+    def _error(self, exc: KiteError, *, reading: bool = False) -> BrokerError:
+        error = (_reading_error if reading else _broker_error)(exc)
+        error.message = redact(error.message, *self._secrets)
+        error.args = (error.message,)
+        return error
 
     def place_order(self, *, params: dict[str, Any]) -> str:
         try:
             return self._client.place_order(**params)
         except KiteError as exc:
-            raise _broker_error(exc) from None
+            raise self._error(exc) from None
 
     def modify_order(self, *, order_id: str, params: dict[str, Any]) -> str:
         try:
             return self._client.modify_order(order_id=order_id, **params)
         except KiteError as exc:
-            raise _broker_error(exc) from None
+            raise self._error(exc) from None
 
     def cancel_order(self, *, order_id: str, variety: str) -> str:
         try:
             return self._client.cancel_order(order_id=order_id, variety=variety)
         except KiteError as exc:
-            raise _broker_error(exc) from None
+            raise self._error(exc) from None
 
     def orders(self) -> list[dict[str, Any]]:
         try:
             return [o.model_dump() for o in self._client.orders()]
         except KiteError as exc:
-            raise _reading_error(exc) from None
+            raise self._error(exc, reading=True) from None
 
     def trades(self) -> list[dict[str, Any]]:
         try:
             return [t.model_dump() for t in self._client.trades()]
         except KiteError as exc:
-            raise _reading_error(exc) from None
+            raise self._error(exc, reading=True) from None
 
     def positions(self) -> dict[str, list[dict[str, Any]]]:
         try:
             return self._client.positions()
         except KiteError as exc:
-            raise _reading_error(exc) from None
+            raise self._error(exc, reading=True) from None
 
 
 def _reading_error(exc: KiteError) -> BrokerError:
@@ -180,4 +192,4 @@ def broker_for(*, account: KiteAccount, config: BrokerConfig | None = None) -> B
         api_key=account.api_key, access_token=account.access_token, api_root=config.api_root,
         rate_limiter=KiteRateLimiter.from_redis_url(config.redis_url), timeout_s=config.timeout_s,
     )  # fmt: skip
-    return KiteBroker(client=client)
+    return KiteBroker(client=client, secrets=(account.access_token, account.api_secret))

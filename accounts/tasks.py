@@ -32,3 +32,29 @@ def expire_sessions(self: Task) -> dict[str, Any]:
         name="expire_sessions", time_limit_s=EXPIRE_SESSIONS_TIME_LIMIT_S,
         task_id=self.request.id or "", fn=run,
     )
+
+
+RESOLVE_TIME_LIMIT_S: Final = 60
+
+
+@shared_task(
+    name="accounts.resolve_unknown_order",
+    soft_time_limit=RESOLVE_TIME_LIMIT_S - 10,
+    time_limit=RESOLVE_TIME_LIMIT_S,
+    autoretry_for=DATABASE_BLIPS,
+    **RETRY_BACKOFF,
+)
+def resolve_unknown_order(order_id: int) -> str:
+    """Settle one UNKNOWN order from Kite's order book; asks again later until it is settled.
+
+    The next run is a countdown task (``ORDERS_UNKNOWN_CHECK_INTERVAL_S``): with late acks a
+    worker lost while holding it has it delivered again, so the chain does not break.
+    """
+    from accounts.order_actions import order_resolve_unknown
+    from accounts.order_desk import order_desk_from_settings
+
+    desk = order_desk_from_settings()
+    outcome = order_resolve_unknown(order_id=order_id, desk=desk)
+    if outcome in ("waiting", "resent"):
+        desk.schedule_resolution(order_id, desk.limits.unknown_check_interval_s)
+    return outcome

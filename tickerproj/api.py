@@ -14,6 +14,7 @@ from django.http import Http404
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationError
 
+from accounts.api import router as orders_router
 from accounts.positions_api import router as positions_router
 from streaming.api import router as streaming_router
 from subscriptions.api import router as subscriptions_router
@@ -33,7 +34,7 @@ def build_api() -> NinjaAPI:
     return NinjaAPI(
         title="tickerproj API",
         version="1.0.0",
-        description="Instruments, subscriptions, history, bars and status. See docs/http-api.md.",
+        description="Instruments, subscriptions, history, bars, status and orders. See docs/http-api.md.",
         urls_namespace="api-v1",
         auth=[TokenAuth(), ActiveSessionAuth()],
         throttle=[CallerRateThrottle(settings.API_RATE_LIMIT)],
@@ -105,4 +106,5 @@ def _unexpected(request, exc: Exception):
 
 api.add_router("/", subscriptions_router)
 api.add_router("/", streaming_router)
+api.add_router("/", orders_router)
 api.add_router("/", positions_router)

@@ -343,6 +343,104 @@ class KiteRateLimiter:
                 self._local_slots.pop(key, None)
 
 
+# Orders per sliding window, several windows at once (per second, minute, day). KEYS: one
+# sorted set per window, then a sequence counter. ARGV[1]: the request's cost (orders); then
+# per window its period (ms) and limit. Books every window or none; returns 0 when booked,
+# else how long (ms) until the cost would fit.
+_ORDER_WINDOWS_LUA: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cost = tonumber(ARGV[1])
+local windows = #KEYS - 1
+local wait = 0
+for i = 1, windows do
+  local period = tonumber(ARGV[2 * i])
+  local limit = tonumber(ARGV[2 * i + 1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - period)
+  local over = redis.call('ZCARD', KEYS[i]) + cost - limit
+  if over > 0 then
+    local oldest = redis.call('ZRANGE', KEYS[i], over - 1, over - 1, 'WITHSCORES')
+    local w = tonumber(oldest[2]) + period - now
+    if w > wait then wait = w end
+  end
+end
+if wait > 0 then return wait end
+for i = 1, windows do
+  local period = tonumber(ARGV[2 * i])
+  for _ = 1, cost do
+    local seq = redis.call('INCR', KEYS[windows + 1])
+    redis.call('ZADD', KEYS[i], now, now .. ':' .. seq)
+  end
+  redis.call('PEXPIRE', KEYS[i], period + 1000)
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OrderWindow:
+    """At most ``limit`` orders in any ``period_s`` (a sliding window, as GCRA counts)."""
+
+    name: str
+    limit: int
+    period_s: float
+
+
+class KiteOrderRateLimiter:
+    """Kite's order limits per api key (10/s, 400/min, 5000/day), shared through Redis.
+
+    Unlike :class:`KiteRateLimiter`, which paces requests by making callers wait, this one
+    never waits: an order over budget is refused with the time until it would fit, so the
+    API answers 429 with ``Retry-After`` rather than holding a trader's order in a queue.
+    All windows are booked together in one script on Redis's clock, so a refusal books
+    nothing. Windows are exact sliding logs rather than GCRA: a GCRA bucket that allows a
+    burst of N also lets N more through during the next window's length (burst plus rate),
+    up to twice what Kite counts in one window, and one that allows no burst would refuse
+    the slices of one large order sent together.
+    """
+
+    KEY_PREFIX: Final = "tickerproj:kite:orders"
+
+    def __init__(
+        self, *, redis_client: redis.Redis, windows: Sequence[OrderWindow], margin: float = RATE_MARGIN
+    ) -> None:
+        if not windows:
+            raise ValueError("at least one order window is required")
+        self.windows = tuple(windows)
+        self._margin = margin
+        self._redis = redis_client
+        self._script = redis_client.register_script(_ORDER_WINDOWS_LUA)
+
+    def largest_cost(self) -> int:
+        """The most orders one request may book at once (the tightest window's limit)."""
+        return min(w.limit for w in self.windows)
+
+    def _keys(self, api_key: str) -> list[str]:
+        keys = [f"{self.KEY_PREFIX}:{api_key}:{w.name}" for w in self.windows]
+        return [*keys, f"{self.KEY_PREFIX}:{api_key}:seq"]
+
+    def try_acquire(self, *, api_key: str, cost: int = 1) -> float:
+        """Book ``cost`` orders; 0.0 if booked, else the seconds to wait (nothing booked)."""
+        if not 1 <= cost <= self.largest_cost():
+            raise ValueError(f"cost must be in [1, {self.largest_cost()}], got {cost}")
+        args: list[int] = [cost]
+        for w in self.windows:
+            # Windows are stretched by the margin (at most a second): Kite counts on arrival.
+            period_ms = 1000.0 * w.period_s
+            args += [math.ceil(period_ms + min(self._margin * period_ms, 1000.0)), w.limit]
+        try:
+            wait_ms = self._script(keys=self._keys(api_key), args=args)
+        except redis.RedisError as exc:
+            raise KiteRateLimiterUnavailable(
+                f"order rate limiter storage failed: {type(exc).__name__}: {_short(str(exc))}",
+                endpoint="place_order",
+            ) from None
+        return float(wait_ms) / 1000.0
+
+    def clear(self, *, api_key: str) -> None:
+        self._redis.delete(*self._keys(api_key))
+
+
 # --- historical candles -------------------------------------------------------------------
 
 

@@ -11,7 +11,8 @@ REST
     400 InputException, 429 NetworkException, 5xx. Requests carry ``X-Kite-Version: 3`` and
     ``Authorization: token api_key:access_token`` (the instrument dump and the session
     exchange need no token, as on Kite). ``fail_next``, ``corrupt_next``, ``drop_next`` and
-    ``delay_next`` inject faults per route, named as in kiteconnect's ``KiteConnect._routes``
+    ``delay_next`` inject faults per route; ``drop_response_next`` handles the call and then
+    drops the connection before answering (the order is placed, the client never learns it), named as in kiteconnect's ``KiteConnect._routes``
     ("market.quote", "market.historical", "api.token", "order.place", ...).
 
 WebSocket
@@ -102,6 +103,9 @@ _MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 
 TOKEN_ERROR_MESSAGE: Final = "Incorrect `api_key` or `access_token`."  # noqa: S105 - not a secret
 RATE_ERROR_MESSAGE: Final = "Too many requests"
+MAX_MODIFICATIONS_PER_ORDER: Final = 25
+RMS_MARGIN_MESSAGE: Final = "Insufficient funds. Required margin is 95417.84 but available margin is 74251.80."
+MODIFICATIONS_ERROR_MESSAGE: Final = "Maximum allowed order modifications exceeded."
 
 # Which rate-limit bucket each route draws from (Kite's published per-second limits).
 _QUOTE_ROUTES: Final = frozenset({"market.quote", "market.quote.ohlc", "market.quote.ltp"})
@@ -180,7 +184,8 @@ class _PlaceOrderForm(BaseModel):
     trigger_price: float | None = Field(default=None, ge=0)
     validity: Literal["DAY", "IOC", "TTL"] = "DAY"
     disclosed_quantity: int = Field(default=0, ge=0)
-    tag: str | None = Field(default=None, max_length=20)
+    tag: str | None = Field(default=None, max_length=20, pattern="^[A-Za-z0-9]*$")
+    market_protection: int = Field(default=0, ge=-1, le=100)
 
 
 class _ModifyOrderForm(BaseModel):
@@ -210,6 +215,7 @@ class _Account:
     request_tokens: set[str] = field(default_factory=set)
     orders: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # id -> history
     trades: list[dict[str, Any]] = field(default_factory=list)
+    modifications: dict[str, int] = field(default_factory=dict)  # order id -> count
     attempts: int = 0
     ticks_sent: int = 0
     rate_windows: dict[str, deque[float]] = field(default_factory=dict)
@@ -217,7 +223,7 @@ class _Account:
 
 @dataclass(slots=True)
 class _Fault:
-    kind: Literal["fail", "corrupt", "drop", "delay"]
+    kind: Literal["fail", "corrupt", "drop", "drop_response", "delay"]
     times: int
     status: int = 500
     error_type: str = "GeneralException"
@@ -275,6 +281,8 @@ class KiteSimulator:
     ``step_market``: False leaves the market still (tests that move it with ``set_spot``).
     ``enforce_rate_limits``: answer 429 beyond Kite's per-second REST limits per API key.
     ``require_kite_version``: refuse REST calls without ``X-Kite-Version: 3``, as Kite does.
+    ``max_fill_quantity``: fill orders at most this many units per match (partial fills); the
+    rest rests OPEN and is matched again after each market step.
     ``clock``: wall clock for order and session timestamps; ``monotonic_fn``: the
     rate-limit windows' clock (injectable so tests need not sleep).
     The market belongs to the simulator's event loop once started; from another thread go
@@ -294,6 +302,7 @@ class KiteSimulator:
         step_market: bool = True,
         enforce_rate_limits: bool = False,
         require_kite_version: bool = True,
+        max_fill_quantity: int | None = None,
         clock: Callable[[], float] = time.time,
         monotonic_fn: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -315,6 +324,7 @@ class KiteSimulator:
         self.step_market = step_market
         self.enforce_rate_limits = enforce_rate_limits
         self.require_kite_version = require_kite_version
+        self.max_fill_quantity = max_fill_quantity
         self._clock = clock
         self._monotonic = monotonic_fn
         self._host = host
@@ -335,6 +345,8 @@ class KiteSimulator:
         self.frames_sent = 0
         self.bytes_sent = 0
         self.rest_requests: dict[str, int] = {}
+        self.responses_dropped = 0
+        self._rms_rejections: deque[str] = deque()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -609,6 +621,16 @@ class KiteSimulator:
         """Close the next calls' TCP connections without an answer."""
         self._add_fault(route, _Fault(kind="drop", times=times))
 
+    def reject_next_orders(self, message: str = RMS_MARGIN_MESSAGE, *, times: int = 1) -> None:
+        """Accept the next ``times`` placements and reject the orders, as Kite's risk checks
+        do, with ``message`` as their ``status_message``."""
+        self._rms_rejections.extend([message] * times)
+
+    def drop_response_next(self, route: str, *, times: int = 1) -> None:
+        """Handle the next calls of ``route`` (an order is placed, modified or cancelled) and
+        then close their TCP connections without the answer: Kite's ambiguous failure."""
+        self._add_fault(route, _Fault(kind="drop_response", times=times))
+
     def delay_next(self, route: str, delay_s: float, *, times: int = 1) -> None:
         """Answer the next calls of ``route`` only after ``delay_s`` (for client timeouts)."""
         self._add_fault(route, _Fault(kind="delay", times=times, delay_s=delay_s))
@@ -690,12 +712,18 @@ class KiteSimulator:
             if fault is not None:
                 if fault.kind == "delay":
                     await asyncio.sleep(fault.delay_s)
-                else:
+                elif fault.kind != "drop_response":
                     return self._faulty_response(request, fault)
             account = self._auth(request) if auth else None
             if account is not None and self.enforce_rate_limits:
                 self._rate_limit(account, route)
-            return await handler(request, account)
+            response = await handler(request, account)
+            if fault is not None and fault.kind == "drop_response":
+                self.responses_dropped += 1
+                if request.transport is not None:
+                    request.transport.abort()
+                raise web.HTTPServiceUnavailable()  # never delivered: the socket is gone
+            return response
 
         wrapped.__name__ = f"kitesim_{route.replace('.', '_')}"
         return wrapped
@@ -1006,12 +1034,17 @@ class KiteSimulator:
             "filled_quantity": 0,
             "pending_quantity": form.quantity,
             "cancelled_quantity": 0,
-            "market_protection": 0,
+            "market_protection": form.market_protection,
             "meta": {},
             "tag": form.tag,
             "guid": secrets.token_hex(8),
         }
         account.orders[order_id] = [{**order, "status": "PUT ORDER REQ RECEIVED"}]
+        if self._rms_rejections:
+            # Kite accepts the call and its risk checks reject the order a moment later.
+            message = self._rms_rejections.popleft()
+            order.update(status="REJECTED", status_message=message, status_message_raw=message,
+                         pending_quantity=0)
         self._record_order(account, order)
         self._try_fill(account, order_id)
         return _success({"order_id": order_id})
@@ -1021,39 +1054,49 @@ class KiteSimulator:
         self.push_text(account.api_key, {"type": "order", "data": {**order, "user_id": account.user_id}})
 
     def _try_fill(self, account: _Account, order_id: str) -> None:
-        """Fill an open order whole if the market is through its price (trigger orders rest)."""
+        """Fill an open order if the market is through its price (trigger orders rest).
+
+        With ``max_fill_quantity`` a match fills at most that many (whole lots); the rest
+        stays OPEN and is matched again on the next market step: partial fills, one trade each.
+        """
         order = dict(account.orders[order_id][-1])
         if order["status"] != "OPEN" or order["order_type"] in ("SL", "SL-M"):
             return
-        last = float(self.market.quote([order["instrument_token"]])[order["instrument_token"]][
-            "last_price"
-        ])
+        token = order["instrument_token"]
+        last = float(self.market.quote([token])[token]["last_price"])
         buy = order["transaction_type"] == "BUY"
         if order["order_type"] == "LIMIT" and (
             (buy and order["price"] < last) or (not buy and order["price"] > last)
         ):
             return
         fill_price = last if order["order_type"] == "MARKET" else order["price"]
+        fill_quantity = order["pending_quantity"]
+        if self.max_fill_quantity is not None:
+            lot = int(self.market.instrument(token)["lot_size"]) or 1
+            fill_quantity = min(fill_quantity, max(lot, self.max_fill_quantity // lot * lot))
         now = _stamp(self._clock())
         exchange_order_id = str(int(order_id) + 100_000_000_000_000)
+        filled = order["filled_quantity"] + fill_quantity
         order.update(
-            status="COMPLETE",
+            status="COMPLETE" if filled == order["quantity"] else "OPEN",
             exchange_order_id=exchange_order_id,
-            exchange_timestamp=now,
+            exchange_timestamp=order["exchange_timestamp"] or now,
             exchange_update_timestamp=now,
-            average_price=fill_price,
-            filled_quantity=order["quantity"],
-            pending_quantity=0,
+            average_price=round(
+                (order["average_price"] * order["filled_quantity"] + fill_price * fill_quantity) / filled, 4
+            ),
+            filled_quantity=filled,
+            pending_quantity=order["quantity"] - filled,
         )
         trade = {
             "trade_id": str(self._next_trade_id),
             "order_id": order_id,
             "exchange": order["exchange"],
             "tradingsymbol": order["tradingsymbol"],
-            "instrument_token": order["instrument_token"],
+            "instrument_token": token,
             "product": order["product"],
             "average_price": fill_price,
-            "quantity": order["quantity"],
+            "quantity": fill_quantity,
             "exchange_order_id": exchange_order_id,
             "transaction_type": order["transaction_type"],
             "fill_timestamp": now,
@@ -1063,6 +1106,13 @@ class KiteSimulator:
         self._next_trade_id += 1
         account.trades.append(trade)
         self._record_order(account, order)
+
+    def _match_open_orders(self) -> None:
+        """After a market step: match every resting order against the new prices."""
+        for account in self._accounts.values():
+            for order_id, history in list(account.orders.items()):
+                if history[-1]["status"] == "OPEN":
+                    self._try_fill(account, order_id)
 
     def _open_order(self, account: _Account, request: web.Request) -> dict[str, Any]:
         order_id = request.match_info["order_id"]
@@ -1084,8 +1134,13 @@ class KiteSimulator:
         except ValidationError as exc:
             raise _input_error(_validation_message(exc)) from None
         changes = {k: v for k, v in form.model_dump().items() if v is not None}
+        if account.modifications.get(order["order_id"], 0) >= MAX_MODIFICATIONS_PER_ORDER:
+            raise KiteApiError(status=400, error_type="InputException", message=MODIFICATIONS_ERROR_MESSAGE)
         if "quantity" in changes:
-            changes["pending_quantity"] = changes["quantity"]
+            if changes["quantity"] < order["filled_quantity"]:
+                raise _input_error("Quantity cannot be less than the filled quantity.")
+            changes["pending_quantity"] = changes["quantity"] - order["filled_quantity"]
+        account.modifications[order["order_id"]] = account.modifications.get(order["order_id"], 0) + 1
         order.update(changes, modified=True, order_timestamp=_stamp(self._clock()))
         self._record_order(account, order)
         self._try_fill(account, order["order_id"])
@@ -1394,6 +1449,7 @@ class KiteSimulator:
                 await asyncio.sleep(delay)
             if self.step_market:
                 self.market.step()
+                self._match_open_orders()
             for conn in self._connections.values():
                 conn.tick_due = True
                 conn.wake.set()
