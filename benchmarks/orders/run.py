@@ -126,6 +126,7 @@ def run(args, *, sim: subprocess.Popen, api_root: str, pinning: str) -> None:
     import orjson
     from django.contrib.auth import get_user_model
     from django.contrib.auth.models import Permission
+    from django.db import connection
     from django.test import Client
     from kiteconnect import KiteConnect
 
@@ -156,6 +157,16 @@ def run(args, *, sim: subprocess.Popen, api_root: str, pinning: str) -> None:
     body = orjson.dumps({"account_id": account.pk, **order})
     kite = KiteConnect(api_key=API_KEY, access_token=ACCESS_TOKEN, root=api_root)
 
+    db = {"queries": 0, "s": 0.0}
+
+    def timed_query(execute, sql, params, many, context):
+        t0 = time.perf_counter()
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            db["s"] += time.perf_counter() - t0
+            db["queries"] += 1
+
     def ours() -> None:
         response = client.post("/api/v1/orders", body, content_type="application/json",
                                HTTP_IDEMPOTENCY_KEY=uuid.uuid4().hex)  # fmt: skip
@@ -171,13 +182,17 @@ def run(args, *, sim: subprocess.Popen, api_root: str, pinning: str) -> None:
     wall = {"ours": [], "bare": []}
     cpu = {"ours": 0.0, "bare": 0.0}
     sim_cpu = {"ours": 0.0, "bare": 0.0}
-    for _ in range(args.orders):
-        for name, fn in (("ours", ours), ("bare", bare)):
-            s0, c0, t0 = cpu_s(sim.pid), time.process_time(), time.perf_counter()
-            fn()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name] += time.process_time() - c0
-            sim_cpu[name] += cpu_s(sim.pid) - s0
+    with connection.execute_wrapper(timed_query):
+        for _ in range(args.orders):
+            for name, fn in (("ours", ours), ("bare", bare)):
+                s0, c0, t0 = cpu_s(sim.pid), time.process_time(), time.perf_counter()
+                fn()
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name] += time.process_time() - c0
+                sim_cpu[name] += cpu_s(sim.pid) - s0
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        sync_commit = cursor.fetchone()[0]
 
     n = args.orders
     p = {k: (pct(v, 50) * 1000, pct(v, 99) * 1000) for k, v in wall.items()}
@@ -189,6 +204,8 @@ def run(args, *, sim: subprocess.Popen, api_root: str, pinning: str) -> None:
         print(f"  {label:32s} p50 {p[name][0]:6.2f} ms  p99 {p[name][1]:6.2f} ms  "
               f"CPU/order {cpu[name] / n * 1000:5.2f} ms here + {sim_cpu[name] / n * 1000:5.2f} ms simulator")
     print(f"  ratio ours/bare: p50 {p['ours'][0] / p['bare'][0]:.2f}x, p99 {p['ours'][1] / p['bare'][1]:.2f}x")
+    print(f"  ours, per order: {db['queries'] / n:.1f} SQL statements, {db['s'] / n * 1000:.2f} ms "
+          f"waiting on PostgreSQL (synchronous_commit={sync_commit})")
     print(f"  overhead at p99: {overhead:+.2f} ms (target <= {TARGET_OVERHEAD_P99_MS:.0f} ms: "
           f"{'met' if overhead <= TARGET_OVERHEAD_P99_MS else 'NOT met'})")  # fmt: skip
 

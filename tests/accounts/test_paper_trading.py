@@ -248,3 +248,57 @@ def _unsubscribed_option(world) -> dict:
 def test_a_paper_account_gets_the_paper_broker(db):
     account = KiteAccount.objects.create(label="p", api_key="p", is_paper=True)
     assert isinstance(broker_for(account=account), PaperBroker)
+
+
+async def test_a_paper_order_through_the_order_service_is_placed_once_and_filled(world):
+    """The real placement path (idempotency, checks, limits, audit) with the paper broker."""
+    from accounts.order_actions import OrderActor, OrderDesk, OrderLimits, OrderParams, order_place
+    from accounts.order_models import OrderAudit
+    from streaming.kite.rest import KiteOrderRateLimiter
+    from tickerproj.redis_connection import redis_client
+
+    call = world["call"]
+    token, lot = call["instrument_token"], call["lot_size"]
+    async with InProcessEngine(accounts={"acc1": "k1"}) as h:
+        reader = SnapshotReader(h.layer, timeout_s=5.0)
+
+        async def live_book():
+            snap = (await reader.latest([token])).get(token)
+            return snap if snap is not None and snap.ask_qty else None
+
+        await async_wait_until(live_book, timeout_s=90, what="a live book of the ATM call")
+        quotes = RecordingQuotes(reader)
+        exchange = PaperExchange(quotes=quotes, hours=MarketHours(),
+                                 clock=running_clock(trading_day_at(10, 0)))
+        limits = OrderLimits.from_settings()
+        desk = OrderDesk(
+            broker_for=lambda account: PaperBroker(account=account, exchange=exchange),
+            rate_limiter=KiteOrderRateLimiter(redis_client=redis_client(settings.REDIS_URL),
+                                              windows=limits.windows()),
+            limits=limits, schedule_resolution=lambda order_id, countdown_s: None,
+        )
+        params = OrderParams(account_id=world["paper"].pk, exchange="NFO",
+                             tradingsymbol=call["tradingsymbol"], transaction_type="BUY",
+                             order_type="MARKET", quantity=lot, product="NRML")
+
+        def place_twice():
+            world["paper"].traders.add(world["user"])
+            actor = OrderActor(user=world["user"])
+            first = order_place(actor=actor, account=world["paper"], idempotency_key="paper-1",
+                                params=params, desk=desk)
+            again = order_place(actor=actor, account=world["paper"], idempotency_key="paper-1",
+                                params=params, desk=desk)
+            return first, again, list(Order.objects.filter(account=world["paper"])), list(
+                OrderAudit.objects.filter(account=world["paper"]).values_list("outcome", flat=True))
+
+        first, again, orders, audits = await database_sync_to_async(place_twice)()
+        assert first.status == 201 and again.body == first.body
+        (order,) = orders
+        used = quotes.seen[-1]
+        # The service's own "accepted" news came after the fill and did not move it back.
+        if used.ask_qty >= lot:
+            assert order.status == OrderStatus.COMPLETE and float(order.average_price) == used.ask
+        assert order.filled_quantity == min(lot, used.ask_qty)
+        assert [h["source"] for h in order.status_history][:1] == ["paper"]
+        assert audits == [OrderAudit.Outcome.OK]
+        assert not any(h.sim.rest_requests.get(route) for route in ORDER_ROUTES)
