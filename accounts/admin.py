@@ -1,4 +1,5 @@
-"""Admin for ops: Kite accounts with write-only secrets, API tokens shown once."""
+"""Admin for ops: Kite accounts with write-only secrets and trading settings, API tokens
+shown once; the orders' pages are in accounts/order_admin.py."""
 
 from django import forms
 from django.contrib import admin, messages
@@ -7,8 +8,24 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from accounts import selectors, services
-from accounts.models import ApiToken, KiteAccount
+from accounts import (
+    order_admin,  # noqa: F401  (registers the orders' admin pages)
+    selectors,
+    services,
+)
+from accounts.models import MARKET_PROTECTION_AUTO, ApiToken, KiteAccount
+from accounts.order_actions import (
+    OrderActor,
+    account_cancel_all,
+    account_square_off,
+    trading_switch_set,
+)
+from accounts.order_checks import OrderRefused
+from accounts.order_desk import order_desk_from_settings
+from accounts.order_selectors import accounts_tradable_by
+
+EXCHANGE_CHOICES = [(e, e) for e in ("NSE", "BSE", "NFO", "BFO", "CDS", "BCD", "MCX")]
+PRODUCT_CHOICES = [(p, p) for p in ("CNC", "NRML", "MIS", "MTF")]
 
 
 class KiteAccountForm(forms.ModelForm):
@@ -27,15 +44,37 @@ class KiteAccountForm(forms.ModelForm):
         help_text="Write-only. Leave blank to keep the stored token. Usually set by the Kite login.",
     )
 
+    allowed_exchanges = forms.MultipleChoiceField(
+        choices=EXCHANGE_CHOICES, required=False, widget=forms.CheckboxSelectMultiple,
+        help_text="Exchanges orders may go to (none ticked: no orders).",
+    )
+    allowed_products = forms.MultipleChoiceField(
+        choices=PRODUCT_CHOICES, required=False, widget=forms.CheckboxSelectMultiple,
+        help_text="Products orders may use (none ticked: no orders).",
+    )
+
+    market_protection = forms.IntegerField(
+        required=False, min_value=MARKET_PROTECTION_AUTO, max_value=100,
+        help_text=KiteAccount._meta.get_field("market_protection").help_text + " Blank: -1.",
+    )
+
     class Meta:
         model = KiteAccount
-        fields = ["label", "api_key", "api_secret", "access_token", "kite_user_id", "status"]
+        fields = [
+            "label", "api_key", "api_secret", "access_token", "kite_user_id", "status",
+            "is_paper", "traders", "market_protection", "allowed_exchanges", "allowed_products",
+            "max_lots_per_order", "max_notional_per_order", "daily_loss_cap",
+        ]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # Never put the stored secrets into the form's initial data.
         self.initial.pop("api_secret", None)
         self.initial.pop("access_token", None)
+
+    def clean_market_protection(self) -> int:
+        value = self.cleaned_data.get("market_protection")
+        return MARKET_PROTECTION_AUTO if value is None else value
 
     def _post_clean(self):
         stored = {}
@@ -58,9 +97,14 @@ class KiteAccountAdmin(admin.ModelAdmin):
     list_filter = ["status"]
     search_fields = ["label", "api_key", "kite_user_id"]
     readonly_fields = [
-        "kite_login_link", "token_issued_at", "token_expires_at", "last_error", "created_at", "updated_at",
+        "kite_login_link", "token_issued_at", "token_expires_at", "last_error", "kill_switch",
+        "kill_switch_reason", "created_at", "updated_at",
     ]
-    actions = ["disable_accounts", "enable_accounts"]
+    filter_horizontal = ["traders"]
+    actions = [
+        "disable_accounts", "enable_accounts", "kill_switch_on", "kill_switch_off", "cancel_all_orders",
+        "square_off_positions",
+    ]
 
     def get_queryset(self, request):
         return selectors.account_list_with_engine(super().get_queryset(request), now=timezone.now())
@@ -121,6 +165,53 @@ class KiteAccountAdmin(admin.ModelAdmin):
         for account in queryset:
             self.log_change(request, account, "Enabled from the admin action")
         messages.success(request, f"Enabled {queryset.count()} account(s).")
+
+    # --- trading: kill switch and the emergency actions, audited by the order services ---
+
+    def has_trade_permission(self, request) -> bool:
+        return request.user.has_perm("accounts.trade")
+
+    @staticmethod
+    def _actor(request) -> OrderActor:
+        return OrderActor(user=request.user, origin="admin", remote_addr=request.META.get("REMOTE_ADDR"))
+
+    @admin.action(description="Kill switch ON: refuse new orders", permissions=["trade"])
+    def kill_switch_on(self, request, queryset):
+        for account in queryset:
+            trading_switch_set(actor=self._actor(request), halted=True, account=account,
+                               reason=f"halted from the admin by {request.user.get_username()}")
+        messages.warning(request, f"Kill switch on for {queryset.count()} account(s).")
+
+    @admin.action(description="Kill switch OFF: take new orders again", permissions=["trade"])
+    def kill_switch_off(self, request, queryset):
+        for account in queryset:
+            trading_switch_set(actor=self._actor(request), halted=False, reason="", account=account)
+        messages.success(request, f"Kill switch off for {queryset.count()} account(s).")
+
+    def _granted(self, request, queryset):
+        granted = set(accounts_tradable_by(user=request.user).values_list("pk", flat=True))
+        refused = [a.label for a in queryset if a.pk not in granted]
+        if refused:
+            messages.error(request, f"Not granted to you for trading: {', '.join(refused)}.")
+        return [a for a in queryset if a.pk in granted]
+
+    @admin.action(description="Cancel all open orders", permissions=["trade"])
+    def cancel_all_orders(self, request, queryset):
+        desk = order_desk_from_settings()
+        for account in self._granted(request, queryset):
+            result = account_cancel_all(actor=self._actor(request), account=account, desk=desk)
+            messages.info(request, f"{account.label}: {len(result.body['orders'])} open order(s) cancelled or asked to.")
+
+    @admin.action(description="Square off all positions", permissions=["trade"])
+    def square_off_positions(self, request, queryset):
+        desk = order_desk_from_settings()
+        for account in self._granted(request, queryset):
+            try:
+                result = account_square_off(actor=self._actor(request), account=account, desk=desk)
+            except OrderRefused as refused:
+                messages.error(request, f"{account.label}: {refused.message}")
+                continue
+            messages.info(request, f"{account.label}: {len(result.body['positions'])} position(s) squared off.")
 
 
 class ApiTokenScopesField(forms.MultipleChoiceField):
@@ -197,3 +288,4 @@ class ApiTokenAdmin(admin.ModelAdmin):
             services.apitoken_revoke(token=token)
             self.log_change(request, token, "Revoked")
         messages.success(request, "Revoked.")
+

@@ -59,7 +59,10 @@ def test_view_only_staff_get_no_action(viewer, objects, admin_user):
         offered = set(model_admin.get_actions(_request(viewer)))
         assert not offered, f"{model.__name__} offers {sorted(offered)} to a view-only user"
         every[model] = set(model_admin.get_actions(_request(admin_user))) - {"delete_selected"}
-    assert every[KiteAccount] == {"disable_accounts", "enable_accounts"}
+    assert every[KiteAccount] == {
+        "disable_accounts", "enable_accounts", "kill_switch_on", "kill_switch_off", "cancel_all_orders",
+        "square_off_positions",
+    }
     assert every[ApiToken] == {"revoke_tokens"}
 
 
