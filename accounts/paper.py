@@ -30,8 +30,9 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.db import transaction
+from redis.exceptions import RedisError
 
-from accounts.brokers import BrokerRejectedError
+from accounts.brokers import BrokerNotSentError, BrokerRejectedError
 from accounts.order_models import Order, OrderStatus, Trade
 from accounts.order_services import order_apply_update, trade_record
 from accounts.paper_matching import STOP_TYPES, MatchResult, PaperMatcher, PaperOrder
@@ -148,7 +149,11 @@ class PaperExchange:
         if not self._hours.is_open(now):
             return (f"paper: the market is closed at {kite_time(now)} IST (NSE session "
                     "09:15-15:30 on trading days)")  # fmt: skip
-        snapshot = self._quotes([token]).get(token) if subscription_tokens_active(tokens=[token]) else None
+        try:
+            snapshot = self._quotes([token]).get(token) if subscription_tokens_active(tokens=[token]) else None
+        except (OSError, RedisError) as exc:
+            # Nothing was accepted yet: the order is refused as never sent.
+            raise BrokerNotSentError(f"paper: live prices are unavailable (channel layer): {exc}") from None
         if snapshot is None:
             return (f"paper: no live price for {exchange}:{symbol}: no engine streams it "
                     "(subscribe the instrument)")  # fmt: skip
@@ -185,7 +190,10 @@ class PaperExchange:
                     "exchange_update_timestamp": kite_time(now)},
         )  # fmt: skip
         if changed is not None and order.instrument_token:
-            snapshot = self._quotes([order.instrument_token]).get(order.instrument_token)
+            try:
+                snapshot = self._quotes([order.instrument_token]).get(order.instrument_token)
+            except (OSError, RedisError):
+                snapshot = None  # modified; the desk matches it on the next snapshot
             if snapshot is not None:
                 self.match(orders=[changed], snapshot=snapshot)
         return order_id

@@ -22,12 +22,14 @@ from typing import Any
 
 import structlog
 from channels.db import database_sync_to_async
+from django.db import DatabaseError
+from redis.exceptions import RedisError
 
 from accounts.order_models import OPEN_STATUSES, Order
 from accounts.paper import PaperExchange
 from streaming import schema
 from streaming.consumers import instrument_groups
-from streaming.locks import joblock_acquire
+from streaming.locks import joblock_acquire, joblock_release
 from streaming.snapshots import SnapshotParseError, snapshot_parse
 from subscriptions.selectors import instrument_list_by_tokens
 
@@ -52,8 +54,6 @@ class PaperDesk:
         self._book: dict[int, list[Order]] = {}
         self._groups: set[str] = set()
         self.fills = 0
-        self.ready = asyncio.Event()
-        """Set once the desk holds the lock and has joined its first groups."""
 
     async def run(self) -> None:
         """Listen and match until cancelled."""
@@ -63,31 +63,42 @@ class PaperDesk:
                 tasks.create_task(self._refresh_loop(channel), name="paper-desk-refresh")
                 tasks.create_task(self._receive_loop(channel), name="paper-desk-receive")
         finally:
+            try:
+                await database_sync_to_async(joblock_release)(name=LOCK_NAME, owner=self._owner)
+            except DatabaseError as exc:
+                log.warning("paper.lock_release_failed", error=str(exc)[:200])
             for group in self._groups:
                 try:
                     await asyncio.wait_for(self._layer.group_discard(group, channel), timeout=2.0)
-                except (TimeoutError, OSError) as exc:
+                except (TimeoutError, OSError, RedisError) as exc:
                     log.warning("paper.group_leave_failed", group=group, error=repr(exc)[:200])
 
     async def _refresh_loop(self, channel: str) -> None:
         renewed_at = 0.0
         loop = asyncio.get_running_loop()
         while True:
-            held = await database_sync_to_async(joblock_acquire)(
-                name=LOCK_NAME, owner=self._owner, ttl_s=self._lock_ttl_s
-            )
-            book, groups = await database_sync_to_async(self._read_book)() if held else ({}, set())
             renew = loop.time() - renewed_at >= self._group_renew_s
-            for group in sorted(groups if renew else groups - self._groups):
-                await self._layer.group_add(group, channel)
-            for group in sorted(self._groups - groups):
-                await self._layer.group_discard(group, channel)
-            if renew:
-                renewed_at = loop.time()
-            self._book, self._groups = book, groups
-            if held:
-                self.ready.set()
+            try:
+                await self._refresh(channel, renew=renew)
+                if renew:
+                    renewed_at = loop.time()
+            except (DatabaseError, OSError, RedisError) as exc:
+                # PostgreSQL or Redis away: the orders stay stored; the next round tries again.
+                log.warning("paper.refresh_failed", error=str(exc)[:200])
             await asyncio.sleep(self._refresh_s)
+
+    async def _refresh(self, channel: str, *, renew: bool) -> None:
+        """Take the lock, read the book, join new groups (all of them when ``renew``: the
+        layer forgets members after its group expiry) and leave the others."""
+        held = await database_sync_to_async(joblock_acquire)(
+            name=LOCK_NAME, owner=self._owner, ttl_s=self._lock_ttl_s
+        )
+        book, groups = await database_sync_to_async(self._read_book)() if held else ({}, set())
+        for group in sorted(groups if renew else groups - self._groups):
+            await self._layer.group_add(group, channel)
+        for group in sorted(self._groups - groups):
+            await self._layer.group_discard(group, channel)
+        self._book, self._groups = book, groups
 
     @staticmethod
     def _read_book() -> tuple[dict[int, list[Order]], set[str]]:
@@ -105,7 +116,12 @@ class PaperDesk:
 
     async def _receive_loop(self, channel: str) -> None:
         while True:
-            message = await self._layer.receive(channel)
+            try:
+                message = await self._layer.receive(channel)
+            except (OSError, RedisError) as exc:
+                log.warning("paper.receive_failed", error=str(exc)[:200])
+                await asyncio.sleep(self._refresh_s)
+                continue
             if message.get("type") != schema.SNAPSHOTS_BATCH_TYPE:
                 log.warning("paper.unexpected_message", type=str(message.get("type"))[:60])
                 continue
@@ -118,7 +134,11 @@ class PaperDesk:
                 except SnapshotParseError as exc:
                     log.error("paper.bad_snapshot", token=token, error=str(exc)[:200])
                     continue
-                self._book[token] = await database_sync_to_async(self._match)(orders, snapshot)
+                try:
+                    self._book[token] = await database_sync_to_async(self._match)(orders, snapshot)
+                except DatabaseError as exc:
+                    # Nothing half-written (each fill is one transaction): a later snapshot fills.
+                    log.warning("paper.match_failed", token=token, error=str(exc)[:200])
 
     def _match(self, orders: list[Order], snapshot) -> list[Order]:
         """Match one instrument's open orders (all accounts, oldest first); what stays open."""

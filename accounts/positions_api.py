@@ -8,6 +8,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from ninja import Field, Query, Router, Schema
+from redis.exceptions import RedisError
 
 from accounts.models import ApiToken
 from accounts.positions import PositionsReader, positions_visible
@@ -86,7 +87,10 @@ def positions_reader() -> PositionsReader:
 
 
 def positions_document(*, user, account_id: int | None) -> dict[str, Any]:
-    document = positions_visible(user=user, account_id=account_id, reader=positions_reader())
+    try:
+        document = positions_visible(user=user, account_id=account_id, reader=positions_reader())
+    except (OSError, RedisError) as exc:
+        raise ApiError(503, "unavailable", "live prices are unavailable (channel layer); try again") from exc
     if document is None:
         raise ApiError(404, "account_not_found", f"no account {account_id} visible to you",
                        field="account")  # fmt: skip

@@ -20,9 +20,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import orjson
+import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from streaming import schema
+
+log = structlog.get_logger(__name__)
 
 
 class LiveSnapshot(BaseModel):
@@ -86,7 +89,10 @@ class SnapshotReader:
         self._timeout_s = timeout_s
 
     async def latest(self, tokens: Iterable[int]) -> dict[int, LiveSnapshot]:
-        """Latest snapshot per token the engines have; absent tokens are not in the result."""
+        """Latest snapshot per token the engines have; absent tokens are not in the result.
+
+        Raises the channel layer's errors (``OSError``, ``redis.RedisError``) when Redis is away.
+        """
         wanted = {int(t) for t in tokens}
         if not wanted:
             return {}
@@ -110,7 +116,11 @@ class SnapshotReader:
                 break
             if message.get("type") != schema.SNAPSHOTS_BATCH_TYPE:
                 continue
-            for token, item in zip(message["tokens"], message["items"], strict=True):
+            # Not strict, and a bad item is skipped: one engine's bug must not fail the read.
+            for token, item in zip(message.get("tokens", ()), message.get("items", ()), strict=False):
                 if token in wanted:
-                    found[token] = snapshot_parse(item)
+                    try:
+                        found[token] = snapshot_parse(item)
+                    except SnapshotParseError as exc:
+                        log.error("snapshots.bad_item", token=token, error=str(exc)[:200])
         return found
