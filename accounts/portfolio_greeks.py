@@ -11,8 +11,8 @@ per volatility point). A position of ``lots`` lots of ``lot_size`` units carries
 - ``theta_rs`` = lots x lot_size x theta: rupees per calendar day of time decay;
 - ``vega_rs``  = lots x lot_size x vega: rupees per volatility point.
 
-Kite gives F&O quantities in units, so lots x lot_size is the signed net quantity; a short
-position has negative Greeks. An option whose snapshot or Greeks are missing is left out of
+Kite gives F&O quantities in units, so lots x lot_size is the signed net quantity (times
+Kite's ``multiplier``, 1 on NSE and NFO); a short position has negative Greeks. An option whose snapshot or Greeks are missing is left out of
 the sums and listed in ``missing`` with the reason, and the sums say they are incomplete:
 never a silent zero.
 """
@@ -46,6 +46,8 @@ class NetPosition:
     kind: str | None = None
     last_price: float | None = None
     """The broker's last price (live accounts), used when no live snapshot is known."""
+    multiplier: float = 1.0
+    """Kite's contract multiplier (1 on NSE/NFO; currency and commodity contracts differ)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +127,7 @@ class PortfolioGreeks:
     def row(self, position: NetPosition, snapshot: LiveSnapshot | None) -> PositionRow:
         kind = snapshot.kind if snapshot is not None else position.kind
         ltp = snapshot.ltp if snapshot is not None else position.last_price
-        units = position.quantity
+        units = position.quantity * position.multiplier
         pnl = None
         if ltp is not None:
             # Kite's own formula: what was sold, less what was bought, plus what is held now.
@@ -147,6 +149,6 @@ class PortfolioGreeks:
         if missing is None:
             greeks_rs = {g: units * float(per_unit[g]) for g in GREEKS}  # type: ignore[arg-type]
         return PositionRow(
-            position=position, lots=units / max(position.lot_size, 1), ltp=ltp, pnl=pnl,
+            position=position, lots=position.quantity / max(position.lot_size, 1), ltp=ltp, pnl=pnl,
             greeks=per_unit, greeks_rs=greeks_rs, missing=missing,
         )  # fmt: skip

@@ -122,10 +122,9 @@ def kite_net_positions(*, account, broker: Broker) -> list[NetPosition]:
             exchange=str(r.get("exchange", "")), tradingsymbol=str(r.get("tradingsymbol", "")),
             product=str(r.get("product", "")), quantity=int(r.get("quantity") or 0),
             buy_quantity=int(r.get("buy_quantity") or 0), sell_quantity=int(r.get("sell_quantity") or 0),
-            buy_value=float(r.get("buy_value") or 0) * multiplier,
-            sell_value=float(r.get("sell_value") or 0) * multiplier,
+            buy_value=float(r.get("buy_value") or 0), sell_value=float(r.get("sell_value") or 0),
             lot_size=d.lot_size if d else 1, underlying=d.underlying if d else None,
-            kind=d.kind if d else None, last_price=r.get("last_price"),
+            kind=d.kind if d else None, last_price=r.get("last_price"), multiplier=multiplier,
         ))  # fmt: skip
     return positions
 

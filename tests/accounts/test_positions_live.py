@@ -140,3 +140,42 @@ async def test_position_greeks_are_quantity_times_the_live_snapshot_greeks(book)
         assert (status, body["error"]["code"]) == (404, "account_not_found")
         status, body = await database_sync_to_async(get)("/api/v1/positions", book["trade_key"])
         assert (status, body["error"]["code"]) == (403, "scope_required")
+
+
+async def test_a_live_accounts_positions_come_from_kite_and_join_the_live_greeks(book):
+    """acc1 trades on the simulator (Kite); its net positions are read through its broker."""
+    from django.conf import settings
+
+    from accounts.brokers import BrokerConfig, broker_for
+
+    call = book["legs"][0][0]
+    token = call["instrument_token"]
+    async with InProcessEngine(accounts={"acc1": "k1"}) as h:
+        reader = SnapshotReader(h.layer, timeout_s=5.0)
+
+        async def greeks():
+            snap = (await reader.latest([token])).get(token)
+            return snap is not None and snap.delta is not None
+
+        await async_wait_until(greeks, timeout_s=90, what="live Greeks of the call")
+        config = BrokerConfig(api_root=h.sim.http_url, redis_url=settings.REDIS_URL, timeout_s=10.0)
+
+        def brokers(*, account):
+            return broker_for(account=account, config=config)
+
+        def trade_and_read():
+            live = KiteAccount.objects.get(label="acc1")
+            brokers(account=live).place_order(params={
+                "variety": "regular", "exchange": "NFO", "tradingsymbol": call["tradingsymbol"],
+                "transaction_type": "SELL", "order_type": "MARKET", "quantity": call["lot_size"],
+                "product": "NRML"})
+            quotes = RecordingQuotes(SnapshotReader(h.layer, timeout_s=2.0))
+            return PositionsReader(quotes=quotes, brokers=brokers).read(accounts=[live]), quotes.seen
+
+        doc, seen = await database_sync_to_async(trade_and_read)()
+        (account,) = doc["accounts"]
+        assert account["is_paper"] is False and account["error"] is None
+        (row,) = account["positions"]
+        assert row["token"] == token and row["quantity"] == -call["lot_size"]
+        assert row["greeks_rs"]["delta"] == pytest.approx(-call["lot_size"] * seen[token].delta)
+        assert row["ltp"] == seen[token].ltp and account["total"]["complete"]
