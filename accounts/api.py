@@ -12,7 +12,7 @@ import re
 from typing import Annotated
 
 import orjson
-import structlog
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse
 from ninja import Header, Query, Router, Schema
 
@@ -21,6 +21,7 @@ from accounts.order_actions import (
     ActionResult,
     ModifyParams,
     OrderActor,
+    OrderDesk,
     OrderParams,
     account_cancel_all,
     account_square_off,
@@ -35,8 +36,6 @@ from accounts.order_desk import order_desk_from_settings
 from accounts.order_models import IDEMPOTENCY_KEY_MAX_LENGTH, OrderStatus
 from accounts.order_selectors import accounts_tradable_by, order_get_visible, orders_list
 from tickerproj.api_support import ApiError, caller_user, error_response, require_scope
-
-log = structlog.get_logger(__name__)
 
 router = Router(tags=["orders"])
 
@@ -76,6 +75,13 @@ def _granted_account(actor: OrderActor, *, account_id: int, action: str, request
     return account
 
 
+def _desk() -> OrderDesk:
+    try:
+        return order_desk_from_settings()
+    except ImproperlyConfigured as exc:
+        raise ApiError(503, "orders_unavailable", str(exc)) from None
+
+
 def _json(result: ActionResult) -> HttpResponse:
     return HttpResponse(orjson.dumps(result.body), status=result.status, content_type="application/json")
 
@@ -106,7 +112,7 @@ def order_create(
                                request_body=body)
     try:
         result = order_place(actor=actor, account=account, idempotency_key=idempotency_key, params=payload,
-                             desk=order_desk_from_settings())
+                             desk=_desk())
     except OrderRefused as refused:
         return _refusal(request, refused)
     return _json(result)
@@ -155,7 +161,7 @@ def order_update(request, order_id: int, payload: ModifyParams):
     order = _visible_order(request, order_id)
     _granted_account(actor, account_id=order.account_id, action=OrderAudit.Action.MODIFY, request_body=body)
     try:
-        return _json(order_modify(actor=actor, order=order, changes=payload, desk=order_desk_from_settings()))
+        return _json(order_modify(actor=actor, order=order, changes=payload, desk=_desk()))
     except OrderRefused as refused:
         return _refusal(request, refused)
 
@@ -167,7 +173,7 @@ def order_delete(request, order_id: int):
     order = _visible_order(request, order_id)
     _granted_account(actor, account_id=order.account_id, action=OrderAudit.Action.CANCEL, request_body=body)
     try:
-        return _json(order_cancel(actor=actor, order=order, desk=order_desk_from_settings()))
+        return _json(order_cancel(actor=actor, order=order, desk=_desk()))
     except OrderRefused as refused:
         return _refusal(request, refused)
 
@@ -177,7 +183,7 @@ def account_orders_cancel_all(request, account_id: int):
     body = {"account_id": account_id}
     actor = _require_trade(request, action=OrderAudit.Action.CANCEL_ALL, request_body=body)
     account = _granted_account(actor, account_id=account_id, action=OrderAudit.Action.CANCEL_ALL, request_body=body)
-    return _json(account_cancel_all(actor=actor, account=account, desk=order_desk_from_settings()))
+    return _json(account_cancel_all(actor=actor, account=account, desk=_desk()))
 
 
 @router.post("/accounts/{account_id}/positions/square-off", summary="Close every open position of an account")
@@ -186,6 +192,6 @@ def account_positions_square_off(request, account_id: int):
     actor = _require_trade(request, action=OrderAudit.Action.SQUARE_OFF, request_body=body)
     account = _granted_account(actor, account_id=account_id, action=OrderAudit.Action.SQUARE_OFF, request_body=body)
     try:
-        return _json(account_square_off(actor=actor, account=account, desk=order_desk_from_settings()))
+        return _json(account_square_off(actor=actor, account=account, desk=_desk()))
     except OrderRefused as refused:
         return _refusal(request, refused)

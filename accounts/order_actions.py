@@ -31,7 +31,7 @@ from typing import Annotated, Any, Final, Literal
 import orjson
 import structlog
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -434,14 +434,16 @@ def order_place(
         existing = OrderPlacement.objects.get(user=actor.user, idempotency_key=idempotency_key)
         return _replay(existing, fingerprint)
     broker = desk.broker_for(account)
+    sent = []
     for order in placement.orders.order_by("slice_index"):
-        order_send(order=order, broker=broker, actor=actor, desk=desk, action=OrderAudit.Action.PLACE)
-    return _placement_answer(placement)
+        order.account = account
+        sent.append(order_send(order=order, broker=broker, actor=actor, desk=desk, action=OrderAudit.Action.PLACE))
+    return _placement_answer(placement, orders=sent)
 
 
-def _placement_answer(placement: OrderPlacement) -> ActionResult:
+def _placement_answer(placement: OrderPlacement, *, orders: list[Order] | None = None) -> ActionResult:
     """Store the placement's answer once; every later POST with its key gets this."""
-    orders = list(placement.orders.order_by("slice_index"))
+    orders = orders if orders is not None else list(placement.orders.order_by("slice_index"))
     statuses = {o.status for o in orders}
     body: dict[str, Any] = {
         "placement": {"id": placement.pk, "idempotency_key": placement.idempotency_key,
@@ -458,6 +460,8 @@ def _placement_answer(placement: OrderPlacement) -> ActionResult:
     OrderPlacement.objects.filter(pk=placement.pk, response_status__isnull=True).update(
         response_status=status, response_body=body
     )
+    # Read back, so the first answer is byte for byte what every replay returns (jsonb's key
+    # order), and a resolver that stored it first wins.
     placement.refresh_from_db(fields=["response_status", "response_body"])
     return ActionResult(status=placement.response_status, body=placement.response_body)
 
@@ -479,10 +483,11 @@ def order_send(*, order: Order, broker: Broker, actor: OrderActor, desk: OrderDe
         return order
     account = order.account
     source = "place"
+    updated: Order | None
     try:
         kite_order_id = broker.place_order(params=order.request)
     except BrokerAmbiguousError as exc:
-        order_apply_update(account=account, source=source, update={
+        updated = order_apply_update(account=account, source=source, update={
             "tag": order.tag, "status": OrderStatus.UNKNOWN,
             "status_message": f"Kite's answer was lost ({exc.message}); resolving from its order book",
         })  # fmt: skip
@@ -495,19 +500,21 @@ def order_send(*, order: Order, broker: Broker, actor: OrderActor, desk: OrderDe
     except (BrokerRejectedError, BrokerNotSentError) as exc:
         sent = isinstance(exc, BrokerRejectedError)
         message = exc.message if sent else f"not sent to Kite: {exc.message}"
-        order_apply_update(account=account, source=source,
+        updated = order_apply_update(account=account, source=source,
                            update={"tag": order.tag, "status": OrderStatus.REJECTED, "status_message": message})
         order_audit_record(actor=actor, action=action, outcome=OrderAudit.Outcome.REJECTED, account=account,
                            order=order, error_code="kite_rejected" if sent else "kite_unreachable",
                            request=order.request, response={"error": message, "error_type": exc.error_type})
     else:
-        order_apply_update(account=account, source=source, update={
+        updated = order_apply_update(account=account, source=source, update={
             "order_id": kite_order_id, "tag": order.tag, "status": OrderStatus.PUT_ORDER_REQ_RECEIVED,
         })  # fmt: skip
         order_audit_record(actor=actor, action=action, outcome=OrderAudit.Outcome.OK, account=account,
                            order=order, request=order.request, response={"order_id": kite_order_id})
-    order.refresh_from_db()
-    return order
+    if updated is None:  # an update from the feed got there first and is newer
+        order.refresh_from_db()
+        return order
+    return updated
 
 
 # --- resolving UNKNOWN orders ------------------------------------------------------------------
@@ -518,12 +525,40 @@ Resolution = Literal["settled", "resolved", "waiting", "resent", "given_up"]
 def order_resolve_unknown(*, order_id: int, desk: OrderDesk) -> Resolution:
     """Settle an UNKNOWN order from Kite's order book; re-send only once Kite has shown none.
 
-    "waiting" (and "resent", when the re-send's answer was lost too) mean: ask again later.
+    A PENDING order (its placing process stopped) is settled too: one whose send was claimed
+    is looked for like an UNKNOWN one; one never sent is given up after the grace period
+    rather than sent late. Once every order of a placement is settled, the placement's
+    answer is stored (a key whose first request died gets an answer). "waiting" (and
+    "resent", when the re-send's answer was lost too) mean: ask again later.
     """
-    order = Order.objects.select_related("account").filter(pk=order_id).first()
-    if order is None or order.status != OrderStatus.UNKNOWN:
+    order = Order.objects.select_related("account", "placement").filter(pk=order_id).first()
+    if order is None or order.status not in (OrderStatus.UNKNOWN, OrderStatus.PENDING):
         return "settled"
     actor = OrderActor(user=None, origin="task")
+    if order.status == OrderStatus.PENDING and order.sent_at is None:
+        return _pending_never_sent(order, actor=actor, desk=desk)
+    # UNKNOWN, or PENDING with a send claimed: the placing process stopped while sending.
+    outcome = _resolve_from_book(order, actor=actor, desk=desk)
+    if order.placement is not None and outcome in ("resolved", "given_up"):
+        _placement_answer(order.placement)
+    return outcome
+
+
+def _pending_never_sent(order: Order, *, actor: OrderActor, desk: OrderDesk) -> Resolution:
+    """An order stored but never sent (its process stopped first): given up, not sent late."""
+    if (desk.now() - order.created_at).total_seconds() < desk.limits.unknown_grace_s:
+        return "waiting"
+    message = "not sent: the placing process stopped before sending it; place it again with a new key"
+    order_apply_update(account=order.account, source="resolve",
+                       update={"tag": order.tag, "status": OrderStatus.REJECTED, "status_message": message})
+    order_audit_record(actor=actor, action=OrderAudit.Action.RESOLVE, outcome=OrderAudit.Outcome.REJECTED,
+                       account=order.account, order=order, error_code="not_sent", response={"message": message})
+    if order.placement is not None and not order.placement.orders.filter(status=OrderStatus.PENDING).exists():
+        _placement_answer(order.placement)
+    return "given_up"
+
+
+def _resolve_from_book(order: Order, *, actor: OrderActor, desk: OrderDesk) -> Resolution:
     broker = desk.broker_for(order.account)
     try:
         book = broker.orders()
@@ -658,6 +693,13 @@ def _broker_call(*, actor: OrderActor, order: Order, action: str, request: dict,
 
 
 # --- account-wide actions ----------------------------------------------------------------------
+
+
+def orders_stale(*, desk: OrderDesk) -> list[int]:
+    """Orders to resolve: every UNKNOWN one, and PENDING ones older than the grace period."""
+    before = desk.now() - dt.timedelta(seconds=desk.limits.unknown_grace_s)
+    stale = Q(status=OrderStatus.UNKNOWN) | Q(status=OrderStatus.PENDING, created_at__lt=before)
+    return list(Order.objects.filter(stale).order_by("pk").values_list("pk", flat=True)[:500])
 
 
 def orders_refresh_from_broker(*, account: KiteAccount, broker: Broker) -> int:

@@ -131,7 +131,7 @@ def order_update_skip_reason(order: Order, update: OrderUpdate) -> str | None:
         and (update.pending_quantity is None or update.pending_quantity == order.pending_quantity)
         and (update.cancelled_quantity is None or update.cancelled_quantity == order.cancelled_quantity)
         and (update.average_price is None or Decimal(str(update.average_price)) == order.average_price)
-        and (update.status_message or "") == order.status_message
+        and (update.status_message is None or update.status_message == order.status_message)
         and (update.order_id is None or update.order_id == order.kite_order_id)
         and (update_at is None or update_at == stored_at)
     )

@@ -58,3 +58,28 @@ def resolve_unknown_order(order_id: int) -> str:
     if outcome in ("waiting", "resent"):
         desk.schedule_resolution(order_id, desk.limits.unknown_check_interval_s)
     return outcome
+
+
+@shared_task(
+    name="accounts.resolve_stale_orders",
+    soft_time_limit=RESOLVE_TIME_LIMIT_S - 10,
+    time_limit=RESOLVE_TIME_LIMIT_S,
+    autoretry_for=DATABASE_BLIPS,
+    **RETRY_BACKOFF,
+)
+def resolve_stale_orders() -> dict[str, Any]:
+    """The beat's safety net: UNKNOWN orders, and PENDING ones whose placing process stopped
+    before it sent them or recorded Kite's answer, get a resolution run."""
+    from accounts.order_actions import order_resolve_unknown, orders_stale
+    from accounts.order_desk import order_desk_from_settings
+    from accounts.order_models import Order, OrderStatus
+
+    stale = Order.objects.filter(status__in=[OrderStatus.UNKNOWN, OrderStatus.PENDING]).exists()
+    if not stale:
+        return {"resolved": {}}
+    desk = order_desk_from_settings()
+    outcomes: dict[str, int] = {}
+    for order_id in orders_stale(desk=desk):
+        outcome = order_resolve_unknown(order_id=order_id, desk=desk)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return {"resolved": outcomes}

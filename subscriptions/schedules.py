@@ -89,6 +89,14 @@ DEFAULT_SCHEDULES: Final[tuple[JobSchedule, ...]] = (
         description="Compute the Greeks of the configured history ranges after the close.",
         expire_s=900,
     ),
+    JobSchedule(
+        name="Resolve stale orders",
+        task="accounts.resolve_stale_orders",
+        every=dt.timedelta(seconds=30),
+        description="Settle UNKNOWN orders, and orders whose placing process stopped, from Kite's "
+        "order book (each UNKNOWN order also has its own countdown task).",
+        expire_s=30,
+    ),
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from accounts.models import Order, OrderAudit, OrderPlacement
+from accounts.models import KiteAccount, Order, OrderAudit, OrderPlacement
 from tests.accounts.orderkit import (  # noqa: F401  (fixtures, used by name)
     API_KEY,
     fixture_account,
@@ -123,3 +123,16 @@ def test_limit_orders_modify_and_cancel(order_settings, sim, account, instrument
     # Our copy learns of the cancel from the updates; until then Kite's refusal is the answer.
     assert again.status_code in (409, 422)
     assert {a.action for a in OrderAudit.objects.all()} >= {"place", "modify", "cancel"}
+
+
+def test_market_protection_follows_the_account_setting(order_settings, sim, account, instruments, api):
+    fut = future(instruments)
+    KiteAccount.objects.filter(pk=account.pk).update(market_protection=3)
+    api.place(market_order(account, fut), key="mp3")
+    api.place(market_order(account, fut, order_type="LIMIT", price=1.0), key="limit")
+    KiteAccount.objects.filter(pk=account.pk).update(market_protection=0)
+    api.place(market_order(account, fut), key="mp0")
+    sent = [o["market_protection"] for o in sim.call(sim.sim.orders, API_KEY)]
+    # 3% on the MARKET order; a LIMIT order carries none; 0 sends none (the simulator's 0).
+    assert sent == [3, 0, 0]
+    assert "market_protection" not in Order.objects.get(placement__idempotency_key="mp0").request

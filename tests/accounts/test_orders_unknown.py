@@ -9,7 +9,11 @@ from collections import Counter
 
 import pytest
 
-from accounts.models import Order, OrderAudit
+from accounts.models import Order, OrderAudit, OrderPlacement
+from accounts.order_actions import OrderActor, OrderParams, _fingerprint, _store_placement
+from accounts.order_desk import order_desk_from_settings
+from accounts.tasks import resolve_stale_orders
+from subscriptions.models import Instrument
 from tests.accounts.orderkit import (  # noqa: F401  (fixtures, used by name)
     API_KEY,
     fixture_account,
@@ -89,3 +93,31 @@ def test_an_order_never_found_is_given_up_after_the_last_send(
     order = Order.objects.get()
     assert order.send_attempts == 2 and order.status_message.startswith("not placed")
     assert sim.call(sim.sim.orders, API_KEY) == []
+
+
+def test_orders_whose_placing_process_stopped_are_settled_by_the_sweep(order_settings, sim, account, instruments,
+                                                                        api, trader, celery_worker):
+    fut = future(instruments)
+    params = OrderParams(**market_order(account, fut))
+    instrument = Instrument.objects.get(pk=fut.instrument_token)
+
+    def stored(key: str) -> Order:
+        placement = _store_placement(actor=OrderActor(user=trader), account=account, idempotency_key=key,
+                                     params=params, fingerprint=_fingerprint(params), slices=[fut.lot_size], instrument=instrument)
+        return placement.orders.get()
+
+    never_sent = stored("died-before-send")
+    sent = stored("died-while-sending")
+    # The second one's process claimed the send and Kite took the order; then the process died.
+    Order.objects.filter(pk=sent.pk).update(send_attempts=1, sent_at=sent.created_at)
+    order_desk_from_settings().broker_for(account).place_order(params=sent.request)
+    order_settings.ORDERS_UNKNOWN_GRACE_S = 0.0
+    assert resolve_stale_orders.delay().get(timeout=60) == {"resolved": {"given_up": 1, "resolved": 1}}
+    never_sent.refresh_from_db()
+    sent.refresh_from_db()
+    assert never_sent.status == "REJECTED" and never_sent.status_message.startswith("not sent")
+    assert sent.status == "COMPLETE" and sent.kite_order_id
+    assert len(sim.call(sim.sim.orders, API_KEY)) == 1  # the never-sent one was not sent late
+    # Each key now has its answer.
+    assert api.place(market_order(account, fut), key="died-while-sending").status_code == 201
+    assert OrderPlacement.objects.filter(response_status__isnull=True).count() == 0
