@@ -15,6 +15,10 @@ Printed: p50/p99 of each, the ratio, our overhead at p99 in ms (target: <= 5 ms 
 CPU per order (this process: ours includes kiteconnect-equivalent client work plus
 everything above; bare is the client alone) and the simulator's CPU per order.
 
+One pair every ``--interval-ms`` (150 ms): our REST client books every call on the shared
+limiter of Kite's 10 requests/s per api_key and waits when over it; unpaced, the run times that
+wait, not our work.
+
 Run from the repository root (PostgreSQL on 127.0.0.1 with trust auth; it creates and
 migrates its own database ``bench_orders``; Redis on 127.0.0.1:6379 unless REDIS_URL says
 otherwise):
@@ -102,6 +106,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=300, help="timed orders of each kind")
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument(
+        "--interval-ms", type=float, default=150.0,
+        help="one pair (ours, bare) per interval: below Kite's 10 requests/s per api_key, which "
+        "the REST client's shared limiter enforces (0: as fast as possible, timing the limiter)",
+    )
     args = parser.parse_args()
 
     prefix, pinning = pin()
@@ -183,13 +192,16 @@ def run(args, *, sim: subprocess.Popen, api_root: str, pinning: str) -> None:
     cpu = {"ours": 0.0, "bare": 0.0}
     sim_cpu = {"ours": 0.0, "bare": 0.0}
     with connection.execute_wrapper(timed_query):
+        next_at = time.monotonic()
         for _ in range(args.orders):
+            next_at += args.interval_ms / 1000.0
             for name, fn in (("ours", ours), ("bare", bare)):
                 s0, c0, t0 = cpu_s(sim.pid), time.process_time(), time.perf_counter()
                 fn()
                 wall[name].append(time.perf_counter() - t0)
                 cpu[name] += time.process_time() - c0
                 sim_cpu[name] += cpu_s(sim.pid) - s0
+            time.sleep(max(0.0, next_at - time.monotonic()))
     with connection.cursor() as cursor:
         cursor.execute("SHOW synchronous_commit")
         sync_commit = cursor.fetchone()[0]
@@ -199,7 +211,8 @@ def run(args, *, sim: subprocess.Popen, api_root: str, pinning: str) -> None:
     overhead = p["ours"][1] - p["bare"][1]
     print(f"tickerproj orders benchmark  ({platform.python_version()}, {os.cpu_count()} cores, "
           f"{pinning}, load {os.getloadavg()[0]:.1f})")  # fmt: skip
-    print(f"place -> accepted, {n} MARKET orders each, interleaved, against kitesim")
+    print(f"place -> accepted, {n} MARKET orders each, interleaved, one pair per "
+          f"{args.interval_ms:.0f} ms, against kitesim")
     for name, label in (("ours", "ours: POST /api/v1/orders"), ("bare", "bare kiteconnect place_order")):
         print(f"  {label:32s} p50 {p[name][0]:6.2f} ms  p99 {p[name][1]:6.2f} ms  "
               f"CPU/order {cpu[name] / n * 1000:5.2f} ms here + {sim_cpu[name] / n * 1000:5.2f} ms simulator")
