@@ -17,6 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 import structlog
+from django.core.cache import cache
 
 from accounts.brokers import Broker, BrokerError, broker_for
 from accounts.order_models import Trade
@@ -102,9 +103,23 @@ def paper_positions_kite(*, account) -> dict[str, list[dict[str, Any]]]:
     return {"net": net, "day": net}
 
 
-def kite_net_positions(*, account, broker: Broker) -> list[NetPosition]:
+def kite_positions_shared(*, account, broker: Broker, ttl_s: float) -> dict[str, list[dict[str, Any]]]:
+    """Kite's positions of a live account, one call per ``ttl_s`` per web process shared by
+    every reader (the API and each WebSocket push): the calls book the same 10/s of Kite's
+    that placing orders needs."""
+    if ttl_s <= 0:
+        return broker.positions()
+    key = f"positions.kite.{account.pk}"
+    found = cache.get(key)
+    if found is None:
+        found = broker.positions()
+        cache.set(key, found, ttl_s)
+    return found
+
+
+def kite_net_positions(*, account, broker: Broker, ttl_s: float = 0.0) -> list[NetPosition]:
     """A live account's net positions, from Kite's answer through its broker."""
-    rows = broker.positions().get("net", [])
+    rows = kite_positions_shared(account=account, broker=broker, ttl_s=ttl_s).get("net", [])
     tokens = [int(r["instrument_token"]) for r in rows if r.get("instrument_token")]
     details = _details(instrument_list_by_tokens(tokens=tokens))
     missing = [(r.get("exchange", ""), r.get("tradingsymbol", "")) for r in rows
@@ -171,7 +186,10 @@ class PositionsReader:
     def __init__(
         self, *, quotes: Callable[[Sequence[int]], dict[int, LiveSnapshot]] | None = None,
         brokers: Callable[..., Broker] = broker_for, greeks: PortfolioGreeks | None = None,
+        kite_ttl_s: float = 0.0,
     ) -> None:  # fmt: skip
+        """``kite_ttl_s``: how long Kite's answer for a live account is shared (0: not)."""
+        self._kite_ttl_s = kite_ttl_s
         self._quotes = quotes
         self._brokers = brokers
         self._greeks = greeks or PortfolioGreeks()
@@ -190,7 +208,8 @@ class PositionsReader:
                 if account.is_paper:
                     positions = paper_net_positions(account=account)
                 else:
-                    positions = kite_net_positions(account=account, broker=self._brokers(account=account))
+                    positions = kite_net_positions(account=account, broker=self._brokers(account=account),
+                                                   ttl_s=self._kite_ttl_s)
             except BrokerError as exc:
                 log.warning("positions.broker_failed", account_id=account.pk, error=exc.message[:200])
                 positions, error = [], f"Kite's positions could not be read: {exc.message[:200]}"

@@ -83,7 +83,8 @@ class PositionFilters(Schema):
 def positions_reader() -> PositionsReader:
     """The web process's reader: the engines' snapshots over the channel layer."""
     reader = SnapshotReader(get_channel_layer(), timeout_s=settings.POSITIONS_SNAPSHOT_TIMEOUT_S)
-    return PositionsReader(quotes=async_to_sync(reader.latest))
+    return PositionsReader(quotes=async_to_sync(reader.latest),
+                           kite_ttl_s=settings.POSITIONS_PUSH_INTERVAL_S)
 
 
 def positions_document(*, user, account_id: int | None) -> dict[str, Any]:

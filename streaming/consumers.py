@@ -958,7 +958,7 @@ class TickerConsumer(AsyncWebsocketConsumer):
     async def _push_positions(self, msg: Positions) -> None:
         """Every ``positions_push_interval_s``: the positions document, as the API's."""
         user = self.scope["user"]
-        reader = PositionsReader()
+        reader = PositionsReader(kite_ttl_s=self._config.positions_push_interval_s)
         snapshots = SnapshotReader(
             self.channel_layer, timeout_s=self._config.positions_snapshot_timeout_s
         )

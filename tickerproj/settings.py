@@ -395,8 +395,9 @@ PAPER_DESK_REFRESH_S = env.float("PAPER_DESK_REFRESH_S", default=0.5)
 POSITIONS_SNAPSHOT_TIMEOUT_S = env.float("POSITIONS_SNAPSHOT_TIMEOUT_S", default=1.0)
 """How long a positions read waits for the live snapshots of the positions' instruments."""
 POSITIONS_PUSH_INTERVAL_S = env.float("POSITIONS_PUSH_INTERVAL_S", default=2.0)
-"""The WebSocket ``positions`` subscription's cadence (each push reads Kite's positions of
-the live accounts: keep it well inside Kite's 10 requests/s)."""
+"""The WebSocket ``positions`` subscription's cadence; also how long a web process shares
+Kite's positions of a live account between its readers (one Kite call per account per this
+interval, whatever the number of pushes and API calls)."""
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "Asia/Kolkata"

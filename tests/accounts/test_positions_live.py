@@ -170,9 +170,14 @@ async def test_a_live_accounts_positions_come_from_kite_and_join_the_live_greeks
                 "transaction_type": "SELL", "order_type": "MARKET", "quantity": call["lot_size"],
                 "product": "NRML"})
             quotes = RecordingQuotes(SnapshotReader(h.layer, timeout_s=2.0))
-            return PositionsReader(quotes=quotes, brokers=brokers).read(accounts=[live]), quotes.seen
+            reader = PositionsReader(quotes=quotes, brokers=brokers, kite_ttl_s=60.0)
+            doc = reader.read(accounts=[live])
+            seen = quotes.seen
+            reader.read(accounts=[live])  # within the sharing interval: no second Kite call
+            return doc, seen
 
         doc, seen = await database_sync_to_async(trade_and_read)()
+        assert h.sim.rest_requests.get("portfolio.positions") == 1
         (account,) = doc["accounts"]
         assert account["is_paper"] is False and account["error"] is None
         (row,) = account["positions"]
