@@ -89,6 +89,9 @@ class BrokerConfig:
     api_root: str
     redis_url: str
     timeout_s: float
+    rate_limiter: KiteRateLimiter | None = None
+    """The REST limiter to share (one Redis client for every call of a request); else one is
+    made from ``redis_url``."""
 
     @classmethod
     def from_settings(cls) -> BrokerConfig:
@@ -190,6 +193,7 @@ def broker_for(*, account: KiteAccount, config: BrokerConfig | None = None) -> B
     config = config or BrokerConfig.from_settings()
     client = KiteRestClient(
         api_key=account.api_key, access_token=account.access_token, api_root=config.api_root,
-        rate_limiter=KiteRateLimiter.from_redis_url(config.redis_url), timeout_s=config.timeout_s,
+        rate_limiter=config.rate_limiter or KiteRateLimiter.from_redis_url(config.redis_url),
+        timeout_s=config.timeout_s,
     )  # fmt: skip
     return KiteBroker(client=client, secrets=(account.access_token, account.api_secret))

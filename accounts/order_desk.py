@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-from functools import partial
+import dataclasses
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from accounts.brokers import BrokerConfig, broker_for
 from accounts.order_actions import OrderDesk, OrderLimits
-from streaming.kite.rest import KiteOrderRateLimiter
+from streaming.kite.rest import KiteOrderRateLimiter, KiteRateLimiter
 from tickerproj.redis_connection import redis_client
 
 
@@ -24,10 +24,11 @@ def order_desk_from_settings() -> OrderDesk:
     if not settings.REDIS_URL:
         raise ImproperlyConfigured("orders need REDIS_URL: Kite's order limits are shared through Redis")
     limits = OrderLimits.from_settings()
-    config = BrokerConfig.from_settings()
+    redis = redis_client(settings.REDIS_URL)
+    config = dataclasses.replace(BrokerConfig.from_settings(), rate_limiter=KiteRateLimiter(redis_client=redis))
     return OrderDesk(
         broker_for=lambda account: broker_for(account=account, config=config),
-        rate_limiter=KiteOrderRateLimiter(redis_client=redis_client(settings.REDIS_URL), windows=limits.windows()),
+        rate_limiter=KiteOrderRateLimiter(redis_client=redis, windows=limits.windows()),
         limits=limits,
-        schedule_resolution=partial(_schedule_resolution),
+        schedule_resolution=_schedule_resolution,
     )
