@@ -1,4 +1,4 @@
-"""Routes under /accounts/: the traders' login and logout, and the Kite login flow."""
+"""Routes under /accounts/: the traders' login and logout, the Kite login flow, the positions page."""
 
 from django.contrib.auth import views as auth_views
 from django.urls import path
@@ -16,4 +16,5 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("<int:pk>/kite/login/", views.kite_login, name="kite_login"),
     path("kite/callback/", views.kite_callback, name="kite_callback"),
+    path("positions/", views.positions_page, name="positions"),
 ]

@@ -14,10 +14,10 @@ import structlog
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
-from django.contrib.auth.decorators import permission_required
+from django.contrib.auth.decorators import login_required, permission_required
 from django.core import signing
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, redirect
+from django.shortcuts import get_object_or_404, redirect, render, resolve_url
 from django.urls import reverse
 from django.views.decorators.http import require_GET
 
@@ -103,3 +103,16 @@ def kite_callback(request: HttpRequest) -> HttpResponse:
             request, f"Logged in to Kite: {account.label} streams until {account.token_expires_at:%d %b %H:%M} IST."
         )
     return redirect(_change_page(account.pk))
+
+
+@login_required
+@require_GET
+def positions_page(request: HttpRequest) -> HttpResponse:
+    """Net positions with live portfolio Greeks (the document arrives over the WebSocket)."""
+    from streaming.routing import WS_PATH
+
+    config = {
+        "wsPath": WS_PATH,
+        "loginUrl": f"{resolve_url(settings.LOGIN_URL)}?{urlencode({'next': request.get_full_path()})}",
+    }
+    return render(request, "accounts/positions.html", {"positions_config": config})

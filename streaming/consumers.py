@@ -57,6 +57,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
 
 from accounts.order_selectors import accounts_visible_to
+from accounts.positions import PositionsReader, accounts_for_positions
 from accounts.revocation import WS_REVOKED_MESSAGE_TYPE, ws_auth_groups
 from streaming import schema, status
 from streaming.engine.universe import UNIVERSE_FIELDS, InstrumentUniverse, UniverseError
@@ -70,6 +71,7 @@ from streaming.protocol import (
     ErrorCode,
     InstrumentRef,
     Ping,
+    Positions,
     ProtocolError,
     Subscribe,
     Unsubscribe,
@@ -80,11 +82,14 @@ from streaming.protocol import (
     orders_unsubscribed_message,
     parse_client_message,
     pong_message,
+    positions_message,
+    positions_stopped_message,
     snapshots_frame,
     subscribed_messages,
     text_frame_bytes,
     unsubscribed_message,
 )
+from streaming.snapshots import SnapshotReader
 from subscriptions.models import Instrument
 from subscriptions.selectors import (
     instrument_list_by_symbols,
@@ -166,6 +171,8 @@ class ConsumerSettings:
     trading desk keeps its chain page open for days. A third of ``WS_GROUP_EXPIRY_S``."""
     max_connections_per_user: int = 20
     max_connections_per_ip: int = 100
+    positions_push_interval_s: float = 2.0
+    positions_snapshot_timeout_s: float = 1.0
 
     @classmethod
     def from_settings(cls, settings: Any) -> ConsumerSettings:
@@ -177,6 +184,8 @@ class ConsumerSettings:
             group_refresh_s=settings.WS_GROUP_EXPIRY_S / 3,
             max_connections_per_user=settings.WS_MAX_CONNECTIONS_PER_USER,
             max_connections_per_ip=settings.WS_MAX_CONNECTIONS_PER_IP,
+            positions_push_interval_s=settings.POSITIONS_PUSH_INTERVAL_S,
+            positions_snapshot_timeout_s=settings.POSITIONS_SNAPSHOT_TIMEOUT_S,
         )
 
     @property
@@ -535,6 +544,8 @@ class TickerConsumer(AsyncWebsocketConsumer):
         self._dropped = 0
         self._frames = 0
         self._refresher: asyncio.Task | None = None
+        self._positions: asyncio.Task | None = None
+        self._positions_seq = 0
         self._auth_groups: list[str] = []
         self._orders: dict[int, str] = {}  # account id -> its orders group
         self._orders_checked_at = 0.0
@@ -643,6 +654,7 @@ class TickerConsumer(AsyncWebsocketConsumer):
                 except (OSError, RedisError) as exc:
                     self._log.warning("ws.cleanup_failed", error=str(exc)[:200])
             await self._stop_refresher()
+            await self._stop_positions()
 
     async def _stop_refresher(self) -> None:
         task, self._refresher = self._refresher, None
@@ -654,6 +666,7 @@ class TickerConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         self._open = False
         await self._stop_refresher()
+        await self._stop_positions()
         groups = [*self._group_refs, *self._auth_groups, *self._orders.values()]
         self._group_refs.clear()
         self._auth_groups = []
@@ -773,6 +786,8 @@ class TickerConsumer(AsyncWebsocketConsumer):
             await self._subscribe(msg)
         elif isinstance(msg, Unsubscribe):
             await self._unsubscribe(msg)
+        elif isinstance(msg, Positions):
+            await self._start_positions(msg)
 
     async def _admit(self) -> bool:
         """Count one message against the rate limit; False (after answering) if refused."""
@@ -1035,6 +1050,61 @@ class TickerConsumer(AsyncWebsocketConsumer):
             if account not in self._orders:
                 return
         await self.send(text_data=order_frame(account_id=account, item=message["item"]))
+
+    # --- positions ----------------------------------------------------------------------------
+
+    async def _start_positions(self, msg: Positions) -> None:
+        """Replace any running positions push with the one asked for (or just stop it)."""
+        await self._stop_positions()
+        if not msg.enabled:
+            await self.send(text_data=positions_stopped_message(request_id=msg.id))
+            return
+        # Owned by this consumer: cancelled and awaited on a new request and on disconnect.
+        self._positions = asyncio.create_task(
+            self._push_positions(msg), name=f"ws-positions:{self.channel_name}"
+        )
+
+    async def _stop_positions(self) -> None:
+        task, self._positions = self._positions, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _push_positions(self, msg: Positions) -> None:
+        """Every ``positions_push_interval_s``: the positions document, as the API's."""
+        user = self.scope["user"]
+        reader = PositionsReader(kite_ttl_s=self._config.positions_push_interval_s)
+        snapshots = SnapshotReader(
+            self.channel_layer, timeout_s=self._config.positions_snapshot_timeout_s
+        )
+        while True:
+            try:
+                accounts = await database_sync_to_async(accounts_for_positions)(
+                    user=user, account_id=msg.account_id
+                )
+                if accounts is None:
+                    await self._send_error(
+                        ErrorCode.ACCOUNT_NOT_VISIBLE,
+                        f"no account {msg.account_id} visible to you; no positions are pushed",
+                        request_id=msg.id,
+                    )
+                    return
+                loaded = await database_sync_to_async(reader.load)(accounts=accounts)
+                latest = await snapshots.latest(loaded.streamed)
+            except (DatabaseError, OSError, RedisError) as exc:
+                self._log.warning("ws.positions_failed", error=str(exc)[:200])
+                await self._send_error(
+                    ErrorCode.UNAVAILABLE, "positions are unavailable now; retrying",
+                    request_id=msg.id,
+                )
+            else:
+                self._positions_seq += 1
+                await self.send(text_data=positions_message(
+                    request_id=msg.id, seq=self._positions_seq,
+                    document=reader.assemble(loaded, latest),
+                ))  # fmt: skip
+            await asyncio.sleep(self._config.positions_push_interval_s)
 
     # --- snapshots ----------------------------------------------------------------------------
 

@@ -4,12 +4,14 @@ Documented for users in docs/websocket-protocol.md; this module is its one truth
 here is pure (no Django, no I/O) so that the consumer, the tests and the docs' examples agree.
 
 Client -> server (JSON text frames, one object each, ``action`` names the message):
-``subscribe``, ``unsubscribe``, ``ping`` and ``ack`` (credit-based flow control). A
-``subscribe`` / ``unsubscribe`` names instruments and chains, or (alone) ``orders``.
+``subscribe``, ``unsubscribe``, ``ping``, ``ack`` (credit-based flow control) and
+``positions`` (start or stop the positions pushes). A ``subscribe`` / ``unsubscribe`` names
+instruments and chains, or (alone) ``orders``.
 
 Server -> client (JSON text frames, ``type`` names the message): ``hello``, ``subscribed``,
 ``unsubscribed``, ``snapshots`` (pre-serialised engine items, never re-encoded here),
-``orders_subscribed``, ``orders_unsubscribed``, ``order``, ``pong`` and ``error``.
+``orders_subscribed``, ``orders_unsubscribed``, ``order``, ``pong``, ``positions`` /
+``positions_stopped`` and ``error``.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ MAX_UNRESOLVED_LISTED: Final = 100
 MAX_ERROR_MESSAGE_CHARS: Final = 500
 MAX_ORDER_ACCOUNTS_PER_MESSAGE: Final = 100
 
-KNOWN_ACTIONS: Final = frozenset({"subscribe", "unsubscribe", "ping", "ack"})
+KNOWN_ACTIONS: Final = frozenset({"subscribe", "unsubscribe", "ping", "ack", "positions"})
 
 
 class ErrorCode(StrEnum):
@@ -72,6 +74,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"
     SUBPROTOCOL_REQUIRED = "subprotocol_required"
     UNAVAILABLE = "unavailable"
+    ACCOUNT_NOT_VISIBLE = "account_not_visible"
 
 
 class CloseCode:
@@ -204,7 +207,19 @@ class Ack(_Strict):
     seq: Annotated[StrictInt, Field(ge=0, lt=2**53)]
 
 
-ClientMessage = Annotated[Subscribe | Unsubscribe | Ping | Ack, Field(discriminator="action")]
+class Positions(_Strict):
+    """Start (``enabled``, the default) or stop the ``positions`` pushes: the net positions
+    with live portfolio Greeks of the accounts the user may see, or of one ``account_id``."""
+
+    action: Literal["positions"]
+    id: RequestId | None = None
+    enabled: StrictBool = True
+    account_id: Annotated[StrictInt, Field(gt=0, lt=2**63)] | None = None
+
+
+ClientMessage = Annotated[
+    Subscribe | Unsubscribe | Ping | Ack | Positions, Field(discriminator="action")
+]
 _CLIENT_MESSAGE: Final = TypeAdapter(ClientMessage)
 
 
@@ -242,7 +257,7 @@ def parse_client_message(
     subscribe_room: int = MAX_INSTRUMENTS_PER_MESSAGE,
     held_tokens: Collection[int] = frozenset(),
     held_symbols: Container[tuple[str, str]] = frozenset(),
-) -> Subscribe | Unsubscribe | Ping | Ack:
+) -> Subscribe | Unsubscribe | Ping | Ack | Positions:
     """Parse one client text frame; raises ProtocolError with the right code on any problem.
 
     ``subscribe_room`` is how many more instruments the connection may hold: a subscribe
@@ -407,6 +422,15 @@ _ORDER_HEAD: Final = b'{"type":"order","v":%d,"account":%d,"data":'
 def order_frame(*, account_id: int, item: bytes) -> str:
     """One ``order`` frame around a pre-serialised OrderEvent (never re-encoded here)."""
     return ((_ORDER_HEAD % (PROTOCOL_VERSION, account_id)) + item + b"}").decode()
+
+
+def positions_message(*, request_id: Any, seq: int, document: dict[str, Any]) -> str:
+    """One ``positions`` push: the document of ``GET /api/v1/positions``, numbered."""
+    return _dumps({"type": "positions", "id": request_id, "seq": seq, "data": document})
+
+
+def positions_stopped_message(*, request_id: Any) -> str:
+    return _dumps({"type": "positions_stopped", "id": request_id})
 
 
 _FRAME_HEAD: Final = b'{"type":"snapshots","v":%d,"seq":%d,"data":['

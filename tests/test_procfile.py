@@ -37,12 +37,13 @@ def procfile_processes() -> dict[str, str]:
     return dict(m.groups() for line in lines if (m := re.match(r"^([A-Za-z0-9_-]+):\s*(.+)$", line)))
 
 
-def test_the_procfile_declares_two_webs_two_engines_one_worker_and_exactly_one_beat():
+def test_the_procfile_declares_two_webs_two_engines_one_worker_exactly_one_beat_and_one_paper_desk():
     commands = list(procfile_processes().values())
     assert sum("daphne " in c for c in commands) == 2
     assert sum("manage.py runticker" in c for c in commands) == 2
     assert sum(" worker" in c and "celery" in c for c in commands) == 1
     assert sum(" beat" in c and "celery" in c for c in commands) == 1
+    assert sum("manage.py runpaper" in c for c in commands) == 1
 
 
 def _status(port: int, path: str) -> int:
@@ -123,4 +124,4 @@ def test_honcho_runs_the_production_layout_against_the_simulator(world, redis_cl
                     honcho.wait()
     output = log_path.read_text(errors="replace")
     started = re.findall(r"^\S+ system\s+\| (\w+)\.1 started \(pid=", output, flags=re.M)
-    assert sorted(started) == ["beat", "engine1", "engine2", "web1", "web2", "worker"], output[-3000:]
+    assert sorted(started) == ["beat", "engine1", "engine2", "paper", "web1", "web2", "worker"], output[-3000:]

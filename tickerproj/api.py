@@ -16,6 +16,7 @@ from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationEr
 
 from accounts.api import router as orders_router
 from accounts.postback import router as postback_router
+from accounts.positions_api import router as positions_router
 from streaming.api import router as streaming_router
 from subscriptions.api import router as subscriptions_router
 from tickerproj.api_support import (
@@ -108,3 +109,4 @@ api.add_router("/", subscriptions_router)
 api.add_router("/", streaming_router)
 api.add_router("/", orders_router)
 api.add_router("/", postback_router)
+api.add_router("/", positions_router)

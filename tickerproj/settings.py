@@ -404,6 +404,18 @@ OPS_ALLOWED_NETWORKS = parse_networks(env.list("OPS_ALLOWED_NETWORKS", default=[
 RECONCILE_GRACE_S = env.float("RECONCILE_GRACE_S", default=20.0)
 """The reconciler ignores subscriptions changed this recently: engines reload within seconds."""
 
+# Paper trading and positions (docs/orders.md).
+PAPER_SNAPSHOT_TIMEOUT_S = env.float("PAPER_SNAPSHOT_TIMEOUT_S", default=1.0)
+"""How long placing a paper order waits for the engines' live snapshot before rejecting it."""
+PAPER_DESK_REFRESH_S = env.float("PAPER_DESK_REFRESH_S", default=0.5)
+"""How often ``runpaper`` re-reads the open paper orders and joins their instruments' groups."""
+POSITIONS_SNAPSHOT_TIMEOUT_S = env.float("POSITIONS_SNAPSHOT_TIMEOUT_S", default=1.0)
+"""How long a positions read waits for the live snapshots of the positions' instruments."""
+POSITIONS_PUSH_INTERVAL_S = env.float("POSITIONS_PUSH_INTERVAL_S", default=2.0)
+"""The WebSocket ``positions`` subscription's cadence; also how long a web process shares
+Kite's positions of a live account between its readers (one Kite call per account per this
+interval, whatever the number of pushes and API calls)."""
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "Asia/Kolkata"
 USE_I18N = False
