@@ -15,8 +15,8 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationError
 
 from accounts.api import router as orders_router
-from accounts.postback import router as postback_router
 from accounts.positions_api import router as positions_router
+from accounts.postback import router as postback_router
 from streaming.api import router as streaming_router
 from subscriptions.api import router as subscriptions_router
 from tickerproj.api_support import (
