@@ -7,6 +7,7 @@ from django.db.models import Count
 from django.utils import timezone
 from ninja import Field, Query, Router, Schema
 from ninja.pagination import CursorPagination, paginate
+from pydantic import field_validator
 
 from accounts.models import ApiToken, KiteAccount
 from streaming.kite.limits import MAX_INSTRUMENTS_PER_API_KEY
@@ -41,10 +42,29 @@ class BarOut(Schema):
     )
 
 
+BARS_EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+BARS_LATEST = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
+"""Times outside these are refused with 400: PostgreSQL refuses far dates and extreme UTC
+offsets with an error, which must not become a 500."""
+
+
 class BarFilters(Schema):
-    instrument_token: int
+    instrument_token: int = Field(ge=0, le=2**32 - 1, description="Kite's instrument_token.")
     start: dt.datetime = Field(alias="from")
     end: dt.datetime = Field(alias="to")
+
+    @field_validator("start", "end", mode="after")
+    @classmethod
+    def _in_range(cls, value: dt.datetime) -> dt.datetime:
+        # Naive times are in TIME_ZONE (as Django reads them); sent to PostgreSQL as UTC.
+        value = timezone.make_aware(value) if value.tzinfo is None else value
+        try:
+            value = value.astimezone(dt.UTC)
+        except OverflowError:
+            raise ValueError("out of range") from None
+        if not BARS_EARLIEST <= value < BARS_LATEST:
+            raise ValueError(f"must be between {BARS_EARLIEST:%Y} and {BARS_LATEST:%Y}")
+        return value
 
 
 @router.get("/bars", response=list[BarOut], summary="Stored 1-minute underlying bars, gaps marked")

@@ -37,6 +37,26 @@ def test_bars_are_oldest_first_with_gaps_marked_and_a_bounded_range(client, read
     assert orjson.loads(response.content)["error"]["code"] == "range_too_long"
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("from", "0190-08-18T01:09:55.493-23:26"),  # an offset PostgreSQL refuses (fuzz find)
+        ("from", "9999-12-31T23:59:59+00:00"),
+        ("instrument_token", "-3542708000"),
+        ("instrument_token", str(2**40)),
+    ],
+)
+def test_bars_refuse_out_of_range_input_with_400_naming_the_field(client, read_key, name, value):
+    query = {"instrument_token": NIFTY_INDEX, "from": DAY.isoformat(), "to": DAY.isoformat(),
+             name: value}  # fmt: skip
+    if name == "from":
+        query["to"] = value
+    response = client.get("/api/v1/bars", query, **auth(read_key))
+    assert response.status_code == 400, response.content
+    error = orjson.loads(response.content)["error"]
+    assert error["code"] == "invalid_request" and error["field"] in {name, "to"}
+
+
 def test_status_shows_accounts_against_capacity_and_engines(client, read_key, universe, trader):
     account = KiteAccount.objects.create(label="main", api_key="k1", access_token="t")
     Subscription.objects.create(instrument_id=NIFTY_INDEX, assigned_account=account)
