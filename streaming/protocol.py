@@ -4,16 +4,20 @@ Documented for users in docs/websocket-protocol.md; this module is its one truth
 here is pure (no Django, no I/O) so that the consumer, the tests and the docs' examples agree.
 
 Client -> server (JSON text frames, one object each, ``action`` names the message):
-``subscribe``, ``unsubscribe``, ``ping`` and ``ack`` (credit-based flow control).
+``subscribe``, ``unsubscribe`` (instruments, a chain, an underlying's bars), ``ping`` and
+``ack`` (credit-based flow control).
 
 Server -> client (JSON text frames, ``type`` names the message): ``hello``, ``subscribed``,
 ``unsubscribed``, ``snapshots`` (pre-serialised engine items, never re-encoded here),
-``pong`` and ``error``.
+``analytics`` (a chain's analytics, written by the engine), ``analytics_series`` (the
+intraday series of a chain), ``bars`` and ``bar`` (an underlying's 1-minute bars, the stored
+items wrapped, never re-encoded), ``pong`` and ``error``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Collection, Container, Iterable, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
@@ -50,6 +54,14 @@ MAX_INSTRUMENTS_PER_REPLY: Final = 2000
 MAX_UNRESOLVED_LISTED: Final = 100
 """Replies list at most this many unresolved references (and say how many there were)."""
 MAX_ERROR_MESSAGE_CHARS: Final = 500
+MAX_BARS_PER_MESSAGE: Final = 20
+"""A subscribe or unsubscribe names at most this many underlyings' bars."""
+MAX_BARS_SUBSCRIPTIONS: Final = 50
+"""A connection follows the bars of at most this many underlyings."""
+RECENT_BARS: Final = 375
+"""Stored bars sent on a bars subscribe: the latest 375 minutes, one NSE session (09:15-15:30)."""
+UNDERLYING_NAME_PATTERN: Final = r"^[A-Za-z0-9&_-][A-Za-z0-9&_ .-]{0,31}$"
+"""An underlying's derivative name as Kite writes it (``NIFTY``, ``M&M``, ``BAJAJ-AUTO``)."""
 
 KNOWN_ACTIONS: Final = frozenset({"subscribe", "unsubscribe", "ping", "ack"})
 
@@ -61,6 +73,7 @@ class ErrorCode(StrEnum):
     INVALID_MESSAGE = "invalid_message"
     UNKNOWN_ACTION = "unknown_action"
     UNKNOWN_INSTRUMENT = "unknown_instrument"
+    UNKNOWN_UNDERLYING = "unknown_underlying"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     MESSAGE_TOO_LARGE = "message_too_large"
@@ -133,6 +146,20 @@ class ChainSpec(_Strict):
 
 
 InstrumentRefField = Annotated[InstrumentRef, BeforeValidator(_parse_instrument_ref)]
+_UNDERLYING_NAME: Final = re.compile(UNDERLYING_NAME_PATTERN)
+
+
+def _parse_underlying_name(value: Any) -> str:
+    if not isinstance(value, str) or not _UNDERLYING_NAME.match(value):
+        shown = repr(value[:40]) if isinstance(value, str) else type(value).__name__
+        raise ValueError(
+            f"expected an underlying name such as 'NIFTY' (1-32 letters, digits, '&', '_', "
+            f"'-', '.', spaces), got {shown}"
+        )
+    return value.upper()
+
+
+UnderlyingName = Annotated[str, BeforeValidator(_parse_underlying_name)]
 
 
 class _Selection(_Strict):
@@ -141,30 +168,34 @@ class _Selection(_Strict):
         list[InstrumentRefField], Field(max_length=MAX_INSTRUMENTS_PER_MESSAGE)
     ] = Field(default_factory=list)
     chain: ChainSpec | None = None
+    bars: Annotated[list[UnderlyingName], Field(max_length=MAX_BARS_PER_MESSAGE)] = Field(
+        default_factory=list
+    )
+    """Underlyings whose 1-minute bars to follow, upper-cased (duplicates count once)."""
 
 
 class Subscribe(_Selection):
-    """Add instruments and/or a chain to the connection; the server replies ``subscribed``."""
+    """Add instruments, a chain and/or bars to the connection; the server replies ``subscribed``."""
 
     action: Literal["subscribe"]
 
     @model_validator(mode="after")
     def _something(self) -> Subscribe:
-        if not self.instruments and self.chain is None:
-            raise ValueError("subscribe needs 'instruments' or 'chain'")
+        if not self.instruments and self.chain is None and not self.bars:
+            raise ValueError("subscribe needs 'instruments', 'chain' or 'bars'")
         return self
 
 
 class Unsubscribe(_Selection):
-    """Remove instruments, a chain, or everything (``all``); the server replies ``unsubscribed``."""
+    """Remove instruments, a chain, bars or everything (``all``); the server replies ``unsubscribed``."""
 
     action: Literal["unsubscribe"]
     all: StrictBool = False
 
     @model_validator(mode="after")
     def _something(self) -> Unsubscribe:
-        if not self.instruments and self.chain is None and not self.all:
-            raise ValueError("unsubscribe needs 'instruments', 'chain' or 'all': true")
+        if not self.instruments and self.chain is None and not self.bars and not self.all:
+            raise ValueError("unsubscribe needs 'instruments', 'chain', 'bars' or 'all': true")
         return self
 
 
@@ -329,11 +360,12 @@ def subscribed_messages(
     chain: dict[str, Any] | None,
     unresolved: Sequence[Any],
     subscriptions: int,
+    bars: Sequence[str] = (),
 ) -> list[str]:
     """The ``subscribed`` reply, in parts of at most MAX_INSTRUMENTS_PER_REPLY instruments.
 
     daphne refuses to send a message over 1 MiB, and 9000 instrument descriptions are 1.4 MB.
-    Every part repeats the request's id, chain, unresolved references and count.
+    Every part repeats the request's id, chain, bars, unresolved references and count.
     """
     chunks = [
         instruments[i : i + MAX_INSTRUMENTS_PER_REPLY]
@@ -349,6 +381,7 @@ def subscribed_messages(
                 "parts": len(chunks),
                 "instruments": list(chunk),
                 "chain": chain,
+                "bars": list(bars),
                 "unresolved": listed,
                 "unresolved_count": len(unresolved),
                 "subscriptions": subscriptions,
@@ -358,12 +391,15 @@ def subscribed_messages(
     ]
 
 
-def unsubscribed_message(*, request_id: Any, tokens: Iterable[int], subscriptions: int) -> str:
+def unsubscribed_message(
+    *, request_id: Any, tokens: Iterable[int], subscriptions: int, bars: Iterable[str] = ()
+) -> str:
     return _dumps(
         {
             "type": "unsubscribed",
             "id": request_id,
             "tokens": sorted(tokens),
+            "bars": sorted(bars),
             "subscriptions": subscriptions,
         }
     )
@@ -381,4 +417,145 @@ def snapshots_frame(*, seq: int, items: Iterable[bytes]) -> str:
     """
     return (
         (_FRAME_HEAD % (PROTOCOL_VERSION, seq)) + b",".join(items) + _FRAME_TAIL
+    ).decode()
+
+
+
+# --- analytics and bars -----------------------------------------------------------------------
+#
+# The models below are the shapes of the analytics messages (docs/websocket-protocol.md,
+# "Chain analytics"); the builders write the same JSON without building the models, and the
+# tests validate what the server sends against the models. Every number a value cannot be
+# known for is null, never a made-up zero.
+
+Buildup = Literal["long_buildup", "short_buildup", "long_unwinding", "short_covering"]
+ForwardSource = Literal["future", "parity"]
+
+
+class _Shape(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AnalyticsLeg(_Shape):
+    """One option of a strike row: its quote, open interest and build-up."""
+
+    token: int
+    ltp: float | None
+    bid: float | None
+    bid_qty: int | None
+    ask: float | None
+    ask_qty: int | None
+    volume: int | None
+    oi: int | None
+    oi_change: int | None
+    """``oi`` minus the day's baseline OI (see ``AnalyticsSummary.oi_change_since``)."""
+    buildup: Buildup | None
+
+
+class AnalyticsRow(_Shape):
+    strike: float
+    ce: AnalyticsLeg | None
+    pe: AnalyticsLeg | None
+
+
+class AnalyticsSummary(_Shape):
+    pcr_oi: float | None
+    pcr_volume: float | None
+    max_pain: float | None
+    atm_strike: float | None
+    atm_iv: float | None
+    straddle: float | None
+    forward: float | None
+    forward_source: ForwardSource | None
+    forward_stale: bool
+    days_to_expiry: float | None
+    lot_size: int | None
+    oi_change_since: int | None
+    """Epoch ms of the earliest OI baseline of the chain's rows (the first tick of the day)."""
+    iv_rank: float | None
+    iv_percentile: float | None
+    iv_window_days: int
+    is_mock: bool
+
+
+class TermPoint(_Shape):
+    expiry: dt.date
+    atm_iv: float | None
+    days_to_expiry: float | None
+    forward: float | None
+
+
+class AnalyticsMessage(_Shape):
+    type: Literal["analytics"]
+    v: Literal[1]
+    underlying: str
+    expiry: dt.date
+    ts: int
+    summary: AnalyticsSummary
+    rows: list[AnalyticsRow]
+    term_structure: list[TermPoint]
+
+
+class SeriesPoint(_Shape):
+    ts: int
+    atm_iv: float | None
+    straddle: float | None
+    pcr_oi: float | None
+
+
+class AnalyticsSeriesMessage(_Shape):
+    type: Literal["analytics_series"]
+    underlying: str
+    expiry: dt.date
+    points: list[SeriesPoint]
+
+
+def analytics_message(
+    *,
+    underlying: str,
+    expiry: dt.date,
+    ts_ms: int,
+    summary: dict[str, Any],
+    rows: list[dict[str, Any]],
+    term_structure: list[dict[str, Any]],
+) -> bytes:
+    """One chain's ``analytics`` message, as the engine publishes it (forwarded unparsed)."""
+    return orjson.dumps(
+        {
+            "type": "analytics",
+            "v": PROTOCOL_VERSION,
+            "underlying": underlying,
+            "expiry": expiry.isoformat(),
+            "ts": ts_ms,
+            "summary": summary,
+            "rows": rows,
+            "term_structure": term_structure,
+        }
+    )
+
+
+def analytics_series_message(
+    *, underlying: str, expiry: dt.date, points: Sequence[dict[str, Any]]
+) -> str:
+    """The intraday series of one chain, oldest point first."""
+    return _dumps(
+        {
+            "type": "analytics_series",
+            "underlying": underlying,
+            "expiry": expiry.isoformat(),
+            "points": list(points),
+        }
+    )
+
+
+def bars_message(*, underlying: str, items: Sequence[bytes]) -> str:
+    """The recent bars of an underlying (oldest first) from bar JSON items, never re-encoded."""
+    head = b'{"type":"bars","underlying":' + orjson.dumps(underlying) + b',"bars":['
+    return (head + b",".join(items) + b"]}").decode()
+
+
+def bar_message(*, underlying: str, item: bytes) -> str:
+    """One closed bar (``item`` as the engine published it), wrapped, never re-encoded."""
+    return (
+        b'{"type":"bar","underlying":' + orjson.dumps(underlying) + b',"bar":' + item + b"}"
     ).decode()

@@ -467,7 +467,7 @@ async def test_unsubscribe_by_token_symbol_chain_and_all(redis_layer, universe, 
     symbol = universe[PE_24000].tradingsymbol
     await send(comm, {"action": "unsubscribe", "id": "u", "instruments": [CE_24000, f"NFO:{symbol}", 42]})
     msg = await recv(comm)
-    assert msg == {"type": "unsubscribed", "id": "u", "tokens": sorted([CE_24000, PE_24000]), "subscriptions": 22}
+    assert msg == {"type": "unsubscribed", "id": "u", "tokens": sorted([CE_24000, PE_24000]), "bars": [], "subscriptions": 22}
     await publish(redis_layer, CHAIN, {CE_24000: snapshot_item(CE_24000, ltp=1.0), CE_24050: snapshot_item(CE_24050, ltp=2.0)})
     assert _frame_tokens(await recv(comm)) == {CE_24050: 2.0}
 
