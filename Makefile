@@ -5,7 +5,7 @@ export UV_PYTHON_DOWNLOADS := never
 # uv is called as a module of the machine's python3 so that no PATH set-up is needed.
 UV := python3 -m uv
 
-.PHONY: uv install install-dev install-js install-browser install-promtool run test lint bench release prod-local
+.PHONY: uv install install-dev install-js install-browser screenshots install-promtool run test lint bench release prod-local
 
 uv:
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
@@ -59,6 +59,11 @@ prod-local:
 	@test -f .env || { echo "make prod-local reads .env: cp .env.example .env and fill it in (docs/deploy.md)" >&2; exit 1; }
 	$(MAKE) release
 	$(UV) run --no-sync honcho start
+
+# docs/chain-page.png and docs/chain-charts.png from the demo in headless Chromium (about 5 min:
+# it waits for a few 1-minute bars).
+screenshots: install-dev install-browser
+	$(UV) run --no-sync python docs/screenshots.py
 
 test: install-dev install-browser install-promtool
 	$(UV) run --no-sync pytest

@@ -45,7 +45,11 @@ window.ChainCharts = (function () {
     }
 
     draw(option, points) {
-      this.chart.setOption(option);
+      this.chart.setOption({
+        ...option,
+        title: { show: points === 0, text: "waiting for data", left: "center", top: "middle",
+                 textStyle: { color: MUTED, fontSize: 12, fontWeight: "normal" } },
+      });
       this.draws += 1;
       this.el.dataset.points = String(points);
       this.el.dataset.draws = String(this.draws);
@@ -80,13 +84,18 @@ window.ChainCharts = (function () {
       this.bars = new Map(); // start_ts -> bar
       this.dirty = new Set();
 
-      const strikeAxis = { type: "value", scale: true, axisLabel: { formatter: (v) => inr.format(v) } };
+      const strikeAxis = {
+        type: "value", min: "dataMin", max: "dataMax", axisLabel: { formatter: (v) => inr.format(v) },
+      };
       this.smile = new Plot($("chart-smile"), {
         xAxis: strikeAxis,
         yAxis: { type: "value", scale: true, name: "IV %", nameGap: 8, nameTextStyle: { align: "right" } },
         series: [
           { name: "Calls", type: "line", color: CALL, showSymbol: true, symbolSize: 4, connectNulls: true, data: [] },
-          { name: "Puts", type: "line", color: PUT, showSymbol: true, symbolSize: 4, connectNulls: true, data: [] },
+          // Out of the money each side solves the IV, so calls and puts mostly coincide: the
+          // puts are dashed diamonds over the calls' line.
+          { name: "Puts", type: "line", color: PUT, showSymbol: true, symbol: "diamond", symbolSize: 6,
+            lineStyle: { type: "dashed" }, connectNulls: true, data: [] },
         ],
       });
       const byStrike = (name) => ({
@@ -106,18 +115,26 @@ window.ChainCharts = (function () {
         series: [{ name: "ATM IV", type: "line", color: "#0b57d0", symbolSize: 7, data: [] }],
         legend: { show: false },
       });
+      // Three scales, each axis in its line's colour: ATM IV (%) left, straddle (₹) and PCR right.
+      const IV_COLOR = "#0b57d0";
+      const STRADDLE_COLOR = "#8a5a00";
+      const valueAxis = (color, extra) => ({
+        type: "value", scale: true, splitLine: { show: extra.position !== "right" },
+        axisLabel: { color }, ...extra,
+      });
       this.seriesPlot = new Plot($("chart-series"), {
-        grid: { left: 44, right: 88, top: 28, bottom: 28 },
+        grid: { left: 44, right: 96, top: 28, bottom: 28 },
+        legend: { top: 0, left: 44, itemWidth: 14, itemHeight: 8, textStyle: { fontSize: 11 } },
         xAxis: { type: "time", axisLabel: { formatter: (v) => istMinute.format(new Date(v)) } },
         yAxis: [
-          { type: "value", scale: true, name: "IV %", nameGap: 8, nameTextStyle: { align: "right" } },
-          { type: "value", scale: true, name: "₹", position: "right", nameGap: 8, splitLine: { show: false } },
-          { type: "value", scale: true, name: "PCR", position: "right", offset: 44, nameGap: 8, splitLine: { show: false } },
+          valueAxis(IV_COLOR, {}),
+          valueAxis(STRADDLE_COLOR, { position: "right" }),
+          valueAxis(MUTED, { position: "right", offset: 48 }),
         ],
         series: [
-          { name: "ATM IV", type: "line", yAxisIndex: 0, color: "#0b57d0", showSymbol: false, data: [] },
-          { name: "Straddle", type: "line", yAxisIndex: 1, color: "#8a5a00", showSymbol: false, data: [] },
-          { name: "PCR", type: "line", yAxisIndex: 2, color: MUTED, showSymbol: false, data: [] },
+          { name: "ATM IV %", type: "line", yAxisIndex: 0, color: IV_COLOR, showSymbol: false, data: [] },
+          { name: "Straddle ₹", type: "line", yAxisIndex: 1, color: STRADDLE_COLOR, showSymbol: false, data: [] },
+          { name: "PCR (OI)", type: "line", yAxisIndex: 2, color: MUTED, showSymbol: false, data: [] },
         ],
       });
       this.candles = new Plot($("chart-candles"), {

@@ -56,8 +56,9 @@
     forward: (v) => v.toFixed(2),
     days_to_expiry: (v) => v.toFixed(v < 10 ? 2 : 1),
     lot_size: (v) => inr.format(v),
-    iv_rank: (v) => v.toFixed(0),
-    iv_percentile: (v) => v.toFixed(0),
+    iv_rank: (v) => v.toFixed(1),
+    iv_percentile: (v) => v.toFixed(1),
+    oi_change_since: (v) => istTime.format(new Date(v)).slice(0, 5) + " IST",
   };
   const FORWARD_SOURCES = { future: "future", parity: "parity", stale_future: "stale future", stale_parity: "stale parity" };
 
@@ -256,6 +257,7 @@
       let text = v == null || Number.isNaN(v) ? "—" : SUMMARY[key](v);
       if (key === "forward" && v != null && summary.forward_source) {
         text += " · " + (FORWARD_SOURCES[summary.forward_source] || summary.forward_source);
+        if (summary.forward_stale) text += " (stale)";
       }
       setText(dd, text);
       dd.classList.toggle("na", v == null);
@@ -406,12 +408,13 @@
         scheduleRender();
         break;
       case "hello":
+        // The chain (its snapshots and analytics) and the underlying's bars, in one subscribe.
         sock.send(JSON.stringify({
           action: "subscribe",
           id: "chain",
           chain: { underlying: cfg.underlying, expiry: cfg.expiry, strikes_around_atm: cfg.strikesAroundAtm },
+          bars: [cfg.underlying],
         }));
-        sock.send(JSON.stringify({ action: "subscribe", id: "bars", bars: [cfg.underlying] }));
         break;
       case "analytics":
         if (msg.underlying === cfg.underlying && msg.expiry === cfg.expiry) applyAnalytics(msg);
