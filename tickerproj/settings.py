@@ -321,6 +321,10 @@ TICKER_RELOAD_DEBOUNCE_MS = env.int("TICKER_RELOAD_DEBOUNCE_MS", default=200)
 """A burst of change notices settles this long before the engine reloads once."""
 TICKER_SAFETY_RELOAD_S = env.float("TICKER_SAFETY_RELOAD_S", default=60.0)
 """The engine reloads this often even without a notice, in case one was lost."""
+ANALYTICS_INTERVAL_S = env.float("ANALYTICS_INTERVAL_S", default=1.0)
+"""A chain's analytics are sent at most this often (docs/websocket-protocol.md)."""
+ANALYTICS_IV_WINDOW_DAYS = env.int("ANALYTICS_IV_WINDOW_DAYS", default=365)
+"""Days of daily ATM IV that IV rank and IV percentile look back over."""
 
 # Browser WebSockets.
 WS_MAX_SUBSCRIPTIONS = env.int("WS_MAX_SUBSCRIPTIONS", default=2000)

@@ -29,12 +29,14 @@ import structlog
 from streaming.control import ChangeNotifier
 from streaming.engine.bars import BarAggregator
 from streaming.engine.barsink import BarSink
+from streaming.engine.chain_analytics import ChainAnalytics
 from streaming.engine.config import EngineConfig
 from streaming.engine.connections import ClientFactory, ConnectionManager
 from streaming.engine.heartbeat import HeartbeatWriter
 from streaming.engine.leases import LeaseManager
 from streaming.engine.market_hours import EngineMode, MarketHours, ModePolicy
 from streaming.engine.metrics import EngineMetrics, LoopLagMonitor
+from streaming.engine.minutesink import ChainMinuteSink
 from streaming.engine.mockfeed import MockFeed
 from streaming.engine.pipeline import SnapshotPipeline
 from streaming.engine.planner import ApplyRequests, StreamPlanner
@@ -71,6 +73,7 @@ class Engine:
         planner: StreamPlanner,
         publisher: Publisher,
         bar_sink: BarSink,
+        minute_sink: ChainMinuteSink,
         connections: ConnectionManager,
         mock_feed: MockFeed,
         leases: LeaseManager,
@@ -91,6 +94,7 @@ class Engine:
         self.planner = planner
         self.publisher = publisher
         self.bar_sink = bar_sink
+        self.minute_sink = minute_sink
         self.connections = connections
         self.mock_feed = mock_feed
         self.leases = leases
@@ -133,8 +137,10 @@ class Engine:
         )
         pipeline = SnapshotPipeline(InstrumentUniverse.empty(), r=config.risk_free_rate,
                                     stale_after_s=config.stale_underlying_s)
+        analytics = ChainAnalytics(interval_s=config.analytics_interval_s,
+                                   iv_window_days=config.analytics_iv_window_days)
         worker = PipelineWorker(pipeline=pipeline, bars=BarAggregator({}), metrics=metrics,
-                                clock=clock)
+                                analytics=analytics, clock=clock)
         intake = TickIntake(worker=worker, metrics=metrics)
         connections = ConnectionManager(supervisor=supervisor, ws_url=config.kite_ws_url,
                                         watchdog_s=config.watchdog_s, metrics=metrics,
@@ -168,6 +174,8 @@ class Engine:
             ),
             publisher=publisher,
             bar_sink=BarSink(publisher=publisher, metrics=metrics, close_due=worker.close_due_bars),
+            minute_sink=ChainMinuteSink(metrics=metrics, set_history=worker.set_analytics_history,
+                                        window_days=config.analytics_iv_window_days, clock=clock),
             connections=connections, mock_feed=mock_feed, leases=leases,
             heartbeat=HeartbeatWriter(
                 engine_id=config.engine_id, interval_s=config.heartbeat_interval_s,
@@ -203,6 +211,7 @@ class Engine:
                       owner="publisher")
             sup.spawn("watched_groups", self._watched_loop, owner="publisher")
             sup.spawn("bars", self.bar_sink.run, owner="bars")
+            sup.spawn("chain_minutes", self.minute_sink.run, owner="bars")
             sup.spawn("mode", self._mode_loop, owner="engine")
             sup.spawn("heartbeat", lambda: self.heartbeat.run(self.status), owner="engine")
             if self.mode == "mock":
@@ -274,6 +283,10 @@ class Engine:
             self.metrics.dropped.labels("unknown_token").inc(outcome.unknown)
         if outcome.bars:
             self.bar_sink.add(outcome.bars)
+        if outcome.minutes:
+            self.minute_sink.add(outcome.minutes)
+        if outcome.analytics:
+            await self._publish_analytics(outcome.analytics)
         if outcome.pending:
             self.metrics.flush_seconds.observe(outcome.compute_s)
         batches = outcome.batches
@@ -294,6 +307,16 @@ class Engine:
         self.metrics.publish_seconds.observe(time.perf_counter() - computed)
         if outcome.oldest_received is not None:
             self.metrics.tick_to_publish_seconds.observe(self._clock() - outcome.oldest_received)
+
+    async def _publish_analytics(self, messages: list[tuple[str, bytes]]) -> None:
+        try:
+            sent = await self.publisher.publish_analytics(messages)
+        except PublishError as exc:
+            # As for snapshots: lost for those chains until their next change.
+            self.metrics.dropped.labels("analytics_publish_failed").inc(len(exc.failed_groups))
+            self.publish_failures.failed(exc)
+        else:
+            self.metrics.group_messages_out.inc(sent)
 
     async def _watched_loop(self) -> None:
         """Refresh which groups have listeners, so nobody's groups are not serialised."""

@@ -37,6 +37,8 @@ class EngineConfig:
     reload_debounce_ms: int = 200
     safety_reload_s: float = 60.0
     mode_check_interval_s: float = 1.0
+    analytics_interval_s: float = 1.0
+    analytics_iv_window_days: int = 365
 
     def __post_init__(self) -> None:
         if self.redis_url and not self.control_channel:
@@ -71,4 +73,6 @@ class EngineConfig:
             mock_seed=settings.MOCK_MARKET_SEED,
             reload_debounce_ms=settings.TICKER_RELOAD_DEBOUNCE_MS,
             safety_reload_s=settings.TICKER_SAFETY_RELOAD_S,
+            analytics_interval_s=settings.ANALYTICS_INTERVAL_S,
+            analytics_iv_window_days=settings.ANALYTICS_IV_WINDOW_DAYS,
         )
