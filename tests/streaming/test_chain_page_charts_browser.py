@@ -28,7 +28,7 @@ from channels.layers import get_channel_layer
 from django.contrib.auth import get_user_model
 from playwright.sync_api import Page, expect, sync_playwright
 
-from streaming import schema
+from streaming import protocol, schema
 from tests.streaming.test_chain_page_browser import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -39,6 +39,7 @@ from tests.streaming.test_chain_page_browser import (
 from tests.streaming.test_chain_page_browser import stack as stack
 from tests.streaming.wsutil import (
     EXPIRY,
+    EXPIRY2,
     NIFTY_INDEX,
     create_universe,
     daphne_process,
@@ -52,9 +53,9 @@ from tests.streaming.wsutil import layer_prefix as layer_prefix
 PLOTS = ("chart-smile", "chart-oi", "chart-oi-change", "chart-term", "chart-series", "chart-candles")
 SUMMARY_SHOWN = ("pcr_oi", "max_pain", "atm_strike", "atm_iv", "straddle", "forward",
                  "days_to_expiry", "lot_size")
-# A fixed day of bars (Mon 5 Jan 2026, 10:00 IST): far from the engine's own bars of today, so
+# A fixed day of bars (Mon 6 Jan 2020, 10:00 IST): before the engine's own bars of today, so
 # the two never share a day and the chart draws no gap minutes between them.
-BARS_T0 = int(dt.datetime(2026, 1, 5, 4, 30, tzinfo=dt.UTC).timestamp() * 1000)
+BARS_T0 = int(dt.datetime(2020, 1, 6, 4, 30, tzinfo=dt.UTC).timestamp() * 1000)
 
 
 def log_in(page: Page, base: str) -> None:
@@ -132,16 +133,28 @@ def bar(start_ts: int, *, close: float | None, backfilled: bool = False) -> byte
     })
 
 
+def minute_label(start_ts: int) -> str:
+    """The candle chart's label of a minute: HH:MM in IST."""
+    return time.strftime("%H:%M", time.gmtime(start_ts / 1000 + 5.5 * 3600))
+
+
+def wait_for_candle(page: Page, start_ts: int) -> None:
+    page.wait_for_function(
+        """label => echarts.getInstanceByDom(document.getElementById("chart-candles"))
+                      .getOption().xAxis[0].data.includes(label)""",
+        arg=minute_label(start_ts), timeout=WAIT_MS,
+    )
+
+
 def candle_at(page: Page, start_ts: int) -> Any:
     """The candle chart's datum at the minute of ``start_ts`` ('-' for a gap), or None."""
-    label = time.strftime("%H:%M", time.gmtime(start_ts / 1000 + 5.5 * 3600))
     return page.evaluate(
         """label => {
              const o = echarts.getInstanceByDom(document.getElementById("chart-candles")).getOption();
              const i = o.xAxis[0].data.indexOf(label);
              return i < 0 ? null : {value: o.series[0].data[i]};
            }""",
-        label,
+        minute_label(start_ts),
     )
 
 
@@ -211,32 +224,28 @@ def test_chain_page_shows_the_analytics_and_draws_and_updates_every_chart(stack)
             # minute with no bar between two of the same day is drawn as a gap.
             group = schema.bars_group("NIFTY")
             group_send(group, schema.bar_closed_message(bar(BARS_T0, close=26000.0)))
-            page.wait_for_function(
-                "() => +document.getElementById('chart-candles').dataset.points > 0", timeout=WAIT_MS
-            )
+            wait_for_candle(page, BARS_T0)
             assert candle_at(page, BARS_T0)["value"]["value"] == [25998.0, 26000.0, 25996.0, 26003.0]
-            points = int(page.get_attribute("#chart-candles", "data-points"))
-            gaps = int(page.get_attribute("#chart-candles", "data-gaps"))
             group_send(group, schema.bar_closed_message(bar(BARS_T0 + 3 * 60_000, close=26010.0, backfilled=True)))
-            page.wait_for_function(
-                "n => +document.getElementById('chart-candles').dataset.points > n",
-                arg=points, timeout=WAIT_MS,
-            )
-            assert int(page.get_attribute("#chart-candles", "data-gaps")) == gaps + 2
+            wait_for_candle(page, BARS_T0 + 3 * 60_000)
             assert candle_at(page, BARS_T0 + 60_000) == {"value": "-"}
             assert candle_at(page, BARS_T0 + 2 * 60_000) == {"value": "-"}
             late = candle_at(page, BARS_T0 + 3 * 60_000)["value"]
             assert late["value"] == [26008.0, 26010.0, 26006.0, 26013.0] and late["itemStyle"]["opacity"] < 1
             # A gap bar of the engine (no tick in that minute) is a gap too.
             group_send(group, schema.bar_closed_message(bar(BARS_T0 + 4 * 60_000, close=None)))
-            page.wait_for_function(
-                "n => +document.getElementById('chart-candles').dataset.gaps > n",
-                arg=gaps + 2, timeout=WAIT_MS,
-            )
+            wait_for_candle(page, BARS_T0 + 4 * 60_000)
             assert candle_at(page, BARS_T0 + 4 * 60_000) == {"value": "-"}
             shaded = page.evaluate("""() => echarts.getInstanceByDom(document.getElementById("chart-candles"))
                 .getOption().series[0].markArea.data.map(a => [a[0].xAxis, a[1].xAxis])""")
             assert ["10:01", "10:02"] in shaded and ["10:04", "10:04"] in shaded, shaded
+            # And the engine's own bars of today: the recent ones on subscribe, then each minute
+            # as it closes (the mock market ticks the index all day).
+            page.wait_for_function(
+                """t0 => echarts.getInstanceByDom(document.getElementById("chart-candles"))
+                       .getOption().series[0].data.length > 5""",
+                arg=BARS_T0, timeout=WAIT_MS * 2,
+            )
         finally:
             browser.close()
 
@@ -306,5 +315,92 @@ def test_chain_page_flags_the_rows_whose_snapshot_came_from_the_rest_fallback(we
             publish(option_snapshot(24100, "CE", rest_fallback=False))
             expect(rest_ce).to_have_count(0, timeout=WAIT_MS)
             expect(page.locator("#feed-badge")).to_have_text("LIVE", timeout=WAIT_MS)
+        finally:
+            browser.close()
+
+
+def analytics_item(*, ts: int, iv_rank: float | None, oi_change: int) -> bytes:
+    """An ``analytics`` message of the small universe's chain, checked against the protocol's model."""
+    leg = {"ltp": 100.0, "bid": 99.5, "bid_qty": 75, "ask": 100.5, "ask_qty": 150, "volume": 1200, "oi": 150_000}
+    item = protocol.analytics_message(
+        underlying="NIFTY", expiry=EXPIRY, ts_ms=ts,
+        summary={
+            "pcr_oi": 0.8731, "pcr_volume": 1.0412, "max_pain": 24000.0, "atm_strike": 24100.0,
+            "atm_iv": 0.1243, "straddle": 412.5, "forward": 24105.35, "forward_source": "future",
+            "forward_stale": False, "days_to_expiry": 24.87, "lot_size": 75,
+            "oi_change_since": ts - 3_600_000, "iv_rank": iv_rank,
+            "iv_percentile": None if iv_rank is None else 37.5, "iv_window_days": 365, "is_mock": False,
+        },
+        rows=[{
+            "strike": 24100.0,
+            "ce": {"token": option_token(24100, "CE"), **leg, "oi_change": oi_change, "buildup": "long_buildup"},
+            "pe": {"token": option_token(24100, "PE"), **leg, "oi_change": -30150, "buildup": "long_unwinding"},
+        }, {"strike": 24150.0, "ce": None, "pe": None}],
+        term_structure=[
+            {"expiry": EXPIRY.isoformat(), "atm_iv": 0.1243, "days_to_expiry": 24.87, "forward": 24105.35},
+            {"expiry": EXPIRY2.isoformat(), "atm_iv": 0.1302, "days_to_expiry": 52.87, "forward": 24190.0},
+        ],
+    )
+    protocol.AnalyticsMessage.model_validate_json(item)
+    return item
+
+
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
+def test_chain_page_shows_an_analytics_message_in_the_header_the_rows_and_the_charts(web_only):
+    base = f"http://127.0.0.1:{web_only}/"
+    group = schema.chain_group("NIFTY", EXPIRY)
+    ts = int(dt.datetime(2026, 1, 5, 5, 0, tzinfo=dt.UTC).timestamp() * 1000)  # 10:30 IST
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            log_in(page, base)
+            summary = page.locator("#analytics")
+            group_send(group, schema.chain_analytics_message(
+                group=group, item=analytics_item(ts=ts, iv_rank=None, oi_change=91200)))
+            expect(summary.locator("dd[data-summary=max_pain]")).to_have_text("24,000", timeout=WAIT_MS)
+            shown = {
+                key: page.text_content(f"#analytics dd[data-summary={key}]")
+                for key in ("pcr_oi", "pcr_volume", "atm_strike", "atm_iv", "straddle", "forward",
+                            "days_to_expiry", "lot_size", "oi_change_since")
+            }
+            assert shown == {
+                "pcr_oi": "0.87", "pcr_volume": "1.04", "atm_strike": "24,100", "atm_iv": "12.43 %",
+                "straddle": "₹412.50", "forward": "24105.35 · future", "days_to_expiry": "24.9",
+                "lot_size": "75", "oi_change_since": "09:30 IST",
+            }
+            # IV rank and percentile only once there is history to rank against.
+            assert summary.locator(".history").evaluate_all("els => els.map(e => e.hidden)") == [True, True]
+
+            row = page.locator('#chain-body tr[data-strike="24100"]')
+            expect(row.locator("td[data-side=ce][data-field=oi_change]")).to_have_text("+91,200", timeout=WAIT_MS)
+            assert "up" in row.locator("td[data-side=ce][data-field=oi_change]").get_attribute("class")
+            assert row.locator("td[data-side=pe][data-field=oi_change]").text_content() == "-30,150"
+            assert row.locator("td[data-side=ce][data-field=buildup]").text_content() == "long build-up"
+            assert row.locator("td[data-side=pe][data-field=buildup]").text_content() == "long unwinding"
+            page.wait_for_function(
+                "() => +document.getElementById('chart-term').dataset.points === 2", timeout=WAIT_MS
+            )
+            assert [p["value"] for p in chart_series(page, "chart-term")[0]] == [12.43, 13.02]
+            assert chart_series(page, "chart-series") == [[[ts, 12.43]], [[ts, 412.5]], [[ts, 0.873]]]
+
+            # The next message: the history appears, OI change moves, the series grows a minute.
+            group_send(group, schema.chain_analytics_message(
+                group=group, item=analytics_item(ts=ts + 60_000, iv_rank=41.2, oi_change=-4500)))
+            expect(row.locator("td[data-side=ce][data-field=oi_change]")).to_have_text("-4,500", timeout=WAIT_MS)
+            expect(summary.locator("dd[data-summary=iv_rank]")).to_have_text("41.2", timeout=WAIT_MS)
+            expect(summary.locator("dd[data-summary=iv_percentile]")).to_have_text("37.5", timeout=WAIT_MS)
+            assert summary.locator(".history").evaluate_all("els => els.map(e => e.hidden)") == [False, False]
+            page.wait_for_function(
+                "() => +document.getElementById('chart-series').dataset.points === 6", timeout=WAIT_MS
+            )
+            oi_change = page.evaluate("""() => {
+                const o = echarts.getInstanceByDom(document.getElementById("chart-oi-change")).getOption();
+                const i = o.xAxis[0].data.indexOf("24100");
+                return [o.series[0].data[i], o.series[1].data[i]];
+            }""")
+            assert oi_change == [-4500, -30150]
         finally:
             browser.close()
