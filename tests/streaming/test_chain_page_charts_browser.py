@@ -378,8 +378,10 @@ def test_chain_page_shows_an_analytics_message_in_the_header_the_rows_and_the_ch
             expect(row.locator("td[data-side=ce][data-field=oi_change]")).to_have_text("+91,200", timeout=WAIT_MS)
             assert "up" in row.locator("td[data-side=ce][data-field=oi_change]").get_attribute("class")
             assert row.locator("td[data-side=pe][data-field=oi_change]").text_content() == "-30,150"
-            assert row.locator("td[data-side=ce][data-field=buildup]").text_content() == "long build-up"
-            assert row.locator("td[data-side=pe][data-field=buildup]").text_content() == "long unwinding"
+            buildup = row.locator("td[data-side=ce][data-field=buildup] .flag")
+            assert (buildup.text_content(), buildup.get_attribute("title")) == (
+                "long BU", "long build-up: price up, OI up")
+            assert row.locator("td[data-side=pe][data-field=buildup]").text_content() == "long unw."
             page.wait_for_function(
                 "() => +document.getElementById('chart-term').dataset.points === 2", timeout=WAIT_MS
             )

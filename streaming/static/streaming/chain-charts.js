@@ -44,10 +44,10 @@ window.ChainCharts = (function () {
       el.dataset.draws = "0";
     }
 
-    draw(option, points) {
+    draw(option, points, emptyText = "waiting for data") {
       this.chart.setOption({
         ...option,
-        title: { show: points === 0, text: "waiting for data", left: "center", top: "middle",
+        title: { show: points === 0, text: emptyText, left: "center", top: "middle",
                  textStyle: { color: MUTED, fontSize: 12, fontWeight: "normal" } },
       });
       this.draws += 1;
@@ -125,7 +125,7 @@ window.ChainCharts = (function () {
       this.seriesPlot = new Plot($("chart-series"), {
         grid: { left: 44, right: 96, top: 28, bottom: 28 },
         legend: { top: 0, left: 44, itemWidth: 14, itemHeight: 8, textStyle: { fontSize: 11 } },
-        xAxis: { type: "time", axisLabel: { formatter: (v) => istMinute.format(new Date(v)) } },
+        xAxis: { type: "time", minInterval: 60000, axisLabel: { formatter: (v) => istMinute.format(new Date(v)) } },
         yAxis: [
           valueAxis(IV_COLOR, {}),
           valueAxis(STRADDLE_COLOR, { position: "right" }),
@@ -209,6 +209,10 @@ window.ChainCharts = (function () {
         this.bars.delete(oldest);
       }
       this.dirty.add("bars");
+    }
+
+    noBars(reason) {
+      this.candles.draw({}, 0, reason);
     }
 
     // --- drawing --------------------------------------------------------------------------

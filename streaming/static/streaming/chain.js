@@ -35,11 +35,12 @@
   };
   // A price with its quantity below it: the best bid or ask of the snapshot.
   const QUOTES = { bid: "bid_qty", ask: "ask_qty" };
+  // Short labels keep the row narrow; the tooltip has the full name.
   const BUILDUP = {
-    long_buildup: { label: "long build-up", hint: "price up, OI up" },
-    short_buildup: { label: "short build-up", hint: "price down, OI up" },
-    long_unwinding: { label: "long unwinding", hint: "price down, OI down" },
-    short_covering: { label: "short covering", hint: "price up, OI down" },
+    long_buildup: { label: "long BU", hint: "long build-up: price up, OI up" },
+    short_buildup: { label: "short BU", hint: "short build-up: price down, OI up" },
+    long_unwinding: { label: "long unw.", hint: "long unwinding: price down, OI down" },
+    short_covering: { label: "short cov.", hint: "short covering: price up, OI down" },
   };
   // Not an engine flag: the snapshot's rest_fallback field (absent means false).
   const REST_FLAG = {
@@ -78,13 +79,29 @@
   let feedMock = null;
 
   const restTokens = new Set(); // tokens whose latest snapshot came from the REST fallback
-  const charts = cfg.underlying && cfg.expiry ? new window.ChainCharts({ expiry: cfg.expiry }) : null;
+  const charts = cfg.underlying && cfg.expiry ? makeCharts() : null;
 
   let ws = null;
   let attempt = 0;
   let reconnectTimer = null;
   let pingSentAt = 0;
   let stopped = false;
+
+  function makeCharts() {
+    if (window.echarts) return new window.ChainCharts({ expiry: cfg.expiry });
+    // The table works without the charting library; say what is missing instead of breaking.
+    const section = document.querySelector("section.charts");
+    const p = document.createElement("p");
+    p.className = "empty";
+    p.textContent = "The charts cannot be drawn: the server lacks static/vendor/echarts/echarts.min.js (run `make install`).";
+    section.replaceChildren(p);
+    const ignore = () => {};
+    return {
+      setQuote: ignore, setStrikes: ignore, setForward: ignore, setTermStructure: ignore,
+      setSeries: ignore, addSeriesPoint: ignore, setBars: ignore, addBar: ignore, noBars: ignore,
+      flush: ignore,
+    };
+  }
 
   // --- header controls --------------------------------------------------------------------
 
@@ -445,7 +462,9 @@
         setBadge("conn-badge", "conn-live", "live", "round trip " + (Date.now() - pingSentAt) + " ms");
         break;
       case "error":
-        showMessage("Server: " + msg.message + " (" + msg.code + ")");
+        // An underlying without an index or equity has no bars: its chart says so, the rest works.
+        if (msg.code === "unknown_underlying") charts.noBars(msg.message);
+        else showMessage("Server: " + msg.message + " (" + msg.code + ")");
         break;
     }
   }
