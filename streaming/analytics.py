@@ -36,6 +36,8 @@ __all__ = [
 #: Build-up tags by code (:func:`buildup_codes`); code 0 is "unknown or unchanged".
 BUILDUPS: Final = (None, "long_buildup", "short_buildup", "long_unwinding", "short_covering")
 SECONDS_PER_DAY: Final = 86_400.0
+# Indexed by (sign of price change + 1) * 3 + (sign of OI change + 1).
+_BUILDUP_BY_SIGNS: Final = np.array([3, 0, 2, 0, 0, 0, 4, 0, 1], dtype=np.int8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,16 +83,19 @@ def ratio_of_sums(numerator: np.ndarray, denominator: np.ndarray) -> float | Non
 def max_pain(strikes: np.ndarray, ce_oi: np.ndarray, pe_oi: np.ndarray) -> float | None:
     """The strike S minimising sum_K CE_OI(K) max(0, S-K) + PE_OI(K) max(0, K-S).
 
-    Over the options whose OI is known (others weigh nothing); the lowest such strike on a
-    tie; None when no OI is known or it is all zero.
+    ``strikes`` ascending. Over the options whose OI is known (others weigh nothing); the
+    lowest such strike on a tie; None when no OI is known or it is all zero. O(n) with
+    running sums: at S = K_j the calls' part is S C_j - KC_j over strikes up to j, the puts'
+    the same over strikes above it.
     """
     ce = np.where(np.isfinite(ce_oi), ce_oi, 0.0)
     pe = np.where(np.isfinite(pe_oi), pe_oi, 0.0)
     if strikes.size == 0 or not (ce.any() or pe.any()):
         return None
-    # diff[j, i] = S_j - K_i: the intrinsic value at expiry S_j of each strike's call and put.
-    diff = strikes[:, None] - strikes[None, :]
-    pain = np.maximum(diff, 0.0) @ ce + np.maximum(-diff, 0.0) @ pe
+    calls = strikes * np.cumsum(ce) - np.cumsum(ce * strikes)
+    put_oi_above = pe.sum() - np.cumsum(pe)
+    put_value_above = (pe * strikes).sum() - np.cumsum(pe * strikes)
+    pain = calls + put_value_above - strikes * put_oi_above
     return float(strikes[int(np.argmin(pain))])
 
 
@@ -133,15 +138,9 @@ def buildup_codes(ltp: np.ndarray, close: np.ndarray, oi_delta: np.ndarray) -> n
     down: long unwinding; price up, OI down: short covering; 0 when either change is zero or
     unknown.
     """
-    with np.errstate(invalid="ignore"):
-        price = np.sign(ltp - close)
-        oi = np.sign(oi_delta)
-    codes = np.zeros(ltp.shape, dtype=np.int8)
-    codes[(price > 0) & (oi > 0)] = 1
-    codes[(price < 0) & (oi > 0)] = 2
-    codes[(price < 0) & (oi < 0)] = 3
-    codes[(price > 0) & (oi < 0)] = 4
-    return codes
+    price = np.nan_to_num(np.sign(ltp - close)).astype(np.int8)
+    oi = np.nan_to_num(np.sign(oi_delta)).astype(np.int8)
+    return _BUILDUP_BY_SIGNS[(price + 1) * 3 + oi + 1]
 
 
 def days_to_expiry(*, now_epoch_s: float, expiry_epoch_s: float) -> float | None:

@@ -55,7 +55,7 @@ def _round(value: float | None, digits: int) -> float | None:
 
 def _ints(values: np.ndarray) -> list[int | None]:
     """An int64 column with -1 for unknown as JSON-ready values."""
-    return [v if v >= 0 else None for v in values.tolist()]
+    return np.where(values >= 0, values, None).tolist()
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +390,7 @@ class ChainAnalytics:
             _ints(st.ask_qty[s]),
             _ints(st.volume[s]),
             _ints(st.oi[s]),
-            [None if math.isnan(d) else int(d) for d in delta.tolist()],
+            np.where(np.isnan(delta), None, np.nan_to_num(delta).astype(np.int64)).tolist(),
             codes,
             strict=True,
         )

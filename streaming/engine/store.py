@@ -311,9 +311,9 @@ def chain_minute_daily_iv(
         .annotate(day=TruncDate("minute", tzinfo=IST))
         .order_by("underlying", "expiry", "is_mock", "day", "-minute")
         .distinct("underlying", "expiry", "is_mock", "day")
-        .values_list("underlying", "expiry", "is_mock", "atm_iv")
+        .values_list("underlying", "expiry", "is_mock", "day", "atm_iv")
     )
     daily: dict[tuple[str, dt.date, bool], list[float]] = defaultdict(list)
-    for underlying, expiry, is_mock, atm_iv in rows:
+    for underlying, expiry, is_mock, _, atm_iv in rows:
         daily[(underlying, expiry, is_mock)].append(atm_iv)
     return dict(daily)
