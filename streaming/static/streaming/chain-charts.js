@@ -21,6 +21,7 @@ window.ChainCharts = (function () {
     timeZone: "Asia/Kolkata", hour: "2-digit", minute: "2-digit", hour12: false,
   });
   const istDay = new Intl.DateTimeFormat("en-CA", { timeZone: "Asia/Kolkata" });
+  const istDate = new Intl.DateTimeFormat("en-IN", { day: "numeric", month: "short", timeZone: "Asia/Kolkata" });
   const shortDate = new Intl.DateTimeFormat("en-IN", { day: "numeric", month: "short", timeZone: "UTC" });
   const inr = new Intl.NumberFormat("en-IN");
   const pct = (v) => (v == null ? null : +(v * 100).toFixed(2));
@@ -302,7 +303,9 @@ window.ChainCharts = (function () {
           }
         }
         const bar = this.bars.get(ts);
-        categories.push(istMinute.format(new Date(ts)));
+        // The first bar of a later day says which day it is.
+        const newDay = prev !== undefined && istDay.format(prev) !== istDay.format(ts);
+        categories.push((newDay ? istDate.format(new Date(ts)) + " " : "") + istMinute.format(new Date(ts)));
         const gap = bar.is_gap || bar.open == null;
         isGap.push(gap);
         if (gap) {
