@@ -128,6 +128,8 @@ class ChainAnalytics:
             sorted(siblings[int(u.chain_und[c])], key=lambda i: chains[i].expiry)
             for c in range(len(chains))
         ]
+        self._watched_source: object = None
+        self._watched = np.zeros(len(chains), dtype=bool)
         self._dirty = np.ones(len(chains), dtype=bool)
         self._sent_s = np.full(len(chains), -np.inf)
         self._latest: dict[int, bytes] = {}
@@ -183,18 +185,27 @@ class ChainAnalytics:
     ) -> list[tuple[str, bytes]]:
         """The ``analytics`` messages of watched chains that changed and whose interval passed."""
         self._follow(pipeline)
-        due = np.flatnonzero(self._dirty & (now - self._sent_s >= self._interval_s))
+        due = self._dirty & (now - self._sent_s >= self._interval_s)
+        if watched is not None:
+            due &= self._watched_mask(watched)
         out = []
-        for c in due.tolist():
+        for c in np.flatnonzero(due).tolist():
             chain = self._chains[c]
-            if watched is not None and chain.group not in watched:
-                continue
             message = self._message(pipeline, c, now)
             self._dirty[c] = False
             self._sent_s[c] = now
             if message is not None:
                 out.append((chain.group, message))
         return out
+
+    def _watched_mask(self, watched: Collection[str]) -> np.ndarray:
+        """Which chains are watched; rebuilt only when the publisher's set is a new object."""
+        if watched is not self._watched_source:
+            self._watched = np.fromiter(
+                (ch.group in watched for ch in self._chains), dtype=bool, count=len(self._chains)
+            )
+            self._watched_source = watched
+        return self._watched
 
     def latest(
         self, pipeline: SnapshotPipeline, groups: Iterable[str], now: float
