@@ -372,7 +372,10 @@ def test_chain_page_shows_an_analytics_message_in_the_header_the_rows_and_the_ch
                 "lot_size": "75", "oi_change_since": "09:30 IST",
             }
             # IV rank and percentile only once there is history to rank against.
-            assert summary.locator(".history").evaluate_all("els => els.map(e => e.hidden)") == [True, True]
+            history = summary.locator(".history")
+            expect(history).to_have_count(2)
+            expect(history.first).to_be_hidden()
+            expect(history.last).to_be_hidden()
 
             row = page.locator('#chain-body tr[data-strike="24100"]')
             expect(row.locator("td[data-side=ce][data-field=oi_change]")).to_have_text("+91,200", timeout=WAIT_MS)
@@ -394,7 +397,8 @@ def test_chain_page_shows_an_analytics_message_in_the_header_the_rows_and_the_ch
             expect(row.locator("td[data-side=ce][data-field=oi_change]")).to_have_text("-4,500", timeout=WAIT_MS)
             expect(summary.locator("dd[data-summary=iv_rank]")).to_have_text("41.2", timeout=WAIT_MS)
             expect(summary.locator("dd[data-summary=iv_percentile]")).to_have_text("37.5", timeout=WAIT_MS)
-            assert summary.locator(".history").evaluate_all("els => els.map(e => e.hidden)") == [False, False]
+            expect(history.first).to_be_visible()
+            expect(history.last).to_be_visible()
             page.wait_for_function(
                 "() => +document.getElementById('chart-series').dataset.points === 6", timeout=WAIT_MS
             )
