@@ -327,9 +327,9 @@ window.ChainCharts = (function () {
 
   function compact(v) {
     const a = Math.abs(v);
-    if (a >= 1e7) return (v / 1e7).toFixed(1) + "Cr";
-    if (a >= 1e5) return (v / 1e5).toFixed(1) + "L";
-    if (a >= 1e3) return (v / 1e3).toFixed(0) + "k";
+    if (a >= 1e7) return +(v / 1e7).toFixed(1) + "Cr";
+    if (a >= 1e5) return +(v / 1e5).toFixed(1) + "L";
+    if (a >= 1e3) return +(v / 1e3).toFixed(1) + "k";
     return String(v);
   }
 
