@@ -61,7 +61,6 @@
     iv_percentile: (v) => v.toFixed(1),
     oi_change_since: (v) => istTime.format(new Date(v)).slice(0, 5) + " IST",
   };
-  const FORWARD_SOURCES = { future: "future", parity: "parity", stale_future: "stale future", stale_parity: "stale parity" };
 
   // token -> {row, side}; strike -> row; row = {tr, strike, cells: {ce: {...}, pe: {...}}}
   let byToken = new Map();
@@ -273,7 +272,7 @@
       const v = summary[key];
       let text = v == null || Number.isNaN(v) ? "—" : SUMMARY[key](v);
       if (key === "forward" && v != null && summary.forward_source) {
-        text += " · " + (FORWARD_SOURCES[summary.forward_source] || summary.forward_source);
+        text += " · " + summary.forward_source;
         if (summary.forward_stale) text += " (stale)";
       }
       setText(dd, text);
