@@ -5,18 +5,26 @@ export UV_PYTHON_DOWNLOADS := never
 # uv is called as a module of the machine's python3 so that no PATH set-up is needed.
 UV := python3 -m uv
 
-.PHONY: uv install install-dev install-browser install-promtool run test lint bench release prod-local
+.PHONY: uv install install-dev install-js install-browser screenshots install-promtool run test lint bench release prod-local
 
 uv:
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
 	  || python3 -m pip install --quiet --user --break-system-packages uv
 
 # Exactly the runtime packages of uv.lock: dev-only packages are removed if present.
-install: uv
+install: uv install-js
 	$(UV) sync --frozen --no-dev
 
-install-dev: uv
+install-dev: uv install-js
 	$(UV) sync --frozen
+
+# The chain page's charting library (Apache ECharts, package.json + package-lock.json), served
+# as static files from node_modules (tickerproj/static_vendor.py); npm ci with the machine's
+# Node and npm, no install scripts, done again only when package.json or the lock changes.
+install-js: node_modules/.installed
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --ignore-scripts
+	@touch $@
 
 # The browser tests drive Debian's Chromium; a browser cannot be downloaded at test time.
 install-browser:
@@ -51,6 +59,11 @@ prod-local:
 	@test -f .env || { echo "make prod-local reads .env: cp .env.example .env and fill it in (docs/deploy.md)" >&2; exit 1; }
 	$(MAKE) release
 	$(UV) run --no-sync honcho start
+
+# docs/chain-page.png and docs/chain-charts.png from the demo in headless Chromium (about 5 min:
+# it waits for a few 1-minute bars).
+screenshots: install-dev install-browser
+	$(UV) run --no-sync python docs/screenshots.py
 
 test: install-dev install-browser install-promtool
 	$(UV) run --no-sync pytest

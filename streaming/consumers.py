@@ -47,6 +47,7 @@ from enum import Enum
 from itertools import islice
 from typing import Any
 
+import orjson
 import structlog
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
@@ -61,9 +62,12 @@ from accounts.positions import PositionsReader, accounts_for_positions
 from accounts.revocation import WS_REVOKED_MESSAGE_TYPE, ws_auth_groups
 from streaming import schema, status
 from streaming.engine.universe import UNIVERSE_FIELDS, InstrumentUniverse, UniverseError
+from streaming.greeks import IST
 from streaming.health import heartbeat_list_fresh
 from streaming.protocol import (
+    MAX_BARS_SUBSCRIPTIONS,
     MAX_TEXT_FRAME_BYTES,
+    RECENT_BARS,
     SUBPROTOCOL,
     Ack,
     ChainSpec,
@@ -75,6 +79,9 @@ from streaming.protocol import (
     ProtocolError,
     Subscribe,
     Unsubscribe,
+    analytics_series_message,
+    bar_message,
+    bars_message,
     error_message,
     hello_message,
     order_frame,
@@ -89,6 +96,7 @@ from streaming.protocol import (
     text_frame_bytes,
     unsubscribed_message,
 )
+from streaming.selectors import bar_list_recent, chain_minute_list_day
 from streaming.snapshots import SnapshotReader
 from subscriptions.models import Instrument
 from subscriptions.selectors import (
@@ -98,6 +106,7 @@ from subscriptions.selectors import (
     instrument_nearest_future_price,
     subscription_tokens_active,
 )
+from subscriptions.underlyings import underlying_spot
 
 log = structlog.get_logger(__name__)
 
@@ -351,6 +360,11 @@ class Resolution:
     instruments: list[ResolvedInstrument] = field(default_factory=list)
     unresolved: list[Any] = field(default_factory=list)
     chain: dict[str, Any] | None = None
+    bars: dict[str, list[bytes]] = field(default_factory=dict)
+    """Underlying name -> its recent bars' JSON, oldest first."""
+    unknown_bars: list[str] = field(default_factory=list)
+    series: list[dict[str, Any]] | None = None
+    """The chain's intraday series (``analytics_series`` points), when a chain resolved."""
 
 
 def instrument_kind(instrument: Instrument) -> str:
@@ -467,16 +481,61 @@ def _resolve_chain(
     return options, info
 
 
+def recent_bar_items(*, name: str) -> list[bytes] | None:
+    """The recent stored bars of an underlying's spot as bar JSON; None for an unknown name."""
+    spot = underlying_spot(name=name)
+    if spot is None:
+        return None
+    return [
+        schema.encode_bar(
+            token=bar.instrument_id,
+            name=name,
+            start_epoch_s=int(bar.start.timestamp()),
+            open=bar.open,
+            high=bar.high,
+            low=bar.low,
+            close=bar.close,
+            volume=bar.volume,
+            ticks=bar.tick_count,
+            is_gap=bar.is_gap,
+            is_mock=bar.is_mock,
+        )
+        for bar in bar_list_recent(instrument_token=spot.instrument_token, limit=RECENT_BARS)
+    ]
+
+
+def chain_series(*, underlying: str, expiry: dt.date, now: dt.datetime) -> list[dict[str, Any]]:
+    """Today's (IST) stored minutes of a chain as ``analytics_series`` points."""
+    rows = chain_minute_list_day(underlying=underlying, expiry=expiry, day=now.astimezone(IST).date())
+    return [
+        {
+            "ts": int(row.minute.timestamp()) * 1000,
+            "atm_iv": row.atm_iv,
+            "straddle": row.straddle,
+            "pcr_oi": row.pcr_oi,
+        }
+        for row in rows
+    ]
+
+
 def resolve_selection(
     *,
     refs: Sequence[InstrumentRef],
     chain: ChainSpec | None,
     heartbeat_max_age_s: float,
+    bars: Sequence[str] = (),
     now: dt.datetime | None = None,
 ) -> Resolution:
-    """Instruments named by a subscribe message, with what could not be found (sync, DB)."""
+    """Instruments, chain and bars named by a subscribe message, with what could not be found
+    (sync, DB)."""
     now = now or dt.datetime.now(dt.UTC)
     result = Resolution()
+    for name in bars:
+        items = recent_bar_items(name=name)
+        if items is None:
+            result.unknown_bars.append(name)
+        else:
+            result.bars[name] = items
     found: dict[int, Instrument] = {}
     tokens = [r.token for r in refs if r.token is not None]
     if tokens:
@@ -500,6 +559,10 @@ def resolve_selection(
         if not options:
             result.unresolved.append(
                 {"underlying": chain.underlying, "expiry": chain.expiry.isoformat()}
+            )
+        else:
+            result.series = chain_series(
+                underlying=options[0].name, expiry=chain.expiry, now=now
             )
         found.update((o.instrument_token, o) for o in options)
     streamed = subscription_tokens_active(tokens=list(found))
@@ -539,6 +602,9 @@ class TickerConsumer(AsyncWebsocketConsumer):
         self._symbols: dict[tuple[str, str], int] = {}  # (exchange, symbol) -> token
         self._group_refs: dict[str, int] = {}  # group -> subscribed tokens in it
         self._pending: dict[int, bytes] = {}  # token -> latest unsent item
+        self._chains: set[str] = set()  # chain groups subscribed as chains: they get analytics
+        self._pending_analytics: dict[str, str] = {}  # chain group -> latest unsent analytics
+        self._bars: dict[str, str] = {}  # bars group -> underlying name as followed
         self._seq = 0  # last frame sent
         self._acked = 0  # last frame acknowledged
         self._dropped = 0
@@ -561,6 +627,10 @@ class TickerConsumer(AsyncWebsocketConsumer):
             await self.snapshots_batch(message)
         elif kind == schema.ORDER_EVENT_TYPE:
             await self.order_event(message)
+        elif kind == schema.CHAIN_ANALYTICS_TYPE:
+            await self.chain_analytics(message)
+        elif kind == schema.BAR_CLOSED_TYPE:
+            await self.bar_closed(message)
         elif kind == "websocket.receive":
             await self.websocket_receive(message)
         elif kind == "websocket.connect":
@@ -667,8 +737,11 @@ class TickerConsumer(AsyncWebsocketConsumer):
         self._open = False
         await self._stop_refresher()
         await self._stop_positions()
-        groups = [*self._group_refs, *self._auth_groups, *self._orders.values()]
+        groups = [*self._group_refs, *self._bars, *self._auth_groups, *self._orders.values()]
         self._group_refs.clear()
+        self._bars.clear()
+        self._chains.clear()
+        self._pending_analytics.clear()
         self._auth_groups = []
         self._orders.clear()
         self._subs.clear()
@@ -699,20 +772,23 @@ class TickerConsumer(AsyncWebsocketConsumer):
         """Re-join this connection's groups every ``group_refresh_s``, for as long as it lives."""
         while True:
             await asyncio.sleep(self._config.group_refresh_s)
-            groups = list(self._group_refs)
+            groups = [*self._group_refs, *self._bars]
             try:
                 for group in [*self._auth_groups, *self._orders.values()]:
                     await self.channel_layer.group_add(group, self.channel_name)
                 for group in groups:
-                    if group in self._group_refs:
+                    if self._joined(group):
                         await self.channel_layer.group_add(group, self.channel_name)
                 # Left while we were re-joining it: leave again, so nothing leaks.
                 for group in groups:
-                    if group not in self._group_refs:
+                    if not self._joined(group):
                         await self.channel_layer.group_discard(group, self.channel_name)
             except (OSError, RedisError) as exc:
                 # Redis is away; the next round re-joins what this one could not.
                 self._log.warning("ws.group_refresh_failed", error=str(exc)[:200])
+
+    def _joined(self, group: str) -> bool:
+        return group in self._group_refs or group in self._bars
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         await self.disconnect(message.get("code", 1006))
@@ -835,12 +911,28 @@ class TickerConsumer(AsyncWebsocketConsumer):
         if msg.orders is not None:
             await self._subscribe_orders(msg)
             return
+        bars = list(dict.fromkeys(msg.bars))
+        new_bars = [n for n in bars if schema.bars_group(n) not in self._bars]
+        if len(self._bars) + len(new_bars) > MAX_BARS_SUBSCRIPTIONS:
+            await self._send_error(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"{len(self._bars)} underlyings' bars followed + {len(new_bars)} requested "
+                f"exceeds the limit of {MAX_BARS_SUBSCRIPTIONS} per connection; nothing was "
+                "subscribed",
+                request_id=msg.id,
+                limit=MAX_BARS_SUBSCRIPTIONS,
+                bars=len(self._bars),
+                requested=len(new_bars),
+            )
+            return
         try:
             # On channels' one shared database thread: bounded work, since a subscribe names
-            # at most the connection's room (WS_MAX_SUBSCRIPTIONS) of new instruments.
+            # at most the connection's room (WS_MAX_SUBSCRIPTIONS) of new instruments and
+            # MAX_BARS_PER_MESSAGE underlyings.
             res = await database_sync_to_async(resolve_selection)(
                 refs=msg.instruments,
                 chain=msg.chain,
+                bars=bars,
                 heartbeat_max_age_s=self._config.heartbeat_max_age_s,
             )
         except DatabaseError as exc:
@@ -865,8 +957,9 @@ class TickerConsumer(AsyncWebsocketConsumer):
             )
             return
         joined = sorted({i.group for i in new} - set(self._group_refs))
+        bar_groups = {schema.bars_group(n): n for n in res.bars if schema.bars_group(n) not in self._bars}
         try:
-            for group in joined:
+            for group in [*joined, *bar_groups]:
                 await self.channel_layer.group_add(group, self.channel_name)
         except (OSError, RedisError) as exc:
             # Nothing is recorded as subscribed; a group joined here expires (group_expiry).
@@ -882,13 +975,22 @@ class TickerConsumer(AsyncWebsocketConsumer):
             self._subs[inst.token] = inst.group
             self._symbols[(inst.exchange, inst.tradingsymbol)] = inst.token
             self._group_refs[inst.group] = self._group_refs.get(inst.group, 0) + 1
-        if res.instruments:
+        self._bars.update(bar_groups)
+        chain_group = None
+        if msg.chain is not None and res.chain is not None:
+            chain_group = schema.chain_group(name=msg.chain.underlying, expiry=msg.chain.expiry)
+            if chain_group in self._group_refs:
+                self._chains.add(chain_group)
+            else:
+                chain_group = None  # no option of it could be placed: nothing to analyse
+        if res.instruments or res.bars:
             for reply in subscribed_messages(
                 request_id=msg.id,
                 instruments=[i.description for i in res.instruments],
                 chain=res.chain,
                 unresolved=res.unresolved,
                 subscriptions=len(self._subs),
+                bars=sorted(self._bars.values()),
             ):
                 await self.send(text_data=reply)
         if res.unresolved:
@@ -898,24 +1000,49 @@ class TickerConsumer(AsyncWebsocketConsumer):
                 request_id=msg.id,
                 instruments=res.unresolved[:MAX_UNRESOLVED_REPORTED],
             )
+        if res.unknown_bars:
+            await self._send_error(
+                ErrorCode.UNKNOWN_UNDERLYING,
+                f"{len(res.unknown_bars)} underlying(s) have no index or equity to take bars "
+                "from; they are not followed",
+                request_id=msg.id,
+                bars=res.unknown_bars,
+            )
+        for name, items in res.bars.items():
+            await self.send(text_data=bars_message(underlying=name, items=items))
+        if chain_group is not None and msg.chain is not None:
+            await self.send(
+                text_data=analytics_series_message(
+                    underlying=msg.chain.underlying, expiry=msg.chain.expiry, points=res.series or []
+                )
+            )
         if res.instruments:
-            # The full current state, not only later changes: the engines answer this channel.
-            try:
+            await self._request_state(msg, tokens=[i.token for i in res.instruments], chain_group=chain_group)
+
+    async def _request_state(self, msg: Subscribe, *, tokens: list[int], chain_group: str | None) -> None:
+        """Ask the engines for the current state (and a chain's analytics): they answer this
+        channel."""
+        try:
+            await self.channel_layer.group_send(
+                schema.SNAPSHOT_REQUESTS_GROUP,
+                schema.snapshot_request_message(reply_to=self.channel_name, tokens=tokens),
+            )
+            if chain_group is not None:
                 await self.channel_layer.group_send(
                     schema.SNAPSHOT_REQUESTS_GROUP,
-                    schema.snapshot_request_message(
-                        reply_to=self.channel_name, tokens=[i.token for i in res.instruments]
+                    schema.analytics_request_message(
+                        reply_to=self.channel_name, groups=[chain_group]
                     ),
                 )
-            except (OSError, RedisError) as exc:
-                # Subscribed: later changes arrive; only the initial state is missing.
-                self._log.warning("ws.snapshot_request_failed", error=str(exc)[:200])
-                await self._send_error(
-                    ErrorCode.UNAVAILABLE,
-                    "subscribed, but the current state could not be requested; it arrives "
-                    "with the next change",
-                    request_id=msg.id,
-                )
+        except (OSError, RedisError) as exc:
+            # Subscribed: later changes arrive; only the initial state is missing.
+            self._log.warning("ws.snapshot_request_failed", error=str(exc)[:200])
+            await self._send_error(
+                ErrorCode.UNAVAILABLE,
+                "subscribed, but the current state could not be requested; it arrives "
+                "with the next change",
+                request_id=msg.id,
+            )
 
     async def _unsubscribe(self, msg: Unsubscribe) -> None:
         if msg.orders is not None or (msg.all and self._orders):
@@ -928,11 +1055,15 @@ class TickerConsumer(AsyncWebsocketConsumer):
                 return
         if msg.all:
             removed = list(self._subs)
+            bar_groups = list(self._bars)
         else:
             removed = self._tokens_named(msg.instruments)
+            bar_groups = [g for g in map(schema.bars_group, msg.bars) if g in self._bars]
             if msg.chain is not None:
                 group = schema.chain_group(name=msg.chain.underlying, expiry=msg.chain.expiry)
                 removed.extend(t for t, g in self._subs.items() if g == group)
+                self._chains.discard(group)
+                self._pending_analytics.pop(group, None)
         left = []
         gone = []
         for token in dict.fromkeys(removed):
@@ -945,18 +1076,22 @@ class TickerConsumer(AsyncWebsocketConsumer):
             if refs == 0:
                 del self._group_refs[group]
                 left.append(group)
+                self._chains.discard(group)
+                self._pending_analytics.pop(group, None)
             else:
                 self._group_refs[group] = refs
         if gone:
             gone_set = set(gone)
             self._symbols = {k: t for k, t in self._symbols.items() if t not in gone_set}
-        for group in left:
+        bars_gone = [self._bars.pop(g) for g in dict.fromkeys(bar_groups)]
+        for group in [*left, *bar_groups]:
             await self.channel_layer.group_discard(group, self.channel_name)
         await self.send(
             text_data=unsubscribed_message(
                 request_id=msg.id,
                 tokens=gone,
                 subscriptions=len(self._subs),
+                bars=bars_gone,
             )
         )
 
@@ -1126,8 +1261,43 @@ class TickerConsumer(AsyncWebsocketConsumer):
             self._metrics.items_dropped.inc(dropped)
         await self._pump()
 
+    async def chain_analytics(self, message: dict[str, Any]) -> None:
+        """A chain's analytics: kept latest-wins per chain, sent while the window is open."""
+        group = message.get("group")
+        item = message.get("item")
+        if not self._open or group not in self._chains or not isinstance(item, bytes):
+            return
+        if group in self._pending_analytics:
+            self._dropped += 1
+            self._metrics.items_dropped.inc()
+        self._pending_analytics[group] = item.decode()
+        await self._pump()
+
+    async def bar_closed(self, message: dict[str, Any]) -> None:
+        """A closed bar of an underlying this connection follows: forwarded as it is."""
+        item = message.get("item")
+        if not self._open or not isinstance(item, bytes):
+            return
+        try:
+            name = orjson.loads(item)["name"]
+            group = schema.bars_group(name)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            self._log.error("ws.bar_invalid", item=item[:200])
+            return
+        followed = self._bars.get(group)
+        if followed is not None:
+            await self.send(text_data=bar_message(underlying=followed, item=item))
+
     async def _pump(self) -> None:
-        """Send frames of pending items while fewer than send_window are unacknowledged."""
+        """Send frames of pending items while fewer than send_window are unacknowledged,
+        then the pending analytics (which need no ack but wait while the window is full)."""
+        await self._pump_snapshots()
+        if self._pending_analytics and self._seq - self._acked < self._config.send_window:
+            waiting, self._pending_analytics = self._pending_analytics, {}
+            for text in waiting.values():
+                await self.send(text_data=text)
+
+    async def _pump_snapshots(self) -> None:
         pending = self._pending
         while pending and self._seq - self._acked < self._config.send_window:
             items = []

@@ -1,4 +1,5 @@
-"""What the engine records: underlying bars, account leases, job locks and its heartbeat."""
+"""What the engine records: underlying bars, chain minutes, account leases, job locks and its
+heartbeat."""
 
 from django.db import models
 
@@ -42,6 +43,30 @@ class UnderlyingBar(models.Model):
 
     def __str__(self) -> str:
         return f"{self.instrument_id} {self.start:%Y-%m-%d %H:%M}"
+
+
+class ChainMinute(models.Model):
+    """One option chain's ATM IV, straddle and PCR at a minute: the history behind IV rank and
+    IV percentile and the intraday series (docs/websocket-protocol.md, "Chain analytics")."""
+
+    underlying = models.CharField(max_length=64, help_text="Derivative name, e.g. NIFTY.")
+    expiry = models.DateField()
+    minute = models.DateTimeField(help_text="Start of the minute the values were taken in.")
+    atm_iv = models.FloatField(null=True, help_text="IV at the ATM strike, a fraction.")
+    straddle = models.FloatField(null=True, help_text="ATM call + put premium, rupees.")
+    pcr_oi = models.FloatField(null=True, help_text="Puts' OI over calls' OI.")
+    is_mock = models.BooleanField(default=False)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["underlying", "expiry", "is_mock", "minute"], name="chainminute_uniq"
+            ),
+        ]
+        ordering = ["underlying", "expiry", "minute"]
+
+    def __str__(self) -> str:
+        return f"{self.underlying} {self.expiry} {self.minute:%Y-%m-%d %H:%M}"
 
 
 class AccountLease(models.Model):

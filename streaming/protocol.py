@@ -4,19 +4,22 @@ Documented for users in docs/websocket-protocol.md; this module is its one truth
 here is pure (no Django, no I/O) so that the consumer, the tests and the docs' examples agree.
 
 Client -> server (JSON text frames, one object each, ``action`` names the message):
-``subscribe``, ``unsubscribe``, ``ping``, ``ack`` (credit-based flow control) and
-``positions`` (start or stop the positions pushes). A ``subscribe`` / ``unsubscribe`` names
-instruments and chains, or (alone) ``orders``.
+``subscribe``, ``unsubscribe`` (instruments, a chain, an underlying's bars, or alone
+``orders``), ``ping``, ``ack`` (credit-based flow control) and ``positions`` (start or stop the
+positions pushes).
 
 Server -> client (JSON text frames, ``type`` names the message): ``hello``, ``subscribed``,
 ``unsubscribed``, ``snapshots`` (pre-serialised engine items, never re-encoded here),
-``orders_subscribed``, ``orders_unsubscribed``, ``order``, ``pong``, ``positions`` /
-``positions_stopped`` and ``error``.
+``analytics`` (a chain's analytics, written by the engine), ``analytics_series`` (the
+intraday series of a chain), ``bars`` and ``bar`` (an underlying's 1-minute bars, the stored
+items wrapped, never re-encoded), ``orders_subscribed``, ``orders_unsubscribed``, ``order``,
+``pong``, ``positions`` / ``positions_stopped`` and ``error``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Collection, Container, Iterable, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
@@ -54,6 +57,14 @@ MAX_UNRESOLVED_LISTED: Final = 100
 """Replies list at most this many unresolved references (and say how many there were)."""
 MAX_ERROR_MESSAGE_CHARS: Final = 500
 MAX_ORDER_ACCOUNTS_PER_MESSAGE: Final = 100
+MAX_BARS_PER_MESSAGE: Final = 20
+"""A subscribe or unsubscribe names at most this many underlyings' bars."""
+MAX_BARS_SUBSCRIPTIONS: Final = 50
+"""A connection follows the bars of at most this many underlyings."""
+RECENT_BARS: Final = 375
+"""Stored bars sent on a bars subscribe: the latest 375 minutes, one NSE session (09:15-15:30)."""
+UNDERLYING_NAME_PATTERN: Final = r"^[A-Za-z0-9&_-][A-Za-z0-9&_ .-]{0,31}$"
+"""An underlying's derivative name as Kite writes it (``NIFTY``, ``M&M``, ``BAJAJ-AUTO``)."""
 
 KNOWN_ACTIONS: Final = frozenset({"subscribe", "unsubscribe", "ping", "ack", "positions"})
 
@@ -66,6 +77,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_ACTION = "unknown_action"
     UNKNOWN_INSTRUMENT = "unknown_instrument"
     UNKNOWN_ACCOUNT = "unknown_account"
+    UNKNOWN_UNDERLYING = "unknown_underlying"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     MESSAGE_TOO_LARGE = "message_too_large"
@@ -139,6 +151,20 @@ class ChainSpec(_Strict):
 
 
 InstrumentRefField = Annotated[InstrumentRef, BeforeValidator(_parse_instrument_ref)]
+_UNDERLYING_NAME: Final = re.compile(UNDERLYING_NAME_PATTERN)
+
+
+def _parse_underlying_name(value: Any) -> str:
+    if not isinstance(value, str) or not _UNDERLYING_NAME.match(value):
+        shown = repr(value[:40]) if isinstance(value, str) else type(value).__name__
+        raise ValueError(
+            f"expected an underlying name such as 'NIFTY' (1-32 letters, digits, '&', '_', "
+            f"'-', '.', spaces), got {shown}"
+        )
+    return value.upper()
+
+
+UnderlyingName = Annotated[str, BeforeValidator(_parse_underlying_name)]
 
 
 AccountIds = Annotated[
@@ -154,41 +180,48 @@ class _Selection(_Strict):
         list[InstrumentRefField], Field(max_length=MAX_INSTRUMENTS_PER_MESSAGE)
     ] = Field(default_factory=list)
     chain: ChainSpec | None = None
+    bars: Annotated[list[UnderlyingName], Field(max_length=MAX_BARS_PER_MESSAGE)] = Field(
+        default_factory=list
+    )
+    """Underlyings whose 1-minute bars to follow, upper-cased (duplicates count once)."""
     orders: Literal[True] | AccountIds | None = None
     """``true``: every account the user may see; a list: those accounts only."""
 
     def _orders_alone(self) -> None:
-        if self.orders is not None and (self.instruments or self.chain is not None):
+        if self.orders is not None and (self.instruments or self.chain is not None or self.bars):
             raise ValueError(
-                "'orders' goes in a message of its own, without 'instruments' or 'chain'"
+                "'orders' goes in a message of its own, without 'instruments', 'chain' or 'bars'"
             )
 
 
 class Subscribe(_Selection):
-    """Add instruments and/or a chain (reply ``subscribed``), or order events of broker
+    """Add instruments, a chain and/or bars (reply ``subscribed``), or order events of broker
     accounts (reply ``orders_subscribed``), to the connection."""
 
     action: Literal["subscribe"]
 
     @model_validator(mode="after")
     def _something(self) -> Subscribe:
-        if not self.instruments and self.chain is None and self.orders is None:
-            raise ValueError("subscribe needs 'instruments', 'chain' or 'orders'")
+        if not self.instruments and self.chain is None and not self.bars and self.orders is None:
+            raise ValueError("subscribe needs 'instruments', 'chain', 'bars' or 'orders'")
         self._orders_alone()
         return self
 
 
 class Unsubscribe(_Selection):
-    """Remove instruments, a chain, or everything (``all``); the server replies ``unsubscribed``
-    (and ``orders_unsubscribed`` for ``orders`` or ``all``)."""
+    """Remove instruments, a chain, bars or everything (``all``); the server replies
+    ``unsubscribed`` (and ``orders_unsubscribed`` for ``orders`` or ``all``)."""
 
     action: Literal["unsubscribe"]
     all: StrictBool = False
 
     @model_validator(mode="after")
     def _something(self) -> Unsubscribe:
-        if not self.instruments and self.chain is None and not self.all and self.orders is None:
-            raise ValueError("unsubscribe needs 'instruments', 'chain', 'orders' or 'all': true")
+        if (not self.instruments and self.chain is None and not self.bars and not self.all
+                and self.orders is None):
+            raise ValueError(
+                "unsubscribe needs 'instruments', 'chain', 'bars', 'orders' or 'all': true"
+            )
         self._orders_alone()
         return self
 
@@ -366,11 +399,12 @@ def subscribed_messages(
     chain: dict[str, Any] | None,
     unresolved: Sequence[Any],
     subscriptions: int,
+    bars: Sequence[str] = (),
 ) -> list[str]:
     """The ``subscribed`` reply, in parts of at most MAX_INSTRUMENTS_PER_REPLY instruments.
 
     daphne refuses to send a message over 1 MiB, and 9000 instrument descriptions are 1.4 MB.
-    Every part repeats the request's id, chain, unresolved references and count.
+    Every part repeats the request's id, chain, bars, unresolved references and count.
     """
     chunks = [
         instruments[i : i + MAX_INSTRUMENTS_PER_REPLY]
@@ -386,6 +420,7 @@ def subscribed_messages(
                 "parts": len(chunks),
                 "instruments": list(chunk),
                 "chain": chain,
+                "bars": list(bars),
                 "unresolved": listed,
                 "unresolved_count": len(unresolved),
                 "subscriptions": subscriptions,
@@ -395,12 +430,15 @@ def subscribed_messages(
     ]
 
 
-def unsubscribed_message(*, request_id: Any, tokens: Iterable[int], subscriptions: int) -> str:
+def unsubscribed_message(
+    *, request_id: Any, tokens: Iterable[int], subscriptions: int, bars: Iterable[str] = ()
+) -> str:
     return _dumps(
         {
             "type": "unsubscribed",
             "id": request_id,
             "tokens": sorted(tokens),
+            "bars": sorted(bars),
             "subscriptions": subscriptions,
         }
     )
@@ -445,4 +483,145 @@ def snapshots_frame(*, seq: int, items: Iterable[bytes]) -> str:
     """
     return (
         (_FRAME_HEAD % (PROTOCOL_VERSION, seq)) + b",".join(items) + _FRAME_TAIL
+    ).decode()
+
+
+
+# --- analytics and bars -----------------------------------------------------------------------
+#
+# The models below are the shapes of the analytics messages (docs/websocket-protocol.md,
+# "Chain analytics"); the builders write the same JSON without building the models, and the
+# tests validate what the server sends against the models. Every number a value cannot be
+# known for is null, never a made-up zero.
+
+Buildup = Literal["long_buildup", "short_buildup", "long_unwinding", "short_covering"]
+ForwardSource = Literal["future", "parity"]
+
+
+class _Shape(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AnalyticsLeg(_Shape):
+    """One option of a strike row: its quote, open interest and build-up."""
+
+    token: int
+    ltp: float | None
+    bid: float | None
+    bid_qty: int | None
+    ask: float | None
+    ask_qty: int | None
+    volume: int | None
+    oi: int | None
+    oi_change: int | None
+    """``oi`` minus the day's baseline OI (see ``AnalyticsSummary.oi_change_since``)."""
+    buildup: Buildup | None
+
+
+class AnalyticsRow(_Shape):
+    strike: float
+    ce: AnalyticsLeg | None
+    pe: AnalyticsLeg | None
+
+
+class AnalyticsSummary(_Shape):
+    pcr_oi: float | None
+    pcr_volume: float | None
+    max_pain: float | None
+    atm_strike: float | None
+    atm_iv: float | None
+    straddle: float | None
+    forward: float | None
+    forward_source: ForwardSource | None
+    forward_stale: bool
+    days_to_expiry: float | None
+    lot_size: int | None
+    oi_change_since: int | None
+    """Epoch ms of the earliest OI baseline of the chain's rows (the first tick of the day)."""
+    iv_rank: float | None
+    iv_percentile: float | None
+    iv_window_days: int
+    is_mock: bool
+
+
+class TermPoint(_Shape):
+    expiry: dt.date
+    atm_iv: float | None
+    days_to_expiry: float | None
+    forward: float | None
+
+
+class AnalyticsMessage(_Shape):
+    type: Literal["analytics"]
+    v: Literal[1]
+    underlying: str
+    expiry: dt.date
+    ts: int
+    summary: AnalyticsSummary
+    rows: list[AnalyticsRow]
+    term_structure: list[TermPoint]
+
+
+class SeriesPoint(_Shape):
+    ts: int
+    atm_iv: float | None
+    straddle: float | None
+    pcr_oi: float | None
+
+
+class AnalyticsSeriesMessage(_Shape):
+    type: Literal["analytics_series"]
+    underlying: str
+    expiry: dt.date
+    points: list[SeriesPoint]
+
+
+def analytics_message(
+    *,
+    underlying: str,
+    expiry: dt.date,
+    ts_ms: int,
+    summary: dict[str, Any],
+    rows: list[dict[str, Any]],
+    term_structure: list[dict[str, Any]],
+) -> bytes:
+    """One chain's ``analytics`` message, as the engine publishes it (forwarded unparsed)."""
+    return orjson.dumps(
+        {
+            "type": "analytics",
+            "v": PROTOCOL_VERSION,
+            "underlying": underlying,
+            "expiry": expiry.isoformat(),
+            "ts": ts_ms,
+            "summary": summary,
+            "rows": rows,
+            "term_structure": term_structure,
+        }
+    )
+
+
+def analytics_series_message(
+    *, underlying: str, expiry: dt.date, points: Sequence[dict[str, Any]]
+) -> str:
+    """The intraday series of one chain, oldest point first."""
+    return _dumps(
+        {
+            "type": "analytics_series",
+            "underlying": underlying,
+            "expiry": expiry.isoformat(),
+            "points": list(points),
+        }
+    )
+
+
+def bars_message(*, underlying: str, items: Sequence[bytes]) -> str:
+    """The recent bars of an underlying (oldest first) from bar JSON items, never re-encoded."""
+    head = b'{"type":"bars","underlying":' + orjson.dumps(underlying) + b',"bars":['
+    return (head + b",".join(items) + b"]}").decode()
+
+
+def bar_message(*, underlying: str, item: bytes) -> str:
+    """One closed bar (``item`` as the engine published it), wrapped, never re-encoded."""
+    return (
+        b'{"type":"bar","underlying":' + orjson.dumps(underlying) + b',"bar":' + item + b"}"
     ).decode()

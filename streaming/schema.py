@@ -25,8 +25,10 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
+    "ANALYTICS_REQUEST_TYPE",
     "BAR_CLOSED_TYPE",
     "BAR_FIELDS",
+    "CHAIN_ANALYTICS_TYPE",
     "KINDS",
     "ORDER_EVENT_TYPE",
     "SCHEMA_VERSION",
@@ -37,8 +39,10 @@ __all__ = [
     "InstrumentKind",
     "SnapshotRequest",
     "SnapshotRequestError",
+    "analytics_request_message",
     "bar_closed_message",
     "bars_group",
+    "chain_analytics_message",
     "chain_group",
     "encode_bar",
     "encode_snapshots",
@@ -211,6 +215,45 @@ def parse_snapshot_request(message: Mapping[str, Any]) -> SnapshotRequest:
     """Validate a ``snapshot.request`` message; raises :class:`SnapshotRequestError`."""
     try:
         return SnapshotRequest.model_validate(message)
+    except ValidationError as exc:
+        reasons = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()
+        )
+        raise SnapshotRequestError(reason=reasons, got=message) from exc
+
+
+# --- chain analytics messages ---------------------------------------------------------------
+
+CHAIN_ANALYTICS_TYPE: Final = "chain.analytics"
+ANALYTICS_REQUEST_TYPE: Final = "analytics.request"
+#: Chains one analytics request may name (a consumer names the one chain it subscribed).
+MAX_REQUEST_CHAINS: Final = 100
+
+
+def chain_analytics_message(*, group: str, item: bytes) -> dict[str, Any]:
+    """A chain's ``analytics`` client message (``item``, streaming.protocol), on its chain group."""
+    return {"type": CHAIN_ANALYTICS_TYPE, "group": group, "item": item}
+
+
+def analytics_request_message(*, reply_to: str, groups: Sequence[str]) -> dict[str, Any]:
+    """What a consumer sends to :data:`SNAPSHOT_REQUESTS_GROUP` for chains' latest analytics."""
+    return {"type": ANALYTICS_REQUEST_TYPE, "reply_to": reply_to, "groups": list(groups)}
+
+
+class AnalyticsRequest(BaseModel):
+    """A consumer's request for the latest analytics of some chain groups, validated."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    type: Literal["analytics.request"]
+    reply_to: str = Field(min_length=1, max_length=200)
+    groups: list[str] = Field(max_length=MAX_REQUEST_CHAINS)
+
+
+def parse_analytics_request(message: Mapping[str, Any]) -> AnalyticsRequest:
+    """Validate an ``analytics.request`` message; raises :class:`SnapshotRequestError`."""
+    try:
+        return AnalyticsRequest.model_validate(message)
     except ValidationError as exc:
         reasons = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()

@@ -142,6 +142,11 @@ async def test_demo_serves_a_live_chain_page_on_embedded_defaults(demo):
                     assert len(msg["instruments"]) == 2 * (2 * config["strikesAroundAtm"] + 1)
                     assert all(i["streamed"] for i in msg["instruments"])
                     continue
+                if msg["type"] == "analytics":  # the chain's analytics, from the same market
+                    assert msg["summary"]["is_mock"] is True
+                    continue
+                if msg["type"] == "analytics_series":
+                    continue
                 assert msg["type"] == "snapshots", msg
                 for item in msg["data"]:
                     assert item["is_mock"] is True

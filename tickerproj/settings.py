@@ -365,6 +365,10 @@ TICKER_RECORDING_MAX_TOTAL_MB = env.int("TICKER_RECORDING_MAX_TOTAL_MB", default
 """The recording directory's cap: the oldest recordings are deleted to stay under it."""
 TICKER_RECORDING_ZSTD_LEVEL = env.int("TICKER_RECORDING_ZSTD_LEVEL", default=-5)
 """zstd level of recordings: negative is faster and larger (CPU is shared with the tick path)."""
+ANALYTICS_INTERVAL_S = env.float("ANALYTICS_INTERVAL_S", default=1.0)
+"""A chain's analytics are sent at most this often (docs/websocket-protocol.md)."""
+ANALYTICS_IV_WINDOW_DAYS = env.int("ANALYTICS_IV_WINDOW_DAYS", default=365)
+"""Days of daily ATM IV that IV rank and IV percentile look back over."""
 
 # Browser WebSockets.
 WS_MAX_SUBSCRIPTIONS = env.int("WS_MAX_SUBSCRIPTIONS", default=2000)
@@ -424,6 +428,15 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 WHITENOISE_USE_FINDERS = True
+STATICFILES_FINDERS = [
+    "django.contrib.staticfiles.finders.FileSystemFinder",
+    "django.contrib.staticfiles.finders.AppDirectoriesFinder",
+    "tickerproj.static_vendor.VendorFinder",
+]
+STATIC_VENDOR_FILES = {
+    # Apache ECharts (npm, package-lock.json): every chart of the chain page, candles included.
+    "vendor/echarts/echarts.min.js": BASE_DIR / "node_modules" / "echarts" / "dist" / "echarts.min.js",
+}
 LOGIN_URL = "accounts:login"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "accounts:login"

@@ -29,6 +29,7 @@ import structlog
 from streaming.control import ChangeNotifier
 from streaming.engine.bars import BarAggregator
 from streaming.engine.barsink import BarSink
+from streaming.engine.chain_analytics import ChainAnalytics
 from streaming.engine.config import EngineConfig
 from streaming.engine.connections import ClientFactory, ConnectionManager
 from streaming.engine.fallback import QuoteClientFactory, RestFallback
@@ -36,6 +37,7 @@ from streaming.engine.heartbeat import HeartbeatWriter
 from streaming.engine.leases import LeaseManager
 from streaming.engine.market_hours import EngineMode, MarketHours, ModePolicy
 from streaming.engine.metrics import EngineMetrics, LoopLagMonitor
+from streaming.engine.minutesink import ChainMinuteSink
 from streaming.engine.mockfeed import MockFeed
 from streaming.engine.orders import OrderUpdateRelay, RequestSync
 from streaming.engine.pipeline import SnapshotPipeline
@@ -94,6 +96,7 @@ class Engine:
         planner: StreamPlanner,
         publisher: Publisher,
         bar_sink: BarSink,
+        minute_sink: ChainMinuteSink,
         connections: ConnectionManager,
         recorder: FrameRecorder,
         orders: OrderUpdateRelay,
@@ -117,6 +120,7 @@ class Engine:
         self.planner = planner
         self.publisher = publisher
         self.bar_sink = bar_sink
+        self.minute_sink = minute_sink
         self.connections = connections
         self.recorder = recorder
         self.orders = orders
@@ -170,8 +174,10 @@ class Engine:
         )
         pipeline = SnapshotPipeline(InstrumentUniverse.empty(), r=config.risk_free_rate,
                                     stale_after_s=config.stale_underlying_s)
+        analytics = ChainAnalytics(interval_s=config.analytics_interval_s,
+                                   iv_window_days=config.analytics_iv_window_days)
         worker = PipelineWorker(pipeline=pipeline, bars=BarAggregator({}), metrics=metrics,
-                                clock=clock)
+                                analytics=analytics, clock=clock)
         intake = TickIntake(worker=worker, metrics=metrics)
 
         async def apply_order_update(account_id: int, update: dict[str, Any]) -> None:
@@ -231,6 +237,8 @@ class Engine:
             publisher=publisher,
             bar_sink=BarSink(publisher=publisher, metrics=metrics, close_due=worker.close_due_bars,
                              on_gaps=request_backfill),
+            minute_sink=ChainMinuteSink(metrics=metrics, set_history=worker.set_analytics_history,
+                                        window_days=config.analytics_iv_window_days, clock=clock),
             connections=connections, recorder=recorder, orders=orders,
             mock_feed=mock_feed, leases=leases,
             heartbeat=HeartbeatWriter(
@@ -269,6 +277,7 @@ class Engine:
             sup.spawn("bars", self.bar_sink.run, owner="bars")
             sup.spawn("order_updates", self.orders.run, owner="orders")
             sup.spawn("order_syncs", self.orders.run_syncs, owner="orders")
+            sup.spawn("chain_minutes", self.minute_sink.run, owner="bars")
             sup.spawn("mode", self._mode_loop, owner="engine")
             if self.rest_fallback is not None:
                 sup.spawn("rest_fallback", self.rest_fallback.run, owner="engine")
@@ -344,6 +353,10 @@ class Engine:
             self.metrics.dropped.labels("unknown_token").inc(outcome.unknown)
         if outcome.bars:
             self.bar_sink.add(outcome.bars)
+        if outcome.minutes:
+            self.minute_sink.add(outcome.minutes)
+        if outcome.analytics:
+            await self._publish_analytics(outcome.analytics)
         if outcome.pending:
             self.metrics.flush_seconds.observe(outcome.compute_s)
         batches = outcome.batches
@@ -364,6 +377,16 @@ class Engine:
         self.metrics.publish_seconds.observe(time.perf_counter() - computed)
         if outcome.oldest_received is not None:
             self.metrics.tick_to_publish_seconds.observe(self._clock() - outcome.oldest_received)
+
+    async def _publish_analytics(self, messages: list[tuple[str, bytes]]) -> None:
+        try:
+            sent = await self.publisher.publish_analytics(messages)
+        except PublishError as exc:
+            # As for snapshots: lost for those chains until their next change.
+            self.metrics.dropped.labels("analytics_publish_failed").inc(len(exc.failed_groups))
+            self.publish_failures.failed(exc)
+        else:
+            self.metrics.group_messages_out.inc(sent)
 
     async def _watched_loop(self) -> None:
         """Refresh which groups have listeners, so nobody's groups are not serialised."""

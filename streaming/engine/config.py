@@ -46,6 +46,8 @@ class EngineConfig:
     recording_max_file_bytes: int = 256 * 1024 * 1024
     recording_max_total_bytes: int = 4096 * 1024 * 1024
     recording_zstd_level: int = ZSTD_LEVEL
+    analytics_interval_s: float = 1.0
+    analytics_iv_window_days: int = 365
 
     def __post_init__(self) -> None:
         if self.redis_url and not self.control_channel:
@@ -86,4 +88,6 @@ class EngineConfig:
             recording_max_file_bytes=settings.TICKER_RECORDING_MAX_FILE_MB * 1024 * 1024,
             recording_max_total_bytes=settings.TICKER_RECORDING_MAX_TOTAL_MB * 1024 * 1024,
             recording_zstd_level=settings.TICKER_RECORDING_ZSTD_LEVEL,
+            analytics_interval_s=settings.ANALYTICS_INTERVAL_S,
+            analytics_iv_window_days=settings.ANALYTICS_IV_WINDOW_DAYS,
         )

@@ -130,6 +130,8 @@ class SnapshotPipeline:
         self._watched_source: object = None
         self._watched_mask: np.ndarray | None = None
         self.last_flush: FlushStats | None = None
+        #: Slots whose snapshot changed in the last flush, watched or not (chain analytics).
+        self.changed_slots = np.zeros(0, dtype=np.int64)
         self._install(universe, _empty_carry(universe))
 
     # --- universe ---------------------------------------------------------------------------
@@ -283,6 +285,7 @@ class SnapshotPipeline:
         published = np.flatnonzero(mark)
         mark[published] = False
         self._items[published] = None
+        self.changed_slots = published
         if published.size:
             mask = self._watched(watched)
             if mask is not None:
@@ -485,6 +488,20 @@ class SnapshotPipeline:
         ]
 
     # --- reads ------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> TickState:
+        """The latest tick fields per slot (read-only use: chain analytics)."""
+        return self._state
+
+    @property
+    def iv(self) -> np.ndarray:
+        """Each slot's IV as last computed (NaN when unknown)."""
+        return self._greeks["iv"]
+
+    def chain_forwards(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per chain: (forward, source FORWARD_*, stale, mock), as the last flush left them."""
+        return self._chain_forward, self._chain_source, self._chain_stale, self._chain_forward_mock
 
     def latest(self, tokens: Iterable[int] | np.ndarray) -> tuple[list[int], list[bytes]]:
         """The latest snapshot of each known token that has data: (tokens, items), in order.

@@ -228,6 +228,8 @@ class _Pipeline(Protocol):
 
     async def groups_of(self, tokens: Iterable[int]) -> set[str]: ...
 
+    async def analytics_latest(self, groups: Iterable[str]) -> list[tuple[str, bytes]]: ...
+
 
 class Publisher:
     """Sends snapshot batches and bars to a Channels layer; tracks which groups are watched."""
@@ -361,6 +363,32 @@ class Publisher:
             )
         return len(bars)
 
+    async def publish_analytics(self, messages: Sequence[tuple[str, bytes]]) -> int:
+        """Send each chain's ``analytics`` message to its chain group; returns the count.
+
+        Raises :class:`PublishError` naming the groups whose send failed (the rest were sent).
+        """
+        pairs = [(g, schema.chain_analytics_message(group=g, item=m)) for g, m in messages]
+        if not pairs:
+            return 0
+        if self._bulk is not None:
+            try:
+                self.dropped_full += await self._bulk.send(pairs)
+            except _SEND_ERRORS as exc:
+                raise PublishError(failed_groups=[g for g, _ in pairs], first_error=exc) from exc
+            return len(pairs)
+        failed: list[str] = []
+        first: BaseException | None = None
+        for group, message in pairs:
+            try:
+                await self._layer.group_send(group, message)
+            except _SEND_ERRORS as exc:
+                failed.append(group)
+                first = first or exc
+        if first is not None:
+            raise PublishError(failed_groups=failed, first_error=first)
+        return len(pairs)
+
     async def send_initial(self, reply_to: str, tokens: list[int], items: list[bytes]) -> int:
         """Send the latest snapshots to one consumer channel, in messages of bounded size.
 
@@ -400,6 +428,29 @@ class Publisher:
             return 0
         return await self.send_initial(request.reply_to, tokens, items)
 
+    async def answer_analytics_request(self, message: dict[str, Any], pipeline: _Pipeline) -> int:
+        """Answer one ``analytics.request``: the latest analytics of the chains we stream."""
+        try:
+            request = schema.parse_analytics_request(message)
+        except schema.SnapshotRequestError as exc:
+            self.requests_rejected += 1
+            log.warning("publisher.bad_analytics_request", reason=exc.reason)
+            return 0
+        # Watched first, as for snapshots: the next changes of these chains are published.
+        self.mark_watched(request.groups)
+        sent = 0
+        for group, item in await pipeline.analytics_latest(request.groups):
+            try:
+                await self._layer.send(
+                    request.reply_to, schema.chain_analytics_message(group=group, item=item)
+                )
+            except ChannelFull:
+                log.warning("publisher.reply_channel_full", reply_to=request.reply_to)
+                break
+            sent += 1
+        self.requests_answered += 1
+        return sent
+
     async def serve_snapshot_requests(self, pipeline: _Pipeline) -> None:
         """Answer initial-state requests until cancelled (run it as a supervised task)."""
         layer = self._layer
@@ -420,6 +471,8 @@ class Publisher:
                 message = await layer.receive(channel)
                 if message.get("type") == schema.SNAPSHOT_REQUEST_TYPE:
                     await self.answer_request(message, pipeline)
+                elif message.get("type") == schema.ANALYTICS_REQUEST_TYPE:
+                    await self.answer_analytics_request(message, pipeline)
                 else:
                     log.warning("publisher.unexpected_message", type=str(message.get("type"))[:50])
         finally:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import structlog
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError, DataError, IntegrityError, close_old_connections, transaction
+from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from accounts.fields import DecryptionError
@@ -30,8 +31,9 @@ from accounts.order_services import OrderUpdateError, order_apply_update
 from accounts.selectors import account_list_streamable
 from accounts.services import account_mark_secret_unreadable, account_mark_session_expired
 from streaming.engine.allocator import AccountInfo, Allocation, SubscriptionWish
+from streaming.greeks import IST
 from streaming.kite.schemas import INSTRUMENT_CSV_COLUMNS
-from streaming.models import EngineHeartbeat, UnderlyingBar
+from streaming.models import ChainMinute, EngineHeartbeat, UnderlyingBar
 from subscriptions.models import Instrument
 from subscriptions.selectors import subscription_list_active
 from subscriptions.services import subscriptions_save_assignments
@@ -326,3 +328,39 @@ def bars_save_each(*, bars: Sequence[Mapping[str, Any]]) -> list[tuple[Mapping[s
             refused.append((bar, f"{type(exc).__name__}: {str(exc)[:200]}"))
     return refused
 
+
+
+def chain_minutes_save(*, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Upsert chains' minute samples (a restarted engine may sample the same minute again)."""
+    if not rows:
+        return 0
+    ChainMinute.objects.bulk_create(
+        [ChainMinute(**row) for row in rows],
+        update_conflicts=True,
+        unique_fields=["underlying", "expiry", "is_mock", "minute"],
+        update_fields=["atm_iv", "straddle", "pcr_oi"],
+        batch_size=_BULK_BATCH,
+    )
+    return len(rows)
+
+
+def chain_minute_daily_iv(
+    *, today: dt.date, window_days: int
+) -> dict[tuple[str, dt.date, bool], list[float]]:
+    """Per chain not yet expired: the ATM IV of the last stored minute of each day (IST)
+    from ``window_days`` before ``today`` up to, not including, ``today``."""
+    start = dt.datetime.combine(today - dt.timedelta(days=window_days), dt.time(0), tzinfo=IST)
+    end = dt.datetime.combine(today, dt.time(0), tzinfo=IST)
+    rows = (
+        ChainMinute.objects.filter(
+            minute__gte=start, minute__lt=end, expiry__gte=today, atm_iv__isnull=False
+        )
+        .annotate(day=TruncDate("minute", tzinfo=IST))
+        .order_by("underlying", "expiry", "is_mock", "day", "-minute")
+        .distinct("underlying", "expiry", "is_mock", "day")
+        .values_list("underlying", "expiry", "is_mock", "day", "atm_iv")
+    )
+    daily: dict[tuple[str, dt.date, bool], list[float]] = defaultdict(list)
+    for underlying, expiry, is_mock, _, atm_iv in rows:
+        daily[(underlying, expiry, is_mock)].append(atm_iv)
+    return dict(daily)

@@ -51,6 +51,7 @@ UNIVERSE_FIELDS: Final = (
     "instrument_type",
     "expiry",
     "strike",
+    "lot_size",
 )
 
 _INDEX_SEGMENT: Final = "INDICES"
@@ -95,7 +96,7 @@ class InstrumentUniverse:
     ``expiry_epoch_s`` (15:30 IST on the expiry, NaN if none), ``und`` (underlying id),
     ``chain`` (chain id of options and of same-expiry futures, else -1), ``group`` (group id),
     ``pair`` (slot of the same-strike other-kind option, else -1), ``prefixes`` (the static
-    start of the snapshot JSON). Per underlying id: ``underlyings`` (names), ``und_spot``
+    start of the snapshot JSON), ``lot_size`` (Kite's, -1 when the row has none). Per underlying id: ``underlyings`` (names), ``und_spot``
     (spot slot or -1). Per chain id: ``chain_und``, ``chain_expiry`` (dates),
     ``chain_expiry_epoch_s``, ``chain_future`` (slot or -1). Parity pairs, sorted by chain:
     ``pair_chain``, ``pair_call``, ``pair_put``, ``pair_strike``. ``group_names`` by group id.
@@ -114,6 +115,7 @@ class InstrumentUniverse:
         "is_call",
         "is_option",
         "kind",
+        "lot_size",
         "pair",
         "pair_call",
         "pair_chain",
@@ -131,6 +133,7 @@ class InstrumentUniverse:
     tokens: np.ndarray
     kind: np.ndarray
     strike: np.ndarray
+    lot_size: np.ndarray
     expiry_epoch_s: np.ndarray
     und: np.ndarray
     chain: np.ndarray
@@ -187,6 +190,7 @@ class InstrumentUniverse:
         und_names: list[str] = []
         symbols: list[str] = []
         exchanges: list[str] = []
+        lot_sizes: list[int] = []
         for row in rows:
             token = int(row["instrument_token"])
             symbol = str(row["tradingsymbol"])
@@ -217,7 +221,10 @@ class InstrumentUniverse:
             und_names.append(und_name)
             symbols.append(symbol)
             exchanges.append(str(row.get("exchange", "")))
-        return cls._build(tokens, kinds, strikes, expiries, und_names, symbols, exchanges)
+            lot_sizes.append(int(row.get("lot_size") or -1))
+        return cls._build(
+            tokens, kinds, strikes, expiries, und_names, symbols, exchanges, lot_sizes
+        )
 
     @classmethod
     def _build(
@@ -229,6 +236,7 @@ class InstrumentUniverse:
         und_names_in: list[str],
         symbols_in: list[str],
         exchanges_in: list[str],
+        lot_sizes_in: list[int],
     ) -> InstrumentUniverse:
         self = cls.__new__(cls)
         raw_tokens = np.asarray(tokens_in, dtype=np.int64)
@@ -355,6 +363,7 @@ class InstrumentUniverse:
         self.tokens = tokens
         self.kind = kind
         self.strike = strike
+        self.lot_size = np.asarray(lot_sizes_in, dtype=np.int64)[order]
         self.expiry_epoch_s = expiry_epoch_s
         self.und = und
         self.chain = chain

@@ -2,8 +2,9 @@
 
 The event loop reads sockets and only queues arrays here (:meth:`PipelineWorker.enqueue`);
 one "pipeline" thread owns the snapshot pipeline and the bar aggregator and does all their
-work in order: ingest and flush (:meth:`flush`), universe installs (:meth:`install`), closing
-due bars, and the initial-state reads of new subscribers (:attr:`reads`). So a 100 ms flush of
+work in order: ingest and flush (:meth:`flush`, with the chain analytics that are due),
+universe installs (:meth:`install`), closing due bars, and the initial-state reads of new
+subscribers (:attr:`reads`). So a 100 ms flush of
 100k instruments never stops the loop, and nothing needs a lock: a read runs between two
 flushes, never during one, and never blocks the loop while a flush runs.
 
@@ -17,7 +18,7 @@ import asyncio
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from streaming.engine.bars import Bar, BarAggregator
+from streaming.engine.chain_analytics import ChainAnalytics, HistoryKey
 from streaming.engine.metrics import EngineMetrics
 from streaming.engine.pipeline import GroupBatch, SnapshotPipeline
 from streaming.engine.universe import InstrumentUniverse
@@ -48,6 +50,10 @@ class FlushOutcome:
     unknown: int
     compute_s: float
     oldest_received: float | None
+    analytics: list[tuple[str, bytes]]
+    """(chain group, ``analytics`` message) of the chains due this flush."""
+    minutes: list[dict[str, Any]]
+    """ChainMinute rows, on the first flush of each minute."""
 
 
 class PipelineReads:
@@ -62,6 +68,12 @@ class PipelineReads:
     async def groups_of(self, tokens: Iterable[int]) -> set[str]:
         return await self._worker.on_thread(self._worker._pipeline.groups_of, list(tokens))
 
+    async def analytics_latest(self, groups: Iterable[str]) -> list[tuple[str, bytes]]:
+        worker = self._worker
+        return await worker.on_thread(
+            worker._analytics.latest, worker._pipeline, list(groups), worker._clock()
+        )
+
 
 class PipelineWorker:
     """Owns the pipeline and the bar aggregator; every change to them runs on its one thread."""
@@ -72,11 +84,13 @@ class PipelineWorker:
         pipeline: SnapshotPipeline,
         bars: BarAggregator,
         metrics: EngineMetrics,
+        analytics: ChainAnalytics | None = None,
         clock: Callable[[], float] = time.time,
         max_inbox_bytes: int = MAX_INBOX_BYTES,
     ) -> None:
         self._pipeline = pipeline
         self._bars = bars
+        self._analytics = analytics or ChainAnalytics()
         self._metrics = metrics
         self._clock = clock
         self._max_inbox_bytes = max_inbox_bytes
@@ -141,6 +155,9 @@ class PipelineWorker:
         """Their socket is back: drop the ``rest_fallback`` flag of ``tokens``' snapshots."""
         await self.on_thread(self._pipeline.clear_rest_fallback, tokens)
 
+    async def set_analytics_history(self, history: Mapping[HistoryKey, np.ndarray]) -> None:
+        await self.on_thread(self._analytics.set_history, history)
+
     async def close_due_bars(self) -> list[Bar]:
         return await self.on_thread(self._bars.close_due, self._clock())
 
@@ -169,6 +186,9 @@ class PipelineWorker:
                 bars.extend(self._bars.ingest(ticks, is_mock=is_mock, received_epoch_s=received))
         pending = self._pipeline.pending
         batches = self._pipeline.flush(now, watched=watched)
+        self._analytics.observe(self._pipeline, now)
+        analytics = self._analytics.due(self._pipeline, now, watched)
+        minutes = self._analytics.minute_rows(self._pipeline, now)
         if now - self._underlyings_at >= 1.0:
             self._underlyings = self._pipeline.underlying_summary()
             self._underlyings_at = now
@@ -179,6 +199,8 @@ class PipelineWorker:
             unknown=unknown,
             compute_s=time.perf_counter() - started,
             oldest_received=min((r for _, _, r, _ in inbox), default=None),
+            analytics=analytics,
+            minutes=minutes,
         )
 
     def _install(self, universe: InstrumentUniverse) -> None:

@@ -287,6 +287,7 @@ async def test_subscribe_a_chain_around_the_money_from_the_engines_forward(
     }
     assert len(ack["instruments"]) == 10 and ack["subscriptions"] == 10
     assert {i["kind"] for i in ack["instruments"]} == {"CE", "PE"}
+    assert (await recv(comm))["type"] == "analytics_series"
     # The other expiry's forward is absent: the underlying price decides, then the future.
     await send(comm, {"action": "subscribe", "chain": {"underlying": "NIFTY", "expiry": EXPIRY2.isoformat(), "strikes_around_atm": 0}})
     ack = await recv(comm)
@@ -462,12 +463,13 @@ async def test_unsubscribe_by_token_symbol_chain_and_all(redis_layer, universe, 
     await send(comm, {"action": "subscribe", "chain": {"underlying": "NIFTY", "expiry": EXPIRY.isoformat()}})
     await send(comm, {"action": "subscribe", "instruments": [NIFTY_INDEX, option_token(24000, "CE", EXPIRY2)]})
     assert (await recv(comm))["subscriptions"] == 22
+    assert (await recv(comm))["type"] == "analytics_series"
     assert (await recv(comm))["subscriptions"] == 24
 
     symbol = universe[PE_24000].tradingsymbol
     await send(comm, {"action": "unsubscribe", "id": "u", "instruments": [CE_24000, f"NFO:{symbol}", 42]})
     msg = await recv(comm)
-    assert msg == {"type": "unsubscribed", "id": "u", "tokens": sorted([CE_24000, PE_24000]), "subscriptions": 22}
+    assert msg == {"type": "unsubscribed", "id": "u", "tokens": sorted([CE_24000, PE_24000]), "bars": [], "subscriptions": 22}
     await publish(redis_layer, CHAIN, {CE_24000: snapshot_item(CE_24000, ltp=1.0), CE_24050: snapshot_item(CE_24050, ltp=2.0)})
     assert _frame_tokens(await recv(comm)) == {CE_24050: 2.0}
 
@@ -641,6 +643,7 @@ async def test_frames_stay_under_daphnes_message_limit_by_bytes(redis_layer, uni
     comm, _ = await ws_connect(app, headers=headers)
     await send(comm, {"action": "subscribe", "chain": {"underlying": "NIFTY", "expiry": EXPIRY.isoformat()}})
     tokens = [i["token"] for i in (await recv(comm))["instruments"]]
+    assert (await recv(comm))["type"] == "analytics_series"
     pad = "x" * 100_000
     big = {t: b'{"token":%d,"ltp":1.0,"pad":"%s"}' % (t, pad.encode()) for t in tokens}
     huge = tokens[0]

@@ -30,7 +30,10 @@ from tests.streaming.wsutil import user as user
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
-SERVER_TYPES = {"hello", "subscribed", "unsubscribed", "snapshots", "pong", "error"}
+SERVER_TYPES = {
+    "hello", "subscribed", "unsubscribed", "snapshots", "pong", "error",
+    "analytics", "analytics_series", "bars", "bar",
+}
 ERROR_CODES = {str(c) for c in ErrorCode}
 
 json_scalars = st.one_of(
@@ -58,12 +61,17 @@ chains = st.fixed_dictionaries(
         "extra": json_values,
     },
 )
+underlying_names = st.lists(
+    st.sampled_from(["NIFTY", "nifty", "NOPE", "M&M", "", "NIFTY 50", "A" * 33]) | json_values,
+    max_size=25,
+)
 messages = st.fixed_dictionaries(
     {"action": st.sampled_from(["subscribe", "unsubscribe", "ping", "ack", "fly", ""]) | json_values},
     optional={
         "id": json_values,
         "instruments": st.lists(instrument_refs, max_size=8) | json_values,
         "chain": chains | json_values,
+        "bars": underlying_names | json_values,
         "seq": st.integers(min_value=-2, max_value=2**60) | json_values,
         "all": json_values,
     },

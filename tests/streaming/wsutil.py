@@ -188,7 +188,8 @@ async def send(comm: WebsocketCommunicator, message: dict[str, Any]) -> None:
 
 
 class FakeEngine:
-    """Answers ``snapshot.request`` on the real channel layer like a runticker would."""
+    """Answers ``snapshot.request`` on the real channel layer like a runticker would (and
+    records ``analytics.request``, for which it has no analytics)."""
 
     def __init__(self, layer, latest: dict[int, bytes]) -> None:
         self.layer = layer
@@ -213,8 +214,10 @@ class FakeEngine:
     async def _serve(self) -> None:
         while True:
             message = await self.layer.receive(self._channel)
-            request = schema.parse_snapshot_request(message)
             self.requests.append(message)
+            if message["type"] == schema.ANALYTICS_REQUEST_TYPE:
+                continue
+            request = schema.parse_snapshot_request(message)
             tokens = [t for t in request.tokens if t in self.latest]
             if tokens:
                 await self.layer.send(

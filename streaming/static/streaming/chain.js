@@ -1,6 +1,8 @@
 // The live option chain: one WebSocket (protocol v1, docs/websocket-protocol.md), cells
 // updated in place, every snapshots frame acknowledged after it is drawn (the server's
 // credit-based flow control: a hidden or slow tab simply gets the latest state later).
+// The chain's analytics (header, OI change and build-up per row) and the underlying's
+// 1-minute bars come over the same socket; the charts are chain-charts.js's.
 "use strict";
 
 (function () {
@@ -8,7 +10,8 @@
   const $ = (id) => document.getElementById(id);
   const SIDES = ["ce", "pe"];
   // Column order per side, mirrored around the strike (calls read right-to-left).
-  const FIELDS_CE = ["flags", "oi", "volume", "vega", "theta", "gamma", "delta", "iv", "change", "ltp"];
+  const FIELDS_CE = ["flags", "buildup", "oi_change", "oi", "volume", "vega", "theta", "gamma", "delta",
+                     "iv", "bid", "ask", "change", "ltp"];
   const FIELDS_PE = FIELDS_CE.slice().reverse();
   const STALE_MS = 10000;
   const PING_MS = 20000;
@@ -30,6 +33,34 @@
     theta: (v) => v.toFixed(2),
     vega: (v) => v.toFixed(2),
   };
+  // A price with its quantity below it: the best bid or ask of the snapshot.
+  const QUOTES = { bid: "bid_qty", ask: "ask_qty" };
+  // Short labels keep the row narrow; the tooltip has the full name.
+  const BUILDUP = {
+    long_buildup: { label: "long BU", hint: "long build-up: price up, OI up" },
+    short_buildup: { label: "short BU", hint: "short build-up: price down, OI up" },
+    long_unwinding: { label: "long unw.", hint: "long unwinding: price down, OI down" },
+    short_covering: { label: "short cov.", hint: "short covering: price up, OI down" },
+  };
+  // Not an engine flag: the snapshot's rest_fallback field (absent means false).
+  const REST_FLAG = {
+    label: "REST", failure: false, rest: true,
+    hint: "polled from Kite's quote API while the stream is stalled or reconnecting",
+  };
+  const SUMMARY = {
+    pcr_oi: (v) => v.toFixed(2),
+    pcr_volume: (v) => v.toFixed(2),
+    max_pain: (v) => inr.format(v),
+    atm_strike: (v) => inr.format(v),
+    atm_iv: (v) => (v * 100).toFixed(2) + " %",
+    straddle: (v) => "₹" + v.toFixed(2),
+    forward: (v) => v.toFixed(2),
+    days_to_expiry: (v) => v.toFixed(v < 10 ? 2 : 1),
+    lot_size: (v) => inr.format(v),
+    iv_rank: (v) => v.toFixed(1),
+    iv_percentile: (v) => v.toFixed(1),
+    oi_change_since: (v) => istTime.format(new Date(v)).slice(0, 5) + " IST",
+  };
 
   // token -> {row, side}; strike -> row; row = {tr, strike, cells: {ce: {...}, pe: {...}}}
   let byToken = new Map();
@@ -46,11 +77,30 @@
   let lastDataAt = 0;
   let feedMock = null;
 
+  const restTokens = new Set(); // tokens whose latest snapshot came from the REST fallback
+  const charts = cfg.underlying && cfg.expiry ? makeCharts() : null;
+
   let ws = null;
   let attempt = 0;
   let reconnectTimer = null;
   let pingSentAt = 0;
   let stopped = false;
+
+  function makeCharts() {
+    if (window.echarts) return new window.ChainCharts({ expiry: cfg.expiry });
+    // The table works without the charting library; say what is missing instead of breaking.
+    const section = document.querySelector("section.charts");
+    const p = document.createElement("p");
+    p.className = "empty";
+    p.textContent = "The charts cannot be drawn: the server lacks static/vendor/echarts/echarts.min.js (run `make install`).";
+    section.replaceChildren(p);
+    const ignore = () => {};
+    return {
+      setQuote: ignore, setStrikes: ignore, setForward: ignore, setTermStructure: ignore,
+      setSeries: ignore, addSeriesPoint: ignore, setBars: ignore, addBar: ignore, noBars: ignore,
+      flush: ignore,
+    };
+  }
 
   // --- header controls --------------------------------------------------------------------
 
@@ -99,7 +149,7 @@
           const td = document.createElement("td");
           td.dataset.side = side;
           td.dataset.field = f;
-          if (f === "flags") td.className = "flags flags-" + side;
+          if (f === "flags" || f === "buildup") td.className = f + " " + f + "-" + side;
           td.textContent = inst ? "" : "·";
           tr.appendChild(td);
           row.cells[side][f] = td;
@@ -122,8 +172,10 @@
       frag.appendChild(tr);
     }
     body.replaceChildren(frag);
+    restTokens.clear();
+    charts.setStrikes(rows.map((r) => r.strike));
     if (!rows.length) {
-      body.innerHTML = '<tr><td colspan="21" class="empty">No options for this expiry.</td></tr>';
+      body.innerHTML = '<tr><td colspan="29" class="empty">No options for this expiry.</td></tr>';
     }
     if (chain && chain.atm_strike != null) {
       setForward(forward ?? (chain.reference === "forward" ? chain.reference_price : null),
@@ -154,6 +206,8 @@
     if (item.is_mock != null) feedMock = item.is_mock;
     if (!where) return;
     const cells = where.row.cells[where.side];
+    for (const [f, qtyField] of Object.entries(QUOTES)) setQuote(cells[f], item[f], item[qtyField]);
+    charts.setQuote(where.row.strike, where.side, { iv: item.iv, oi: item.oi });
     for (const f of Object.keys(fmt)) {
       const v = item[f];
       const td = cells[f];
@@ -176,15 +230,101 @@
       }
       setText(td, fmt[f](v));
     }
-    const names = (item.flags || []).join(",");
+    const rest = item.rest_fallback === true;
+    if (rest) restTokens.add(item.token);
+    else restTokens.delete(item.token);
+    const flagNames = (item.flags || []).concat(rest ? ["rest_fallback"] : []);
+    const names = flagNames.join(",");
     const ft = cells.flags;
     if (ft.dataset.names !== names) {
       ft.dataset.names = names;
-      ft.replaceChildren(...(item.flags || []).map((n) => {
-        const meta = cfg.flags[n] || { label: n.replaceAll("_", " "), hint: "", failure: true };
-        return flagBadge(meta.label, meta.hint, meta.failure);
+      ft.replaceChildren(...flagNames.map((n) => {
+        const meta = n === "rest_fallback" ? REST_FLAG
+          : cfg.flags[n] || { label: n.replaceAll("_", " "), hint: "", failure: true };
+        const badge = flagBadge(meta.label, meta.hint, meta.failure);
+        if (meta.rest) badge.classList.add("rest");
+        return badge;
       }));
     }
+  }
+
+  function setQuote(td, price, qty) {
+    if (price == null) {
+      setText(td, "—");
+      td.classList.add("na");
+      return;
+    }
+    td.classList.remove("na");
+    const key = price + "/" + qty;
+    if (td.dataset.value === key) return;
+    td.dataset.value = key;
+    const q = document.createElement("small");
+    q.textContent = qty == null ? "" : inr.format(qty);
+    td.replaceChildren(price.toFixed(2), q);
+  }
+
+  // --- analytics --------------------------------------------------------------------------
+
+  function applyAnalytics(msg) {
+    const summary = msg.summary || {};
+    document.querySelectorAll("#analytics dd[data-summary]").forEach((dd) => {
+      const key = dd.dataset.summary;
+      const v = summary[key];
+      let text = v == null || Number.isNaN(v) ? "—" : SUMMARY[key](v);
+      if (key === "forward" && v != null && summary.forward_source) {
+        text += " · " + summary.forward_source;
+        if (summary.forward_stale) text += " (stale)";
+      }
+      setText(dd, text);
+      dd.classList.toggle("na", v == null);
+      const box = dd.parentElement;
+      if (box.classList.contains("history")) {
+        box.hidden = v == null;
+        box.title = summary.iv_window_days ? "over the last " + summary.iv_window_days + " days of ATM IV" : "";
+      }
+    });
+    for (const r of msg.rows || []) {
+      for (const side of SIDES) {
+        const quote = r[side];
+        const where = quote && byToken.get(quote.token);
+        if (!where) continue;
+        const cells = where.row.cells[where.side];
+        setOiChange(cells.oi_change, quote.oi_change);
+        setBuildup(cells.buildup, quote.buildup);
+        charts.setQuote(where.row.strike, where.side, { oi_change: quote.oi_change });
+      }
+    }
+    if (msg.term_structure) charts.setTermStructure(msg.term_structure);
+    if (msg.ts != null) {
+      charts.addSeriesPoint({
+        ts: msg.ts, atm_iv: summary.atm_iv, straddle: summary.straddle, pcr_oi: summary.pcr_oi,
+      });
+    }
+  }
+
+  function setOiChange(td, v) {
+    if (v == null) {
+      setText(td, "—");
+      td.classList.add("na");
+      return;
+    }
+    td.classList.remove("na");
+    td.classList.toggle("up", v > 0);
+    td.classList.toggle("down", v < 0);
+    setText(td, (v > 0 ? "+" : "") + inr.format(v));
+  }
+
+  function setBuildup(td, name) {
+    if ((td.dataset.value || "") === (name || "")) return;
+    td.dataset.value = name || "";
+    const meta = BUILDUP[name];
+    if (!meta) {
+      td.replaceChildren();
+      return;
+    }
+    const span = flagBadge(meta.label, meta.hint, false);
+    span.classList.add("buildup-tag", name);
+    td.replaceChildren(span);
   }
 
   function setForward(value, atmStrike) {
@@ -219,6 +359,7 @@
     }
     pending.clear();
     if (forward != null) setForward(forward, null);
+    charts.setForward(forward, atmRow ? atmRow.strike : null);
     if (latestTs) {
       setText($("updated"), istTime.format(new Date(latestTs)) + " IST");
     }
@@ -241,6 +382,9 @@
   function updateFeedBadge() {
     if (!lastDataAt) {
       setBadge("feed-badge", "feed-none", "no data");
+    } else if (restTokens.size && Date.now() - lastDataAt <= STALE_MS) {
+      setBadge("feed-badge", "feed-rest", "REST",
+               restTokens.size + " instrument(s) polled from Kite's quote API while the stream is stalled");
     } else if (Date.now() - lastDataAt > STALE_MS) {
       setBadge("feed-badge", "feed-stale", "stale", "no update for more than " + STALE_MS / 1000 + " s");
     } else if (feedMock) {
@@ -280,11 +424,25 @@
         scheduleRender();
         break;
       case "hello":
+        // The chain (its snapshots and analytics) and the underlying's bars, in one subscribe.
         sock.send(JSON.stringify({
           action: "subscribe",
           id: "chain",
           chain: { underlying: cfg.underlying, expiry: cfg.expiry, strikes_around_atm: cfg.strikesAroundAtm },
+          bars: [cfg.underlying],
         }));
+        break;
+      case "analytics":
+        if (msg.underlying === cfg.underlying && msg.expiry === cfg.expiry) applyAnalytics(msg);
+        break;
+      case "analytics_series":
+        if (msg.underlying === cfg.underlying && msg.expiry === cfg.expiry) charts.setSeries(msg.points);
+        break;
+      case "bars":
+        if (msg.underlying === cfg.underlying) charts.setBars(msg.bars);
+        break;
+      case "bar":
+        if (msg.underlying === cfg.underlying) charts.addBar(msg.bar);
         break;
       case "subscribed":
         // A large reply comes in parts; the table is built from all of them.
@@ -303,7 +461,9 @@
         setBadge("conn-badge", "conn-live", "live", "round trip " + (Date.now() - pingSentAt) + " ms");
         break;
       case "error":
-        showMessage("Server: " + msg.message + " (" + msg.code + ")");
+        // An underlying without an index or equity has no bars: its chart says so, the rest works.
+        if (msg.code === "unknown_underlying") charts.noBars(msg.message);
+        else showMessage("Server: " + msg.message + " (" + msg.code + ")");
         break;
     }
   }
@@ -333,6 +493,7 @@
 
   function tick() {
     updateFeedBadge();
+    charts.flush();
     if (ws && ws.readyState === WebSocket.OPEN && Date.now() - pingSentAt > PING_MS) {
       pingSentAt = Date.now();
       ws.send(JSON.stringify({ action: "ping", id: pingSentAt }));

@@ -208,6 +208,8 @@ class Listener:
                 message = await asyncio.wait_for(self.layer.receive(self.channel), timeout=left)
             except TimeoutError:
                 return
+            if message["type"] != "snapshots.batch":
+                continue  # a chain's analytics, on the same group
             self.messages += 1
             now = time.monotonic()
             for token, item in zip(message["tokens"], message["items"], strict=True):
