@@ -4,6 +4,7 @@ communicator; the flow control and the bad input without an engine."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 
@@ -27,7 +28,6 @@ from tests.streaming.wsutil import (
     EXPIRY,
     NIFTY_INDEX,
     ORIGIN,
-    FakeEngine,
     create_universe,
     make_app,
     make_config,
@@ -226,51 +226,54 @@ async def test_analytics_go_to_chain_subscribers_only_and_wait_for_the_window(
     redis_layer, universe, headers
 ):
     app, metrics = make_app(make_config(send_window=1))
-    async with FakeEngine(redis_layer, {}) as engine:
-        chain, _ = await ws_connect(app, headers=headers)
-        await send(chain, {"action": "subscribe", "chain": {"underlying": "NIFTY", "expiry": EXPIRY.isoformat()}})
-        assert (await recv(chain))["type"] == "subscribed"
-        assert (await recv(chain)) == {"type": "analytics_series", "underlying": "NIFTY",
-                                       "expiry": EXPIRY.isoformat(), "points": []}
-        options, _ = await ws_connect(app, headers=headers)
-        await send(options, {"action": "subscribe", "instruments": [option_token(24000, "CE")]})
-        assert (await recv(options))["type"] == "subscribed"
-        # The chain subscriber asked the engines for the chain's latest analytics.
-        await async_wait_until(
-            lambda: any(r["type"] == schema.ANALYTICS_REQUEST_TYPE and r["groups"] == [CHAIN]
-                        for r in engine.requests),
-            timeout_s=10, what="the analytics request",
-        )
+    # Plays the engines' request group (read at once, never left waiting idle).
+    engines = await redis_layer.new_channel()
+    await redis_layer.group_add(schema.SNAPSHOT_REQUESTS_GROUP, engines)
+    chain, _ = await ws_connect(app, headers=headers)
+    await send(chain, {"action": "subscribe", "chain": {"underlying": "NIFTY", "expiry": EXPIRY.isoformat()}})
+    assert (await recv(chain))["type"] == "subscribed"
+    assert (await recv(chain)) == {"type": "analytics_series", "underlying": "NIFTY",
+                                   "expiry": EXPIRY.isoformat(), "points": []}
+    options, _ = await ws_connect(app, headers=headers)
+    await send(options, {"action": "subscribe", "instruments": [option_token(24000, "CE")]})
+    assert (await recv(options))["type"] == "subscribed"
+    # The chain subscriber asked the engines for its state and the chain's latest analytics.
+    requests = [await asyncio.wait_for(redis_layer.receive(engines), 10) for _ in range(3)]
+    await redis_layer.group_discard(schema.SNAPSHOT_REQUESTS_GROUP, engines)
+    assert sorted(r["type"] for r in requests) == sorted(
+        [schema.SNAPSHOT_REQUEST_TYPE, schema.ANALYTICS_REQUEST_TYPE, schema.SNAPSHOT_REQUEST_TYPE]
+    )
+    assert [r["groups"] for r in requests if r["type"] == schema.ANALYTICS_REQUEST_TYPE] == [[CHAIN]]
 
-        await publish(redis_layer, CHAIN, {option_token(24000, "CE"): snapshot_item(option_token(24000, "CE"), ltp=1.0)})
-        frame = await recv(chain)
-        assert (frame["type"], frame["seq"]) == ("snapshots", 1)
-        assert (await recv(options))["type"] == "snapshots"
-        # Window full (one unacknowledged frame): analytics wait, the newest replacing older.
-        for ts in (1, 2):
-            await redis_layer.group_send(CHAIN, schema.chain_analytics_message(group=CHAIN, item=analytics_item(ts)))
-        await async_wait_until(
-            lambda: metrics.registry.get_sample_value("tickerproj_ws_items_dropped_total") == 1,
-            timeout_s=10, what="the second analytics replacing the first",
-        )
-        for comm in (chain, options):
-            await send(comm, {"action": "ping", "id": "p"})
-            assert (await recv(comm))["type"] == "pong"
-        await send(chain, {"action": "ack", "seq": 1})
-        assert await recv(chain) == orjson.loads(analytics_item(2))
-        await send(chain, {"action": "ping"})
-        assert (await recv(chain))["type"] == "pong"
-        # The options-only subscriber never gets a chain's analytics.
-        await send(options, {"action": "ping"})
-        assert (await recv(options))["type"] == "pong"
-        # After unsubscribing the chain, its analytics stop.
-        await send(chain, {"action": "unsubscribe", "chain": {"underlying": "NIFTY", "expiry": EXPIRY.isoformat()}})
-        assert (await recv(chain))["type"] == "unsubscribed"
-        await redis_layer.group_send(CHAIN, schema.chain_analytics_message(group=CHAIN, item=analytics_item(3)))
-        await send(chain, {"action": "ping"})
-        assert (await recv(chain))["type"] == "pong"
-        for comm in (chain, options):
-            await comm.disconnect()
+    await publish(redis_layer, CHAIN, {option_token(24000, "CE"): snapshot_item(option_token(24000, "CE"), ltp=1.0)})
+    frame = await recv(chain)
+    assert (frame["type"], frame["seq"]) == ("snapshots", 1)
+    assert (await recv(options))["type"] == "snapshots"
+    # Window full (one unacknowledged frame): analytics wait, the newest replacing older.
+    for ts in (1, 2):
+        await redis_layer.group_send(CHAIN, schema.chain_analytics_message(group=CHAIN, item=analytics_item(ts)))
+    await async_wait_until(
+        lambda: metrics.registry.get_sample_value("tickerproj_ws_items_dropped_total") == 1,
+        timeout_s=10, what="the second analytics replacing the first",
+    )
+    for comm in (chain, options):
+        await send(comm, {"action": "ping", "id": "p"})
+        assert (await recv(comm))["type"] == "pong"
+    await send(chain, {"action": "ack", "seq": 1})
+    assert await recv(chain) == orjson.loads(analytics_item(2))
+    await send(chain, {"action": "ping"})
+    assert (await recv(chain))["type"] == "pong"
+    # The options-only subscriber never gets a chain's analytics.
+    await send(options, {"action": "ping"})
+    assert (await recv(options))["type"] == "pong"
+    # After unsubscribing the chain, its analytics stop.
+    await send(chain, {"action": "unsubscribe", "chain": {"underlying": "NIFTY", "expiry": EXPIRY.isoformat()}})
+    assert (await recv(chain))["type"] == "unsubscribed"
+    await redis_layer.group_send(CHAIN, schema.chain_analytics_message(group=CHAIN, item=analytics_item(3)))
+    await send(chain, {"action": "ping"})
+    assert (await recv(chain))["type"] == "pong"
+    for comm in (chain, options):
+        await comm.disconnect()
 
 
 @pytest.mark.parametrize(

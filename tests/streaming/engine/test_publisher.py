@@ -15,6 +15,7 @@ from django.conf import settings
 
 from streaming import schema
 from streaming.engine.bars import Bar
+from streaming.engine.chain_analytics import ChainAnalytics
 from streaming.engine.pipeline import GroupBatch, SnapshotPipeline
 from streaming.engine.publisher import (
     MAX_ITEMS_PER_REPLY,
@@ -23,6 +24,7 @@ from streaming.engine.publisher import (
     PublishFailureLog,
 )
 from streaming.engine.universe import InstrumentUniverse
+from streaming.protocol import AnalyticsMessage
 from tests.helpers import async_wait_until
 from tests.streaming.engine.builders import (
     E1,
@@ -330,3 +332,77 @@ def test_publish_failures_are_logged_on_state_changes_and_as_rates_not_per_flush
     assert (failing["for_s"], failing["groups_dropped"], failing["groups_per_s"]) == (10.0, 200, 20.0)
     [recovered] = events("engine.publish_recovered")
     assert (recovered["after_s"], recovered["groups_dropped"]) == (12.0, 202)
+
+
+class AnalyticsReads(InlineReads):
+    """The read side with the chain analytics, inline."""
+
+    def __init__(self, pipeline, analytics) -> None:
+        super().__init__(pipeline)
+        self._analytics = analytics
+
+    async def analytics_latest(self, groups):
+        return self._analytics.latest(self._pipeline, list(groups), NOW_S)
+
+
+@pytest.fixture
+async def idle_safe_layer():
+    """A layer whose read timeout exceeds receive()'s 5 s BZPOPMIN (as tickerproj/settings.py
+    sets it), so that the request loop may sit idle while this test waits."""
+    layer = RedisChannelLayer(hosts=[{"address": settings.REDIS_URL, "socket_timeout": 15}],
+                              prefix="test-pipeline-analytics")
+    await layer.flush()
+    yield layer
+    await layer.flush()
+    await layer.close_pools()
+
+
+async def test_analytics_requests_are_answered_and_mark_chains_watched(idle_safe_layer):
+    layer = idle_safe_layer
+    p = pipeline_with_data()
+    p.flush(NOW_S, watched=frozenset())
+    analytics = ChainAnalytics()
+    analytics.observe(p, NOW_S)
+    publisher = Publisher(layer)
+    await publisher.refresh_watched(p.universe.group_names)
+    server = asyncio.create_task(
+        publisher.serve_snapshot_requests(AnalyticsReads(p, analytics)), name="snapshot-requests"
+    )
+    try:
+        await until(lambda: _has_members(publisher, schema.SNAPSHOT_REQUESTS_GROUP))
+        consumer = await layer.new_channel()
+        await layer.group_send(schema.SNAPSHOT_REQUESTS_GROUP,
+                               {"type": schema.ANALYTICS_REQUEST_TYPE, "reply_to": consumer, "groups": "x"})
+        await layer.group_send(
+            schema.SNAPSHOT_REQUESTS_GROUP,
+            schema.analytics_request_message(reply_to=consumer, groups=[CHAIN_E1, "chain.NOPE.20261124"]),
+        )
+        message = await receive(layer, consumer)
+        assert (message["type"], message["group"]) == (schema.CHAIN_ANALYTICS_TYPE, CHAIN_E1)
+        analytics_message = AnalyticsMessage.model_validate_json(message["item"])
+        assert analytics_message.summary.forward == 26050.0
+        assert publisher.requests_rejected == 1 and publisher.requests_answered == 1
+        assert CHAIN_E1 in publisher.watched
+        assert await channel_is_empty(layer, consumer)  # nothing for a chain not streamed
+    finally:
+        server.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await server
+
+
+@pytest.mark.parametrize("bulk", [True, False])
+async def test_chain_analytics_go_to_their_chain_group(layer, bulk):
+    consumer = await layer.new_channel()
+    await layer.group_add(CHAIN_E1, consumer)
+    item = b'{"type":"analytics"}'
+    assert await Publisher(layer, bulk=bulk).publish_analytics([(CHAIN_E1, item)]) == 1
+    assert await receive(layer, consumer) == schema.chain_analytics_message(group=CHAIN_E1, item=item)
+
+
+@pytest.mark.parametrize("bulk", [True, False])
+async def test_a_failed_analytics_send_names_the_chains_not_sent(bulk):
+    dead = RedisChannelLayer(hosts=["redis://127.0.0.1:1/0"], prefix="test-pipeline")
+    with pytest.raises(PublishError) as err:
+        await Publisher(dead, bulk=bulk).publish_analytics([(CHAIN_E1, b"{}")])
+    assert err.value.failed_groups == [CHAIN_E1]
+    await dead.close_pools()
