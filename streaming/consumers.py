@@ -499,6 +499,7 @@ def recent_bar_items(*, name: str) -> list[bytes] | None:
             ticks=bar.tick_count,
             is_gap=bar.is_gap,
             is_mock=bar.is_mock,
+            backfilled=bar.backfilled,
         )
         for bar in bar_list_recent(instrument_token=spot.instrument_token, limit=RECENT_BARS)
     ]
