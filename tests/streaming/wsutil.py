@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.exceptions
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.conf import settings as django_settings
@@ -207,7 +208,9 @@ class FakeEngine:
     async def __aexit__(self, *exc) -> None:
         assert self._task is not None
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        # redis-py's read timeout context can turn the cancellation of a blocking receive
+        # into its own TimeoutError: either way the fake engine has stopped.
+        with contextlib.suppress(asyncio.CancelledError, redis.exceptions.TimeoutError):
             await self._task
         await self.layer.group_discard(schema.SNAPSHOT_REQUESTS_GROUP, self._channel)
 
