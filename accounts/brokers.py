@@ -186,28 +186,29 @@ def _reading_error(exc: KiteError) -> BrokerError:
 
 
 class KiteClients:
-    """One :class:`KiteRestClient` per api key, reused by every order of a process.
+    """One :class:`KiteRestClient` per account, reused by every order of a process.
 
     A client holds kiteconnect's ``requests`` session, so reusing it keeps the HTTP
-    connection to Kite alive instead of opening one per order (about a third of the REST
-    client's cost per order in ``benchmarks/orders``). A new access token (a new login)
-    replaces the api key's client and closes the old session, so at most one client per api
-    key is kept.
+    connection to Kite alive instead of opening one per order (``benchmarks/orders``). A new
+    access token (a new login) or api key replaces the account's client and closes the old
+    session, so at most one client per account is kept. Keyed by account, not api key: the
+    users of one Kite app share its api key, each with their own access token.
     """
 
     def __init__(self, *, config: BrokerConfig) -> None:
         self._config = config
-        self._clients: dict[str, tuple[str, KiteRestClient]] = {}
+        self._clients: dict[int | None, tuple[tuple[str, str], KiteRestClient]] = {}
         self._lock = threading.Lock()
 
     def client_for(self, account: KiteAccount) -> KiteRestClient:
+        session = (account.api_key, account.access_token)
         with self._lock:
-            token, client = self._clients.get(account.api_key, ("", None))
-            if client is None or token != account.access_token:
+            held, client = self._clients.get(account.pk, (None, None))
+            if client is None or held != session:
                 if client is not None:
                     client.close()
                 client = _kite_client(account, self._config)
-                self._clients[account.api_key] = (account.access_token, client)
+                self._clients[account.pk] = (session, client)
             return client
 
 

@@ -32,7 +32,7 @@ def order_desk_from_settings() -> OrderDesk:
 def _desk(redis_url: str, config: BrokerConfig, limits_key: str) -> OrderDesk:
     """A desk per process and settings, kept (the one module-level cache of the order path) so
     that every order reuses its Redis connection pool, its registered Lua scripts and one Kite
-    HTTP session per api key instead of opening them per order (``benchmarks/orders``). Keyed
+    HTTP session per account instead of opening them per order (``benchmarks/orders``). Keyed
     by the settings it is built from (``limits_key``: the limits' repr, as they hold a dict),
     so changed settings get a new desk."""
     limits = OrderLimits.from_settings()

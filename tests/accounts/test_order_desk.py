@@ -36,15 +36,17 @@ def test_the_desk_is_built_once_per_settings(order_settings):
     assert changed is not desk and changed.limits.per_minute == 399
 
 
-def test_one_client_per_api_key_until_its_access_token_changes():
+def test_one_client_per_account_until_its_access_token_changes():
     clients = KiteClients(config=BrokerConfig(
         api_root="http://127.0.0.1:1", redis_url="", timeout_s=1.0, rate_limiter=KiteRateLimiter(),
     ))  # fmt: skip
-    account = KiteAccount(label="a", api_key="key-a", access_token="token-1")
+    account = KiteAccount(pk=1, label="a", api_key="app-key", access_token="token-1")
     first = clients.client_for(account)
-    assert clients.client_for(KiteAccount(label="a", api_key="key-a", access_token="token-1")) is first
-    other = clients.client_for(KiteAccount(label="b", api_key="key-b", access_token="token-9"))
-    assert other is not first and other.api_key == "key-b"
+    assert clients.client_for(KiteAccount(pk=1, label="a", api_key="app-key", access_token="token-1")) is first
+    # Another user of the same Kite app: same api key, own token, own client; the first stays.
+    other = clients.client_for(KiteAccount(pk=2, label="b", api_key="app-key", access_token="token-9"))
+    assert other is not first and other._kite.access_token == "token-9"
+    assert clients.client_for(account) is first
     account.access_token = "token-2"  # a new login
     renewed = clients.client_for(account)
     assert renewed is not first and renewed._kite.access_token == "token-2"
