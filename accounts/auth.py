@@ -35,5 +35,5 @@ def apitoken_authenticate(*, key: str) -> ApiToken | None:
     token = apitoken_get_active(key=key)
     if token is None:
         return None
-    apitoken_mark_used(token_id=token.pk)
+    apitoken_mark_used(token_id=token.pk, last_used_at=token.last_used_at)
     return token

@@ -16,6 +16,7 @@ services may do next depends only on which:
 from __future__ import annotations
 
 import importlib
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -184,16 +185,52 @@ def _reading_error(exc: KiteError) -> BrokerError:
                               status=getattr(exc, "status", None))
 
 
-def broker_for(*, account: KiteAccount, config: BrokerConfig | None = None) -> Broker:
-    """The broker that executes ``account``'s orders: paper engine or Kite."""
-    if account.is_paper:
-        module_name, _, class_name = PAPER_BROKER.rpartition(".")
-        paper_broker = getattr(importlib.import_module(module_name), class_name)
-        return paper_broker(account=account)
-    config = config or BrokerConfig.from_settings()
-    client = KiteRestClient(
+class KiteClients:
+    """One :class:`KiteRestClient` per account, reused by every order of a process.
+
+    A client holds kiteconnect's ``requests`` session, so reusing it keeps the HTTP
+    connection to Kite alive instead of opening one per order (``benchmarks/orders``). A new
+    access token (a new login) or api key replaces the account's client and closes the old
+    session, so at most one client per account is kept. Keyed by account, not api key: the
+    users of one Kite app share its api key, each with their own access token.
+    """
+
+    def __init__(self, *, config: BrokerConfig) -> None:
+        self._config = config
+        self._clients: dict[int | None, tuple[tuple[str, str], KiteRestClient]] = {}
+        self._lock = threading.Lock()
+
+    def client_for(self, account: KiteAccount) -> KiteRestClient:
+        session = (account.api_key, account.access_token)
+        with self._lock:
+            held, client = self._clients.get(account.pk, (None, None))
+            if client is None or held != session:
+                if client is not None:
+                    client.close()
+                client = _kite_client(account, self._config)
+                self._clients[account.pk] = (session, client)
+            return client
+
+
+def _kite_client(account: KiteAccount, config: BrokerConfig) -> KiteRestClient:
+    return KiteRestClient(
         api_key=account.api_key, access_token=account.access_token, api_root=config.api_root,
         rate_limiter=config.rate_limiter or KiteRateLimiter.from_redis_url(config.redis_url),
         timeout_s=config.timeout_s,
     )  # fmt: skip
+
+
+def broker_for(
+    *, account: KiteAccount, config: BrokerConfig | None = None, clients: KiteClients | None = None
+) -> Broker:
+    """The broker that executes ``account``'s orders: paper engine or Kite (on ``clients``'
+    reused client when given, else a new one)."""
+    if account.is_paper:
+        module_name, _, class_name = PAPER_BROKER.rpartition(".")
+        paper_broker = getattr(importlib.import_module(module_name), class_name)
+        return paper_broker(account=account)
+    if clients is not None:
+        client = clients.client_for(account)
+    else:
+        client = _kite_client(account, config or BrokerConfig.from_settings())
     return KiteBroker(client=client, secrets=(account.access_token, account.api_secret))

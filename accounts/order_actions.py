@@ -30,7 +30,7 @@ from typing import Annotated, Any, Final, Literal
 
 import orjson
 import structlog
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -369,7 +369,8 @@ def _kite_params(params: OrderParams, *, account: KiteAccount, quantity: int, ta
 def _store_placement(
     *, actor: OrderActor, account: KiteAccount, idempotency_key: str, params: OrderParams,
     fingerprint: str, slices: list[int], instrument: Instrument,
-) -> OrderPlacement:
+) -> tuple[OrderPlacement, list[Order]]:
+    orders = []
     with transaction.atomic():
         placement = OrderPlacement.objects.create(
             user=actor.user, account=account, idempotency_key=idempotency_key,
@@ -377,7 +378,7 @@ def _store_placement(
         )  # fmt: skip
         for index, quantity in enumerate(slices):
             tag = new_tag()
-            Order.objects.create(
+            orders.append(Order.objects.create(
                 account=account, placement=placement, slice_index=index, tag=tag,
                 request=_kite_params(params, account=account, quantity=quantity, tag=tag),
                 variety=params.variety, exchange=params.exchange,
@@ -385,8 +386,8 @@ def _store_placement(
                 transaction_type=params.transaction_type, order_type=params.order_type,
                 product=params.product, quantity=quantity, price=Decimal(str(params.price or 0)),
                 trigger_price=Decimal(str(params.trigger_price or 0)), pending_quantity=quantity,
-            )  # fmt: skip
-    return placement
+            ))  # fmt: skip
+    return placement, orders
 
 
 def order_place(
@@ -420,7 +421,7 @@ def order_place(
             lot_size=facts.lot_size, max_slices=desk.limits.max_slices,
         )  # fmt: skip
         _rate_check(desk=desk, account=account, cost=len(slices))
-        placement = _store_placement(
+        placement, orders = _store_placement(
             actor=actor, account=account, idempotency_key=idempotency_key, params=params,
             fingerprint=fingerprint, slices=slices, instrument=instrument,
         )  # fmt: skip
@@ -434,11 +435,19 @@ def order_place(
         existing = OrderPlacement.objects.get(user=actor.user, idempotency_key=idempotency_key)
         return _replay(existing, fingerprint)
     broker = desk.broker_for(account)
-    sent = []
-    for order in placement.orders.order_by("slice_index"):
-        order.account = account
-        sent.append(order_send(order=order, broker=broker, actor=actor, desk=desk, action=OrderAudit.Action.PLACE))
-    return _placement_answer(placement, orders=sent)
+    sent: list[Order] = []
+    answers: list[ActionResult] = []
+
+    def store_answer(last: Order) -> None:
+        answers.append(_placement_answer(placement, orders=[*sent, last]))
+
+    for order in orders:
+        last = order is orders[-1]
+        sent.append(order_send(order=order, broker=broker, actor=actor, desk=desk, action=OrderAudit.Action.PLACE,
+                               also=store_answer if last else None))
+    # The answer is stored with the last order's outcome, in its transaction; on its own only
+    # when that order was not sent here (another resolver had claimed it).
+    return answers[0] if answers else _placement_answer(placement, orders=sent)
 
 
 def _placement_answer(placement: OrderPlacement, *, orders: list[Order] | None = None) -> ActionResult:
@@ -457,12 +466,22 @@ def _placement_answer(placement: OrderPlacement, *, orders: list[Order] | None =
         status = 202
     else:
         status = 201
-    OrderPlacement.objects.filter(pk=placement.pk, response_status__isnull=True).update(
-        response_status=status, response_body=body
-    )
-    # Read back, so the first answer is byte for byte what every replay returns (jsonb's key
-    # order), and a resolver that stored it first wins.
-    placement.refresh_from_db(fields=["response_status", "response_body"])
+    # Stored only if no answer is yet, and read back in the same statement, so the first
+    # answer is byte for byte what every replay returns (jsonb's key order), and a resolver
+    # that stored it first wins.
+    body_field = OrderPlacement._meta.get_field("response_body")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE accounts_orderplacement SET response_status = %s, response_body = %s "
+            "WHERE id = %s AND response_status IS NULL RETURNING response_status, response_body",
+            [status, body_field.get_db_prep_save(body, connection), placement.pk],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        placement.refresh_from_db(fields=["response_status", "response_body"])
+        return ActionResult(status=placement.response_status, body=placement.response_body)
+    placement.response_status = row[0]
+    placement.response_body = body_field.from_db_value(row[1], None, connection)
     return ActionResult(status=placement.response_status, body=placement.response_body)
 
 
@@ -476,44 +495,66 @@ def _claim_send(order: Order, *, now: dt.datetime) -> bool:
     )
 
 
-def order_send(*, order: Order, broker: Broker, actor: OrderActor, desk: OrderDesk, action: str) -> Order:
-    """Send one stored order to the broker and record what came back."""
+def order_send(
+    *, order: Order, broker: Broker, actor: OrderActor, desk: OrderDesk, action: str,
+    also: Callable[[Order], None] | None = None,
+) -> Order:
+    """Send one stored order to the broker and record what came back.
+
+    The send is claimed (committed) first; Kite's answer, its audit and ``also`` (called with
+    the order's new state: the placement's answer) are written in one transaction. ``also``
+    is not called when the order was not sent here.
+    """
     if not _claim_send(order, now=desk.now()):
         order.refresh_from_db()
         return order
+    outcome: str | BrokerError
+    try:
+        outcome = broker.place_order(params=order.request)
+    except (BrokerAmbiguousError, BrokerRejectedError, BrokerNotSentError) as exc:
+        outcome = exc
+    with transaction.atomic():
+        updated = _record_send(order, outcome=outcome, actor=actor, desk=desk, action=action)
+        if updated is None:  # an update from the feed got there first and is newer
+            order.refresh_from_db()
+            updated = order
+        if also is not None:
+            also(updated)
+    return updated
+
+
+def _record_send(order: Order, *, outcome: str | BrokerError, actor: OrderActor, desk: OrderDesk,
+                 action: str) -> Order | None:
+    """Apply and audit a send's outcome: Kite's order_id, or the broker's error."""
     account = order.account
     source = "place"
     updated: Order | None
-    try:
-        kite_order_id = broker.place_order(params=order.request)
-    except BrokerAmbiguousError as exc:
+    if isinstance(outcome, BrokerAmbiguousError):
         updated = order_apply_update(account=account, source=source, update={
             "tag": order.tag, "status": OrderStatus.UNKNOWN,
-            "status_message": f"Kite's answer was lost ({exc.message}); resolving from its order book",
+            "status_message": f"Kite's answer was lost ({outcome.message}); resolving from its order book",
         })  # fmt: skip
         order_audit_record(actor=actor, action=action, outcome=OrderAudit.Outcome.UNKNOWN, account=account,
                            order=order, error_code="kite_answer_lost", request=order.request,
-                           response={"error": exc.message})
+                           response={"error": outcome.message})
         transaction.on_commit(
             lambda: desk.schedule_resolution(order.pk, desk.limits.unknown_check_interval_s)
         )
-    except (BrokerRejectedError, BrokerNotSentError) as exc:
-        sent = isinstance(exc, BrokerRejectedError)
-        message = exc.message if sent else f"not sent to Kite: {exc.message}"
+    elif isinstance(outcome, BrokerError):
+        sent = isinstance(outcome, BrokerRejectedError)
+        message = outcome.message if sent else f"not sent to Kite: {outcome.message}"
         updated = order_apply_update(account=account, source=source,
-                           update={"tag": order.tag, "status": OrderStatus.REJECTED, "status_message": message})
+                                     update={"tag": order.tag, "status": OrderStatus.REJECTED,
+                                             "status_message": message})
         order_audit_record(actor=actor, action=action, outcome=OrderAudit.Outcome.REJECTED, account=account,
                            order=order, error_code="kite_rejected" if sent else "kite_unreachable",
-                           request=order.request, response={"error": message, "error_type": exc.error_type})
+                           request=order.request, response={"error": message, "error_type": outcome.error_type})
     else:
         updated = order_apply_update(account=account, source=source, update={
-            "order_id": kite_order_id, "tag": order.tag, "status": OrderStatus.PUT_ORDER_REQ_RECEIVED,
+            "order_id": outcome, "tag": order.tag, "status": OrderStatus.PUT_ORDER_REQ_RECEIVED,
         })  # fmt: skip
         order_audit_record(actor=actor, action=action, outcome=OrderAudit.Outcome.OK, account=account,
-                           order=order, request=order.request, response={"order_id": kite_order_id})
-    if updated is None:  # an update from the feed got there first and is newer
-        order.refresh_from_db()
-        return order
+                           order=order, request=order.request, response={"order_id": outcome})
     return updated
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Final
 
 import structlog
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -182,20 +183,27 @@ def _apply(order: Order, update: OrderUpdate, *, source: str, now: dt.datetime) 
 
 
 def _locked_order(account, update: OrderUpdate) -> Order | None:
-    orders = Order.objects.select_for_update().filter(account=account)
+    """The order an update is for, locked; one SELECT for both ways of finding it."""
+    wanted = []
     if update.order_id:
-        found = orders.filter(kite_order_id=update.order_id).first()
-        if found is not None:
-            return found
+        wanted.append(Q(kite_order_id=update.order_id))
     if update.tag:
         # Only our own orders are found by tag (others' apps reuse tags); one we placed but
         # whose order_id was lost is found here, and learns its order_id.
-        found = orders.filter(tag=update.tag, placement__isnull=False).first()
-        if found is not None and (not found.kite_order_id or not update.order_id):
-            return found
-        if found is not None:
-            log.error("order.tag_conflict", account_id=account.pk, tag=update.tag,
-                      stored_order_id=found.kite_order_id, update_order_id=update.order_id)
+        wanted.append(Q(tag=update.tag, placement__isnull=False))
+    if not wanted:
+        return None
+    either = wanted[0] if len(wanted) == 1 else wanted[0] | wanted[1]
+    candidates = list(Order.objects.select_for_update().filter(either, account=account).order_by("pk"))
+    found = next((o for o in candidates if update.order_id and o.kite_order_id == update.order_id), None)
+    if found is not None:
+        return found
+    found = next((o for o in candidates if update.tag and o.tag == update.tag and o.placement_id), None)
+    if found is not None and (not found.kite_order_id or not update.order_id):
+        return found
+    if found is not None:
+        log.error("order.tag_conflict", account_id=account.pk, tag=update.tag,
+                  stored_order_id=found.kite_order_id, update_order_id=update.order_id)
     return None
 
 

@@ -202,10 +202,18 @@ APITOKEN_TOUCH_INTERVAL_S = 60
 """last_used_at is refreshed at most this often, so that reconnect storms write little."""
 
 
-def apitoken_mark_used(*, token_id: int, now: dt.datetime | None = None) -> bool:
-    """Record that a token was used; True if this call wrote (throttled, one conditional UPDATE)."""
+def apitoken_mark_used(
+    *, token_id: int, now: dt.datetime | None = None, last_used_at: dt.datetime | None = None
+) -> bool:
+    """Record that a token was used; True if this call wrote (throttled, one conditional UPDATE).
+
+    ``last_used_at``: the value just read with the token, if known; when it is recent no
+    UPDATE is sent at all (it would match nothing), saving a round trip per request.
+    """
     now = now or timezone.now()
     stale_before = now - dt.timedelta(seconds=APITOKEN_TOUCH_INTERVAL_S)
+    if last_used_at is not None and last_used_at >= stale_before:
+        return False
     return bool(
         ApiToken.objects.filter(pk=token_id)
         .filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=stale_before))

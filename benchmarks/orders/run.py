@@ -29,6 +29,7 @@ otherwise):
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
 import platform
 import statistics
@@ -111,6 +112,11 @@ def main() -> None:
         help="one pair (ours, bare) per interval: below Kite's 10 requests/s per api_key, which "
         "the REST client's shared limiter enforces (0: as fast as possible, timing the limiter)",
     )
+    parser.add_argument(
+        "--profile", metavar="FILE",
+        help="cProfile our orders in the timed loop and write the stats to FILE (timings then "
+        "include the profiler's cost: read the profile, not the figures)",
+    )
     args = parser.parse_args()
 
     prefix, pinning = pin()
@@ -176,9 +182,15 @@ def run(args, *, sim: subprocess.Popen, api_root: str, pinning: str) -> None:
             db["s"] += time.perf_counter() - t0
             db["queries"] += 1
 
+    profiler = cProfile.Profile() if args.profile else None
+
     def ours() -> None:
+        if profiler is not None:
+            profiler.enable()
         response = client.post("/api/v1/orders", body, content_type="application/json",
                                HTTP_IDEMPOTENCY_KEY=uuid.uuid4().hex)  # fmt: skip
+        if profiler is not None:
+            profiler.disable()
         assert response.status_code == 201, response.content[:400]
         assert orjson.loads(response.content)["orders"][0]["kite_order_id"]
 
@@ -188,6 +200,8 @@ def run(args, *, sim: subprocess.Popen, api_root: str, pinning: str) -> None:
     for _ in range(args.warmup):
         ours()
         bare()
+    if profiler is not None:
+        profiler.clear()
     wall = {"ours": [], "bare": []}
     cpu = {"ours": 0.0, "bare": 0.0}
     sim_cpu = {"ours": 0.0, "bare": 0.0}
@@ -206,6 +220,8 @@ def run(args, *, sim: subprocess.Popen, api_root: str, pinning: str) -> None:
         cursor.execute("SHOW synchronous_commit")
         sync_commit = cursor.fetchone()[0]
 
+    if profiler is not None:
+        profiler.dump_stats(args.profile)
     n = args.orders
     p = {k: (pct(v, 50) * 1000, pct(v, 99) * 1000) for k, v in wall.items()}
     overhead = p["ours"][1] - p["bare"][1]

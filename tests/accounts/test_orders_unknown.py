@@ -102,9 +102,11 @@ def test_orders_whose_placing_process_stopped_are_settled_by_the_sweep(order_set
     instrument = Instrument.objects.get(pk=fut.instrument_token)
 
     def stored(key: str) -> Order:
-        placement = _store_placement(actor=OrderActor(user=trader), account=account, idempotency_key=key,
-                                     params=params, fingerprint=_fingerprint(params), slices=[fut.lot_size], instrument=instrument)
-        return placement.orders.get()
+        placement, orders = _store_placement(actor=OrderActor(user=trader), account=account, idempotency_key=key,
+                                             params=params, fingerprint=_fingerprint(params), slices=[fut.lot_size],
+                                             instrument=instrument)
+        assert [o.pk for o in orders] == [placement.orders.get().pk]
+        return orders[0]
 
     never_sent = stored("died-before-send")
     sent = stored("died-while-sending")
