@@ -122,8 +122,11 @@ class PaperDesk:
                 log.warning("paper.receive_failed", error=str(exc)[:200])
                 await asyncio.sleep(self._refresh_s)
                 continue
-            if message.get("type") != schema.SNAPSHOTS_BATCH_TYPE:
-                log.warning("paper.unexpected_message", type=str(message.get("type"))[:60])
+            kind = message.get("type")
+            if kind != schema.SNAPSHOTS_BATCH_TYPE:
+                # Chain groups also carry the chain's analytics, which the desk has no use for.
+                if kind != schema.CHAIN_ANALYTICS_TYPE:
+                    log.warning("paper.unexpected_message", type=str(kind)[:60])
                 continue
             for token, item in zip(message["tokens"], message["items"], strict=False):
                 orders = self._book.get(token)

@@ -215,8 +215,11 @@ class LeaseManager:
                 self._wake.clear()
                 self._last_round_monotonic = now
                 await self._round()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that lands as its inner wait ends, and this loop wakes every check interval.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._check_interval_s)
+                async with asyncio.timeout(self._check_interval_s):
+                    await self._wake.wait()
 
     async def _round(self) -> None:
         started = self._clock()
@@ -290,7 +293,8 @@ class LeaseManager:
     async def _db(self, fn, **kwargs):
         """A lease query with a deadline; None when the database did not answer in time."""
         try:
-            return await asyncio.wait_for(run_db(fn, **kwargs), timeout=self.renew_every_s)
+            async with asyncio.timeout(self.renew_every_s):
+                return await run_db(fn, **kwargs)
         except TimeoutError:
             log.warning("lease.db_timeout", op=fn.__name__, owner=self.owner)
         except DatabaseError as exc:

@@ -103,6 +103,8 @@ class AskRecorder:
         await self.layer.group_add(group, channel)
         while True:
             message = await self.layer.receive(channel)
+            if message["type"] != schema.SNAPSHOTS_BATCH_TYPE:
+                continue  # a chain group also carries the chain's analytics
             for token, item in zip(message["tokens"], message["items"], strict=True):
                 if token == self.token and (ask := orjson.loads(item)["ask"]) is not None:
                     self.asks.add(float(ask))
