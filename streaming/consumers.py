@@ -908,6 +908,23 @@ class TickerConsumer(AsyncWebsocketConsumer):
         self._metrics.errors.labels(str(code)).inc()
         await self.send(text_data=error_message(code, message, request_id=request_id, **detail))
 
+    async def _join_groups(self, groups: list[str], *, request_id: Any) -> bool:
+        """Join ``groups``; on a channel-layer error say so and return False (nothing is
+        recorded as subscribed; a group joined before the error expires by group_expiry)."""
+        try:
+            for group in groups:
+                await self.channel_layer.group_add(group, self.channel_name)
+        except (OSError, RedisError) as exc:
+            self._log.warning("ws.subscribe_failed", error=str(exc)[:200])
+            await self._send_error(
+                ErrorCode.UNAVAILABLE,
+                "the stream is unavailable (channel layer error); nothing was subscribed, "
+                "try again",
+                request_id=request_id,
+            )
+            return False
+        return True
+
     async def _subscribe(self, msg: Subscribe) -> None:
         if msg.orders is not None:
             await self._subscribe_orders(msg)
@@ -959,18 +976,7 @@ class TickerConsumer(AsyncWebsocketConsumer):
             return
         joined = sorted({i.group for i in new} - set(self._group_refs))
         bar_groups = {schema.bars_group(n): n for n in res.bars if schema.bars_group(n) not in self._bars}
-        try:
-            for group in [*joined, *bar_groups]:
-                await self.channel_layer.group_add(group, self.channel_name)
-        except (OSError, RedisError) as exc:
-            # Nothing is recorded as subscribed; a group joined here expires (group_expiry).
-            self._log.warning("ws.subscribe_failed", error=str(exc)[:200])
-            await self._send_error(
-                ErrorCode.UNAVAILABLE,
-                "the stream is unavailable (channel layer error); nothing was subscribed, "
-                "try again",
-                request_id=msg.id,
-            )
+        if not await self._join_groups([*joined, *bar_groups], request_id=msg.id):
             return
         for inst in new:
             self._subs[inst.token] = inst.group
@@ -1138,17 +1144,7 @@ class TickerConsumer(AsyncWebsocketConsumer):
                 return
             wanted = set(msg.orders)
         joined = {aid: schema.orders_group(aid) for aid in sorted(wanted - set(self._orders))}
-        try:
-            for group in joined.values():
-                await self.channel_layer.group_add(group, self.channel_name)
-        except (OSError, RedisError) as exc:
-            self._log.warning("ws.subscribe_failed", error=str(exc)[:200])
-            await self._send_error(
-                ErrorCode.UNAVAILABLE,
-                "the stream is unavailable (channel layer error); nothing was subscribed, "
-                "try again",
-                request_id=msg.id,
-            )
+        if not await self._join_groups(list(joined.values()), request_id=msg.id):
             return
         self._orders.update(joined)
         await self.send(
