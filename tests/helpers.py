@@ -64,3 +64,20 @@ def engine_status(**fields: Any) -> dict[str, Any]:
         "loop_lag_ms": 0.0, "ticks_per_s": 0.0, "reloads": 0,
     } | fields
     return EngineStatus.model_validate(doc).to_json()
+
+
+async def cancel_until_done(task: asyncio.Task, *, timeout_s: float = 30.0) -> None:
+    """Cancel ``task`` until it has ended, failing after ``timeout_s``.
+
+    One ``cancel()`` is not always enough: on Python 3.11 ``asyncio.wait_for`` (inside
+    channels-redis and redis-py) can swallow a cancellation that lands as its inner wait ends,
+    which is also why the engine's Supervisor cancels again until its tasks end.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not task.done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{task.get_name()} did not stop within {timeout_s} s of cancelling")
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    if not task.cancelled():
+        task.exception()  # retrieved: ending on an error while being cancelled is ending too

@@ -25,7 +25,7 @@ from streaming.engine.publisher import (
 )
 from streaming.engine.universe import InstrumentUniverse
 from streaming.protocol import AnalyticsMessage
-from tests.helpers import async_wait_until
+from tests.helpers import async_wait_until, cancel_until_done
 from tests.streaming.engine.builders import (
     E1,
     NIFTY_FUT,
@@ -220,9 +220,7 @@ async def test_initial_state_requests_are_answered_and_mark_groups_watched(layer
         update = await receive(layer, consumer)
         assert update["group"] == CHAIN_E1 and CE in update["tokens"]
     finally:
-        server.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await server
+        await cancel_until_done(server)
     assert not await _has_members(publisher, schema.SNAPSHOT_REQUESTS_GROUP)
 
 
@@ -385,9 +383,7 @@ async def test_analytics_requests_are_answered_and_mark_chains_watched(idle_safe
         assert CHAIN_E1 in publisher.watched
         assert await channel_is_empty(layer, consumer)  # nothing for a chain not streamed
     finally:
-        server.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await server
+        await cancel_until_done(server)
 
 
 @pytest.mark.parametrize("bulk", [True, False])
