@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import inspect
 import time
 from collections.abc import Callable
 from typing import Any
 
+from django.conf import settings
+
+from streaming.market import IST
+from streaming.nse_calendar import is_trading_day, parse_holidays
 from streaming.status import EngineStatus
 
 
@@ -81,3 +86,16 @@ async def cancel_until_done(task: asyncio.Task, *, timeout_s: float = 30.0) -> N
         await asyncio.wait({task}, timeout=0.5)
     if not task.cancelled():
         task.exception()  # retrieved: ending on an error while being cancelled is ending too
+
+
+def next_trading_day(today: dt.date) -> dt.date:
+    """The first trading day after ``today`` (weekends and MARKET_HOLIDAYS skipped)."""
+    holidays = parse_holidays(settings.MARKET_HOLIDAYS)
+    day = today + dt.timedelta(days=1)
+    while not is_trading_day(day, holidays):
+        day += dt.timedelta(days=1)
+    return day
+
+
+def epoch_at_ist(day: dt.date, hour: int, minute: int) -> float:
+    return dt.datetime(day.year, day.month, day.day, hour, minute, tzinfo=IST).timestamp()

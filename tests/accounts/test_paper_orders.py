@@ -8,16 +8,14 @@ import datetime as dt
 import uuid
 
 import pytest
-from django.conf import settings
 
 from accounts.brokers import BrokerRejectedError
 from accounts.models import KiteAccount, Order, OrderPlacement, OrderStatus, Trade
 from accounts.paper import PaperBroker, PaperExchange
 from accounts.paper_matching import Fill, MatchResult, PaperOrder
 from streaming.engine.market_hours import MarketHours
-from streaming.market import IST
-from streaming.nse_calendar import is_trading_day, parse_holidays
 from streaming.snapshots import LiveSnapshot
+from tests.helpers import epoch_at_ist, next_trading_day
 from tests.streaming.wsutil import create_universe, option_token
 
 pytestmark = pytest.mark.django_db
@@ -27,11 +25,7 @@ SYMBOL = "NIFTY30JAN24000CE"
 
 
 def session_open() -> float:
-    holidays = parse_holidays(settings.MARKET_HOLIDAYS)
-    day = dt.date.today() + dt.timedelta(days=1)
-    while not is_trading_day(day, holidays):
-        day += dt.timedelta(days=1)
-    return dt.datetime(day.year, day.month, day.day, 11, 0, tzinfo=IST).timestamp()
+    return epoch_at_ist(next_trading_day(dt.date.today()), 11, 0)
 
 
 class Book:

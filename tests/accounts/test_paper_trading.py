@@ -23,10 +23,9 @@ from accounts.paper import PaperBroker, PaperExchange
 from accounts.paper_desk import PaperDesk
 from streaming import schema
 from streaming.engine.market_hours import MarketHours
-from streaming.market import IST, SyntheticMarket
-from streaming.nse_calendar import is_trading_day, parse_holidays
+from streaming.market import SyntheticMarket
 from streaming.snapshots import SnapshotReader
-from tests.helpers import async_wait_until
+from tests.helpers import async_wait_until, epoch_at_ist, next_trading_day
 from tests.streaming.engine.runtime_helpers import (
     InProcessEngine,
     instruments_from_market,
@@ -41,11 +40,7 @@ ORDER_ROUTES = ("order.place", "order.modify", "order.cancel")
 
 def trading_day_at(hour: int, minute: int) -> float:
     """An epoch on the next trading day (from tomorrow) at IST ``hour:minute``."""
-    holidays = parse_holidays(settings.MARKET_HOLIDAYS)
-    day = dt.date.today() + dt.timedelta(days=1)
-    while not is_trading_day(day, holidays):
-        day += dt.timedelta(days=1)
-    return dt.datetime(day.year, day.month, day.day, hour, minute, tzinfo=IST).timestamp()
+    return epoch_at_ist(next_trading_day(dt.date.today()), hour, minute)
 
 
 def running_clock(start: float):

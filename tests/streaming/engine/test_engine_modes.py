@@ -9,17 +9,15 @@ import time
 
 import orjson
 import pytest
-from django.conf import settings
 
 from accounts.models import KiteAccount
 from accounts.services import account_set_session
 from streaming import schema
 from streaming.control import notify_engines_on_commit
 from streaming.engine.store import run_db
-from streaming.market import IST, SyntheticMarket
+from streaming.market import SyntheticMarket
 from streaming.models import UnderlyingBar
-from streaming.nse_calendar import is_trading_day, parse_holidays
-from tests.helpers import async_wait_until
+from tests.helpers import async_wait_until, epoch_at_ist, next_trading_day
 from tests.streaming.engine.runtime_helpers import (
     InProcessEngine,
     instruments_from_market,
@@ -44,19 +42,6 @@ def world(transactional_db):
     account = make_account("acc1", api_key="k1", access_token="tok-acc1")
     return {"market": market, "tokens": sorted(set(nifty)), "expiry": expiry,
             "account": account, "group": schema.chain_group("NIFTY", expiry)}
-
-
-def epoch_at_ist(day: dt.date, hour: int, minute: int) -> float:
-    return dt.datetime(day.year, day.month, day.day, hour, minute, tzinfo=IST).timestamp()
-
-
-def next_trading_day(today: dt.date) -> dt.date:
-    """The first trading day after ``today`` (weekends and MARKET_HOLIDAYS skipped)."""
-    holidays = parse_holidays(settings.MARKET_HOLIDAYS)
-    day = today + dt.timedelta(days=1)
-    while not is_trading_day(day, holidays):
-        day += dt.timedelta(days=1)
-    return day
 
 
 async def test_live_at_the_open_mock_after_the_close_never_mixed(world):
