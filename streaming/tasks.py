@@ -33,13 +33,21 @@ def _publish(bars: list[FilledBar]) -> None:
     if not bars:
         return
     layer = get_channel_layer()
-    for bar in bars:
-        item = schema.encode_bar(
+    messages = [
+        (schema.bars_group(bar.name), schema.bar_closed_message(schema.encode_bar(
             token=bar.token, name=bar.name, start_epoch_s=bar.start_epoch_s, open=bar.open,
             high=bar.high, low=bar.low, close=bar.close, volume=bar.volume, ticks=0,
             is_gap=False, is_mock=False, backfilled=True,
-        )
-        async_to_sync(layer.group_send)(schema.bars_group(bar.name), schema.bar_closed_message(item))
+        )))
+        for bar in bars
+    ]  # fmt: skip
+
+    async def send_all() -> None:
+        # One event loop (and one Redis connection) for the whole run, not one per bar.
+        for group, message in messages:
+            await layer.group_send(group, message)
+
+    async_to_sync(send_all)()
 
 
 @shared_task(
