@@ -65,8 +65,11 @@ prod-local:
 screenshots: install-dev install-browser
 	$(UV) run --no-sync python docs/screenshots.py
 
+# In parallel on pytest-xdist workers (docs/testing.md): the suite waits on real processes far
+# more than it computes, so more workers than cores pay. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 4
 test: install-dev install-browser install-promtool
-	$(UV) run --no-sync pytest
+	$(UV) run --no-sync pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install-dev
 	$(UV) run --no-sync ruff check .

@@ -1,15 +1,19 @@
-"""Helpers shared by test modules: waiting on a condition with a deadline, status documents."""
+"""Helpers shared by test modules: waiting on a condition with a deadline, free ports, status
+documents."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 import inspect
+import itertools
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
+from redis.connection import parse_url
 
 from streaming.market import IST
 from streaming.nse_calendar import is_trading_day, parse_holidays
@@ -43,6 +47,32 @@ async def async_wait_until(predicate: Callable[[], object], *, timeout_s: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout_s} s")
         await asyncio.sleep(interval_s)
+
+
+PORT_BLOCKS_START = 12_000  # 16 blocks, one per Redis database: 12000-19999
+PORT_BLOCK_SIZE = 500
+_port_offsets = itertools.count()  # this process's round-robin through its block
+
+
+def free_port() -> int:
+    """A free loopback port for a server a test starts (daphne, a metrics endpoint, Redis).
+
+    Not bind(0)'s: an ephemeral port is free only until the test's server binds it, and in
+    between another xdist worker's server or any outgoing connection on the machine may take
+    it. Each run on the machine has a Redis database of its own (an xdist worker, a suite
+    beside it: docs/testing.md), so each gets its own block of ports below Linux's ephemeral
+    range, handed out round-robin so that a port is not given twice in quick succession.
+    """
+    first = PORT_BLOCKS_START + parse_url(settings.REDIS_URL).get("db", 0) * PORT_BLOCK_SIZE
+    for _ in range(PORT_BLOCK_SIZE):
+        port = first + next(_port_offsets) % PORT_BLOCK_SIZE
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use, or in TIME_WAIT
+                continue
+        return port
+    raise AssertionError(f"no free port in {first}-{first + PORT_BLOCK_SIZE - 1}")
 
 
 def engine_status(**fields: Any) -> dict[str, Any]:

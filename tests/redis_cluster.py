@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 
-from tests.streaming.wsutil import free_port
+from tests.helpers import free_port
 
 MASTER_NAME = "tpmaster"
 

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -22,18 +21,14 @@ import orjson
 import pytest
 import websockets
 
+from tests.helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 BANNER = re.compile(r"Open (http://127\.0\.0\.1:(\d+)/) and log in as (\S+) / (\S+)")
 STARTUP_S = 180  # a fresh SQLite schema plus numba's first compile on a busy 2-core machine
 # What a fresh machine has: none of the test suite's service URLs or keys.
 SCRUBBED = ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "FIELD_ENCRYPTION_KEYS",
             "TEST_DATABASE_NAME", "CHANNEL_LAYER_PREFIX", "DJANGO_SETTINGS_MODULE")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Demo:
@@ -102,6 +97,7 @@ async def login(http: aiohttp.ClientSession, base: str, username: str, password:
         return await resp.text()
 
 
+@pytest.mark.heavy
 async def test_demo_serves_a_live_chain_page_on_embedded_defaults(demo):
     base, username, password = await demo.start()
     assert base == f"http://127.0.0.1:{demo.port}/" and username == "demo"

@@ -8,7 +8,6 @@ import base64
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import requests
 from kiteconnect import KiteConnect, KiteTicker
 
 from tests.fixtures import KITE_MOCKS
+from tests.helpers import free_port
 
 MOCKS = KITE_MOCKS
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,15 +65,9 @@ def test_kiteticker_parser_runs_on_the_resolved_autobahn():
     assert ticks[0]["instrument_token"] == 408065
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.django_db(transaction=True)
 def test_daphne_serves_the_project_on_the_resolved_autobahn(settings):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, DATABASE_URL=_test_database_url(settings))
     proc = subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "tickerproj.asgi:application"],

@@ -15,9 +15,8 @@ import pytest
 from django.conf import settings
 from prometheus_client import REGISTRY, generate_latest
 
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from tests.streaming.engine.runtime_helpers import subprocess_env
-from tests.streaming.wsutil import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

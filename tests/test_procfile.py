@@ -23,10 +23,9 @@ from websockets.asyncio.client import connect
 from streaming.market import SyntheticMarket
 from streaming.sim.simulator import KiteSimulator, SimulatorThread
 from subscriptions.models import DriftReport
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from tests.streaming.engine.runtime_helpers import subprocess_env
 from tests.streaming.engine.test_runticker_e2e import read_snapshots, world  # noqa: F401
-from tests.streaming.wsutil import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +70,7 @@ async def _chain_snapshots(port: int, world) -> dict[int, dict]:  # noqa: F811 (
         return await read_snapshots(ws, world["chain"], timeout_s=60)
 
 
+@pytest.mark.heavy
 def test_honcho_runs_the_production_layout_against_the_simulator(world, redis_client, tmp_path):  # noqa: F811
     call_command("ensure_schedules")
     sim = KiteSimulator(market=SyntheticMarket(seed=0), tick_interval_ms=200)

@@ -60,10 +60,9 @@ from streaming.market import SyntheticMarket  # noqa: E402
 from streaming.models import AccountLease, EngineHeartbeat  # noqa: E402
 from streaming.sim.simulator import KiteSimulator, SimulatorThread  # noqa: E402
 from subscriptions.models import Instrument, Subscription  # noqa: E402
-from tests.helpers import wait_until  # noqa: E402
+from tests.helpers import free_port, wait_until  # noqa: E402
 from tests.streaming.engine.runtime_helpers import ManagePy, subprocess_env  # noqa: E402
 from tests.streaming.engine.test_runticker_e2e import Daphne, world  # noqa: E402, F401
-from tests.streaming.wsutil import free_port  # noqa: E402
 from tickerproj.redis_connection import SentinelTarget, sentinel_url  # noqa: E402
 
 RESUME_WITHIN_S = 10.0
@@ -107,6 +106,7 @@ class ChainClient:
 pytestmark_failover = pytest.mark.django_db(transaction=True)
 
 
+@pytest.mark.heavy
 @pytestmark_failover
 def test_streaming_and_subscriptions_resume_after_a_failover(cluster, world, tmp_path, record_property):  # noqa: F811
     target = SentinelTarget(sentinels=(("127.0.0.1", cluster.sentinel_port),), master_name=MASTER_NAME)

@@ -10,8 +10,9 @@ import pytest
 from django.contrib.auth import get_user_model
 from playwright.sync_api import expect, sync_playwright
 
+from tests.helpers import free_port
 from tests.streaming.test_chain_page_browser import CHROMIUM, CHROMIUM_ARGS, WAIT_MS
-from tests.streaming.wsutil import daphne_process, free_port, service_env
+from tests.streaming.wsutil import daphne_process, service_env
 from tests.streaming.wsutil import layer_prefix as layer_prefix
 
 USERNAME, PASSWORD = "desk-trader", "a-long-trader-password"
@@ -48,6 +49,7 @@ def web(layer_prefix, tmp_path):
     process.stop()
 
 
+@pytest.mark.heavy
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
 def test_a_non_staff_trader_logs_in_through_the_browser_and_out_again(web):

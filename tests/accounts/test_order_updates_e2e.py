@@ -30,18 +30,17 @@ from streaming.kite.postback import postback_checksum
 from streaming.market import SyntheticMarket
 from streaming.sim.simulator import KiteSimulator, SimulatorThread
 from subscriptions.models import Instrument
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from tests.streaming.engine.runtime_helpers import instruments_from_market, subscribe
 from tests.streaming.wsutil import (
     ROOT,
     ServiceProcess,
     daphne_process,
-    free_port,
     service_env,
 )
 from tests.streaming.wsutil import layer_prefix as layer_prefix
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.heavy]
 
 API_KEY = "e2e-key"
 API_SECRET = "e2e-api-secret-5d1e"  # a test secret, scanned for in the logs

@@ -14,12 +14,12 @@ from playwright.sync_api import expect, sync_playwright
 
 from accounts.models import KiteAccount
 from accounts.order_services import trade_record
+from tests.helpers import free_port
 from tests.streaming.test_chain_page_browser import CHROMIUM, CHROMIUM_ARGS, WAIT_MS
 from tests.streaming.wsutil import (
     NIFTY_FUT,
     create_universe,
     daphne_process,
-    free_port,
     option_token,
     service_env,
 )
@@ -34,6 +34,7 @@ def test_the_positions_page_requires_a_login(client):
     assert response.status_code == 302 and "/accounts/login/" in response["Location"]
 
 
+@pytest.mark.heavy
 def test_the_positions_page_draws_the_pushed_positions(layer_prefix, tmp_path):
     create_universe()
     user = get_user_model().objects.create_user(username=USERNAME, password=PASSWORD)

@@ -22,7 +22,7 @@ from accounts.services import apitoken_create
 from streaming.market import SyntheticMarket
 from streaming.sim.simulator import KiteSimulator, SimulatorThread
 from subscriptions.models import Subscription
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from tests.streaming.engine.runtime_helpers import (
     ManagePy,
     instruments_from_market,
@@ -30,9 +30,9 @@ from tests.streaming.engine.runtime_helpers import (
     subprocess_env,
     subscribe,
 )
-from tests.streaming.engine.test_runticker_e2e import Daphne, _http_ok, free_port
+from tests.streaming.engine.test_runticker_e2e import Daphne, _http_ok
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.heavy]
 log = structlog.get_logger(__name__)
 
 STREAMS_DEADLINE_S = 15.0

@@ -20,13 +20,13 @@ from streaming.management.commands.demo import demo_universe_load
 from streaming.market import SyntheticMarket
 from streaming.nse_calendar import parse_holidays
 from subscriptions.models import Instrument
+from tests.helpers import free_port
 from tests.streaming.wsutil import (
     EXPIRY,
     EXPIRY2,
     ServiceProcess,
     create_universe,
     daphne_process,
-    free_port,
     service_env,
 )
 from tests.streaming.wsutil import layer_prefix as layer_prefix
@@ -87,6 +87,7 @@ def wait_for_greeks_to_change(page: Page) -> None:
     )
 
 
+@pytest.mark.heavy
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
 def test_chain_page_logs_in_streams_greeks_and_recovers_from_a_server_restart(stack):

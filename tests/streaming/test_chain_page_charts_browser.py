@@ -29,6 +29,7 @@ from django.contrib.auth import get_user_model
 from playwright.sync_api import Page, expect, sync_playwright
 
 from streaming import protocol, schema
+from tests.helpers import free_port
 from tests.streaming.test_chain_page_browser import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -43,7 +44,6 @@ from tests.streaming.wsutil import (
     NIFTY_INDEX,
     create_universe,
     daphne_process,
-    free_port,
     option_token,
     service_env,
     snapshot_item,
@@ -158,6 +158,7 @@ def candle_at(page: Page, start_ts: int) -> Any:
     )
 
 
+@pytest.mark.heavy
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
 def test_chain_page_shows_the_analytics_and_draws_and_updates_every_chart(stack):
@@ -273,6 +274,7 @@ def option_snapshot(strike: float, kind: str, **extra: Any) -> bytes:
     )
 
 
+@pytest.mark.heavy
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
 def test_chain_page_flags_the_rows_whose_snapshot_came_from_the_rest_fallback(web_only):
@@ -345,6 +347,7 @@ def analytics_item(*, ts: int, iv_rank: float | None, oi_change: int) -> bytes:
     return item
 
 
+@pytest.mark.heavy
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
 def test_chain_page_shows_an_analytics_message_in_the_header_the_rows_and_the_charts(web_only):

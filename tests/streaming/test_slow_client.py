@@ -18,12 +18,14 @@ import websockets
 from accounts.services import apitoken_create
 from streaming import schema
 from subscriptions.models import Instrument
+from tests.helpers import free_port
 from tests.streaming.wsutil import close_db_threads as close_db_threads
-from tests.streaming.wsutil import daphne_process, free_port, service_env
+from tests.streaming.wsutil import daphne_process, service_env
 from tests.streaming.wsutil import layer_prefix as layer_prefix
 from tests.streaming.wsutil import user as user
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_db_threads")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_db_threads"),
+              pytest.mark.heavy]
 
 EXPIRY = dt.date(2030, 1, 29)
 CHAINS = 30

@@ -243,12 +243,6 @@ async def publish(layer, group: str, items: dict[int, bytes]) -> None:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def service_env(*, layer_prefix: str, **extra: str) -> dict[str, str]:
     """The environment of a service process on this test's database, Redis db and layer prefix."""
     db = django_settings.DATABASES["default"]

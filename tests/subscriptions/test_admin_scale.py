@@ -8,7 +8,9 @@ from django.urls import reverse
 
 from subscriptions.models import Instrument, Subscription
 
-pytestmark = pytest.mark.django_db
+# One xdist worker runs the module's tests one after another: its 100,000 committed rows are
+# loaded once (`loaded`), not again each time another module's test ran in between.
+pytestmark = [pytest.mark.django_db, pytest.mark.xdist_group("admin_scale")]
 
 INSTRUMENTS = 100_000
 SUBSCRIPTIONS = 10_000

@@ -18,7 +18,7 @@ from streaming.kite.codec import decode_frame
 from streaming.kite.recording import RecordingHeader, RecordingWriter, RecordKind
 from streaming.market import SyntheticMarket
 from streaming.sim.simulator import KiteSimulator
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from tests.streaming.engine.runtime_helpers import (
     ManagePy,
     instruments_from_market,
@@ -26,9 +26,9 @@ from tests.streaming.engine.runtime_helpers import (
     subprocess_env,
     subscribe,
 )
-from tests.streaming.engine.test_runticker_e2e import Daphne, _http_ok, free_port, read_snapshots
+from tests.streaming.engine.test_runticker_e2e import Daphne, _http_ok, read_snapshots
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.heavy]
 
 STEPS = 40
 STEP_NS = 100_000_000

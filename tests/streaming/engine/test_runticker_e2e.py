@@ -6,7 +6,6 @@ over real PostgreSQL and Redis. /health follows the engine: 200 while it streams
 import asyncio
 import json
 import os
-import socket
 import sys
 import time
 import urllib.error
@@ -23,7 +22,7 @@ from accounts.services import apitoken_create
 from streaming.market import SyntheticMarket
 from streaming.models import AccountLease
 from streaming.sim.simulator import KiteSimulator, SimulatorThread
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from tests.streaming.engine.runtime_helpers import (
     REPO,
     ManagePy,
@@ -33,13 +32,7 @@ from tests.streaming.engine.runtime_helpers import (
     subscribe,
 )
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.heavy]
 
 
 class Daphne(ManagePy):

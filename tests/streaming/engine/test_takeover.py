@@ -21,7 +21,7 @@ from tests.streaming.engine.runtime_helpers import (
     subscribe,
 )
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.heavy]
 
 KEYS = ("k1", "k2")
 PER_ACCOUNT = 6500  # three connections each: 3000 + 3000 + 500
