@@ -104,13 +104,15 @@ def test_the_daily_loss_cap_halts_new_orders(order_settings, sim, account, instr
 
 
 def test_over_kites_order_limits_is_a_429_with_retry_after(order_settings, sim, account, instruments, api):
-    order_settings.ORDERS_PER_S = 2
+    # The minute's window, not the second's: a loaded machine may take longer than a second
+    # over three placements, never a minute (the windows share one code path).
+    order_settings.ORDERS_PER_MINUTE = 2
     fut = future(instruments)
     assert api.place(market_order(account, fut), key="r1").status_code == 201
     assert api.place(market_order(account, fut), key="r2").status_code == 201
     response = api.place(market_order(account, fut), key="r3")
     refused(response, 429, "order_rate_limited")
-    assert 1 <= int(response["Retry-After"]) <= 2
+    assert 1 <= int(response["Retry-After"]) <= 61  # the minute stretched by its 1 s margin
     assert sent(sim) == 2
     # Nothing was stored for the refused key: the same key may be sent again once there is room.
     assert not Order.objects.filter(placement__idempotency_key="r3").exists()

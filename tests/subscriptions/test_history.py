@@ -279,7 +279,8 @@ def test_unknown_instrument_is_a_404_naming_it(staff_client, history_env):
 
 def test_an_index_gets_its_candles_without_greeks(staff_client, history_env):
     index = Instrument.objects.get(tradingsymbol="NIFTY 50")
-    start, end = last_sessions(2)
+    # A week: two calendar days hold no session from Saturday to Monday's open (IST).
+    start, end = last_sessions(7)
     response = get_history(staff_client, index.pk, start, end)
     assert response.status_code == 200, response.content
     body = orjson.loads(response.content)
