@@ -8,9 +8,7 @@ from django.urls import reverse
 
 from subscriptions.models import Instrument, Subscription
 
-# One xdist worker runs the module's tests one after another: its 100,000 committed rows are
-# loaded once (`loaded`), not again each time another module's test ran in between.
-pytestmark = [pytest.mark.django_db, pytest.mark.xdist_group("admin_scale")]
+pytestmark = pytest.mark.django_db
 
 INSTRUMENTS = 100_000
 SUBSCRIPTIONS = 10_000
