@@ -15,12 +15,14 @@ unknown keys are ignored, as the version policy allows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import orjson
 import structlog
+from channels_redis.pubsub import RedisPubSubChannelLayer
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from streaming import schema
@@ -79,6 +81,28 @@ def snapshot_parse(item: bytes) -> LiveSnapshot:
     return snapshot
 
 
+async def channel_release(layer: Any, channel: str) -> None:
+    """Let go of a channel from ``new_channel()`` that nobody will read again.
+
+    channels-redis's RedisPubSubChannelLayer subscribes each new channel in this process until
+    a receive on it is cancelled (its one clean-up path: channels has no delete_channel), so a
+    read per request would leave a subscription and a queue behind each time. Other layers
+    hold nothing for a channel (its messages expire).
+    """
+    if not isinstance(layer, RedisPubSubChannelLayer):
+        return
+    while True:
+        waiter = asyncio.ensure_future(layer.receive(channel))
+        await asyncio.sleep(0)
+        if waiter.done():
+            waiter.result()  # a late answer, dropped; wait again for the cancellable receive
+            continue
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+        return
+
+
 class SnapshotReader:
     """Asks the engines for the latest snapshots of some tokens over a channel layer."""
 
@@ -104,6 +128,13 @@ class SnapshotReader:
             schema.SNAPSHOT_REQUESTS_GROUP,
             schema.snapshot_request_message(reply_to=channel, tokens=sorted(wanted)),
         )
+        try:
+            return await self._answers(channel, wanted)
+        finally:
+            await channel_release(layer, channel)
+
+    async def _answers(self, channel: str, wanted: set[int]) -> dict[int, LiveSnapshot]:
+        layer = self._layer
         found: dict[int, LiveSnapshot] = {}
         deadline = time.monotonic() + self._timeout_s
         while not wanted <= found.keys():

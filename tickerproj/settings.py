@@ -218,10 +218,11 @@ WS_GROUP_EXPIRY_S = env.int("WS_GROUP_EXPIRY_S", default=900)
 """channels-redis forgets a WebSocket's group membership after this; consumers re-join at a third."""
 # Names this installation's channel-layer keys and engine control channel on a shared Redis.
 CHANNEL_LAYER_PREFIX = env.str("CHANNEL_LAYER_PREFIX", default="tickerproj")
-CHANNEL_LAYER_BACKEND = env.str("CHANNEL_LAYER_BACKEND", default="redis")
-"""``redis``: channels-redis's RedisChannelLayer (a sorted set per consumer channel, one copy of
-each group message per member); ``pubsub``: its RedisPubSubChannelLayer (one Redis PUBLISH per
-group message, read once by each web process and handed to its members in memory).
+CHANNEL_LAYER_BACKEND = env.str("CHANNEL_LAYER_BACKEND", default="pubsub")
+"""``pubsub`` (default): channels-redis's RedisPubSubChannelLayer, one Redis PUBLISH per group
+message, read once by each web process and handed to its members in memory; ``redis``: its
+RedisChannelLayer, one copy of each group message per member in Redis (what a web process
+then reads one round trip per message). benchmarks/engine/README.md measures both.
 benchmarks/engine/README.md compares the two."""
 if CHANNEL_LAYER_BACKEND not in ("redis", "pubsub"):
     raise ImproperlyConfigured(

@@ -618,10 +618,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--client-procs", type=int, default=4)
     parser.add_argument("--web-procs", type=int, default=1, help="daphne processes")
-    parser.add_argument("--layers", default="redis",
-                        help="channel layers to run each phase on, comma-separated: redis "
-                             "(RedisChannelLayer) and/or pubsub (RedisPubSubChannelLayer); both "
-                             "prints them side by side")
+    parser.add_argument("--layers", default="pubsub",
+                        help="CHANNEL_LAYER_BACKEND to run each phase on, comma-separated: pubsub "
+                             "(RedisPubSubChannelLayer, the default) and/or redis "
+                             "(RedisChannelLayer); both prints them side by side")
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                         help="pin the service (runticker, redis, daphne) to --service-cpu and "
                              "the load generators (simulator, clients, probe) to --load-cpu")

@@ -33,6 +33,7 @@ from typing import Any, Final, Protocol
 import redis
 import structlog
 from channels.exceptions import ChannelFull
+from channels_redis.pubsub import RedisPubSubChannelLayer
 
 from streaming import schema
 from streaming.engine.bars import Bar
@@ -179,8 +180,6 @@ class _PubSubBulkSender:
 
     @staticmethod
     def supports(layer: Any) -> bool:
-        from channels_redis.pubsub import RedisPubSubChannelLayer
-
         return isinstance(layer, RedisPubSubChannelLayer)
 
     def _loop_layer(self) -> Any:
