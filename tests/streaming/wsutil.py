@@ -96,10 +96,11 @@ def snapshot_item(token: int, *, ltp: float, **extra: Any) -> bytes:
 def layers_with_prefix(prefix: str, *, backend: str | None = None) -> dict[str, Any]:
     """CHANNEL_LAYERS as settings build them (CHANNEL_LAYER_BACKEND's layer), with ``prefix``;
     ``backend`` "redis" forces channels-redis's RedisChannelLayer."""
+    if backend == "redis":
+        return {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {
+            "hosts": [django_settings.REDIS_URL], "prefix": prefix, "capacity": 1000, "expiry": 10,
+        }}}  # fmt: skip
     default = django_settings.CHANNEL_LAYERS["default"]
-    if backend == "redis" and default["BACKEND"] != "channels_redis.core.RedisChannelLayer":
-        default = {"BACKEND": "channels_redis.core.RedisChannelLayer",
-                   "CONFIG": {"hosts": default["CONFIG"]["hosts"], "capacity": 1000, "expiry": 10}}
     return {"default": {**default, "CONFIG": {**default["CONFIG"], "prefix": prefix}}}
 
 
