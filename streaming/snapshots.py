@@ -82,7 +82,8 @@ def snapshot_parse(item: bytes) -> LiveSnapshot:
 
 
 async def channel_release(layer: Any, channel: str) -> None:
-    """Let go of a channel from ``new_channel()`` that nobody will read again.
+    """Let go of a channel from ``new_channel()`` that nobody will read again, and whose last
+    receive was not cancelled (that already let it go).
 
     channels-redis's RedisPubSubChannelLayer subscribes each new channel in this process until
     a receive on it is cancelled (its one clean-up path: channels has no delete_channel), so a
@@ -128,14 +129,15 @@ class SnapshotReader:
             schema.SNAPSHOT_REQUESTS_GROUP,
             schema.snapshot_request_message(reply_to=channel, tokens=sorted(wanted)),
         )
-        try:
-            return await self._answers(channel, wanted)
-        finally:
-            await channel_release(layer, channel)
-
-    async def _answers(self, channel: str, wanted: set[int]) -> dict[int, LiveSnapshot]:
-        layer = self._layer
         found: dict[int, LiveSnapshot] = {}
+        if not await self._answers(channel, wanted, found):
+            await channel_release(layer, channel)
+        return found
+
+    async def _answers(self, channel: str, wanted: set[int], found: dict[int, LiveSnapshot]) -> bool:
+        """Collect answers into ``found``; True when a receive was cancelled at the deadline
+        (which is what lets go of the channel on the pub/sub layer)."""
+        layer = self._layer
         deadline = time.monotonic() + self._timeout_s
         while not wanted <= found.keys():
             left = deadline - time.monotonic()
@@ -144,7 +146,7 @@ class SnapshotReader:
             try:
                 message = await asyncio.wait_for(layer.receive(channel), timeout=left)
             except TimeoutError:
-                break
+                return True
             if message.get("type") != schema.SNAPSHOTS_BATCH_TYPE:
                 continue
             # Not strict, and a bad item is skipped: one engine's bug must not fail the read.
@@ -154,4 +156,4 @@ class SnapshotReader:
                         found[token] = snapshot_parse(item)
                     except SnapshotParseError as exc:
                         log.error("snapshots.bad_item", token=token, error=str(exc)[:200])
-        return found
+        return False

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidMessage, InvalidStatus
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -37,6 +38,8 @@ class Recorder:
         self.until = until
         self.settle_until = max(until, settle_until)
         self.last: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
+        self.connected_conns: set[int] = set()
+        self.reconnects = 0
         self.measured = 0
         self.tokens: list[int] = []
         self.conns: list[int] = []
@@ -69,7 +72,26 @@ class Recorder:
         self.times.append(now)
 
 
+CONNECT_STAGGER_S = 0.01
+"""Connection i of a process opens i x this after the first: 250 connections over 2.5 s, not
+at one instant (daphne drops a WebSocket its application has not accepted within 5 s)."""
+CONNECT_TRIES = 3
+
+
 async def one_client(url: str, key: str, tokens: list[int], rec: Recorder, conn: int) -> None:
+    await asyncio.sleep(conn * CONNECT_STAGGER_S)
+    for attempt in range(1, CONNECT_TRIES + 1):
+        try:
+            await _one_connection(url, key, tokens, rec, conn)
+            return
+        except (OSError, InvalidMessage, InvalidStatus, TimeoutError):
+            if attempt == CONNECT_TRIES or conn in rec.connected_conns:
+                raise
+            rec.reconnects += 1
+            await asyncio.sleep(1.0)
+
+
+async def _one_connection(url: str, key: str, tokens: list[int], rec: Recorder, conn: int) -> None:
     async with connect(
         url,
         additional_headers=[("Authorization", f"Token {key}")],
@@ -83,6 +105,7 @@ async def one_client(url: str, key: str, tokens: list[int], rec: Recorder, conn:
             raise RuntimeError(f"expected hello, got {hello}")
         await ws.send(orjson.dumps({"action": "subscribe", "instruments": tokens}).decode())
         rec.connected += 1
+        rec.connected_conns.add(conn)
         while time.time() < rec.settle_until:
             try:
                 raw = await asyncio.wait_for(
@@ -156,8 +179,9 @@ async def main(args, plan: dict) -> None:
         snapshots=np.int64(rec.snapshots),
         connected=np.int64(rec.connected),
     )
-    if failures or rec.errors:
-        print(json.dumps({"failures": failures[:5], "errors": rec.errors[:5]}), flush=True)
+    if failures or rec.errors or rec.reconnects:
+        print(json.dumps({"failures": failures[:5], "errors": rec.errors[:5],
+                          "connect_retries": rec.reconnects}), flush=True)
 
 
 if __name__ == "__main__":

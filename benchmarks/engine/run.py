@@ -3,6 +3,7 @@ Kite simulator -> runticker -> channels-redis -> daphne -> WebSocket clients.
 
     uv run python benchmarks/engine/run.py                      # both phases, ~4 minutes
     uv run python benchmarks/engine/run.py --phases latency --seconds 20
+    uv run python benchmarks/engine/run.py --phases latency --layers redis,pubsub
 
 Phases (each on a fresh set of subscriptions in its own PostgreSQL database):
 - throughput: 11 accounts x 9000 instruments (Kite's maximum) in full mode, the simulator
@@ -12,6 +13,13 @@ Phases (each on a fresh set of subscriptions in its own PostgreSQL database):
   runticker's CPU and resident memory at ~100k instruments.
 - latency: 1 account x 9000 instruments, 9000 ticks/s, 200 clients: latency from the
   simulator's market step to the client's receipt of the snapshot, p50 and p99.
+
+The service (runticker, the benchmark's own redis-server, daphne) is pinned to one CPU and the
+load generators (simulator, clients, probe) to the other with taskset unless --no-pin; each
+process's CPU is reported, with runticker's CPU per tick and daphne's per delivered snapshot.
+--layers redis,pubsub runs each phase on both channel layers side by side; --stress-cpus N
+runs stress-ng beside it; after the window the market stops and every client must converge
+to its last state.
 
 Latency is measured by signature (see common.py): the simulator records each step's time
 and a signature of every sampled instrument; a client's snapshot is matched to the one step
@@ -165,8 +173,9 @@ def prepare_phase(market, *, accounts: int, per_account: int, clients: int):
             layer_groups.add(chain_group(*key_chain))
         strikes = sorted({s for s, _ in chain})
         mid = len(strikes) // 2
-        # Clients sharing a chain look at different windows of it.
-        shift = (i // len(full)) * 3
+        # Clients sharing a chain look at different windows of it (cycling: 1000 clients
+        # share each chain dozens of times).
+        shift = (i // len(full)) * 3 % max(1, mid - WINDOW_STRIKES + 1)
         lo = strikes[max(0, mid - WINDOW_STRIKES - shift)]
         hi = strikes[min(len(strikes) - 1, mid + WINDOW_STRIKES - shift)]
         plan_clients.append([t for s, t in chain if lo <= s <= hi])
