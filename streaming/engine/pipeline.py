@@ -72,7 +72,8 @@ _GREEK_COLUMNS: Final = ("iv", "delta", "gamma", "theta", "vega", "rho")
 # a real move is at least one 0.05 tick of a premium (about 2e-6 of an index forward).
 # Changes below this fraction do not make a chain's options "changed".
 _FORWARD_CHANGE_RELATIVE: Final = 1e-7
-_GOLDEN_FRACTION: Final = 0.6180339887498949
+GOLDEN_FRACTION: Final = 0.6180339887498949
+"""Phases ``i * GOLDEN_FRACTION % 1`` spread any number of items evenly over an interval."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +159,7 @@ class SnapshotPipeline:
         self._option_slots = np.flatnonzero(u.is_option)
         # Golden-ratio phases: evenly spread whatever the number of chains.
         self._chain_phase_s = (
-            np.arange(n_chains) * _GOLDEN_FRACTION % 1.0 * self._chain_refresh_interval_s
+            np.arange(n_chains) * GOLDEN_FRACTION % 1.0 * self._chain_refresh_interval_s
         )
         # Parity pairs are sorted by chain: where each chain's run starts, for reduceat.
         if u.pair_chain.size:
@@ -261,6 +262,11 @@ class SnapshotPipeline:
     def pending(self) -> int:
         """Instruments changed since the last flush (the backlog a flush drains)."""
         return self._state.pending
+
+    @property
+    def has_deferred(self) -> bool:
+        """Chains whose forward moved wait for their refresh phase (a later flush does it)."""
+        return bool(self._chain_pending.any())
 
     # --- flush ------------------------------------------------------------------------------
 

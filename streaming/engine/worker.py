@@ -27,6 +27,7 @@ import numpy as np
 
 from streaming.engine.bars import Bar, BarAggregator
 from streaming.engine.chain_analytics import ChainAnalytics, HistoryKey
+from streaming.engine.flush_trigger import FlushTrigger
 from streaming.engine.metrics import EngineMetrics
 from streaming.engine.pipeline import GroupBatch, SnapshotPipeline
 from streaming.engine.universe import InstrumentUniverse
@@ -54,6 +55,8 @@ class FlushOutcome:
     """(chain group, ``analytics`` message) of the chains due this flush."""
     minutes: list[dict[str, Any]]
     """ChainMinute rows, on the first flush of each minute."""
+    deferred: bool = False
+    """Work left for a later flush (chain refreshes, analytics not yet due)."""
 
 
 class PipelineReads:
@@ -87,8 +90,11 @@ class PipelineWorker:
         analytics: ChainAnalytics | None = None,
         clock: Callable[[], float] = time.time,
         max_inbox_bytes: int = MAX_INBOX_BYTES,
+        flush_trigger: FlushTrigger | None = None,
     ) -> None:
         self._pipeline = pipeline
+        #: Told of every change queued here; decides when the engine flushes.
+        self.flush_trigger = flush_trigger or FlushTrigger()
         self._bars = bars
         self._analytics = analytics or ChainAnalytics()
         self._metrics = metrics
@@ -124,6 +130,7 @@ class PipelineWorker:
         snapshots (flagged) but not the bars, which the historical backfill fills.
         """
         self._inbox.append((ticks, is_mock, self._clock(), rest_fallback))
+        self.flush_trigger.changed()
         self._inbox_ticks += len(ticks)
         self._inbox_bytes += ticks.nbytes
         while self._inbox_bytes > self._max_inbox_bytes and len(self._inbox) > 1:
@@ -154,6 +161,7 @@ class PipelineWorker:
     async def clear_rest_fallback(self, tokens: list[int]) -> None:
         """Their socket is back: drop the ``rest_fallback`` flag of ``tokens``' snapshots."""
         await self.on_thread(self._pipeline.clear_rest_fallback, tokens)
+        self.flush_trigger.changed()
 
     async def set_analytics_history(self, history: Mapping[HistoryKey, np.ndarray]) -> None:
         await self.on_thread(self._analytics.set_history, history)
@@ -201,6 +209,7 @@ class PipelineWorker:
             oldest_received=min((r for _, _, r, _ in inbox), default=None),
             analytics=analytics,
             minutes=minutes,
+            deferred=self._pipeline.has_deferred or self._analytics.waiting(watched),
         )
 
     def _install(self, universe: InstrumentUniverse) -> None:
