@@ -334,12 +334,12 @@ class Engine:
         """Flush when the worker's trigger says (streaming.engine.flush_trigger)."""
         await self.worker.flush_trigger.run(self._flush_once)
 
-    async def _flush_once(self) -> bool:
+    async def _flush_once(self) -> float | None:
         """Compute what arrived (pipeline thread), then send one message per watched group.
 
         Only flushes with work are timed (an idle flush is free and would hide the busy
         ones in the percentiles): ``flush_seconds`` is the computation, ``publish_seconds``
-        the channel-layer sends. Returns whether the flush left work for a later one.
+        the channel-layer sends. Returns the seconds until time alone gives a flush work.
         """
         outcome = await self.worker.flush(self.publisher.watched)
         self.metrics.pending_snapshots.set(outcome.pending)
@@ -356,7 +356,7 @@ class Engine:
         batches = outcome.batches
         computed = time.perf_counter()
         if not batches:
-            return outcome.deferred
+            return outcome.next_due_in
         try:
             result = await self.publisher.publish(batches)
         except PublishError as exc:
@@ -371,7 +371,7 @@ class Engine:
         self.metrics.publish_seconds.observe(time.perf_counter() - computed)
         if outcome.oldest_received is not None:
             self.metrics.tick_to_publish_seconds.observe(self._clock() - outcome.oldest_received)
-        return outcome.deferred
+        return outcome.next_due_in
 
     async def _publish_analytics(self, messages: list[tuple[str, bytes]]) -> None:
         try:

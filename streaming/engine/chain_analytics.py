@@ -211,10 +211,12 @@ class ChainAnalytics:
                 out.append((chain.group, message))
         return out
 
-    def waiting(self, watched: Collection[str] | None) -> bool:
-        """Watched chains changed whose message waits for its interval (a later flush)."""
+    def next_due_in(self, now: float, watched: Collection[str] | None) -> float | None:
+        """Seconds until a changed, watched chain's message is due; None when none waits."""
         pending = self._dirty if watched is None else self._dirty & self._watched_mask(watched)
-        return bool(pending.any())
+        if self._sent_s is None or not pending.any():
+            return None
+        return max(float(self._sent_s[pending].min()) + self._interval_s - now, 0.0)
 
     def _watched_mask(self, watched: Collection[str]) -> np.ndarray:
         """Which chains are watched; rebuilt only when the publisher's set is a new object."""

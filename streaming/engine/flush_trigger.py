@@ -9,9 +9,10 @@ flush it becomes what that flush took (compute and publish), between ``min_windo
 flushing) until the window reaches the cap, and a change never waits more than the flush in
 progress, ``cap_s`` and its own flush, however hard the flood.
 
-An engine with nothing new does not flush. Work a flush leaves for later (a chain refresh
-spread over its interval, analytics waiting for theirs) gets one follow-up flush ``cap_s``
-after it, so it is never stranded when the frames stop.
+An engine with nothing new does not flush. Work that time alone brings (a forward source
+going stale, a chain refresh at its phase, analytics waiting for their interval) gets a
+follow-up flush when it is due, at least ``cap_s`` after the last flush, so it is never
+stranded when the frames stop and never makes the engine spin.
 
 The flush itself runs on the pipeline's thread (:class:`~streaming.engine.worker.PipelineWorker`):
 the event loop only awaits it, and frames keep being queued meanwhile.
@@ -85,20 +86,21 @@ class FlushTrigger:
         self._woken.clear()
         self._flush_started = self._clock()
 
-    def flush_finished(self, *, deferred: bool = False) -> None:
-        """The flush (compute and publish) is done; ``deferred``: it left work for later."""
+    def flush_finished(self, *, next_due_in: float | None = None) -> None:
+        """The flush (compute and publish) is done; ``next_due_in``: seconds until time alone
+        gives the next flush work (None: nothing waits on the clock)."""
         now = self._clock()
         started = now if self._flush_started is None else self._flush_started
         self._flush_started = None
         self._last_finished = now
         self.window_s = min(max(now - started, self.min_window_s), self.cap_s)
-        if deferred:
-            self._follow_up_at = now + self.cap_s
+        if next_due_in is not None:
+            self._follow_up_at = now + max(next_due_in, self.cap_s)
 
     # --- the loop ---------------------------------------------------------------------------
 
-    async def run(self, flush: Callable[[], Awaitable[bool]]) -> None:
-        """Flush when due, forever; ``flush()`` returns whether it left work for later."""
+    async def run(self, flush: Callable[[], Awaitable[float | None]]) -> None:
+        """Flush when due, forever; ``flush()`` returns its ``next_due_in``."""
         while True:
             delay = self.due_in()
             if delay is None:
@@ -117,8 +119,8 @@ class FlushTrigger:
                     await asyncio.sleep(delay)
                 continue
             self.flush_started()
-            deferred = False
+            next_due_in = None
             try:
-                deferred = await flush()
+                next_due_in = await flush()
             finally:
-                self.flush_finished(deferred=deferred)
+                self.flush_finished(next_due_in=next_due_in)

@@ -55,8 +55,9 @@ class FlushOutcome:
     """(chain group, ``analytics`` message) of the chains due this flush."""
     minutes: list[dict[str, Any]]
     """ChainMinute rows, on the first flush of each minute."""
-    deferred: bool = False
-    """Work left for a later flush (chain refreshes, analytics not yet due)."""
+    next_due_in: float | None = None
+    """Seconds until time alone gives a flush work (a forward going stale, a chain refresh,
+    analytics waiting for their interval); None when nothing waits on the clock."""
 
 
 class PipelineReads:
@@ -209,13 +210,20 @@ class PipelineWorker:
             oldest_received=min((r for _, _, r, _ in inbox), default=None),
             analytics=analytics,
             minutes=minutes,
-            deferred=self._pipeline.has_deferred or self._analytics.waiting(watched),
+            next_due_in=_earliest(
+                self._pipeline.next_due_in(now), self._analytics.next_due_in(now, watched)
+            ),
         )
 
     def _install(self, universe: InstrumentUniverse) -> None:
         self._pipeline.set_universe(universe)
         self._bars.set_sources(universe.spot_tokens())
         self._underlyings = self._pipeline.underlying_summary()
+
+
+def _earliest(*delays: float | None) -> float | None:
+    known = [d for d in delays if d is not None]
+    return min(known) if known else None
 
 
 @dataclass

@@ -39,10 +39,10 @@ def trigger_on(clock: FakeClock) -> FlushTrigger:
     return FlushTrigger(min_window_s=WINDOW_S, cap_s=CAP_S, clock=clock)
 
 
-def flush(trigger: FlushTrigger, clock: FakeClock, *, takes_s: float, deferred=False) -> None:
+def flush(trigger: FlushTrigger, clock: FakeClock, *, takes_s: float, next_due_in=None) -> None:
     trigger.flush_started()
     clock.advance(takes_s)
-    trigger.flush_finished(deferred=deferred)
+    trigger.flush_finished(next_due_in=next_due_in)
 
 
 def test_an_idle_engine_does_not_flush():
@@ -130,7 +130,7 @@ def test_under_a_flood_each_flush_drains_everything_queued_before_it():
                 assert pipeline.pending == 0
                 assert outcome.pending <= 1
                 clock.advance(0.5)  # a slow machine: each flush takes longer than the cap
-                trigger.flush_finished(deferred=outcome.deferred)
+                trigger.flush_finished(next_due_in=outcome.next_due_in)
                 assert trigger.window_s == CAP_S
 
         asyncio.run(flood())
@@ -138,11 +138,14 @@ def test_under_a_flood_each_flush_drains_everything_queued_before_it():
         worker.shutdown()
 
 
-def test_left_over_work_gets_one_follow_up_flush_at_the_cap():
+def test_work_that_time_brings_gets_a_follow_up_flush_never_sooner_than_the_cap():
     clock = FakeClock()
     trigger = trigger_on(clock)
     trigger.changed()
-    flush(trigger, clock, takes_s=0.002, deferred=True)
+    flush(trigger, clock, takes_s=0.002, next_due_in=30.0)  # a forward goes stale in 30 s
+    assert trigger.due_in() == pytest.approx(30.0)
+    clock.advance(30.0)
+    flush(trigger, clock, takes_s=0.002, next_due_in=0.0)  # due again at once: not a spin
     assert trigger.due_in() == pytest.approx(CAP_S)
     # A new frame brings the flush forward to its own window.
     trigger.changed()
@@ -174,7 +177,7 @@ async def test_the_loop_coalesces_frames_into_one_flush_that_publishes_the_newes
         outcome = await worker.flush(None)
         if outcome.batches:
             published.append([(b.tokens, b.items) for b in outcome.batches])
-        return outcome.deferred
+        return outcome.next_due_in
 
     loop = asyncio.create_task(trigger.run(flush))
     try:
@@ -189,8 +192,7 @@ async def test_the_loop_coalesces_frames_into_one_flush_that_publishes_the_newes
         ]
         # One snapshot of the instrument, with the last of the three prices.
         assert [(token, snap["ltp"]) for token, snap in snapshots] == [(CE, 102.5)]
-        # Nothing new: once the work the flush left (chain analytics) is done, the loop
-        # waits without flushing, and nothing more was published.
+        # Nothing new: the loop waits without flushing, and nothing more was published.
         await async_wait_until(lambda: trigger.due_in() is None, timeout_s=10, what="idle")
         assert len(published) == 1
     finally:
