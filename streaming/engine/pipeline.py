@@ -6,15 +6,16 @@ pipeline needs no lock)::
     pipeline = SnapshotPipeline(universe, r=settings.RISK_FREE_RATE,
                                 stale_after_s=settings.TICKER_STALE_UNDERLYING_S)
     pipeline.ingest(decoded.ticks, is_mock=False)        # per frame, vectorised
-    batches = pipeline.flush(time.time(), watched=publisher.watched)   # every flush interval
+    batches = pipeline.flush(time.time(), watched=publisher.watched)   # when the trigger says
     await publisher.publish(batches)                     # one group_send per group
     tokens, items = pipeline.latest(request.tokens)      # initial state for a subscriber
     pipeline.set_universe(new_universe)                  # on reload; state of kept tokens stays
 
-A flush does, in order and vectorised over everything at once:
+A flush does, in order and vectorised over what changed (never over the whole universe):
 
 1. takes the slots whose published fields changed since the last flush;
-2. computes the forward of every chain (underlying, expiry): the same-expiry future's LTP if
+2. computes the forward of each chain (underlying, expiry) that took a tick or whose source
+   went stale since (every chain after a universe install): the same-expiry future's LTP if
    it has ticked within ``stale_after_s``, else put-call parity near the money (the pair with
    the smallest |C - P|, as :func:`streaming.greeks.forward_from_parity`), else the stale
    future, else stale parity (both flagged STALE_UNDERLYING), else none (NO_FORWARD);
