@@ -345,6 +345,9 @@ RISK_FREE_RATE = env.float("RISK_FREE_RATE", default=0.065)
 """Annual rate that discounts option premia (a T-bill-like 6.5%, not NSE's fixed 10%)."""
 DIVIDEND_YIELD = env.float("DIVIDEND_YIELD", default=0.0)
 TICKER_FLUSH_INTERVAL_MS = env.int("TICKER_FLUSH_INTERVAL_MS", default=100)
+"""The engine's flush window under load grows up to this (the longest a change waits)."""
+TICKER_FLUSH_WINDOW_MS = env.int("TICKER_FLUSH_WINDOW_MS", default=15)
+"""The engine flushes this long after the first unflushed change when it is not loaded."""
 TICKER_WATCHDOG_S = env.float("TICKER_WATCHDOG_S", default=10.0)
 TICKER_HEARTBEAT_INTERVAL_S = env.float("TICKER_HEARTBEAT_INTERVAL_S", default=2.0)
 TICKER_LEASE_TTL_S = env.float("TICKER_LEASE_TTL_S", default=15.0)
