@@ -15,9 +15,12 @@ bounded when a client stops reading: at most ``send_window`` frames in daphne's 
 one item per subscribed instrument here.
 
 Each connection re-joins its groups every few minutes (``group_refresh_s``, a third of the
-layer's ``group_expiry``): channels-redis forgets a member that has not re-joined within
-``group_expiry``, and all of them when Redis restarts, which would otherwise leave a long-open
-page silently frozen; a member left behind by a failed disconnect expires just as soon.
+layer's ``group_expiry``): channels-redis's RedisChannelLayer forgets a member that has not
+re-joined within ``group_expiry``, and all of them when Redis restarts, which would otherwise
+leave a long-open page silently frozen; a member left behind by a failed disconnect expires
+just as soon. On its RedisPubSubChannelLayer (CHANNEL_LAYER_BACKEND=pubsub, the default) the
+web process holds its groups and subscribes again after a reconnect, and re-joining costs
+nothing.
 
 Input is bounded before it costs anything (docs/security.md, H1): a :class:`BoundedInbox`
 takes frames off daphne's unbounded per-connection queue as they arrive and closes a client

@@ -15,12 +15,14 @@ unknown keys are ignored, as the version policy allows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import orjson
 import structlog
+from channels_redis.pubsub import RedisPubSubChannelLayer
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from streaming import schema
@@ -79,6 +81,29 @@ def snapshot_parse(item: bytes) -> LiveSnapshot:
     return snapshot
 
 
+async def channel_release(layer: Any, channel: str) -> None:
+    """Let go of a channel from ``new_channel()`` that nobody will read again, and whose last
+    receive was not cancelled (that already let it go).
+
+    channels-redis's RedisPubSubChannelLayer subscribes each new channel in this process until
+    a receive on it is cancelled (its one clean-up path: channels has no delete_channel), so a
+    read per request would leave a subscription and a queue behind each time. Other layers
+    hold nothing for a channel (its messages expire).
+    """
+    if not isinstance(layer, RedisPubSubChannelLayer):
+        return
+    while True:
+        waiter = asyncio.ensure_future(layer.receive(channel))
+        await asyncio.sleep(0)
+        if waiter.done():
+            waiter.result()  # a late answer, dropped; wait again for the cancellable receive
+            continue
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+        return
+
+
 class SnapshotReader:
     """Asks the engines for the latest snapshots of some tokens over a channel layer."""
 
@@ -105,6 +130,14 @@ class SnapshotReader:
             schema.snapshot_request_message(reply_to=channel, tokens=sorted(wanted)),
         )
         found: dict[int, LiveSnapshot] = {}
+        if not await self._answers(channel, wanted, found):
+            await channel_release(layer, channel)
+        return found
+
+    async def _answers(self, channel: str, wanted: set[int], found: dict[int, LiveSnapshot]) -> bool:
+        """Collect answers into ``found``; True when a receive was cancelled at the deadline
+        (which is what lets go of the channel on the pub/sub layer)."""
+        layer = self._layer
         deadline = time.monotonic() + self._timeout_s
         while not wanted <= found.keys():
             left = deadline - time.monotonic()
@@ -113,7 +146,7 @@ class SnapshotReader:
             try:
                 message = await asyncio.wait_for(layer.receive(channel), timeout=left)
             except TimeoutError:
-                break
+                return True
             if message.get("type") != schema.SNAPSHOTS_BATCH_TYPE:
                 continue
             # Not strict, and a bad item is skipped: one engine's bug must not fail the read.
@@ -123,4 +156,4 @@ class SnapshotReader:
                         found[token] = snapshot_parse(item)
                     except SnapshotParseError as exc:
                         log.error("snapshots.bad_item", token=token, error=str(exc)[:200])
-        return found
+        return False

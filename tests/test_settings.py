@@ -58,7 +58,7 @@ def test_urls_switch_to_postgres_pool_redis_and_the_simulator(tmp_path):
     )
     # Django's PostgreSQL backend, instrumented for /metrics.
     assert found["engine"] == "django_prometheus.db.backends.postgresql" and found["pool"]
-    assert found["layer"] == "channels_redis.core.RedisChannelLayer"
+    assert found["layer"] == "channels_redis.pubsub.RedisPubSubChannelLayer"
     assert found["broker"] == "redis://127.0.0.1:6379/0"
     assert found["api_root"] == "http://127.0.0.1:8600"
 
@@ -155,3 +155,50 @@ def test_redis_auth_and_tls_come_through_redis_url(tmp_path):
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found == {"layer": url, "redis": ["SSLConnection", "s3cret"], "backend": "RedisBackend",
                      "broker_ssl": True}
+
+
+LAYER_PROBE = """
+import json, django
+from django.conf import settings
+django.setup()
+print(json.dumps(settings.CHANNEL_LAYERS["default"]))
+"""
+
+
+def test_the_pubsub_channel_layer_is_chosen_by_setting(tmp_path):
+    """The same host entry as RedisChannelLayer's (the Sentinel one too: both come from one
+    dict in settings), without capacity or expiries, which pub/sub does not have."""
+    base = {**PRODUCTION_ENV, "TICKERPROJ_VAR_DIR": str(tmp_path), "CHANNEL_LAYER_BACKEND": "pubsub",
+            "CHANNEL_LAYER_PREFIX": "desk"}
+    on_url = _run(LAYER_PROBE, {**base, "REDIS_URL": "redis://127.0.0.1:6379/4"})
+    assert on_url.returncode == 0, on_url.stderr[-2000:]
+    assert json.loads(on_url.stdout.strip().splitlines()[-1]) == {
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {
+            "hosts": [{"address": "redis://127.0.0.1:6379/4", "socket_timeout": 15, "socket_connect_timeout": 5}],
+            "prefix": "desk",
+        },
+    }
+
+
+def test_an_unknown_channel_layer_backend_refuses_to_start_naming_the_choices(tmp_path):
+    result = _run(LAYER_PROBE, {**PRODUCTION_ENV, "TICKERPROJ_VAR_DIR": str(tmp_path),
+                                "REDIS_URL": "redis://127.0.0.1:6379/4", "CHANNEL_LAYER_BACKEND": "kafka"})
+    assert result.returncode != 0
+    assert "CHANNEL_LAYER_BACKEND must be 'redis' or 'pubsub', got 'kafka'" in result.stderr
+
+
+def test_on_redis_layer_group_membership_expires_soon_after_consumers_stop_refreshing_it(tmp_path):
+    """RedisChannelLayer keeps members in Redis until group_expiry: consumers re-join in time."""
+    probe = LAYER_PROBE.replace(
+        'print(json.dumps(settings.CHANNEL_LAYERS["default"]))',
+        "from streaming.consumers import ConsumerSettings\n"
+        'print(json.dumps([settings.CHANNEL_LAYERS["default"]["CONFIG"]["group_expiry"], '
+        "settings.WS_GROUP_EXPIRY_S, ConsumerSettings.from_settings(settings).group_refresh_s]))",
+    )
+    result = _run(probe, {**PRODUCTION_ENV, "TICKERPROJ_VAR_DIR": str(tmp_path),
+                          "REDIS_URL": "redis://127.0.0.1:6379/4", "CHANNEL_LAYER_BACKEND": "redis"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    group_expiry, ws_group_expiry, refresh = json.loads(result.stdout.strip().splitlines()[-1])
+    assert group_expiry == ws_group_expiry <= 3600
+    assert refresh * 3 <= group_expiry

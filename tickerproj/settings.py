@@ -218,37 +218,49 @@ WS_GROUP_EXPIRY_S = env.int("WS_GROUP_EXPIRY_S", default=900)
 """channels-redis forgets a WebSocket's group membership after this; consumers re-join at a third."""
 # Names this installation's channel-layer keys and engine control channel on a shared Redis.
 CHANNEL_LAYER_PREFIX = env.str("CHANNEL_LAYER_PREFIX", default="tickerproj")
+CHANNEL_LAYER_BACKEND = env.str("CHANNEL_LAYER_BACKEND", default="pubsub")
+"""``pubsub`` (default): channels-redis's RedisPubSubChannelLayer, one Redis PUBLISH per group
+message, read once by each web process and handed to its members in memory; ``redis``: its
+RedisChannelLayer, one copy of each group message per member in Redis (what a web process
+then reads one round trip per message). benchmarks/engine/README.md measures both.
+benchmarks/engine/README.md compares the two."""
+if CHANNEL_LAYER_BACKEND not in ("redis", "pubsub"):
+    raise ImproperlyConfigured(
+        f"CHANNEL_LAYER_BACKEND must be 'redis' or 'pubsub', got {CHANNEL_LAYER_BACKEND!r}"
+    )
 if REDIS_SENTINEL is not None:
-    CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {
-                # channels-redis asks the sentinels for the master on every new connection.
-                "hosts": [
-                    {
-                        "sentinels": list(REDIS_SENTINEL.sentinels),
-                        "master_name": REDIS_SENTINEL.master_name,
-                        "db": REDIS_SENTINEL.db,
-                        "password": REDIS_SENTINEL.password or None,
-                        "socket_timeout": 15,
-                        "socket_connect_timeout": 5,
-                    }
-                ],
-                "prefix": CHANNEL_LAYER_PREFIX,
-                "capacity": env.int("CHANNEL_LAYER_CAPACITY", default=1000),
-                "expiry": 10,
-            },
-        }
+    # channels-redis asks the sentinels for the master on every new connection.
+    _LAYER_HOST: dict | None = {
+        "sentinels": list(REDIS_SENTINEL.sentinels),
+        "master_name": REDIS_SENTINEL.master_name,
+        "db": REDIS_SENTINEL.db,
+        "password": REDIS_SENTINEL.password or None,
+        "socket_timeout": 15,
+        "socket_connect_timeout": 5,
     }
 elif REDIS_URL:
+    # redis-py >= 6 reads with a 5 s socket timeout by default, the same as channels-redis's
+    # 5 s BZPOPMIN in receive(): an idle receive then fails with TimeoutError instead of
+    # returning. The read timeout must exceed it.
+    _LAYER_HOST = {"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}
+else:
+    _LAYER_HOST = None
+if _LAYER_HOST is not None and CHANNEL_LAYER_BACKEND == "pubsub":
+    # No capacity, expiry or group expiry: a group is a Redis pub/sub channel that each web
+    # process subscribes to while one of its connections is a member, and leaves on the last
+    # one's disconnect or with the process.
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [_LAYER_HOST], "prefix": CHANNEL_LAYER_PREFIX},
+        }
+    }
+elif _LAYER_HOST is not None:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                # redis-py >= 6 reads with a 5 s socket timeout by default, the same as
-                # channels-redis's 5 s BZPOPMIN in receive(): an idle receive then fails with
-                # TimeoutError instead of returning. The read timeout must exceed it.
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}],
+                "hosts": [_LAYER_HOST],
                 "prefix": CHANNEL_LAYER_PREFIX,
                 "capacity": env.int("CHANNEL_LAYER_CAPACITY", default=1000),
                 "expiry": 10,
@@ -333,6 +345,9 @@ RISK_FREE_RATE = env.float("RISK_FREE_RATE", default=0.065)
 """Annual rate that discounts option premia (a T-bill-like 6.5%, not NSE's fixed 10%)."""
 DIVIDEND_YIELD = env.float("DIVIDEND_YIELD", default=0.0)
 TICKER_FLUSH_INTERVAL_MS = env.int("TICKER_FLUSH_INTERVAL_MS", default=100)
+"""The engine's flush window under load grows up to this (the longest a change waits)."""
+TICKER_FLUSH_WINDOW_MS = env.int("TICKER_FLUSH_WINDOW_MS", default=15)
+"""The engine flushes this long after the first unflushed change when it is not loaded."""
 TICKER_WATCHDOG_S = env.float("TICKER_WATCHDOG_S", default=10.0)
 TICKER_HEARTBEAT_INTERVAL_S = env.float("TICKER_HEARTBEAT_INTERVAL_S", default=2.0)
 TICKER_LEASE_TTL_S = env.float("TICKER_LEASE_TTL_S", default=15.0)

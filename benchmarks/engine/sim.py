@@ -4,7 +4,9 @@ step happened and the signature of every sampled instrument (see common.py).
     python benchmarks/engine/sim.py --port 0 --accounts 11 --extra-underlyings 163 \\
         --sample tokens.npy --out steps.npz
 
-Prints ``READY <ws_url>`` once serving; on SIGTERM writes ``--out`` and exits.
+Prints ``READY <ws_url>`` once serving; on SIGUSR1 the market stops moving (the simulator
+goes on sending the last state, so every client should converge to it); on SIGTERM writes
+``--out`` and exits.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ async def main(args) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(sim, "step_market", False))
     async with sim:
         print(f"READY {sim.ws_url} {sim.http_url}", flush=True)
         await stop.wait()

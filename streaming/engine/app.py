@@ -33,6 +33,7 @@ from streaming.engine.chain_analytics import ChainAnalytics
 from streaming.engine.config import EngineConfig
 from streaming.engine.connections import ClientFactory, ConnectionManager
 from streaming.engine.fallback import QuoteClientFactory, RestFallback
+from streaming.engine.flush_trigger import FlushTrigger
 from streaming.engine.heartbeat import HeartbeatWriter
 from streaming.engine.leases import LeaseManager
 from streaming.engine.market_hours import EngineMode, MarketHours, ModePolicy
@@ -176,8 +177,10 @@ class Engine:
                                     stale_after_s=config.stale_underlying_s)
         analytics = ChainAnalytics(interval_s=config.analytics_interval_s,
                                    iv_window_days=config.analytics_iv_window_days)
+        flush_trigger = FlushTrigger(min_window_s=config.flush_window_ms / 1000.0,
+                                     cap_s=config.flush_interval_ms / 1000.0)
         worker = PipelineWorker(pipeline=pipeline, bars=BarAggregator({}), metrics=metrics,
-                                analytics=analytics, clock=clock)
+                                analytics=analytics, clock=clock, flush_trigger=flush_trigger)
         intake = TickIntake(worker=worker, metrics=metrics)
 
         async def apply_order_update(account_id: int, update: dict[str, Any]) -> None:
@@ -328,24 +331,15 @@ class Engine:
     # --- flush and publish ------------------------------------------------------------------
 
     async def _flush_loop(self) -> None:
-        interval_s = self.config.flush_interval_ms / 1000.0
-        next_at = time.monotonic() + interval_s
-        while True:
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await self._flush_once()
-            next_at += interval_s
-            if next_at < time.monotonic():
-                # Behind by more than an interval: do not burst to catch up.
-                next_at = time.monotonic() + interval_s
+        """Flush when the worker's trigger says (streaming.engine.flush_trigger)."""
+        await self.worker.flush_trigger.run(self._flush_once)
 
-    async def _flush_once(self) -> None:
+    async def _flush_once(self) -> float | None:
         """Compute what arrived (pipeline thread), then send one message per watched group.
 
         Only flushes with work are timed (an idle flush is free and would hide the busy
         ones in the percentiles): ``flush_seconds`` is the computation, ``publish_seconds``
-        the channel-layer sends.
+        the channel-layer sends. Returns the seconds until time alone gives a flush work.
         """
         outcome = await self.worker.flush(self.publisher.watched)
         self.metrics.pending_snapshots.set(outcome.pending)
@@ -362,7 +356,7 @@ class Engine:
         batches = outcome.batches
         computed = time.perf_counter()
         if not batches:
-            return
+            return outcome.next_due_in
         try:
             result = await self.publisher.publish(batches)
         except PublishError as exc:
@@ -377,6 +371,7 @@ class Engine:
         self.metrics.publish_seconds.observe(time.perf_counter() - computed)
         if outcome.oldest_received is not None:
             self.metrics.tick_to_publish_seconds.observe(self._clock() - outcome.oldest_received)
+        return outcome.next_due_in
 
     async def _publish_analytics(self, messages: list[tuple[str, bytes]]) -> None:
         try:

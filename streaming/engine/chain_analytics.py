@@ -28,7 +28,12 @@ from typing import Any, Final
 import numpy as np
 
 from streaming import analytics
-from streaming.engine.pipeline import FORWARD_FUTURE, FORWARD_PARITY, SnapshotPipeline
+from streaming.engine.pipeline import (
+    FORWARD_FUTURE,
+    FORWARD_PARITY,
+    GOLDEN_FRACTION,
+    SnapshotPipeline,
+)
 from streaming.engine.universe import InstrumentUniverse
 from streaming.greeks import IST
 from streaming.protocol import analytics_message
@@ -131,7 +136,11 @@ class ChainAnalytics:
         self._watched_source: object = None
         self._watched = np.zeros(len(chains), dtype=bool)
         self._dirty = np.ones(len(chains), dtype=bool)
-        self._sent_s = np.full(len(chains), -np.inf)
+        # Golden-ratio phases spread the chains over the interval: without them every chain
+        # of the universe would be due in the same flush, once a second (a spike of Python).
+        self._phase_s = np.arange(len(chains)) * GOLDEN_FRACTION % 1.0 * self._interval_s
+        #: When each chain was last sent; None until the first ``due`` after an install.
+        self._sent_s: np.ndarray | None = None
         self._latest: dict[int, bytes] = {}
 
     def _follow(self, pipeline: SnapshotPipeline) -> None:
@@ -185,6 +194,10 @@ class ChainAnalytics:
     ) -> list[tuple[str, bytes]]:
         """The ``analytics`` messages of watched chains that changed and whose interval passed."""
         self._follow(pipeline)
+        if self._sent_s is None:
+            # As if chain c had been sent its phase before an interval ago: the first
+            # messages after an install come at their phases, then one interval apart.
+            self._sent_s = now - self._interval_s + self._phase_s
         due = self._dirty & (now - self._sent_s >= self._interval_s)
         if watched is not None:
             due &= self._watched_mask(watched)
@@ -197,6 +210,13 @@ class ChainAnalytics:
             if message is not None:
                 out.append((chain.group, message))
         return out
+
+    def next_due_in(self, now: float, watched: Collection[str] | None) -> float | None:
+        """Seconds until a changed, watched chain's message is due; None when none waits."""
+        pending = self._dirty if watched is None else self._dirty & self._watched_mask(watched)
+        if self._sent_s is None or not pending.any():
+            return None
+        return max(float(self._sent_s[pending].min()) + self._interval_s - now, 0.0)
 
     def _watched_mask(self, watched: Collection[str]) -> np.ndarray:
         """Which chains are watched; rebuilt only when the publisher's set is a new object."""

@@ -20,7 +20,10 @@ class EngineConfig:
     """Every setting the engine uses, read once at the edge (the command or the demo)."""
 
     engine_id: str
+    #: The longest a change waits for its flush to start (the trigger's cap).
     flush_interval_ms: int = 100
+    #: The shortest wait after the first unflushed change (the trigger's window when idle).
+    flush_window_ms: int = 15
     heartbeat_interval_s: float = 2.0
     lease_ttl_s: float = 15.0
     watchdog_s: float = 10.0
@@ -52,6 +55,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.redis_url and not self.control_channel:
             raise ValueError("an engine on Redis needs its control channel")
+        if not 0 < self.flush_window_ms <= self.flush_interval_ms:
+            raise ValueError(
+                "TICKER_FLUSH_WINDOW_MS must be above 0 and at most TICKER_FLUSH_INTERVAL_MS: "
+                f"got {self.flush_window_ms} and {self.flush_interval_ms}"
+            )
 
     @classmethod
     def from_settings(
@@ -66,6 +74,7 @@ class EngineConfig:
         return cls(
             engine_id=engine_id or make_engine_id(),
             flush_interval_ms=settings.TICKER_FLUSH_INTERVAL_MS,
+            flush_window_ms=settings.TICKER_FLUSH_WINDOW_MS,
             heartbeat_interval_s=settings.TICKER_HEARTBEAT_INTERVAL_S,
             lease_ttl_s=settings.TICKER_LEASE_TTL_S,
             watchdog_s=settings.TICKER_WATCHDOG_S,

@@ -6,15 +6,16 @@ pipeline needs no lock)::
     pipeline = SnapshotPipeline(universe, r=settings.RISK_FREE_RATE,
                                 stale_after_s=settings.TICKER_STALE_UNDERLYING_S)
     pipeline.ingest(decoded.ticks, is_mock=False)        # per frame, vectorised
-    batches = pipeline.flush(time.time(), watched=publisher.watched)   # every flush interval
+    batches = pipeline.flush(time.time(), watched=publisher.watched)   # when the trigger says
     await publisher.publish(batches)                     # one group_send per group
     tokens, items = pipeline.latest(request.tokens)      # initial state for a subscriber
     pipeline.set_universe(new_universe)                  # on reload; state of kept tokens stays
 
-A flush does, in order and vectorised over everything at once:
+A flush does, in order and vectorised over what changed (never over the whole universe):
 
 1. takes the slots whose published fields changed since the last flush;
-2. computes the forward of every chain (underlying, expiry): the same-expiry future's LTP if
+2. computes the forward of each chain (underlying, expiry) that took a tick or whose source
+   went stale since (every chain after a universe install): the same-expiry future's LTP if
    it has ticked within ``stale_after_s``, else put-call parity near the money (the pair with
    the smallest |C - P|, as :func:`streaming.greeks.forward_from_parity`), else the stale
    future, else stale parity (both flagged STALE_UNDERLYING), else none (NO_FORWARD);
@@ -46,7 +47,7 @@ import numpy as np
 import structlog
 
 from streaming import schema
-from streaming.engine.state import IngestResult, TickState, differs
+from streaming.engine.state import IngestResult, TickState, differs, unique_slots
 from streaming.engine.universe import InstrumentUniverse
 from streaming.greeks import (
     DEFAULT_MIN_VEGA_PER_POINT,
@@ -72,7 +73,8 @@ _GREEK_COLUMNS: Final = ("iv", "delta", "gamma", "theta", "vega", "rho")
 # a real move is at least one 0.05 tick of a premium (about 2e-6 of an index forward).
 # Changes below this fraction do not make a chain's options "changed".
 _FORWARD_CHANGE_RELATIVE: Final = 1e-7
-_GOLDEN_FRACTION: Final = 0.6180339887498949
+GOLDEN_FRACTION: Final = 0.6180339887498949
+"""Phases ``i * GOLDEN_FRACTION % 1`` spread any number of items evenly over an interval."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +143,6 @@ class SnapshotPipeline:
         return self._u
 
     def _install(self, u: InstrumentUniverse, carry: _Carry) -> None:
-        n = len(u)
         n_chains = len(u.chain_und)
         self._u = u
         self._state = carry.state
@@ -158,15 +159,21 @@ class SnapshotPipeline:
         self._option_slots = np.flatnonzero(u.is_option)
         # Golden-ratio phases: evenly spread whatever the number of chains.
         self._chain_phase_s = (
-            np.arange(n_chains) * _GOLDEN_FRACTION % 1.0 * self._chain_refresh_interval_s
+            np.arange(n_chains) * GOLDEN_FRACTION % 1.0 * self._chain_refresh_interval_s
         )
-        # Parity pairs are sorted by chain: where each chain's run starts, for reduceat.
-        if u.pair_chain.size:
-            self._pair_chains, self._pair_starts = np.unique(u.pair_chain, return_index=True)
-        else:
-            self._pair_chains = np.zeros(0, dtype=np.int64)
-            self._pair_starts = np.zeros(0, dtype=np.int64)
-        self._mark = np.zeros(n, dtype=bool)
+        # Parity pairs are sorted by chain: each chain's run of pairs, and of options, so
+        # that a flush touches only the chains that changed.
+        chain_ids = np.arange(n_chains)
+        self._pair_lo = np.searchsorted(u.pair_chain, chain_ids, side="left")
+        self._pair_hi = np.searchsorted(u.pair_chain, chain_ids, side="right")
+        options = self._option_slots
+        self._options_by_chain = options[np.argsort(u.chain[options], kind="stable")]
+        option_chains = u.chain[self._options_by_chain]
+        self._option_lo = np.searchsorted(option_chains, chain_ids, side="left")
+        self._option_hi = np.searchsorted(option_chains, chain_ids, side="right")
+        #: When each chain's forward source goes stale by time alone (no tick needed).
+        self._chain_recheck_s = np.full(n_chains, np.inf)
+        self._forwards_all_due = True
         self._watched_source = None
         self._watched_mask = None
         assert self._chain_forward.shape == (n_chains,)
@@ -262,6 +269,17 @@ class SnapshotPipeline:
         """Instruments changed since the last flush (the backlog a flush drains)."""
         return self._state.pending
 
+    def next_due_in(self, now_epoch_s: float) -> float | None:
+        """Seconds until time alone gives a flush work (a forward source going stale, a
+        chain refresh at its phase); None when nothing waits on the clock."""
+        due = float(self._chain_recheck_s.min(initial=np.inf)) - now_epoch_s
+        if self._chain_pending.any():
+            interval = self._chain_refresh_interval_s
+            phase = self._chain_phase_s[self._chain_pending]
+            next_slot = (np.floor((now_epoch_s + phase) / interval) + 1) * interval - phase
+            due = min(due, float(next_slot.min()) - now_epoch_s)
+        return max(due, 0.0) if math.isfinite(due) else None
+
     # --- flush ------------------------------------------------------------------------------
 
     def flush(
@@ -275,15 +293,11 @@ class SnapshotPipeline:
         started = time.perf_counter()
         u, st = self._u, self._state
         dirty = st.take_dirty()
-        forward_changed = self._update_forwards(now_epoch_s)
+        forward_changed = self._update_forwards(now_epoch_s, st.take_touched())
         recompute = self._options_to_recompute(dirty, forward_changed, now_epoch_s)
         moved = self._compute_greeks(recompute, now_epoch_s) if recompute.size else recompute
-        mark = self._mark
-        mark[dirty] = True
-        mark[moved] = True
-        mark &= st.has_data
-        published = np.flatnonzero(mark)
-        mark[published] = False
+        published = unique_slots((dirty, moved), st.n)
+        published = published[st.has_data[published]]
         self._items[published] = None
         self.changed_slots = published
         if published.size:
@@ -311,18 +325,31 @@ class SnapshotPipeline:
             self._watched_source = watched
         return self._watched_mask
 
-    def _update_forwards(self, now: float) -> np.ndarray:
-        """Recompute every chain's forward; return the mask of chains whose forward changed."""
+    def _update_forwards(self, now: float, touched: np.ndarray) -> np.ndarray:
+        """Recompute the forward of each chain whose inputs changed (a tick of its future or
+        options, ``touched``) or whose source went stale since; return the mask of chains
+        whose forward changed. Every chain after a universe install."""
         u, st = self._u, self._state
         n_chains = len(u.chain_und)
+        changed = np.zeros(n_chains, dtype=bool)
         if n_chains == 0:
-            return np.zeros(0, dtype=bool)
+            return changed
+        if self._forwards_all_due:
+            self._forwards_all_due = False
+            c = np.arange(n_chains)
+        else:
+            due = self._chain_recheck_s < now
+            chains = u.chain[touched]
+            due[chains[chains >= 0]] = True
+            c = np.flatnonzero(due)
+            if c.size == 0:
+                return changed
         t_years = np.maximum(
-            years_to_expiry(now_epoch_s=now, expiry_epoch_s=u.chain_expiry_epoch_s), 0.0
+            years_to_expiry(now_epoch_s=now, expiry_epoch_s=u.chain_expiry_epoch_s[c]), 0.0
         )
         stale_before = now - self._stale_after_s
 
-        fut = u.chain_future
+        fut = u.chain_future[c]
         has_fut = fut >= 0
         f = np.where(has_fut, fut, 0)
         fut_price = np.where(has_fut & st.has_data[f], st.ltp[f], np.nan)
@@ -330,7 +357,8 @@ class SnapshotPipeline:
         fut_fresh = fut_ok & (st.received_s[f] >= stale_before)
 
         par_price, par_received, par_mock = parity_forwards(
-            u, st, pair_starts=self._pair_starts, r=self._r, t_years=t_years
+            u, st, chains=c, pair_lo=self._pair_lo[c], pair_hi=self._pair_hi[c], r=self._r,
+            t_years=t_years,
         )
         par_ok = par_price > 0
         par_fresh = par_ok & (par_received >= stale_before)
@@ -343,25 +371,30 @@ class SnapshotPipeline:
         forward_mock = np.where(use_fut, st.is_mock[f], use_par & par_mock)
         source = np.where(use_fut, FORWARD_FUTURE, np.where(use_par, FORWARD_PARITY, FORWARD_NONE))
 
-        old = self._chain_forward
+        old = self._chain_forward[c]
         with np.errstate(invalid="ignore"):
             moved = np.abs(forward - old) > _FORWARD_CHANGE_RELATIVE * np.abs(old)
-        changed = moved | (np.isnan(old) != np.isnan(forward))
-        changed |= self._chain_stale != stale
-        changed |= self._chain_forward_mock != forward_mock
-        self._chain_forward = forward
-        self._chain_stale = stale
-        self._chain_forward_mock = forward_mock
-        self._chain_source = source.astype(np.int8)
+        moved |= np.isnan(old) != np.isnan(forward)
+        moved |= self._chain_stale[c] != stale
+        moved |= self._chain_forward_mock[c] != forward_mock
+        changed[c] = moved
+        self._chain_forward[c] = forward
+        self._chain_stale[c] = stale
+        self._chain_forward_mock[c] = forward_mock
+        self._chain_source[c] = source
+        # A fresh source turns stale with time alone: look at the chain again then.
+        stale_at = self._stale_after_s
+        self._chain_recheck_s[c] = np.minimum(
+            np.where(fut_fresh, st.received_s[f] + stale_at, np.inf),
+            np.where(par_fresh, par_received + stale_at, np.inf),
+        )
         return changed
 
     def _options_to_recompute(
         self, dirty: np.ndarray, forward_changed: np.ndarray, now: float
     ) -> np.ndarray:
         u = self._u
-        mark = np.zeros(len(u), dtype=bool)
         dirty_options = dirty[u.is_option[dirty]]
-        mark[dirty_options] = True
         # An in-the-money option takes its IV from its OTM pair: recompute the ITM pairs of
         # changed options (an OTM option's own numbers do not depend on its pair).
         pairs = u.pair[dirty_options]
@@ -369,7 +402,7 @@ class SnapshotPipeline:
         forward = self._chain_forward[u.chain[pairs]]
         strike = u.strike[pairs]
         itm = np.where(u.is_call[pairs], forward > strike, forward < strike)
-        mark[pairs[itm]] = True
+        marked = [dirty_options, pairs[itm]]
         if forward_changed.size:
             pending = self._chain_pending | forward_changed
             # Each chain refreshes at most once per period of its own phase, so the chains of
@@ -383,12 +416,16 @@ class SnapshotPipeline:
                     > np.floor((self._chain_refreshed_s + phase) / interval)
                 )
             if due.any():
-                options = self._option_slots
-                mark[options[due[u.chain[options]]]] = True
+                chains = np.flatnonzero(due)
+                marked.append(
+                    self._options_by_chain[
+                        concat_ranges(self._option_lo[chains], self._option_hi[chains])
+                    ]
+                )
                 self._chain_refreshed_s[due] = now
             self._chain_pending = pending & ~due
-        mark &= self._state.has_data
-        return np.flatnonzero(mark)
+        slots = unique_slots(marked, len(u))
+        return slots[self._state.has_data[slots]]
 
     def _compute_greeks(self, slots: np.ndarray, now: float) -> np.ndarray:
         """Recompute ``slots``' IV and Greeks; return those whose numbers or flags changed."""
@@ -564,37 +601,61 @@ u: InstrumentUniverse, st: TickState, chain_forward: np.ndarray
     return out
 
 
+def concat_ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The indices ``lo[0]..hi[0]-1, lo[1]..hi[1]-1, ...`` in one array (no Python loop)."""
+    lengths = hi - lo
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.arange(total) + np.repeat(lo - (np.cumsum(lengths) - lengths), lengths)
+
+
 def parity_forwards(
-u: InstrumentUniverse, st: TickState, *, pair_starts: np.ndarray, r: float, t_years: np.ndarray
+    u: InstrumentUniverse,
+    st: TickState,
+    *,
+    chains: np.ndarray,
+    pair_lo: np.ndarray,
+    pair_hi: np.ndarray,
+    r: float,
+    t_years: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per chain: parity forward (NaN if none), when its pair last ticked, its source.
+    """Per chain of ``chains`` (ascending; its pairs are ``pair_lo:pair_hi``): parity
+    forward (NaN if none), when its pair last ticked, its source.
 
     The rule of :func:`streaming.greeks.forward_from_parity` (both legs priced, smallest
-    |C - P|, F = K + e^{rT}(C - P), positive), segmented over all chains in one pass;
+    |C - P|, F = K + e^{rT}(C - P), positive), segmented over the chains in one pass;
     a pair counts only if both legs come from the same source.
     """
-    n_chains = len(u.chain_und)
+    n_chains = chains.size
     forward = np.full(n_chains, np.nan)
     received = np.full(n_chains, -np.inf)
     mock = np.zeros(n_chains, dtype=bool)
-    if u.pair_call.size == 0:
+    has_pairs = pair_hi > pair_lo
+    if not has_pairs.any():
         return forward, received, mock
-    calls, puts = u.pair_call, u.pair_put
+    # Chains without pairs would be empty segments, which reduceat cannot take.
+    with_pairs = np.flatnonzero(has_pairs)
+    pairs = concat_ranges(pair_lo[with_pairs], pair_hi[with_pairs])
+    lengths = (pair_hi - pair_lo)[with_pairs]
+    pair_starts = np.cumsum(lengths) - lengths
+    # Position of each pair's chain within ``chains``.
+    pair_chain = np.repeat(with_pairs, lengths)
+    calls, puts = u.pair_call[pairs], u.pair_put[pairs]
     c = st.ltp[calls]
     p = st.ltp[puts]
     usable = (c > 0) & (p > 0) & (st.is_mock[calls] == st.is_mock[puts])
     diff = c - p
     distance = np.where(usable, np.abs(diff), np.inf)
     best = np.minimum.reduceat(distance, pair_starts)
-    counts = np.diff(np.append(pair_starts, distance.size))
-    at_best = np.flatnonzero((distance == np.repeat(best, counts)) & usable)
+    at_best = np.flatnonzero((distance == np.repeat(best, lengths)) & usable)
     # The first pair at the minimum of each chain (lowest strike on ties).
-    chains_at = u.pair_chain[at_best]
+    chains_at = pair_chain[at_best]
     first = np.ones(at_best.size, dtype=bool)
     first[1:] = chains_at[1:] != chains_at[:-1]
     chosen = at_best[first]
-    chain_ids = u.pair_chain[chosen]
-    f = u.pair_strike[chosen] + np.exp(r * t_years[chain_ids]) * diff[chosen]
+    chain_ids = pair_chain[chosen]
+    f = u.pair_strike[pairs[chosen]] + np.exp(r * t_years[chain_ids]) * diff[chosen]
     forward[chain_ids] = np.where(f > 0, f, np.nan)
     received[chain_ids] = np.maximum(st.received_s[calls[chosen]], st.received_s[puts[chosen]])
     mock[chain_ids] = st.is_mock[calls[chosen]]

@@ -33,6 +33,7 @@ from typing import Any, Final, Protocol
 import redis
 import structlog
 from channels.exceptions import ChannelFull
+from channels_redis.pubsub import RedisPubSubChannelLayer
 
 from streaming import schema
 from streaming.engine.bars import Bar
@@ -158,6 +159,72 @@ class _RedisBulkSender:
         return dropped
 
 
+_PUBSUB_LOOP_LAYER_INTERNALS: Final = ("_get_group_channel_name", "_get_shard")
+
+
+class _PubSubBulkSender:
+    """channels-redis ``RedisPubSubChannelLayer.group_send`` for many groups at once.
+
+    The pub/sub layer's ``group_send`` is one PUBLISH per group, made one at a time under the
+    shard's lock; this sends a whole flush as one pipeline of the same PUBLISHes per shard,
+    with the layer's own serializer and group channel names, so members receive exactly what
+    ``group_send`` would have sent them. Also answers which groups have a subscribed web
+    process (PUBSUB NUMSUB). Relies on the layer's per-loop layer (``_get_layer``), its shards'
+    Redis client (``_ensure_redis``, ``_redis``) and ``_PUBSUB_LOOP_LAYER_INTERNALS`` (checked
+    on each use); the publisher tests run it
+    against the real layer.
+    """
+
+    def __init__(self, layer: Any) -> None:
+        self._layer = layer
+
+    @staticmethod
+    def supports(layer: Any) -> bool:
+        return isinstance(layer, RedisPubSubChannelLayer)
+
+    def _loop_layer(self) -> Any:
+        loop_layer = self._layer._get_layer()
+        missing = [n for n in _PUBSUB_LOOP_LAYER_INTERNALS if not hasattr(loop_layer, n)]
+        if missing:
+            raise RuntimeError(f"channels-redis's pub/sub layer has no {missing}: re-check the publisher")
+        return loop_layer
+
+    @staticmethod
+    def _client(shard: Any) -> Any:
+        shard._ensure_redis()
+        return shard._redis
+
+    async def send(self, messages: list[tuple[str, dict[str, Any]]]) -> int:
+        """Send ``(group, message)`` pairs in order; returns 0 (pub/sub has no capacity)."""
+        loop_layer = self._loop_layer()
+        by_shard: dict[Any, list[tuple[str, bytes]]] = collections.defaultdict(list)
+        for group, message in messages:
+            channel = loop_layer._get_group_channel_name(group)
+            by_shard[loop_layer._get_shard(channel)].append((channel, self._layer.serialize(message)))
+        for shard, pairs in by_shard.items():
+            async with self._client(shard).pipeline(transaction=False) as pipe:
+                for channel, payload in pairs:
+                    pipe.publish(channel, payload)
+                await pipe.execute()
+        return 0
+
+    async def groups_with_subscribers(self, names: list[str]) -> set[str]:
+        """Which of ``names`` some web process subscribes to: one PUBSUB NUMSUB per shard."""
+        loop_layer = self._loop_layer()
+        by_shard: dict[Any, dict[str, str]] = collections.defaultdict(dict)
+        for name in names:
+            channel = loop_layer._get_group_channel_name(name)
+            by_shard[loop_layer._get_shard(channel)][channel] = name
+        found: set[str] = set()
+        for shard, group_of in by_shard.items():
+            counts = await self._client(shard).pubsub_numsub(*group_of)
+            for channel, subscribers in counts:
+                key = channel.decode() if isinstance(channel, bytes) else channel
+                if subscribers:
+                    found.add(group_of[key])
+        return found
+
+
 class PublishError(RuntimeError):
     """Some group sends of one publish failed (all others were sent)."""
 
@@ -243,7 +310,7 @@ class Publisher:
         request_group_renew_s: float = DEFAULT_REQUEST_GROUP_RENEW_S,
     ) -> None:
         """``bulk`` (default: when the layer is channels-redis) sends a flush's batches with
-        :class:`_RedisBulkSender`; otherwise each batch is one ``group_send``, up to
+        :class:`_RedisBulkSender`, or :class:`_PubSubBulkSender` on the pub/sub layer; otherwise each batch is one ``group_send``, up to
         ``max_concurrency`` at a time. ``request_group_renew_s`` is how often
         :meth:`serve_snapshot_requests` re-joins its group."""
         if max_concurrency < 1:
@@ -251,12 +318,15 @@ class Publisher:
         if request_group_renew_s <= 0:
             raise ValueError(f"request_group_renew_s must be > 0, got {request_group_renew_s}")
         self._request_group_renew_s = request_group_renew_s
-        supported = _RedisBulkSender.supports(channel_layer)
-        if bulk and not supported:
+        self._pubsub = _PubSubBulkSender(channel_layer) if _PubSubBulkSender.supports(channel_layer) else None
+        bulk_sender = self._pubsub or (
+            _RedisBulkSender(channel_layer) if _RedisBulkSender.supports(channel_layer) else None
+        )
+        if bulk and bulk_sender is None:
             raise ValueError(f"bulk sending needs channels-redis, got {type(channel_layer).__name__}")
         self._layer = channel_layer
         self._max_concurrency = max_concurrency
-        self._bulk = _RedisBulkSender(channel_layer) if (bulk is None and supported) or bulk else None
+        self._bulk: _RedisBulkSender | _PubSubBulkSender | None = None if bulk is False else bulk_sender
         self.dropped_full = 0
         #: Groups with listeners; None until the first refresh (then every group is sent).
         self.watched: frozenset[str] | None = None
@@ -269,7 +339,8 @@ class Publisher:
     async def refresh_watched(self, groups: Iterable[str]) -> frozenset[str] | None:
         """Ask the layer which of ``groups`` have members; returns and stores the set.
 
-        Supports channels-redis (one pipelined ZCARD per Redis host) and the in-memory layer.
+        Supports channels-redis (one pipelined ZCARD per Redis host), its pub/sub layer (groups
+        some web process subscribes to, one PUBSUB NUMSUB per host) and the in-memory layer.
         With another layer the set stays None and every group is sent.
         """
         names = list(groups)
@@ -291,6 +362,8 @@ class Publisher:
 
     async def _groups_with_members(self, names: list[str]) -> set[str] | None:
         layer = self._layer
+        if self._pubsub is not None:  # before the next test: this layer has a `groups` dict too
+            return await self._pubsub.groups_with_subscribers(names)
         groups = getattr(layer, "groups", None)
         if isinstance(groups, dict):  # channels.layers.InMemoryChannelLayer
             return {name for name in names if groups.get(name)}

@@ -21,6 +21,7 @@ Null conventions: float columns NaN, integer columns -1, ``exchange_ts`` 0, ``re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from streaming.kite.codec import PACKET_FULL, PACKET_INDEX_FULL, PACKET_LTP, PACKET_QUOTE
 
-__all__ = ["IngestResult", "TickState", "differs"]
+__all__ = ["IngestResult", "TickState", "differs", "unique_slots"]
 
 _FLOAT_COLUMNS: Final = ("ltp", "close", "bid", "ask", "received_s")
 _INT_COLUMNS: Final = ("bid_qty", "ask_qty", "volume", "oi")
@@ -72,6 +73,9 @@ class TickState:
         self.has_data = np.zeros(n, dtype=bool)
         self.dirty = np.zeros(n, dtype=bool)
         self.rest_fallback = np.zeros(n, dtype=bool)
+        # Slots of every accepted tick since the last take_touched, one array per batch: a
+        # tick that changes nothing published still refreshes ``received_s``.
+        self._touched: list[np.ndarray] = []
 
     # --- writes -----------------------------------------------------------------------------
 
@@ -128,6 +132,7 @@ class TickState:
             fresh = ~older
             s, t, length, ts = s[fresh], t[fresh], length[fresh], ts[fresh]
 
+        self._touched.append(s)
         quote = (length == PACKET_QUOTE) | (length == PACKET_FULL)
         full = length == PACKET_FULL
         ltp = t["last_price"]
@@ -187,6 +192,12 @@ class TickState:
         self.dirty[slots] = False
         return slots
 
+    def take_touched(self) -> np.ndarray:
+        """Slots that took a tick since the last call (ascending, each once)."""
+        slots = unique_slots(self._touched, self.n)
+        self._touched.clear()
+        return slots
+
     @property
     def pending(self) -> int:
         """How many slots changed since the last :meth:`take_dirty`."""
@@ -201,6 +212,27 @@ class TickState:
                      "rest_fallback"):
             getattr(out, name)[new_slots] = getattr(self, name)[old_slots]
         return out
+
+
+def unique_slots(parts: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """The distinct slots (of ``n``) in ``parts``, ascending, at the cost of what is in them.
+
+    A sort for a few slots; a mask of the ``n`` slots once they are a sizeable share (cheaper
+    than sorting them, and np.unique's hashing is slower still at 100k).
+    """
+    total = sum(len(part) for part in parts)
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    if total * 16 > n:
+        mask = np.zeros(n, dtype=bool)
+        for part in parts:
+            mask[part] = True
+        return np.flatnonzero(mask)
+    slots = np.sort(np.concatenate(parts).astype(np.int64, copy=False))
+    keep = np.empty(slots.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(slots[1:], slots[:-1], out=keep[1:])
+    return slots[keep]
 
 
 def differs(old: np.ndarray, new: np.ndarray) -> np.ndarray:

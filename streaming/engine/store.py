@@ -31,8 +31,8 @@ from accounts.order_services import OrderUpdateError, order_apply_update
 from accounts.selectors import account_list_streamable
 from accounts.services import account_mark_secret_unreadable, account_mark_session_expired
 from streaming.engine.allocator import AccountInfo, Allocation, SubscriptionWish
+from streaming.engine.universe import UNIVERSE_FIELDS
 from streaming.greeks import IST
-from streaming.kite.schemas import INSTRUMENT_CSV_COLUMNS
 from streaming.models import ChainMinute, EngineHeartbeat, UnderlyingBar
 from subscriptions.models import Instrument
 from subscriptions.selectors import subscription_list_active
@@ -47,8 +47,8 @@ StoreError = DatabaseError
 PermanentStoreError = (IntegrityError, DataError)
 """What a store call raises when the database fails (so engine code needs no Django import)."""
 
-INSTRUMENT_FIELDS = INSTRUMENT_CSV_COLUMNS
-"""The Instrument columns the engine loads: the instrument dump's."""
+_SHARED_FIELDS = frozenset(UNIVERSE_FIELDS) - {"instrument_token", "tradingsymbol"}
+"""Instrument columns whose few distinct values are shared by the rows the engine keeps."""
 _BULK_BATCH = 2000
 _UPDATE_CHUNK = 10_000
 
@@ -204,12 +204,23 @@ def world_load() -> World:
 
 
 def instruments_load(*, tokens: Iterable[int]) -> list[dict[str, Any]]:
-    """Instrument rows of ``tokens`` plus the index/future rows their options refer to."""
+    """The rows (:data:`UNIVERSE_FIELDS`) of the instruments ``tokens``.
+
+    The engine keeps them between reloads, so they are kept small: only the columns the
+    universe reads, and one shared object per distinct name, exchange, type, expiry or
+    strike (the instrument dump's twelve columns, a copy of each per row, were ~1 KB a row:
+    100 MB of runticker's memory at 100k instruments).
+    """
     wanted = list(tokens)
+    shared: dict[tuple[str, Any], Any] = {}
     rows: list[dict[str, Any]] = []
     for start in range(0, len(wanted), 20_000):
         chunk = wanted[start : start + 20_000]
-        rows.extend(Instrument.objects.filter(pk__in=chunk).values(*INSTRUMENT_FIELDS))
+        for values in Instrument.objects.filter(pk__in=chunk).values_list(*UNIVERSE_FIELDS):
+            rows.append({
+                name: shared.setdefault((name, value), value) if name in _SHARED_FIELDS else value
+                for name, value in zip(UNIVERSE_FIELDS, values, strict=True)
+            })
     return rows
 
 

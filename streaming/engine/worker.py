@@ -27,6 +27,7 @@ import numpy as np
 
 from streaming.engine.bars import Bar, BarAggregator
 from streaming.engine.chain_analytics import ChainAnalytics, HistoryKey
+from streaming.engine.flush_trigger import FlushTrigger
 from streaming.engine.metrics import EngineMetrics
 from streaming.engine.pipeline import GroupBatch, SnapshotPipeline
 from streaming.engine.universe import InstrumentUniverse
@@ -54,6 +55,9 @@ class FlushOutcome:
     """(chain group, ``analytics`` message) of the chains due this flush."""
     minutes: list[dict[str, Any]]
     """ChainMinute rows, on the first flush of each minute."""
+    next_due_in: float | None = None
+    """Seconds until time alone gives a flush work (a forward going stale, a chain refresh,
+    analytics waiting for their interval); None when nothing waits on the clock."""
 
 
 class PipelineReads:
@@ -87,8 +91,11 @@ class PipelineWorker:
         analytics: ChainAnalytics | None = None,
         clock: Callable[[], float] = time.time,
         max_inbox_bytes: int = MAX_INBOX_BYTES,
+        flush_trigger: FlushTrigger | None = None,
     ) -> None:
         self._pipeline = pipeline
+        #: Told of every change queued here; decides when the engine flushes.
+        self.flush_trigger = flush_trigger or FlushTrigger()
         self._bars = bars
         self._analytics = analytics or ChainAnalytics()
         self._metrics = metrics
@@ -124,6 +131,7 @@ class PipelineWorker:
         snapshots (flagged) but not the bars, which the historical backfill fills.
         """
         self._inbox.append((ticks, is_mock, self._clock(), rest_fallback))
+        self.flush_trigger.changed()
         self._inbox_ticks += len(ticks)
         self._inbox_bytes += ticks.nbytes
         while self._inbox_bytes > self._max_inbox_bytes and len(self._inbox) > 1:
@@ -154,6 +162,7 @@ class PipelineWorker:
     async def clear_rest_fallback(self, tokens: list[int]) -> None:
         """Their socket is back: drop the ``rest_fallback`` flag of ``tokens``' snapshots."""
         await self.on_thread(self._pipeline.clear_rest_fallback, tokens)
+        self.flush_trigger.changed()
 
     async def set_analytics_history(self, history: Mapping[HistoryKey, np.ndarray]) -> None:
         await self.on_thread(self._analytics.set_history, history)
@@ -201,12 +210,20 @@ class PipelineWorker:
             oldest_received=min((r for _, _, r, _ in inbox), default=None),
             analytics=analytics,
             minutes=minutes,
+            next_due_in=_earliest(
+                self._pipeline.next_due_in(now), self._analytics.next_due_in(now, watched)
+            ),
         )
 
     def _install(self, universe: InstrumentUniverse) -> None:
         self._pipeline.set_universe(universe)
         self._bars.set_sources(universe.spot_tokens())
         self._underlyings = self._pipeline.underlying_summary()
+
+
+def _earliest(*delays: float | None) -> float | None:
+    known = [d for d in delays if d is not None]
+    return min(known) if known else None
 
 
 @dataclass

@@ -40,6 +40,7 @@ from tests.streaming.wsutil import (
     ws_connect,
 )
 from tests.streaming.wsutil import close_db_threads as close_db_threads
+from tests.streaming.wsutil import core_redis_layer as core_redis_layer
 from tests.streaming.wsutil import redis_layer as redis_layer
 from tests.streaming.wsutil import user as user
 
@@ -709,7 +710,7 @@ async def test_an_instrument_the_engine_cannot_place_is_reported_not_fatal(redis
     await comm.disconnect()
 
 
-async def test_groups_are_rejoined_after_redis_forgets_them(redis_layer, universe, headers):
+async def test_groups_are_rejoined_after_redis_forgets_them(core_redis_layer, universe, headers):
     """channels-redis drops members after group_expiry, and all groups when Redis restarts."""
     import redis as redis_lib
     from django.conf import settings
@@ -719,19 +720,19 @@ async def test_groups_are_rejoined_after_redis_forgets_them(redis_layer, univers
     await send(comm, {"action": "subscribe", "instruments": [CE_24000]})
     await recv(comm)
     client = redis_lib.Redis.from_url(settings.REDIS_URL)
-    key = redis_layer._group_key(CHAIN)
+    key = core_redis_layer._group_key(CHAIN)
     assert client.delete(key) == 1  # what an expiry or a restart leaves behind
     async with asyncio.timeout(10):
         # Publish until the refresher has re-joined: receive_nothing waits without consuming.
         while await comm.receive_nothing(0.1):
-            await publish(redis_layer, CHAIN, {CE_24000: snapshot_item(CE_24000, ltp=9.0)})
+            await publish(core_redis_layer, CHAIN, {CE_24000: snapshot_item(CE_24000, ltp=9.0)})
     assert _frame_tokens(await recv(comm)) == {CE_24000: 9.0}
     assert client.exists(key)
     await comm.disconnect()
     client.close()
 
 
-async def test_a_cancelled_consumer_leaves_no_task_behind(redis_layer, universe, headers):
+async def test_a_cancelled_consumer_leaves_no_task_behind(core_redis_layer, universe, headers):
     import redis as redis_lib
     from django.conf import settings
 
@@ -752,5 +753,5 @@ async def test_a_cancelled_consumer_leaves_no_task_behind(redis_layer, universe,
     assert metrics.connections._value.get() == 0
 
     client = redis_lib.Redis.from_url(settings.REDIS_URL)
-    assert not client.exists(redis_layer._group_key(CHAIN)), "left its group"
+    assert not client.exists(core_redis_layer._group_key(CHAIN)), "left its group"
     client.close()

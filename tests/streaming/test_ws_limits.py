@@ -11,7 +11,6 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 
 from streaming import schema
-from streaming.consumers import ConsumerSettings
 from streaming.protocol import MAX_TEXT_FRAME_BYTES
 from tests.streaming.wsutil import (
     EXPIRY,
@@ -28,6 +27,7 @@ from tests.streaming.wsutil import (
     ws_connect,
 )
 from tests.streaming.wsutil import close_db_threads as close_db_threads
+from tests.streaming.wsutil import core_redis_layer as core_redis_layer
 from tests.streaming.wsutil import redis_layer as redis_layer
 from tests.streaming.wsutil import user as user
 
@@ -193,22 +193,15 @@ async def test_bytes_piling_up_unread_close_the_connection(redis_layer, headers)
 # --- M4: group expiry, disconnect despite Redis errors -----------------------------------------
 
 
-def test_group_membership_expires_soon_after_consumers_stop_refreshing_it():
-    layer = settings.CHANNEL_LAYERS["default"]["CONFIG"]
-    config = ConsumerSettings.from_settings(settings)
-    assert layer["group_expiry"] == settings.WS_GROUP_EXPIRY_S <= 3600
-    assert config.group_refresh_s * 3 <= layer["group_expiry"]
-
-
 async def test_disconnect_leaves_every_group_and_uncounts_despite_a_redis_error(
-    redis_layer, universe, headers, redis_client
+    core_redis_layer, universe, headers, redis_client
 ):
     app, metrics = make_app()
     comm, _ = await ws_connect(app, headers=headers)
     await send(comm, {"action": "subscribe", "instruments": [CE_24000, CE_24000_FEB]})
     assert (await recv(comm))["subscriptions"] == 2
     groups = sorted([schema.chain_group("NIFTY", EXPIRY), schema.chain_group("NIFTY", EXPIRY2)])
-    broken, intact = (redis_layer._group_key(g) for g in groups)
+    broken, intact = (core_redis_layer._group_key(g) for g in groups)
     assert redis_client.zcard(intact) == 1
     # A real Redis error on the first discard: the key now holds a string (WRONGTYPE).
     redis_client.delete(broken)
@@ -222,11 +215,11 @@ async def test_disconnect_leaves_every_group_and_uncounts_despite_a_redis_error(
 
 
 async def test_a_redis_error_in_subscribe_answers_unavailable_and_keeps_the_connection(
-    redis_layer, universe, headers, redis_client
+    core_redis_layer, universe, headers, redis_client
 ):
     app, _ = make_app()
     comm, _ = await ws_connect(app, headers=headers)
-    key = redis_layer._group_key(schema.chain_group("NIFTY", EXPIRY))
+    key = core_redis_layer._group_key(schema.chain_group("NIFTY", EXPIRY))
     redis_client.set(key, "not a group")
     await send(comm, {"action": "subscribe", "id": 7, "instruments": [CE_24000]})
     err = await recv(comm)

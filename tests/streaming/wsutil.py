@@ -93,20 +93,29 @@ def snapshot_item(token: int, *, ltp: float, **extra: Any) -> bytes:
     return orjson.dumps({"v": 1, "token": token, "ltp": ltp, "is_mock": True, **extra})
 
 
+def layers_with_prefix(prefix: str, *, backend: str | None = None) -> dict[str, Any]:
+    """CHANNEL_LAYERS as settings build them (CHANNEL_LAYER_BACKEND's layer), with ``prefix``;
+    ``backend`` "redis" forces channels-redis's RedisChannelLayer."""
+    if backend == "redis":
+        return {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {
+            "hosts": [django_settings.REDIS_URL], "prefix": prefix, "capacity": 1000, "expiry": 10,
+        }}}  # fmt: skip
+    default = django_settings.CHANNEL_LAYERS["default"]
+    return {"default": {**default, "CONFIG": {**default["CONFIG"], "prefix": prefix}}}
+
+
 @pytest.fixture
 def redis_layer(settings):
-    """CHANNEL_LAYERS on the real channels-redis, with a prefix of this test's own."""
-    settings.CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {
-                "hosts": [django_settings.REDIS_URL],
-                "prefix": f"test_web_{uuid.uuid4().hex[:12]}",
-                "capacity": 1000,
-                "expiry": 10,
-            },
-        }
-    }
+    """The channel layer the settings choose (real Redis), with a prefix of this test's own."""
+    settings.CHANNEL_LAYERS = layers_with_prefix(f"test_web_{uuid.uuid4().hex[:12]}")
+    return get_channel_layer()
+
+
+@pytest.fixture
+def core_redis_layer(settings):
+    """channels-redis's RedisChannelLayer (CHANNEL_LAYER_BACKEND=redis), with its own prefix:
+    for what only that layer has (group keys in Redis, group expiry)."""
+    settings.CHANNEL_LAYERS = layers_with_prefix(f"test_web_{uuid.uuid4().hex[:12]}", backend="redis")
     return get_channel_layer()
 
 
@@ -261,19 +270,10 @@ def service_env(*, layer_prefix: str, **extra: str) -> dict[str, str]:
 
 @pytest.fixture
 def layer_prefix(settings) -> str:
-    """A channels-redis prefix shared by this test process and the service processes it starts."""
+    """A channel-layer prefix shared by this test process and the service processes it starts
+    (both on the layer the settings choose)."""
     prefix = f"test_web_{uuid.uuid4().hex[:10]}"
-    settings.CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {
-                "hosts": [django_settings.REDIS_URL],
-                "prefix": prefix,
-                "capacity": 1000,
-                "expiry": 10,
-            },
-        }
-    }
+    settings.CHANNEL_LAYERS = layers_with_prefix(prefix)
     return prefix
 
 

@@ -417,6 +417,18 @@ def test_the_stale_transition_alone_republishes_the_chain():
     assert all("stale_underlying" in s["flags"] for s in published.values())
 
 
+def test_the_pipeline_tells_when_time_alone_will_make_a_forward_stale():
+    """An idle engine does not flush, so the pipeline names the moment a flush has work."""
+    p = make_pipeline()
+    p.ingest(ticks(tick(NIFTY_FUT, FORWARD[E1]), chain_ticks(E1, kinds=("CE",))), is_mock=False,
+             received_epoch_s=NOW_S)
+    p.flush(NOW_S)
+    assert p.next_due_in(NOW_S + 1.0) == pytest.approx(29.0)
+    assert all("stale_underlying" in s["flags"] for s in snapshots(p.flush(NOW_S + 31.0)).values())
+    # Nothing fresh is left to go stale and no refresh waits: nothing is due.
+    assert p.next_due_in(NOW_S + 31.0) is None
+
+
 # --- watched groups, latest, reload ---------------------------------------------------------
 
 

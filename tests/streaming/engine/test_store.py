@@ -12,7 +12,10 @@ from accounts.models import KiteAccount
 from accounts.services import UNREADABLE_CIPHER_ERROR
 from streaming.engine import store
 from streaming.engine.store import world_load
+from streaming.engine.universe import UNIVERSE_FIELDS, InstrumentUniverse
+from subscriptions.models import Instrument
 from tests.helpers import async_wait_until
+from tests.streaming.engine.builders import nifty_rows
 
 pytestmark = pytest.mark.django_db
 
@@ -67,3 +70,20 @@ async def test_a_hung_database_pins_only_the_engines_database_threads():
     finally:
         release.set()
         await asyncio.gather(*hung)
+
+
+def test_instrument_rows_carry_the_universe_columns_with_repeated_values_shared():
+    """The engine keeps these rows between reloads: at 100k instruments their size counts."""
+    for i, row in enumerate(nifty_rows()):
+        Instrument.objects.create(exchange_token=i, **row)
+    tokens = [row["instrument_token"] for row in nifty_rows()]
+
+    rows = store.instruments_load(tokens=tokens)
+
+    assert sorted(r["instrument_token"] for r in rows) == sorted(tokens)
+    assert all(tuple(r) == UNIVERSE_FIELDS for r in rows)
+    options = [r for r in rows if r["instrument_type"] in ("CE", "PE")]
+    assert len({id(r["name"]) for r in options}) == 1
+    assert len({id(r["expiry"]) for r in options}) == 2  # one object per expiry date
+    # The universe they build is the one the full rows build.
+    assert InstrumentUniverse.from_rows(rows).tokens.tolist() == sorted(tokens)
