@@ -12,6 +12,7 @@ The logs of every process stay in the run's temp dir (``dep.run_dir``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import inspect
@@ -50,6 +51,24 @@ def _die_with_parent(sig: int) -> Callable[[], None]:
         _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
     return preexec
+
+
+#: The parent-death signal fires when the THREAD that forked the child ends, so every process
+#: is forked by this one thread, which lives as long as the runner (a scenario may restart a
+#: process from a thread of its own that then ends).
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="faults-spawner")
+
+
+def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen:
+    return _SPAWNER.submit(subprocess.Popen, argv, **kwargs).result()
+
+
+#: How long a reset waits for the fleet to be fresh again before reconnecting its clients.
+FLEET_RECOVERY_S = 60.0
+
+
+class FleetNotFresh(TimeoutError):
+    """The processes are healthy but some fleet client receives nothing."""
 
 
 class PortPicker:
@@ -136,7 +155,7 @@ class Proc:
                 log.write(f"\n===== faults: start #{self.starts + 1} of {self.name} at "
                           f"{time.strftime('%H:%M:%S')} =====\n".encode())
                 log.flush()
-                self.popen = subprocess.Popen(
+                self.popen = spawn(
                     self.argv, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True, user=self.user,
                     preexec_fn=_die_with_parent(self.death_signal),
@@ -231,6 +250,8 @@ class Deployment:
         self._sim_thread = None
         self._proxy_process = None
         self._down = False
+        #: What a reset had to do beyond waiting (e.g. reconnecting the fleet): a finding.
+        self.reset_notes: list[str] = []
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -673,7 +694,7 @@ class Deployment:
         if self.clients is not None:
             since = time.monotonic()
             if self.clients.wait_all_fresh(since, timeout_s=left()) is None:
-                raise TimeoutError(f"fleet clients not all fresh within {timeout_s} s: "
+                raise FleetNotFresh(f"fleet clients not all fresh within {timeout_s} s: "
                                    f"{self.clients.summary()}")
         return time.monotonic() - began
 
@@ -696,7 +717,21 @@ class Deployment:
         self._restore_sessions()
         if self.clients is not None:
             self.clients.ensure_running()
-        self.wait_healthy(max(10.0, timeout_s - (time.monotonic() - began)))
+
+        def left() -> float:
+            return max(10.0, timeout_s - (time.monotonic() - began))
+
+        try:
+            self.wait_healthy(min(FLEET_RECOVERY_S, left()))
+        except FleetNotFresh as exc:
+            # Connected clients that get nothing (e.g. their groups were lost with Redis's
+            # memory) would spoil every later scenario: they reconnect, and it is noted.
+            self.reset_notes.append(f"fleet reconnected after {FLEET_RECOVERY_S:.0f} s: {exc}")
+            print(f"faults: reset: {self.reset_notes[-1]}", flush=True)
+            self.clients.reconnect_all()
+            self.wait_healthy(left())
+        except TimeoutError:
+            self.wait_healthy(left())
         return time.monotonic() - began
 
     def _restore_sessions(self) -> None:
