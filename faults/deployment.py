@@ -124,7 +124,8 @@ class Proc:
     def __init__(self, name: str, argv: list[str], *, env: dict[str, str], cwd: Path,
                  log_path: Path, user: str | None = None, stop_signal: int = signal.SIGTERM,
                  death_signal: int = signal.SIGTERM, ready: Callable[[], object] | None = None,
-                 before_start: Callable[[], None] | None = None) -> None:
+                 before_start: Callable[[], None] | None = None,
+                 clear_old_groups_on_start: bool = False) -> None:
         self.name = name
         self.argv = argv
         self.env = env
@@ -137,6 +138,10 @@ class Proc:
         self.before_start = before_start
         self.popen: subprocess.Popen | None = None
         self.starts = 0
+        #: Every process group this Proc started: what a kill -9 left behind (prefork
+        #: children, backends) is killed with them at the end.
+        self.groups: set[int] = set()
+        self.clear_old_groups_on_start = clear_old_groups_on_start
 
     @property
     def pid(self) -> int | None:
@@ -149,6 +154,8 @@ class Proc:
         """Start (if not running) and wait until ready; returns the seconds it took."""
         began = time.monotonic()
         if not self.alive():
+            if self.clear_old_groups_on_start:
+                self.kill_groups()
             if self.before_start is not None:
                 self.before_start()
             with self.log_path.open("ab") as log:
@@ -161,6 +168,7 @@ class Proc:
                     preexec_fn=_die_with_parent(self.death_signal),
                 )
             self.starts += 1
+            self.groups.add(self.popen.pid)
         if wait_ready and self.ready is not None:
             wait_for(self.ready, timeout_s=timeout_s, what=f"{self.name} ready", alive=self.alive,
                      interval_s=0.1)
@@ -205,6 +213,12 @@ class Proc:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)
         return took
+
+    def kill_groups(self) -> None:
+        """SIGKILL whatever is left in every process group this Proc ever started."""
+        for pgid in self.groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
 
     def restart(self, *, timeout_s: float = START_TIMEOUT_S) -> float:
         self.stop()
@@ -328,6 +342,7 @@ class Deployment:
             log_path=self.logs_dir / "postgres.log", user="postgres",
             stop_signal=signal.SIGINT,  # pg_ctl's "fast" shutdown
             death_signal=signal.SIGQUIT,  # "immediate": the runner is gone
+            clear_old_groups_on_start=True,  # backends a kill -9 orphaned hold shared memory
             ready=lambda: self._pg_ready(),
         )
         self.procs["postgres"].start()
@@ -401,6 +416,7 @@ class Deployment:
         for name in ("redis", "postgres"):
             if name in self.procs:
                 self.procs[name].stop(30)
+                self.procs[name].kill_groups()
 
     # --- the simulator and the proxies ------------------------------------------------------
 
@@ -631,6 +647,7 @@ class Deployment:
         for name in ("celery-beat", "daphne", "runticker-a", "runticker-b", "celery-worker"):
             if name in self.procs:
                 self.procs[name].stop(40)
+                self.procs[name].kill_groups()
 
     def sim_connections_total(self) -> int:
         return sum(self.sim("connection_count", key) for key in self.api_keys)
