@@ -63,8 +63,8 @@ def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen:
     return _SPAWNER.submit(subprocess.Popen, argv, **kwargs).result()
 
 
-#: How long a reset waits for the fleet to be fresh again before reconnecting its clients.
-FLEET_RECOVERY_S = 60.0
+#: How long a reset waits for the deployment to recover by itself before it steps in.
+RECOVERY_WAIT_S = 60.0
 
 
 class FleetNotFresh(TimeoutError):
@@ -548,11 +548,16 @@ class Deployment:
 
     def _setup_django(self) -> None:
         """The runner's own Django, on the private instances (direct)."""
-        os.environ.update(self.direct_env)
-        os.environ.pop("TEST_DATABASE_NAME", None)
         import logging
 
         import django
+        from django.conf import settings
+
+        if settings.configured:
+            raise RuntimeError("Django settings were read before the deployment's environment "
+                               "was set (a scenario module touches Django when imported)")
+        os.environ.update(self.direct_env)
+        os.environ.pop("TEST_DATABASE_NAME", None)
 
         django.setup()
         # The runner's own Django and simulator logs go to a file; stdout is the figures.
@@ -738,18 +743,42 @@ class Deployment:
         def left() -> float:
             return max(10.0, timeout_s - (time.monotonic() - began))
 
+        # A deployment that does not come back by itself would spoil every later scenario:
+        # the reset escalates, and each step it had to take is noted (a finding to read).
         try:
-            self.wait_healthy(min(FLEET_RECOVERY_S, left()))
+            self.wait_healthy(min(RECOVERY_WAIT_S, left()))
+            return time.monotonic() - began
         except FleetNotFresh as exc:
-            # Connected clients that get nothing (e.g. their groups were lost with Redis's
-            # memory) would spoil every later scenario: they reconnect, and it is noted.
-            self.reset_notes.append(f"fleet reconnected after {FLEET_RECOVERY_S:.0f} s: {exc}")
-            print(f"faults: reset: {self.reset_notes[-1]}", flush=True)
+            # Connected clients that get nothing (e.g. their groups lost with Redis's memory).
+            self._note(f"fleet reconnected after {RECOVERY_WAIT_S:.0f} s: {exc}")
             self.clients.reconnect_all()
-            self.wait_healthy(left())
-        except TimeoutError:
+        except TimeoutError as exc:
+            self._note(f"runtickers and daphne restarted after {RECOVERY_WAIT_S:.0f} s: {exc}")
+            self._restart_product()
+        try:
+            self.wait_healthy(min(RECOVERY_WAIT_S, left()))
+        except TimeoutError as exc:
+            self._note(f"every product process restarted: {exc}")
+            self._restart_product(everything=True)
             self.wait_healthy(left())
         return time.monotonic() - began
+
+    def _note(self, text: str) -> None:
+        self.reset_notes.append(text)
+        print(f"faults: reset: {text}", flush=True)
+
+    def _restart_product(self, *, everything: bool = False) -> None:
+        names = ["daphne", "runticker-a", "runticker-b"]
+        if everything:
+            names += ["celery-worker", "celery-beat"]
+        for name in names:
+            self.procs[name].stop(40)
+        for name in names:
+            self.procs[name].start(wait_ready=False)
+        for name in names:
+            self.procs[name].start()
+        if self.clients is not None:
+            self.clients.reconnect_all()
 
     def _restore_sessions(self) -> None:
         """An account whose token a scenario expired gets a fresh session again."""

@@ -62,7 +62,7 @@ def scenario(name: str, *, group: str, quick: bool = False):
     def register(fn: Callable[[Any], Outcome]) -> Callable[[Any], Outcome]:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"scenario {name!r} registered twice")
-        doc = (fn.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        doc = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
         _REGISTRY[name] = Scenario(name=name, group=group, quick=quick, fn=fn, doc=doc)
         return fn
 
