@@ -279,8 +279,14 @@ class Deployment:
             dep.start()
             yield dep
         finally:
-            dep.down()
-            signal.signal(signal.SIGTERM, previous)
+            # A second Ctrl-C or SIGTERM must not cut the clean-up short.
+            previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                dep.down()
+            finally:
+                signal.signal(signal.SIGINT, previous_int)
+                signal.signal(signal.SIGTERM, previous)
 
     def start(self) -> None:
         print(f"faults: deployment in {self.run_dir} (logs: {self.logs_dir})", flush=True)
