@@ -15,7 +15,7 @@ def _scenario(name: str, *, quick: bool = False, doc: str = "does a thing") -> S
 
 
 def test_a_scenario_is_named_after_its_group():
-    with pytest.raises(ValueError, match="must be named redis.<what>"):
+    with pytest.raises(ValueError, match=r"must be named redis\.<what>"):
         scenario("postgres.restart", group="redis")
     with pytest.raises(ValueError, match="unknown group 'disk'"):
         scenario("disk.full", group="disk")
