@@ -177,8 +177,11 @@ def machine_facts() -> dict[str, str]:
                 break
     except OSError:
         pass
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     import os
+
+    # In UTC: the runner's Django has set TZ to TIME_ZONE (IST) by then.
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True,
+                            env={**os.environ, "TZ": "UTC"}).stdout.strip()
 
     return {"cpu": f"{cpu} x {os.cpu_count()}", "uptime": uptime, "python": platform.python_version()}
 
