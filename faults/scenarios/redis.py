@@ -121,7 +121,8 @@ def restart_x5(dep) -> Outcome:
 def sigstop_20s(dep) -> Outcome:
     """Redis frozen by SIGSTOP for 20 s: /health and admin latency during it, recovery after
     SIGCONT."""
-    admin = AdminSession(dep, *admin_user(username="faults-infra-admin"))
+    username, password = admin_user(username="faults-infra-admin")
+    admin = AdminSession(dep, username=username, password=password)
     targets = [
         ("admin", "/admin/", admin.headers),
         ("admin", "/admin/streaming/engineheartbeat/", admin.headers),
