@@ -17,7 +17,7 @@ from accounts.services import apitoken_create, apitoken_revoke
 from streaming import schema
 from streaming.models import EngineHeartbeat
 from streaming.protocol import SUBPROTOCOL
-from tests.helpers import engine_status
+from tests.helpers import async_wait_until, engine_status
 from tests.streaming.wsutil import (
     EXPIRY,
     EXPIRY2,
@@ -752,9 +752,7 @@ async def test_a_redis_restart_that_forgets_every_group_is_rejoined_within_secon
     await recv(comm)
     client = redis_lib.Redis.from_url(settings.REDIS_URL)
     marker = layer_marker_key(prefix)
-    async with asyncio.timeout(10):
-        while not client.exists(marker):
-            await asyncio.sleep(0.05)
+    await async_wait_until(lambda: client.exists(marker), timeout_s=10, what="the layer marker set")
     # What a restart without persistence leaves: no group, no marker.
     assert client.delete(redis_layer._group_key(CHAIN), marker) == 2
     async with asyncio.timeout(10):
