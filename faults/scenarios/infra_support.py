@@ -154,7 +154,6 @@ def api_targets(dep) -> list[tuple[str, str, dict[str, str]]]:
     return [
         ("api", "/api/v1/underlyings", headers),
         ("api", f"/api/v1/underlyings/{underlying}/expiries", headers),
-        ("api", "/api/v1/subscriptions?status=active", headers),
     ]
 
 
@@ -477,3 +476,29 @@ class TaskStream(Background):
 
         wait_until(all_ran, timeout_s=timeout_s, interval_s=0.5)
         return missing
+
+
+class RestartLikeSystemd(Background):
+    """Starts a named process again ``restart_s`` after it exited, as the deploy units'
+    ``Restart=always`` / ``RestartSec=2`` do (deploy/systemd); ``restarts`` counts them."""
+
+    interval_s = 0.1
+
+    def __init__(self, dep, names: list[str], *, restart_s: float = 2.0) -> None:
+        super().__init__()
+        self._procs = {name: dep.procs[name] for name in names}
+        self._restart_s = restart_s
+        self._dead_since: dict[str, float] = {}
+        self.restarts: dict[str, int] = dict.fromkeys(names, 0)
+
+    def step(self) -> None:
+        now = time.monotonic()
+        for name, proc in self._procs.items():
+            if proc.alive():
+                self._dead_since.pop(name, None)
+                continue
+            since = self._dead_since.setdefault(name, now)
+            if now - since >= self._restart_s:
+                proc.start(wait_ready=False)
+                self.restarts[name] += 1
+                self._dead_since.pop(name, None)
