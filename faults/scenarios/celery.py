@@ -161,8 +161,7 @@ def _outcome(*, task_id: str, since_wall: dt.datetime, since: float, log: Path, 
 
 @scenario("celery.worker_killed_mid_job", group="celery", quick=True)
 def worker_killed_mid_job(dep) -> Outcome:
-    """The worker process running the instrument refresh killed (-9) in the middle of it:
-    retried or taken over, done, never twice at once."""
+    """Worker process killed (-9) mid-job: retried or taken over, done, never twice at once."""
     from django.utils import timezone
 
     log = dep.procs["celery-worker"].log_path
@@ -179,8 +178,7 @@ def worker_killed_mid_job(dep) -> Outcome:
 
 @scenario("celery.postgres_blip_mid_job", group="celery")
 def postgres_blip_mid_job(dep) -> Outcome:
-    """A fast PostgreSQL restart while the instrument refresh waits on Kite: retried, done,
-    never twice at once."""
+    """PostgreSQL blip (fast restart) mid-job: retried, done, never twice at once."""
     from django.utils import timezone
 
     log = dep.procs["celery-worker"].log_path

@@ -138,8 +138,9 @@ def _kite_limit(dep, since: float, until: float) -> tuple[int, Promise]:
 
 @scenario("postgres.restart_x5", group="postgres")
 def restart_x5(dep) -> Outcome:
-    """Fast restart of PostgreSQL, 5 times 15 s apart, with HTTP API reads at 5/s: 5xx
-    answers, lease lapses, the longest client silence, bars missing."""
+    """PostgreSQL fast restart x5, 15 s apart: HTTP 5xx, lease lapses, stream gap, bars missing.
+
+    HTTP API reads run at 5/s throughout."""
     from django.utils import timezone
 
     cursors = {name: LogCursor(dep.procs[name].log_path) for name in ENGINES}
@@ -180,8 +181,7 @@ def restart_x5(dep) -> Outcome:
 
 @scenario("postgres.stopped_20s", group="postgres")
 def stopped_20s(dep) -> Outcome:
-    """PostgreSQL stopped for 20 s (longer than a lease is trusted): 5xx answers, lease
-    lapses, Kite connections per key, time until every client is fresh again."""
+    """PostgreSQL stopped 20 s (past a lease's trust): HTTP 5xx, Kite connections, recovery."""
     cursors = {name: LogCursor(dep.procs[name].log_path) for name in ENGINES}
     with HttpLoad(dep, api_targets(dep), interval_s=0.2, timeout_s=60) as load, FleetGaps(dep) as gaps:
         stopped = dep.probe.mark("postgres stop")
@@ -211,8 +211,9 @@ def stopped_20s(dep) -> Outcome:
 
 @scenario("postgres.blackhole_60s", group="postgres")
 def blackhole_60s(dep) -> Outcome:
-    """PostgreSQL black-holed for 60 s (connections open, no byte moves): engine threads,
-    WebSocket connect p99, runticker's SIGTERM exit time, recovery."""
+    """PostgreSQL black-holed 60 s: engine threads, WS connect p99, SIGTERM exit, recovery.
+
+    Connections stay open and no byte moves (the proxy's black hole)."""
     engine = dep.procs["runticker-b"]
     threads_before = {name: thread_count(dep.procs[name].pid) for name in ENGINES}
     exit_s = None

@@ -72,9 +72,10 @@ def _stopped_redis(dep) -> None:
 
 @scenario("redis.restart_x5", group="redis")
 def restart_x5(dep) -> Outcome:
-    """`SHUTDOWN NOSAVE` and restart of Redis, 5 times, while 50 clients stream and a task is
-    queued every 250 ms: time until publishing resumes and every client is fresh, group
-    members and instruments lost, Celery tasks lost."""
+    """Redis `SHUTDOWN NOSAVE` + restart x5 while streaming: resume, fresh, subs and tasks lost.
+
+    A task is queued every 250 ms throughout; the worker is restarted when it exits, as its
+    systemd unit does."""
     worker_log = LogCursor(dep.procs["celery-worker"].log_path)
     groups_before = client_groups(group_members(dep))
     receiving = ticking(dep, window_s=2.0)
@@ -123,8 +124,7 @@ def restart_x5(dep) -> Outcome:
 
 @scenario("redis.sigstop_20s", group="redis")
 def sigstop_20s(dep) -> Outcome:
-    """Redis frozen by SIGSTOP for 20 s: /health and admin latency during it, recovery after
-    SIGCONT."""
+    """Redis SIGSTOP 20 s: /health and admin latency during it, recovery after SIGCONT."""
     username, password = admin_user(username="faults-infra-admin")
     admin = AdminSession(dep, username=username, password=password)
     targets = [
@@ -174,8 +174,7 @@ def sigstop_20s(dep) -> Outcome:
 
 @scenario("redis.resets_1s", group="redis", quick=True)
 def resets_1s(dep) -> Outcome:
-    """Every Redis connection reset (through the proxy) for 1 s, 5 times: recovery, group
-    members lost, dead channel-layer members left behind."""
+    """Redis connections reset 1 s (proxy) x5: recovery, members lost, dead members left."""
     groups_before = client_groups(group_members(dep))
     freshes: list[float | None] = []
     for i in range(RESETS):
