@@ -101,6 +101,8 @@ class Result:
     outcome: Outcome | None
     seconds: float
     error: str = ""
+    #: What the reset after the scenario had to do beyond waiting (printed, not a failure).
+    reset_notes: list[str] = field(default_factory=list)
 
     @property
     def held(self) -> bool:
@@ -115,7 +117,8 @@ class Result:
         tail = "" if not broken else " | BROKEN: " + "; ".join(
             f"{p.text} ({p.detail})" if p.detail else p.text for p in broken)
         error = f" | reset failed: {self.error}" if self.error else ""
-        return f"{mark} {self.scenario.name} ({self.seconds:.0f} s): {figures}{tail}{error}"
+        notes = f" | reset: {'; '.join(self.reset_notes)}" if self.reset_notes else ""
+        return f"{mark} {self.scenario.name} ({self.seconds:.0f} s): {figures}{tail}{error}{notes}"
 
 
 def _fmt(value: Any) -> str:
@@ -145,11 +148,13 @@ def run(dep, scenarios: list[Scenario], *, print_fn=print) -> list[Result]:
             error += f" (traceback: {tb_path})"
         dep.probe.mark(f"end {sc.name}")
         result = Result(scenario=sc, outcome=outcome, seconds=time.monotonic() - began, error=error)
+        notes_before = len(dep.reset_notes)
         try:  # also after the last one: a deployment that does not recover is a finding
             dep.reset_between_scenarios()
         except Exception as exc:  # noqa: BLE001
             result.error = (result.error + "; " if result.error else "") + \
                 f"reset_between_scenarios: {type(exc).__name__}: {exc}"
+        result.reset_notes = dep.reset_notes[notes_before:]
         results.append(result)
         print_fn(result.line(), flush=True)
     return results
