@@ -83,18 +83,21 @@ def _minute_floor(t: dt.datetime) -> dt.datetime:
 
 
 def _bars_missing(tokens: set[int], began: dt.datetime, ended: dt.datetime) -> tuple[int, int]:
-    """(bars missing, minutes checked): live bars absent for the minutes wholly in the window,
-    once the bar sink has had time to store the last one."""
+    """(bars missing, minutes checked): live bars absent for every minute the window touched,
+    once the last of them has closed and the bar sink has had time to store it."""
     from django.db import close_old_connections
+    from django.utils import timezone
 
     from streaming.models import UnderlyingBar
 
-    first = _minute_floor(began) + dt.timedelta(minutes=1)
-    last = _minute_floor(ended) - dt.timedelta(minutes=1)  # the last minute closed before the end
-    if last < first or not tokens:
+    first, last = _minute_floor(began), _minute_floor(ended)
+    if not tokens:
         return 0, 0
     minutes = int((last - first).total_seconds() // 60) + 1
     expected = len(tokens) * minutes
+    closed = last + dt.timedelta(minutes=1)
+    # The last minute closes with the next minute's first tick: wait for the clock to pass it.
+    wait_until(lambda: timezone.now() >= closed, timeout_s=61, interval_s=0.5)
     found = 0
 
     def stored() -> bool:
