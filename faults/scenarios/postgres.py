@@ -112,21 +112,23 @@ def _bars_missing(tokens: set[int], began: dt.datetime, ended: dt.datetime) -> t
     return expected - found, minutes
 
 
-def _http_figures(load: HttpLoad, since: float, until: float) -> dict[str, int]:
+def _http_figures(dep, load: HttpLoad, since: float, until: float) -> dict[str, int]:
     hits = load.during(since, until)
     return {
         "http_requests": len(hits),
         "http_500": sum(h.status == 500 for h in hits),
         "http_5xx": sum(h.status >= 500 for h in hits),
         "http_unanswered": sum(h.status == 0 for h in hits),
+        "health_500": sum(s.health_status == 500 for s in dep.probe.samples(since, until)),
     }
 
 
 def _no_500(figures: dict[str, int]) -> Promise:
-    return Promise("the HTTP API never answers 500 (503 while the database is away)",
-                   figures["http_500"] == 0 and figures["http_unanswered"] == 0,
+    return Promise("the HTTP API and /health never answer 500 (503 while the database is away)",
+                   figures["http_500"] == 0 and figures["http_unanswered"] == 0
+                   and figures["health_500"] == 0,
                    f"{figures['http_500']} x 500, {figures['http_unanswered']} unanswered "
-                   f"of {figures['http_requests']}")
+                   f"of {figures['http_requests']}; /health 500 in {figures['health_500']} samples")
 
 
 def _kite_limit(dep, since: float, until: float) -> tuple[int, Promise]:
@@ -159,7 +161,7 @@ def restart_x5(dep) -> Outcome:
             time.sleep(max(0.0, RESTART_EVERY_S - (time.monotonic() - at)))
         ended = dep.probe.mark("postgres restarts end")
     ended_wall = timezone.now()
-    http = _http_figures(load, began, ended)
+    http = _http_figures(dep, load, began, ended)
     lapses = _lease_lapses(cursors)
     gap = gaps.longest(began, ended)
     missing, minutes = _bars_missing(tokens, began_wall, ended_wall)
@@ -196,7 +198,7 @@ def stopped_20s(dep) -> Outcome:
         back = dep.probe.mark("postgres started")
         fresh = dep.clients.wait_all_fresh(back, RECOVERY_TIMEOUT_S)
         ended = dep.probe.mark("postgres recovered")
-    http = _http_figures(load, stopped, ended)
+    http = _http_figures(dep, load, stopped, ended)
     lapses = _lease_lapses(cursors)
     most, kite_promise = _kite_limit(dep, stopped, ended)
     return Outcome(
@@ -245,7 +247,7 @@ def blackhole_60s(dep) -> Outcome:
     connect_s = [s for s, _ok in during]
     grown = {name: (threads.max_during(name, holed, back) or 0) - (threads_before[name] or 0)
              for name in ENGINES}
-    http = _http_figures(load, holed, ended)
+    http = _http_figures(dep, load, holed, ended)
     most, kite_promise = _kite_limit(dep, holed, ended)
     p99 = percentile(connect_s, 0.99)
     return Outcome(
