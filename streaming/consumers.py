@@ -589,12 +589,6 @@ def resolve_selection(
 # --- the consumer -----------------------------------------------------------------------------
 
 
-#: A channel-layer receive that met a Redis error is tried again after this, doubling up to
-#: the maximum: the connection waits the outage out instead of ending.
-LAYER_RETRY_FIRST_S = 0.25
-LAYER_RETRY_MAX_S = 2.0
-
-
 class TickerConsumer(AsyncWebsocketConsumer):
     """One WebSocket connection: subscriptions, flow-controlled snapshots, errors, never a crash."""
 
@@ -612,8 +606,6 @@ class TickerConsumer(AsyncWebsocketConsumer):
         self._metrics = metrics
         self._connections = connections
         self._layer_watch = layer_watch
-        self._layer_receive: Callable[[], Awaitable[dict[str, Any]]] | None = None
-        self._layer_down = False
         self._holder: tuple[str, str | None] | None = None  # (user, ip) counted in _connections
         self._limiter = MessageRateLimiter(
             per_s=config.max_messages_per_s, flood_factor=config.flood_factor, clock=clock
@@ -713,45 +705,6 @@ class TickerConsumer(AsyncWebsocketConsumer):
         await self.send(
             text_data=hello_message(user=user.get_username(), auth=auth, limits=self._config.limits())
         )
-
-    # channels' AsyncConsumer.__call__ sets ``channel_receive`` to the layer's receive of this
-    # connection's channel and waits on it beside the socket; reading it through here keeps a
-    # Redis outage from ending the connection (``_receive_from_layer``).
-    @property
-    def channel_receive(self) -> Callable[[], Awaitable[dict[str, Any]]]:
-        return self._receive_from_layer
-
-    @channel_receive.setter
-    def channel_receive(self, receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
-        self._layer_receive = receive
-
-    async def _receive_from_layer(self) -> dict[str, Any]:
-        """The next channel-layer message. A Redis error (down, reset, frozen past the read
-        timeout) is waited out, not raised: raised, it would end the connection, and its
-        groups, which cannot be left while Redis is away, would keep receiving for a dead
-        member until they expire. The client is told once (``unavailable``); when Redis
-        answers again the groups are joined again (a restart may have forgotten them)."""
-        delay = LAYER_RETRY_FIRST_S
-        while True:
-            try:
-                message = await self._layer_receive()
-            except (OSError, RedisError) as exc:
-                if not self._layer_down:
-                    self._layer_down = True
-                    self._log.warning("ws.layer_receive_failed", error=str(exc)[:200])
-                    if self._open:
-                        await self._send_error(
-                            ErrorCode.UNAVAILABLE,
-                            "the channel layer (Redis) did not answer; snapshots resume when it does",
-                        )
-                await asyncio.sleep(delay)
-                delay = min(LAYER_RETRY_MAX_S, delay * 2)
-                continue
-            if self._layer_down:
-                self._layer_down = False
-                self._log.info("ws.layer_receive_recovered")
-                await self._rejoin_groups()
-            return message
 
     async def _credential_revoked(self, message: dict[str, Any]) -> None:
         self._log.info("ws.credential_revoked", reason=str(message.get("reason"))[:60])

@@ -17,7 +17,7 @@ from accounts.services import apitoken_create, apitoken_revoke
 from streaming import schema
 from streaming.models import EngineHeartbeat
 from streaming.protocol import SUBPROTOCOL
-from tests.helpers import async_wait_until, engine_status, wait_until
+from tests.helpers import async_wait_until, engine_status
 from tests.streaming.wsutil import (
     EXPIRY,
     EXPIRY2,
@@ -762,74 +762,6 @@ async def test_a_redis_restart_that_forgets_every_group_is_rejoined_within_secon
     await comm.disconnect()
     client.delete(marker)
     client.close()
-
-
-@pytest.fixture
-def private_redis(tmp_path):
-    """A redis-server of this test's own, without persistence: ``restart()`` kills it (-9)
-    and starts it again on the same port, empty, as a crash and a restart leave it."""
-    import shutil
-    import subprocess
-
-    from tests.streaming.wsutil import free_port
-
-    port = free_port()
-    argv = [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
-            "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-
-    def start() -> subprocess.Popen:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"],
-                                          capture_output=True, text=True).stdout.strip() == "PONG",
-                   timeout_s=10, what="redis-server up")
-        return proc
-
-    procs = [start()]
-
-    def restart() -> None:
-        procs[-1].kill()
-        procs[-1].wait()
-        procs.append(start())
-
-    yield f"redis://127.0.0.1:{port}/0", restart
-    for proc in procs:
-        proc.kill()
-        proc.wait()
-
-
-async def test_a_connection_waits_out_a_redis_restart_and_streams_again(
-    private_redis, settings, universe, headers
-):
-    """Redis killed and restarted empty under an open connection: the connection stays, is
-    told ``unavailable`` once, re-joins its forgotten groups and receives snapshots again."""
-    import uuid
-
-    from channels.layers import get_channel_layer
-    from redis.exceptions import RedisError
-
-    url, restart = private_redis
-    prefix = f"test_outage_{uuid.uuid4().hex[:8]}"
-    settings.CHANNEL_LAYERS = {"default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [{"address": url, "socket_timeout": 15, "socket_connect_timeout": 2}],
-                   "prefix": prefix, "expiry": 10},
-    }}  # fmt: skip
-    layer = get_channel_layer()
-    app, _ = make_app(make_config(layer_redis_url=url, layer_prefix=prefix, layer_check_s=0.2))
-    comm, _ = await ws_connect(app, headers=headers)
-    await send(comm, {"action": "subscribe", "instruments": [CE_24000]})
-    await recv(comm)
-    await publish(layer, CHAIN, {CE_24000: snapshot_item(CE_24000, ltp=1.0)})
-    assert _frame_tokens(await recv(comm)) == {CE_24000: 1.0}
-    await asyncio.to_thread(restart)
-    error = await recv(comm, wait_s=20)
-    assert (error["type"], error["code"]) == ("error", "unavailable")
-    async with asyncio.timeout(20):
-        while await comm.receive_nothing(0.2):
-            with contextlib.suppress(RedisError, OSError):
-                await publish(layer, CHAIN, {CE_24000: snapshot_item(CE_24000, ltp=2.0)})
-    assert _frame_tokens(await recv(comm)) == {CE_24000: 2.0}
-    await comm.disconnect()
 
 
 async def test_a_cancelled_consumer_leaves_no_task_behind(redis_layer, universe, headers):
