@@ -185,7 +185,7 @@ def restart_x5(dep) -> Outcome:
     )
 
 
-@scenario("postgres.stopped_20s", group="postgres")
+@scenario("postgres.stopped_20s", group="postgres", quick=True)
 def stopped_20s(dep) -> Outcome:
     """PostgreSQL stopped 20 s (past a lease's trust): HTTP 5xx, Kite connections, recovery."""
     cursors = {name: LogCursor(dep.procs[name].log_path) for name in ENGINES}

@@ -172,7 +172,7 @@ def sigstop_20s(dep) -> Outcome:
     )
 
 
-@scenario("redis.resets_1s", group="redis", quick=True)
+@scenario("redis.resets_1s", group="redis")
 def resets_1s(dep) -> Outcome:
     """Redis connections reset 1 s (proxy) x5: recovery, members lost, dead members left."""
     groups_before = client_groups(group_members(dep))
