@@ -275,6 +275,10 @@ if REDIS_SENTINEL is not None:
 CELERY_TASK_ALWAYS_EAGER = False
 CELERY_TIMEZONE = "Asia/Kolkata"
 CELERY_TASK_ACKS_LATE = True
+# acks_late alone still acks a task whose worker process died under it (kill -9, the OOM
+# killer), which loses a daily job for the day: requeue it instead. Tasks are idempotent and
+# their JobLock is taken over by the redelivery (streaming/locks.py).
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT_S", default=600)
 CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT_S", default=540)

@@ -17,7 +17,7 @@ from accounts.services import apitoken_create, apitoken_revoke
 from streaming import schema
 from streaming.models import EngineHeartbeat
 from streaming.protocol import SUBPROTOCOL
-from tests.helpers import engine_status
+from tests.helpers import async_wait_until, engine_status
 from tests.streaming.wsutil import (
     EXPIRY,
     EXPIRY2,
@@ -728,6 +728,39 @@ async def test_groups_are_rejoined_after_redis_forgets_them(redis_layer, univers
     assert _frame_tokens(await recv(comm)) == {CE_24000: 9.0}
     assert client.exists(key)
     await comm.disconnect()
+    client.close()
+
+
+async def test_a_redis_restart_that_forgets_every_group_is_rejoined_within_seconds(
+    redis_layer, universe, headers
+):
+    """A Redis restart without persistence forgets every group while the connection lives
+    on: the layer watch sees its marker gone, and the connection re-joins long before its
+    periodic refresh (minutes)."""
+    import uuid
+
+    import redis as redis_lib
+    from django.conf import settings
+
+    from streaming.layer_watch import layer_marker_key
+
+    prefix = f"{settings.CHANNEL_LAYER_PREFIX}-{uuid.uuid4().hex[:8]}"
+    app, _ = make_app(make_config(layer_redis_url=settings.REDIS_URL, layer_prefix=prefix,
+                                  layer_check_s=0.2))
+    comm, _ = await ws_connect(app, headers=headers)
+    await send(comm, {"action": "subscribe", "instruments": [CE_24000]})
+    await recv(comm)
+    client = redis_lib.Redis.from_url(settings.REDIS_URL)
+    marker = layer_marker_key(prefix)
+    await async_wait_until(lambda: client.exists(marker), timeout_s=10, what="the layer marker set")
+    # What a restart without persistence leaves: no group, no marker.
+    assert client.delete(redis_layer._group_key(CHAIN), marker) == 2
+    async with asyncio.timeout(10):
+        while await comm.receive_nothing(0.1):
+            await publish(redis_layer, CHAIN, {CE_24000: snapshot_item(CE_24000, ltp=9.5)})
+    assert _frame_tokens(await recv(comm)) == {CE_24000: 9.5}
+    await comm.disconnect()
+    client.delete(marker)
     client.close()
 
 
