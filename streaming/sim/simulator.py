@@ -652,6 +652,19 @@ class KiteSimulator:
         for conn in self._connections.values():
             conn.wake.set()
 
+    def clear_faults(self) -> None:
+        """Forget every fault armed and not yet taken (REST faults, stalls, history holes,
+        RMS rejections, muted order updates, disordered postbacks): the simulator behaves as
+        Kite again."""
+        self._faults.clear()
+        self._history_holes.clear()
+        self._rms_rejections.clear()
+        for account in self._accounts.values():
+            account.updates_muted = False
+        for api_key in list(self._disordered_postbacks):
+            self.disorder_postbacks(api_key, enabled=False)
+        self.resume()
+
     def _is_stalled(self, conn: _Connection) -> bool:
         return self._stalled_all or conn.api_key in self._stalled_keys or conn.id in self._stalled_ids
 
