@@ -12,7 +12,6 @@ import time
 from collections import Counter
 
 from faults.registry import Outcome, Promise, scenario
-
 from faults.scenarios.streamkit import ExtraClients, client_tokens, fresh_db, poll_until, rounded
 
 STUCK_CLIENTS = 120

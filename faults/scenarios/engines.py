@@ -14,7 +14,6 @@ import signal
 import time
 
 from faults.registry import Outcome, Promise, scenario
-
 from faults.scenarios.streamkit import (
     Watcher,
     fresh_db,

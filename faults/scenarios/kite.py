@@ -12,7 +12,6 @@ import time
 
 from faults.probe import summarize
 from faults.registry import Outcome, Promise, scenario
-
 from faults.scenarios.streamkit import (
     account_ids_by_key,
     account_labels_by_key,

@@ -17,8 +17,8 @@ from collections import Counter
 from typing import Any
 
 import orjson
-from faults.registry import Outcome, Promise, scenario
 
+from faults.registry import Outcome, Promise, scenario
 from faults.scenarios.streamkit import (
     account_ids_by_key,
     fresh_db,
@@ -67,14 +67,14 @@ class _Desk:
 
     def call(self, method: str, path: str, body: dict | None = None,
              headers: dict[str, str] | None = None) -> tuple[int, dict]:
-        request = urllib.request.Request(  # noqa: S310 - our own http URL
+        request = urllib.request.Request(
             f"{self.dep.http_url}{path}", method=method,
             data=None if body is None else orjson.dumps(body),
             headers={"Authorization": f"Token {self.token}", "Content-Type": "application/json",
                      **(headers or {})},
         )
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - our own http URL
+            with urllib.request.urlopen(request, timeout=30) as response:
                 return response.status, orjson.loads(response.read() or b"{}")
         except urllib.error.HTTPError as exc:
             raw = exc.read()
