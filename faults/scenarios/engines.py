@@ -40,10 +40,31 @@ TAKEOVER_DEADLINE_S = 90.0
 #: wait this long for every minute of the outage to be stored.
 BARS_SETTLE_S = 240.0
 WATCH_BEFORE_S = 3.0
+#: A minute closes, then its bar is stored: the first bar of a new subscription comes within.
+BARS_FIRST_S = 150.0
 
 
 def _minute(epoch_s: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch_s // 60 * 60, dt.UTC)
+
+
+def _ensure_bars(dep) -> None:
+    """Bars are of underlyings (the index): subscribe the chain's index, and wait until one of
+    its bars has been stored (the deployment subscribes the chain's options and futures)."""
+    from streaming.models import UnderlyingBar
+    from subscriptions.models import Instrument, Subscription
+    from subscriptions.services import subscription_activate
+
+    fresh_db()
+    index = Instrument.objects.get(instrument_token=dep.simulator.market.index_token(dep.chain["underlying"]))
+    if not Subscription.objects.filter(instrument=index, status=Subscription.Status.ACTIVE).exists():
+        subscription_activate(instrument=index, mode=Subscription.Mode.FULL)
+
+    def stored() -> bool:
+        fresh_db()
+        return UnderlyingBar.objects.filter(instrument=index, is_mock=False).exists()
+
+    poll_until(stored, timeout_s=BARS_FIRST_S, interval_s=1.0)
 
 
 def _bar_instruments(since: dt.datetime) -> set[int]:
@@ -69,6 +90,7 @@ def _bars_missing(instruments: set[int], first: dt.datetime, last: dt.datetime) 
 
 
 def _engine_fault(dep, kind: str) -> Outcome:
+    _ensure_bars(dep)
     holders = lease_holders(dep)
     keys = streamed_keys(dep)
     victim = holders[keys[0]]

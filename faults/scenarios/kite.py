@@ -16,6 +16,7 @@ from faults.scenarios.streamkit import (
     account_ids_by_key,
     account_labels_by_key,
     first_log_event,
+    fresh_db,
     health_codes,
     lease_holders,
     metric_total,
@@ -135,7 +136,7 @@ def kite_malformed_and_rest_errors(dep) -> Outcome:
     wait_next_scrape(dep)
     malformed0 = metric_total(dep, "tickerproj_engine_kite_malformed_parts")
     crashes0 = metric_total(dep, "tickerproj_engine_task_crashes_total")
-    reconnects0 = metric_total(dep, "tickerproj_engine_kite_reconnects")
+    attempts0 = {k: dep.sim("connection_attempts", k) for k in dep.api_keys}
     errors0 = metric_total(dep, "tickerproj_engine_rest_fallback_requests_total", outcome="error")
     ok0 = metric_total(dep, "tickerproj_engine_rest_fallback_requests_total", outcome="ok")
 
@@ -147,7 +148,8 @@ def kite_malformed_and_rest_errors(dep) -> Outcome:
         lambda: metric_total(dep, "tickerproj_engine_kite_malformed_parts") - malformed0 >= sent,
         timeout_s=20, interval_s=0.25)
     malformed = metric_total(dep, "tickerproj_engine_kite_malformed_parts") - malformed0
-    reconnects_after_malformed = metric_total(dep, "tickerproj_engine_kite_reconnects") - reconnects0
+    # Exact, at the simulator (the engines' reconnect gauge is only as fresh as a heartbeat).
+    reconnects_after_malformed = sum(dep.sim("connection_attempts", k) - n for k, n in attempts0.items())
 
     for kind, detail in QUOTE_FAULTS:
         if kind == "fail":
@@ -195,35 +197,58 @@ def kite_malformed_and_rest_errors(dep) -> Outcome:
     )
 
 
+def _pin(account_id: int | None, pks: list[int], reason: str) -> None:
+    """Pin (or, with None, unpin) subscriptions to an account, and tell the engines."""
+    from django.db import transaction
+
+    from subscriptions.models import Subscription
+    from subscriptions.services import engines_reload
+
+    fresh_db()
+    with transaction.atomic():
+        Subscription.objects.filter(pk__in=pks).update(pinned_account_id=account_id)
+        engines_reload(reason=reason)
+
+
 @scenario("kite.token_expiry", group="kite", quick=True)
 def kite_token_expiry(dep) -> Outcome:
     """Kite expires an account's token (sockets closed, upgrades refused): session_expired on
-    /health, no connect attempt until a new token, streaming again soon after it."""
+    /health, no connect attempt until a new token, streaming again soon after it. Its
+    subscriptions are pinned to it meanwhile (unpinned, the engine moves them to the other
+    account at once, and nothing waits for the token)."""
     from accounts.models import KiteAccount
     from accounts.services import account_set_session
+    from subscriptions.models import Subscription
 
     key = streamed_keys(dep)[0]
     account_id = account_ids_by_key(dep)[key]
     baseline, _ = sim_view(dep, key)
-    connections = len(dep.sim("connections", key))
-    attempts0 = dep.sim("connection_attempts", key)
-    dep.sim("expire_token", key)
-    dep.probe.mark(f"token expired {key}")
-    shown_s = poll_until(lambda: "session_expired" in health_codes(dep), timeout_s=60, interval_s=0.2)
-    attempts_shown = dep.sim("connection_attempts", key)
-    quiet_s = EXPIRED_QUIET_QUICK_S if dep.quick else EXPIRED_QUIET_S
-    time.sleep(quiet_s)  # an observation window: no attempt may come in it
-    attempts_quiet = dep.sim("connection_attempts", key) - attempts_shown
-    status = KiteAccount.objects.get(pk=account_id).status
+    pks = list(Subscription.objects.filter(status=Subscription.Status.ACTIVE,
+                                           assigned_account_id=account_id).values_list("pk", flat=True))
+    _pin(account_id, pks, "faults: kite.token_expiry pins the account's subscriptions")
+    try:
+        connections = len(dep.sim("connections", key))
+        attempts0 = dep.sim("connection_attempts", key)
+        dep.sim("expire_token", key)
+        dep.probe.mark(f"token expired {key}")
+        shown_s = poll_until(lambda: "session_expired" in health_codes(dep), timeout_s=60,
+                             interval_s=0.2)
+        attempts_shown = dep.sim("connection_attempts", key)
+        quiet_s = EXPIRED_QUIET_QUICK_S if dep.quick else EXPIRED_QUIET_S
+        time.sleep(quiet_s)  # an observation window: no attempt may come in it
+        attempts_quiet = dep.sim("connection_attempts", key) - attempts_shown
+        status = KiteAccount.objects.get(pk=account_id).status
 
-    token = f"tok-{key}-{secrets.token_hex(8)}"
-    dep.sim("set_access_token", key, token)
-    began = time.monotonic()
-    account_set_session(account=KiteAccount.objects.get(pk=account_id), access_token=token)
-    resumed = poll_until(lambda: sim_view(dep, key)[0] == baseline, timeout_s=60, interval_s=0.01)
-    resume_s = None if resumed is None else time.monotonic() - began  # from before the save
-    cleared_s = poll_until(lambda: "session_expired" not in health_codes(dep), timeout_s=30,
-                           interval_s=0.2)
+        token = f"tok-{key}-{secrets.token_hex(8)}"
+        dep.sim("set_access_token", key, token)
+        began = time.monotonic()
+        account_set_session(account=KiteAccount.objects.get(pk=account_id), access_token=token)
+        resumed = poll_until(lambda: sim_view(dep, key)[0] == baseline, timeout_s=60, interval_s=0.01)
+        resume_s = None if resumed is None else time.monotonic() - began  # from before the save
+        cleared_s = poll_until(lambda: "session_expired" not in health_codes(dep), timeout_s=30,
+                               interval_s=0.2)
+    finally:
+        _pin(None, pks, "faults: kite.token_expiry unpins")
     return Outcome(
         figures={"shown_s": rounded(shown_s), "attempts_until_shown": attempts_shown - attempts0,
                  "attempts_in_quiet": attempts_quiet, "quiet_s": quiet_s, "account_status": status,
