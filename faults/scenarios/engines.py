@@ -39,6 +39,8 @@ TAKEOVER_DEADLINE_S = 90.0
 #: Bars: the backfill is queued BACKFILL_MIN_AGE_S (60 s) after the first bar of a takeover;
 #: wait this long for every minute of the outage to be stored.
 BARS_SETTLE_S = 240.0
+#: A minute's bar is closed and stored this long after the minute ends (grace, then a write).
+BAR_STORED_AFTER_S = 10.0
 WATCH_BEFORE_S = 3.0
 #: A minute closes, then its bar is stored: the first bar of a new subscription comes within.
 BARS_FIRST_S = 150.0
@@ -142,10 +144,14 @@ def _engine_fault(dep, kind: str) -> Outcome:
         watched = watcher.report()
     conns = dep.probe.max_kite_conns(since)
     fresh_s = dep.clients.wait_all_fresh(time.monotonic(), timeout_s=60)
-    end_wall = time.time()
 
-    # Every minute from the one before the fault to the last closed one.
-    first, last = _minute(fault_wall - 60), _minute(end_wall - 60)
+    # Every minute from the one before the fault to the one the takeover ended in, once that
+    # one has closed and been stored.
+    taken_wall = fault_wall + (takeover_s if takeover_s is not None else TAKEOVER_DEADLINE_S)
+    first, last = _minute(fault_wall - 60), _minute(taken_wall)
+    closed_wall = last.timestamp() + 60 + BAR_STORED_AFTER_S
+    if time.time() < closed_wall:
+        time.sleep(closed_wall - time.time())  # until the minute has closed (a clock, not a hope)
     missing = None
     if bar_instruments:
         settle = poll_until(lambda: _bars_missing(bar_instruments, first, last) == 0,
