@@ -130,7 +130,7 @@ def clients_daphne_kill9_300(dep) -> Outcome:
     tokens = client_tokens(count=CROWD, prefix="crowd")
     crowd = ExtraClients(dep, count=CROWD, behaviour="ack", tokens=tokens, first_addr=12)
     try:
-        connected_s = poll_until(lambda: crowd.state()["connected"] >= CROWD, timeout_s=120,
+        connected_s = poll_until(lambda: crowd.state()["connected"] >= CROWD, timeout_s=180,
                                  interval_s=0.5)
         time.sleep(5.0)  # every subscription joined its groups
         before = _members_by_prefix(r)

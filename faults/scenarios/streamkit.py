@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import multiprocessing
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -280,11 +281,13 @@ class Watcher:
 
 
 def _extra_clients_main(url: str, origin: str, tokens: list[str], chain: dict, count: int,
-                        behaviour: str, first_addr: int, control) -> None:
-    asyncio.run(_extra_clients(url, origin, tokens, chain, count, behaviour, first_addr, control))
+                        behaviour: str, first_addr: int, ramp_s: float, control) -> None:
+    asyncio.run(_extra_clients(url, origin, tokens, chain, count, behaviour, first_addr, ramp_s,
+                               control))
 
 
-async def _extra_clients(url, origin, tokens, chain, count, behaviour, first_addr, control) -> None:
+async def _extra_clients(url, origin, tokens, chain, count, behaviour, first_addr, ramp_s,
+                         control) -> None:
     """``behaviour``: "ack" (well-behaved), "no_ack" (reads, never acknowledges: a hidden tab)
     or "frozen" (neither reads nor acknowledges once subscribed: a suspended laptop)."""
     from websockets.asyncio.client import connect
@@ -296,7 +299,7 @@ async def _extra_clients(url, origin, tokens, chain, count, behaviour, first_add
         addr = (f"127.{first_addr}.{1 + index // 250}.{1 + index % 250}", 0)
         async with connect(
             url, additional_headers=[("Authorization", f"Token {tokens[index // 10]}")],
-            subprotocols=["tickerproj.v1"], origin=origin, open_timeout=30, local_addr=addr,
+            subprotocols=["tickerproj.v1"], origin=origin, open_timeout=60, local_addr=addr,
             max_size=2**24, max_queue=1 if behaviour == "frozen" else 16,
             ping_interval=None if behaviour == "frozen" else 20,
         ) as ws:
@@ -329,13 +332,13 @@ async def _extra_clients(url, origin, tokens, chain, count, behaviour, first_add
                 state["errors"] += 1
             if behaviour != "ack":
                 return
-            await asyncio.sleep(backoff_s)
+            await asyncio.sleep(backoff_s * random.uniform(0.5, 1.5))  # jittered, as the page
             backoff_s = min(5.0, backoff_s * 2)
 
     tasks = []
     for i in range(count):
         tasks.append(asyncio.create_task(one(i)))
-        await asyncio.sleep(0.01)  # under the per-IP connect rate, and no thundering herd
+        await asyncio.sleep(ramp_s)  # users arriving, not a thundering herd
     control.send(("ready", None))
     try:
         while True:
@@ -356,13 +359,13 @@ class ExtraClients:
     one ``behaviour`` (see ``_extra_clients``); ``tokens``: one API token per 10 clients."""
 
     def __init__(self, dep, *, count: int, behaviour: str, tokens: list[str],
-                 first_addr: int = 10) -> None:
+                 first_addr: int = 10, ramp_s: float = 0.1) -> None:
         chain = {"underlying": dep.chain["underlying"], "expiry": dep.chain["expiry"]}
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.process = ctx.Process(
             target=_extra_clients_main,
-            args=(dep.ws_url, dep.origin, tokens, chain, count, behaviour, first_addr, child),
+            args=(dep.ws_url, dep.origin, tokens, chain, count, behaviour, first_addr, ramp_s, child),
             name=f"faults-extra-{behaviour}", daemon=True,
         )
         self.process.start()
