@@ -110,13 +110,19 @@ def clients_stuck_120(dep) -> Outcome:
     )
 
 
-def _members_by_prefix(redis_client) -> Counter:
-    """channel-layer group members per client prefix (one per process's layer)."""
+def _members_by_prefix(redis_client, *, kinds_of: str | None = None) -> Counter:
+    """channel-layer group members per client prefix (one per process's layer); with
+    ``kinds_of``, that prefix's members per kind of group (the group name up to its first
+    ``.``: ``chain``, ``user``...)."""
     counts: Counter = Counter()
     for key in redis_client.scan_iter(match=GROUP_KEY_PATTERN, count=500):
+        kind = key.decode().split(":group:", 1)[-1].split(".", 1)[0]
         for member in redis_client.zrange(key, 0, -1):
-            name = member.decode()
-            counts[name.split(".", 1)[-1].split("!", 1)[0]] += 1
+            prefix = member.decode().split(".", 1)[-1].split("!", 1)[0]
+            if kinds_of is None:
+                counts[prefix] += 1
+            elif prefix == kinds_of:
+                counts[kind] += 1
     return counts
 
 
@@ -155,6 +161,7 @@ def clients_daphne_kill9_300(dep) -> Outcome:
                 break
             time.sleep(DEAD_SAMPLE_S)  # the observation's sampling interval (module constant)
         crowd_state = crowd.state()
+        dead_kinds = dict(_members_by_prefix(r, kinds_of=dead_prefix).most_common(4))
     finally:
         crowd.stop()
     fresh_db()
@@ -166,7 +173,8 @@ def clients_daphne_kill9_300(dep) -> Outcome:
         figures={"clients": CROWD + dep.n_clients, "crowd_connected_s": rounded(connected_s, 1),
                  "members_before": members_before, "daphne_restart_s": rounded(restart_s, 1),
                  "crowd_back_s": rounded(back_s, 1), "dead_members_after_kill": dead_after_kill,
-                 "dead_members_end": dead_end, "dead_zero_after_s": rounded(zero_after_s, 0),
+                 "dead_members_end": dead_end, "dead_left_in": dead_kinds,
+                 "dead_zero_after_s": rounded(zero_after_s, 0),
                  "redis_mb_before": rounded(redis_before, 1), "redis_mb_peak": rounded(redis_peak, 1),
                  "redis_mb_end": rounded(redis_end, 1), "observed_min": round(timeline[-1][0] / 60, 1),
                  "crowd_connected_end": crowd_state.get("connected")},
