@@ -88,9 +88,11 @@ def clients_stuck_120(dep) -> Outcome:
     base_p99 = max(baseline) if baseline else None
     worst_p99 = max(during) if during else None
     connected = sum(st["connected"] for st in states)
+    no_ack_up, frozen_up = (st["connected"] for st in states)
     fleet_up = sum(c["connected"] for c in dep.clients.stats()["clients"])
     return Outcome(
         figures={"stuck": STUCK_CLIENTS, "stuck_connected_at_end": connected,
+                 "no_ack_connected": no_ack_up, "frozen_connected": frozen_up,
                  "daphne_mb_per_min": rounded(daphne, 3), "redis_mb_per_min": rounded(redis_slope, 3),
                  "daphne_rss_mb": rounded(samples[-1].rss_mb.get("daphne") if samples else None, 1),
                  "healthy_p99_base_s": rounded(base_p99), "healthy_p99_max_s": rounded(worst_p99),
