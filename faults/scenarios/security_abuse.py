@@ -167,7 +167,7 @@ def _abuses() -> list[Abuse]:
         Abuse("500 frames at once", lambda: [ping] * 500, frozenset({"rate_limited", "flood"}),
               frozenset({4008})),
         Abuse("200 KiB text frame", lambda: ["x" * 200 * 1024], frozenset({"message_too_large"})),
-        Abuse("1.1 MiB frame", lambda: ["x" * int(1.1 * 2**20)], frozenset(), frozenset({1009})),
+        Abuse("1.1 MiB frame", lambda: ["x" * int(1.1 * 2**20)], frozenset(), frozenset({1006})),  # dropped by daphne
         Abuse("binary frame", lambda: [secrets.token_bytes(512)], frozenset({"invalid_message"})),
         Abuse("deep nesting", lambda: ["[" * DEEP_NESTING + "]" * DEEP_NESTING],
               frozenset({"invalid_json"})),

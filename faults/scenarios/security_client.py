@@ -92,7 +92,7 @@ async def ws_open(
         return await connect(
             url, additional_headers=headers or {}, origin=origin, subprotocols=list(subprotocols),
             open_timeout=WS_OPEN_TIMEOUT_S, max_size=max_size, local_addr=(local_ip, 0),
-            ping_interval=None, compression=None, proxy=None,
+            ping_interval=None, compression=None, proxy=None, max_queue=None,
         )  # fmt: skip
     except InvalidStatus as exc:
         return WsOutcome(handshake_status=exc.response.status_code)
