@@ -348,6 +348,10 @@ MOCK_MARKET_ENABLED = env.bool("MOCK_MARKET_ENABLED", default=True)
 """Drive the pipeline from the synthetic market outside market hours."""
 MARKET_HOLIDAYS = env.list("MARKET_HOLIDAYS", default=[])
 """NSE trading holidays as ISO dates; the market is closed on them."""
+MARKET_HOURS_ALWAYS_OPEN = env.bool("MARKET_HOURS_ALWAYS_OPEN", default=False)
+"""Treat the market as open at every hour of every day (the fault suite and demos against the
+simulator): the engine streams live, reports ``market_open`` and /health checks for stalls.
+Never set it against real Kite: outside the session Kite sends no ticks."""
 MOCK_TICK_INTERVAL_MS = env.int("MOCK_TICK_INTERVAL_MS", default=250)
 """How often the mock market steps and emits ticks for every mocked instrument."""
 MOCK_MARKET_SEED = env.int("MOCK_MARKET_SEED", default=0)

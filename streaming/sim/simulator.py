@@ -622,6 +622,16 @@ class KiteSimulator:
         for conn in self._connections.values():
             conn.wake.set()
 
+    def clear_faults(self) -> None:
+        """Forget every fault armed and not yet taken (REST faults, stalls, history holes,
+        RMS rejections, muted order updates): the simulator behaves as Kite again."""
+        self._faults.clear()
+        self._history_holes.clear()
+        self._rms_rejections.clear()
+        for account in self._accounts.values():
+            account.updates_muted = False
+        self.resume()
+
     def _is_stalled(self, api_key: str) -> bool:
         return self._stalled_all or api_key in self._stalled_keys
 
