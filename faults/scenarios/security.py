@@ -3,8 +3,8 @@ WebSocket input abuse, history/API abuse and a canary secret swept across everyt
 
 Each scenario connects from a loopback address of its own (security_client), so the limits
 it trips per address stay its own. Helpers: security_identities (the eight callers),
-security_policy (routes and the documented policy), security_matrix, security_abuse,
-security_canary.
+security_policy (routes and the documented policy), security_matrix; the abuse and canary
+scenarios are registered by security_abuse and security_canary.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import time
 from urllib.parse import urlsplit
 
 from faults.registry import Outcome, Promise, scenario
-
-from faults.scenarios import security_abuse, security_canary  # noqa: F401 (they register theirs)
 from faults.scenarios.security_client import (
     Http,
     address_inside,
@@ -84,6 +82,8 @@ def _ws_targets() -> tuple[int, dict, int]:
 
 @scenario("security.access_matrix", group="security", quick=True)
 def access_matrix(dep) -> Outcome:
+    """Every HTTP route (URL resolver, OpenAPI schema, /metrics) and WebSocket action against
+    8 identities, each cell compared with the documented policy; unknown routes fail."""
     started = time.monotonic()
     identities = identities_create(tag=secrets.token_hex(3))
     superuser = next(i for i in identities if i.is_superuser)

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from faults.registry import Outcome, Promise, scenario
 from websockets.exceptions import ConnectionClosed
 
+from faults.registry import Outcome, Promise, scenario
 from faults.scenarios.security_client import Http, ws_open, ws_recv, ws_until
 
 ABUSE_IP = "127.0.0.31"
@@ -243,6 +243,8 @@ async def _connect_flood(dep) -> tuple[int, list[str]]:
 
 @scenario("security.ws_abuse", group="security")
 def ws_abuse(dep) -> Outcome:
+    """20k-token subscribes, 100 msg/s, bursts, 200 KiB and 1.1 MiB frames, binary, deep
+    nesting, 300 unauthenticated connects: each its documented answer, a bystander served."""
     key = _token_for("abuse")
     bystander_key = _token_for("bystander")
     since = time.monotonic()
@@ -303,6 +305,8 @@ def _history_path(token: int, start: str, end: str, interval: str = "minute") ->
 
 @scenario("security.history_abuse", group="security")
 def history_abuse(dep) -> Outcome:
+    """Extreme dates, the per-token rate, 20 maximal option ranges from one caller and from
+    20: 4xx with a code, the limits hold, no 5xx, a bystander served."""
     option, index = _instrument_tokens()
     keys = [_token_for(f"history{n}") for n in range(HISTORY_CONCURRENT)]
     rate_key, one_key, bystander_key = _token_for("rate"), _token_for("one"), _token_for("hbystander")

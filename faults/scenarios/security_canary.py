@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import orjson
-from faults.registry import Outcome, Promise, scenario
 
+from faults.registry import Outcome, Promise, scenario
 from faults.scenarios.security_client import Http, ws_open, ws_recv
 from faults.scenarios.security_identities import identities_create
 
@@ -85,8 +85,8 @@ def _pg_dump(dep, folder: Path) -> bytes:
     if binary is None:
         raise RuntimeError("pg_dump not found")
     target = folder / "db.sql"
-    subprocess.run(  # noqa: S603 (our own binary and the deployment's own URL)
-        [binary, "--no-owner", "--file", str(target), dep.env["DATABASE_URL"]],
+    subprocess.run(
+        [binary, "--no-owner", "--file", str(target), dep.direct_env["DATABASE_URL"]],
         check=True, capture_output=True, timeout=PG_DUMP_TIMEOUT_S,
     )  # fmt: skip
     return target.read_bytes()
@@ -139,6 +139,8 @@ def _http_pages(dep, superuser, account_id: int, token_id: int) -> dict[str, byt
 
 @scenario("security.canary_sweep", group="security", quick=True)
 def canary_sweep(dep) -> Outcome:
+    """A unique Kite access token, API secret and API keys, used for real, then searched for
+    in every log, all of Redis, a pg_dump, /health, /metrics and the admin pages."""
     from django.contrib.auth import get_user_model
 
     from accounts.models import KiteAccount
