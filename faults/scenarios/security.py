@@ -37,6 +37,7 @@ from faults.scenarios.security_policy import (
     api_cells,
     asgi_cells,
     django_routes,
+    is_admin_route,
     unknown_ws_actions,
 )
 
@@ -80,33 +81,11 @@ def _ws_targets() -> tuple[int, dict, int]:
     return instrument, chain, KiteAccount.objects.order_by("pk").values_list("pk", flat=True).first()
 
 
-@scenario("security.access_matrix", group="security", quick=True)
-def access_matrix(dep) -> Outcome:
-    """Every HTTP route (URL resolver, OpenAPI schema, /metrics) and WebSocket action against
-    8 identities, each cell compared with the documented policy; unknown routes fail."""
-    started = time.monotonic()
-    identities = identities_create(tag=secrets.token_hex(3))
-    superuser = next(i for i in identities if i.is_superuser)
-    schema = openapi_fetch(dep.http_url, superuser, local_ip=MATRIX_IP)
-    api, unknown_api = api_cells(schema, identities, API_DOC.read_text())
-    django, unknown_routes = DjangoRules(admin_context(identities)).expand_all(django_routes(), identities)
-    cells = [*api, *django, *asgi_cells(identities)]
-    instrument, chain, account_id = _ws_targets()
-    visible = _visible_accounts(identities, account_id)
-
-    http = asyncio.run(run_http_cells(dep.http_url, cells, identities, local_ip=MATRIX_IP))
-    ws = asyncio.run(run_ws_matrix(
-        dep.ws_url, identities, ws_cases(instrument=instrument, chain=chain, account_id=account_id),
-        origin=allowed_origin(dep), visible_accounts=visible, local_ip=MATRIX_IP,
-    ))  # fmt: skip
-    unknown_ws = unknown_ws_actions(
-        {c.action for c in ws_cases(instrument=0, chain={}, account_id=0)}
-    )
-    unknown = [*unknown_api, *unknown_routes, *unknown_ws]
-    wrong = [*http.wrong, *ws.wrong]
+def _matrix_outcome(started: float, identities, http, ws, unknown: list[str]) -> Outcome:
+    wrong = [*http.wrong, *(ws.wrong if ws else [])]
     return Outcome(
         figures={
-            "identities": len(identities), "http_cells": http.cells, "ws_cells": ws.cells,
+            "identities": len(identities), "http_cells": http.cells, "ws_cells": ws.cells if ws else 0,
             "wrong": len(wrong), "http_5xx": len(http.server_errors), "unknown_routes": len(unknown),
             "s": round(time.monotonic() - started, 1),
         },
@@ -118,6 +97,42 @@ def access_matrix(dep) -> Outcome:
                     detail=", ".join(unknown[:10]) or "all known"),
         ],
     )  # fmt: skip
+
+
+@scenario("security.access_matrix", group="security", quick=True)
+def access_matrix(dep) -> Outcome:
+    """Every API operation (OpenAPI schema), page, health route, /metrics and WebSocket action
+    against 8 identities, each cell compared with the documented policy; unknown routes fail."""
+    started = time.monotonic()
+    identities = identities_create(tag=secrets.token_hex(3))
+    superuser = next(i for i in identities if i.is_superuser)
+    schema = openapi_fetch(dep.http_url, superuser, local_ip=MATRIX_IP)
+    api, unknown_api = api_cells(schema, identities, API_DOC.read_text())
+    routes = [r for r in django_routes() if not is_admin_route(r)]
+    pages, unknown_routes = DjangoRules(admin_context(identities)).expand_all(routes, identities)
+    instrument, chain, account_id = _ws_targets()
+    visible = _visible_accounts(identities, account_id)
+
+    http = asyncio.run(run_http_cells(dep.http_url, [*api, *pages, *asgi_cells(identities)],
+                                      identities, local_ip=MATRIX_IP))
+    ws = asyncio.run(run_ws_matrix(
+        dep.ws_url, identities, ws_cases(instrument=instrument, chain=chain, account_id=account_id),
+        origin=allowed_origin(dep), visible_accounts=visible, local_ip=MATRIX_IP,
+    ))  # fmt: skip
+    unknown_ws = unknown_ws_actions({c.action for c in ws_cases(instrument=0, chain={}, account_id=0)})
+    return _matrix_outcome(started, identities, http, ws, [*unknown_api, *unknown_routes, *unknown_ws])
+
+
+@scenario("security.admin_matrix", group="security")
+def admin_matrix(dep) -> Outcome:
+    """Every admin route of the URL resolver (each model's views, custom views, the site's
+    own) against the same 8 identities: staff only, view-only staff never writes."""
+    started = time.monotonic()
+    identities = identities_create(tag=secrets.token_hex(3))
+    routes = [r for r in django_routes() if is_admin_route(r)]
+    cells, unknown = DjangoRules(admin_context(identities)).expand_all(routes, identities)
+    http = asyncio.run(run_http_cells(dep.http_url, cells, identities, local_ip=MATRIX_IP))
+    return _matrix_outcome(started, identities, http, None, unknown)
 
 
 # --- /metrics and /health exposure ---------------------------------------------------------

@@ -206,6 +206,10 @@ def django_routes() -> list[DjangoRoute]:
     return routes
 
 
+def is_admin_route(route: DjangoRoute) -> bool:
+    return route.template.startswith("admin/")
+
+
 API_DOC_ROUTES = frozenset({"api-v1:openapi-json", "api-v1:openapi-view"})
 OBJECT_PARAMS = frozenset({"object_id", "id", "pk"})
 POST_ONLY_ADMIN_VIEWS = frozenset({"process_import"})
