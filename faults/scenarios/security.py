@@ -10,8 +10,11 @@ scenarios are registered by security_abuse and security_canary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+import sys
 import time
+import urllib.request
 from urllib.parse import urlsplit
 
 from faults.registry import Outcome, Promise, scenario
@@ -49,6 +52,8 @@ REVOKE_IP = "127.0.0.24"
 REVOKED_CLOSE_PROMISE_S = 1.0
 """docs/http-api.md: revoking a token closes its WebSockets "within a second"."""
 REVOKE_ROUNDS = 5
+REVOKE_WAIT_S = 30.0
+"""How long a round waits for the close: past the promise, so a late close is measured."""
 
 
 def allowed_origin(dep) -> str:
@@ -137,6 +142,37 @@ def admin_matrix(dep) -> Outcome:
 
 # --- /metrics and /health exposure ---------------------------------------------------------
 
+PROXIED_NETWORK = "10.0.0.0/8"
+PROXIED_START_TIMEOUT_S = 180.0
+
+
+@contextlib.contextmanager
+def _proxied_daphne(dep):
+    """A second daphne as it runs behind a reverse proxy (``--proxy-headers``), with
+    ``OPS_ALLOWED_NETWORKS`` set; stopped on exit. Its log sits beside the others."""
+    from faults.deployment import Proc
+
+    port = dep.ports.take()
+    env = {**dep.env, "OPS_ALLOWED_NETWORKS": PROXIED_NETWORK}
+    base_url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{base_url}/health/live", timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    proc = Proc("daphne-proxied", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+                                   "--proxy-headers", "tickerproj.asgi:application"],
+                env=env, cwd=dep.run_dir / "work", log_path=dep.logs_dir / "daphne-proxied.log",
+                ready=ready)  # fmt: skip
+    try:
+        proc.start(timeout_s=PROXIED_START_TIMEOUT_S)
+        yield base_url
+    finally:
+        proc.stop()
+
 
 def _is_detailed(body: bytes) -> bool:
     import orjson
@@ -169,10 +205,10 @@ def ops_exposure(dep) -> Outcome:
     if inside:
         cases.append(("a peer inside OPS_ALLOWED_NETWORKS", inside, {}, True))
 
-    async def probe() -> list[str]:
+    async def probe(base_url: str, cases) -> list[str]:
         wrong = []
         for label, ip, headers, open_expected in cases:
-            async with Http(dep.http_url, local_ip=ip) as http:
+            async with Http(base_url, local_ip=ip) as http:
                 metrics = await http.request("GET", "/metrics", headers=headers)
                 health = await http.request("GET", "/health", headers=headers)
             metrics_open = metrics.status == 200
@@ -182,7 +218,20 @@ def ops_exposure(dep) -> Outcome:
                              f"(expected {'open' if open_expected else 'closed'})")
         return wrong
 
-    wrong = asyncio.run(probe())
+    wrong = asyncio.run(probe(dep.http_url, cases))
+    # Behind a proxy, as docs/security.md asks: daphne --proxy-headers with an allowed network.
+    proxied_cases = [
+        (f"--proxy-headers, {PROXIED_NETWORK} allowed, forged forwarding headers", OPS_IP,
+         {"X-Forwarded-For": "10.0.0.1", "X-Real-IP": "10.0.0.1", "Forwarded": "for=10.0.0.1"}, False),
+        ("--proxy-headers, forged X-Forwarded-For alone", OPS_IP, {"X-Forwarded-For": "10.0.0.1"}, False),
+        ("--proxy-headers, no credential", OPS_IP, {}, False),
+    ]
+    if ops_token:
+        proxied_cases.append(("--proxy-headers, the OPS_TOKEN bearer", OPS_IP,
+                              {"Authorization": f"Bearer {ops_token}", "X-Forwarded-For": "203.0.113.9"}, True))
+    with _proxied_daphne(dep) as base_url:
+        wrong += asyncio.run(probe(base_url, proxied_cases))
+    cases += proxied_cases
     public_ports = public_listeners(
         {name: proc.pid for name, proc in dep.procs.items() if name.startswith("runticker")}
     )
@@ -279,17 +328,20 @@ def revoked_socket_close(dep) -> Outcome:
                 continue
             revoked_at = time.monotonic()
             apitoken_revoke(token=ApiToken.objects.get(pk=token.pk))
-            code = loop.run_until_complete(ws_closed_code(ws, timeout_s=10))
+            code = loop.run_until_complete(ws_closed_code(ws, timeout_s=REVOKE_WAIT_S))
             times.append(time.monotonic() - revoked_at)
             codes.append(code)
         finally:
             loop.close()
     worst = max(times) if times else None
+    # The revocation reaches daphne through its channel-layer inbox, behind the streaming
+    # traffic: the fleet's snapshot lag over the same seconds says how far behind it was.
+    fleet_lag_p99_s = dep.clients.stats().get("lag_p99_s") if dep.clients is not None else None
     held = len(times) == REVOKE_ROUNDS and all(c == 4401 for c in codes) and worst <= REVOKED_CLOSE_PROMISE_S
     return Outcome(
         figures={"rounds": REVOKE_ROUNDS, "close_s_max": round(worst, 3) if worst is not None else None,
                  "close_s_median": round(sorted(times)[len(times) // 2], 3) if times else None,
-                 "close_codes": sorted({str(c) for c in codes})},
+                 "close_codes": sorted({str(c) for c in codes}), "fleet_lag_p99_s": fleet_lag_p99_s},
         promises=[Promise(f"revoked token's socket closed 4401 within {REVOKED_CLOSE_PROMISE_S} s",
                           held=held, detail=f"max {worst} s, codes {codes}")],
     )  # fmt: skip
