@@ -41,13 +41,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from faults.deployment import Deployment
 
-    results = []
+    results: list = []
+
+    def document(state: str) -> None:
+        if args.write_doc and results:
+            write_doc(DOC, results, command=command.strip(), started=started,
+                      load_before=facts["uptime"], load_after=machine_facts()["uptime"],
+                      cpu=facts["cpu"], total_s=time.monotonic() - began, planned=chosen,
+                      revision=source_revision(), state=state)
+
     try:
         with Deployment.up(clients=args.clients, quick=args.quick) as dep:
             print(f"faults: deployment up in {time.monotonic() - began:.0f} s", flush=True)
-            results = run(dep, chosen)
+            run(dep, chosen, results=results, after_each=lambda _: document("running"))
     except KeyboardInterrupt:
-        print("faults: interrupted; everything started was stopped", file=sys.stderr)
+        document("interrupted")
+        print(f"faults: interrupted after {len(results)} of {len(chosen)} scenarios; everything "
+              "started was stopped", file=sys.stderr)
         return 130
     total_s = time.monotonic() - began
     broken = [r for r in results if not r.held]
@@ -55,12 +65,21 @@ def main(argv: list[str] | None = None) -> int:
           f"{total_s / 60:.1f} min" + (f"; NOT held: {', '.join(r.scenario.name for r in broken)}"
                                        if broken else ""), flush=True)
     if args.write_doc:
-        after = machine_facts()
-        write_doc(DOC, results, command=command.strip(), started=started,
-                  load_before=facts["uptime"], load_after=after["uptime"], cpu=facts["cpu"],
-                  total_s=total_s)
+        document("complete")
         print(f"faults: wrote {DOC}", flush=True)
     return 1 if broken else 0
+
+
+def source_revision() -> str:
+    """The commit the suite runs from (FAULTS_SOURCE_REVISION for an exported tree)."""
+    import os
+    import subprocess
+
+    if revision := os.environ.get("FAULTS_SOURCE_REVISION"):
+        return revision
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=DOC.parents[1],
+                            capture_output=True, text=True)
+    return result.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class _Client:
         self.lags: deque[tuple[float, float]] = deque(maxlen=2000)
         self.frame_times: deque[float] = deque(maxlen=20000)
         self.last_error = ""
+        self.ws = None
         # Each client from its own loopback address: the per-IP limits stay the product's.
         self.local_addr = (f"127.0.{1 + index // 250}.{1 + index % 250}", 0)
 
@@ -64,6 +65,7 @@ class _Client:
                     subprotocols=["tickerproj.v1"], origin=self.origin, open_timeout=20,
                     local_addr=self.local_addr, max_size=2**24,
                 ) as ws:
+                    self.ws = ws
                     self.connects += 1
                     await ws.send(orjson.dumps({"action": "subscribe", "id": "fleet",
                                                 "chain": self.chain}).decode())
@@ -88,6 +90,7 @@ class _Client:
             except Exception as exc:  # noqa: BLE001 - any failure: reconnect, as a browser does
                 self.last_error = repr(exc)[:200]
             self.connected = False
+            self.ws = None
             await asyncio.sleep(backoff)
             backoff = min(_RECONNECT_MAX_S, backoff * 2)
 
@@ -130,6 +133,11 @@ async def _fleet(ws_url, origin, tokens, chain, count, control) -> None:
                     "clients": [c.stats() for c in clients],
                     "lag_p50_s": _percentile(lags, 0.50), "lag_p99_s": _percentile(lags, 0.99),
                 }))
+            elif command[0] == "reconnect":
+                for c in clients:
+                    if c.ws is not None:
+                        await c.ws.close()
+                control.send(("ok", None))
             elif command[0] == "fresh":
                 control.send(("ok", [(c.connected, c.first_frame_after(command[1])) for c in clients]))
             else:
@@ -201,6 +209,10 @@ class ClientFleet:
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.05)
+
+    def reconnect_all(self) -> None:
+        """Close every client's socket (each reconnects and subscribes again at once)."""
+        self._call("reconnect", timeout_s=30)
 
     def stop(self) -> None:
         if self.process is not None and self.process.is_alive():

@@ -12,6 +12,7 @@ The logs of every process stay in the run's temp dir (``dep.run_dir``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import inspect
@@ -50,6 +51,24 @@ def _die_with_parent(sig: int) -> Callable[[], None]:
         _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
     return preexec
+
+
+#: The parent-death signal fires when the THREAD that forked the child ends, so every process
+#: is forked by this one thread, which lives as long as the runner (a scenario may restart a
+#: process from a thread of its own that then ends).
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="faults-spawner")
+
+
+def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen:
+    return _SPAWNER.submit(subprocess.Popen, argv, **kwargs).result()
+
+
+#: How long a reset waits for the deployment to recover by itself before it steps in.
+RECOVERY_WAIT_S = 60.0
+
+
+class FleetNotFresh(TimeoutError):
+    """The processes are healthy but some fleet client receives nothing."""
 
 
 class PortPicker:
@@ -105,7 +124,8 @@ class Proc:
     def __init__(self, name: str, argv: list[str], *, env: dict[str, str], cwd: Path,
                  log_path: Path, user: str | None = None, stop_signal: int = signal.SIGTERM,
                  death_signal: int = signal.SIGTERM, ready: Callable[[], object] | None = None,
-                 before_start: Callable[[], None] | None = None) -> None:
+                 before_start: Callable[[], None] | None = None,
+                 clear_old_groups_on_start: bool = False) -> None:
         self.name = name
         self.argv = argv
         self.env = env
@@ -118,6 +138,10 @@ class Proc:
         self.before_start = before_start
         self.popen: subprocess.Popen | None = None
         self.starts = 0
+        #: Every process group this Proc started: what a kill -9 left behind (prefork
+        #: children, backends) is killed with them at the end.
+        self.groups: set[int] = set()
+        self.clear_old_groups_on_start = clear_old_groups_on_start
 
     @property
     def pid(self) -> int | None:
@@ -130,18 +154,21 @@ class Proc:
         """Start (if not running) and wait until ready; returns the seconds it took."""
         began = time.monotonic()
         if not self.alive():
+            if self.clear_old_groups_on_start:
+                self.kill_groups()
             if self.before_start is not None:
                 self.before_start()
             with self.log_path.open("ab") as log:
                 log.write(f"\n===== faults: start #{self.starts + 1} of {self.name} at "
                           f"{time.strftime('%H:%M:%S')} =====\n".encode())
                 log.flush()
-                self.popen = subprocess.Popen(
+                self.popen = spawn(
                     self.argv, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True, user=self.user,
                     preexec_fn=_die_with_parent(self.death_signal),
                 )
             self.starts += 1
+            self.groups.add(self.popen.pid)
         if wait_ready and self.ready is not None:
             wait_for(self.ready, timeout_s=timeout_s, what=f"{self.name} ready", alive=self.alive,
                      interval_s=0.1)
@@ -187,6 +214,12 @@ class Proc:
             os.killpg(self.popen.pid, signal.SIGKILL)
         return took
 
+    def kill_groups(self) -> None:
+        """SIGKILL whatever is left in every process group this Proc ever started."""
+        for pgid in self.groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+
     def restart(self, *, timeout_s: float = START_TIMEOUT_S) -> float:
         self.stop()
         return self.start(timeout_s=timeout_s)
@@ -231,6 +264,8 @@ class Deployment:
         self._sim_thread = None
         self._proxy_process = None
         self._down = False
+        #: What a reset had to do beyond waiting (e.g. reconnecting the fleet): a finding.
+        self.reset_notes: list[str] = []
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -244,8 +279,14 @@ class Deployment:
             dep.start()
             yield dep
         finally:
-            dep.down()
-            signal.signal(signal.SIGTERM, previous)
+            # A second Ctrl-C or SIGTERM must not cut the clean-up short.
+            previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                dep.down()
+            finally:
+                signal.signal(signal.SIGINT, previous_int)
+                signal.signal(signal.SIGTERM, previous)
 
     def start(self) -> None:
         print(f"faults: deployment in {self.run_dir} (logs: {self.logs_dir})", flush=True)
@@ -307,6 +348,7 @@ class Deployment:
             log_path=self.logs_dir / "postgres.log", user="postgres",
             stop_signal=signal.SIGINT,  # pg_ctl's "fast" shutdown
             death_signal=signal.SIGQUIT,  # "immediate": the runner is gone
+            clear_old_groups_on_start=True,  # backends a kill -9 orphaned hold shared memory
             ready=lambda: self._pg_ready(),
         )
         self.procs["postgres"].start()
@@ -380,6 +422,7 @@ class Deployment:
         for name in ("redis", "postgres"):
             if name in self.procs:
                 self.procs[name].stop(30)
+                self.procs[name].kill_groups()
 
     # --- the simulator and the proxies ------------------------------------------------------
 
@@ -511,11 +554,16 @@ class Deployment:
 
     def _setup_django(self) -> None:
         """The runner's own Django, on the private instances (direct)."""
-        os.environ.update(self.direct_env)
-        os.environ.pop("TEST_DATABASE_NAME", None)
         import logging
 
         import django
+        from django.conf import settings
+
+        if settings.configured:
+            raise RuntimeError("Django settings were read before the deployment's environment "
+                               "was set (a scenario module touches Django when imported)")
+        os.environ.update(self.direct_env)
+        os.environ.pop("TEST_DATABASE_NAME", None)
 
         django.setup()
         # The runner's own Django and simulator logs go to a file; stdout is the figures.
@@ -610,6 +658,7 @@ class Deployment:
         for name in ("celery-beat", "daphne", "runticker-a", "runticker-b", "celery-worker"):
             if name in self.procs:
                 self.procs[name].stop(40)
+                self.procs[name].kill_groups()
 
     def sim_connections_total(self) -> int:
         return sum(self.sim("connection_count", key) for key in self.api_keys)
@@ -673,7 +722,7 @@ class Deployment:
         if self.clients is not None:
             since = time.monotonic()
             if self.clients.wait_all_fresh(since, timeout_s=left()) is None:
-                raise TimeoutError(f"fleet clients not all fresh within {timeout_s} s: "
+                raise FleetNotFresh(f"fleet clients not all fresh within {timeout_s} s: "
                                    f"{self.clients.summary()}")
         return time.monotonic() - began
 
@@ -696,8 +745,46 @@ class Deployment:
         self._restore_sessions()
         if self.clients is not None:
             self.clients.ensure_running()
-        self.wait_healthy(max(10.0, timeout_s - (time.monotonic() - began)))
+
+        def left() -> float:
+            return max(10.0, timeout_s - (time.monotonic() - began))
+
+        # A deployment that does not come back by itself would spoil every later scenario:
+        # the reset escalates, and each step it had to take is noted (a finding to read).
+        try:
+            self.wait_healthy(min(RECOVERY_WAIT_S, left()))
+            return time.monotonic() - began
+        except FleetNotFresh as exc:
+            # Connected clients that get nothing (e.g. their groups lost with Redis's memory).
+            self._note(f"fleet reconnected after {RECOVERY_WAIT_S:.0f} s: {exc}")
+            self.clients.reconnect_all()
+        except TimeoutError as exc:
+            self._note(f"runtickers and daphne restarted after {RECOVERY_WAIT_S:.0f} s: {exc}")
+            self._restart_product()
+        try:
+            self.wait_healthy(min(RECOVERY_WAIT_S, left()))
+        except TimeoutError as exc:
+            self._note(f"every product process restarted: {exc}")
+            self._restart_product(everything=True)
+            self.wait_healthy(left())
         return time.monotonic() - began
+
+    def _note(self, text: str) -> None:
+        self.reset_notes.append(text)
+        print(f"faults: reset: {text}", flush=True)
+
+    def _restart_product(self, *, everything: bool = False) -> None:
+        names = ["daphne", "runticker-a", "runticker-b"]
+        if everything:
+            names += ["celery-worker", "celery-beat"]
+        for name in names:
+            self.procs[name].stop(40)
+        for name in names:
+            self.procs[name].start(wait_ready=False)
+        for name in names:
+            self.procs[name].start()
+        if self.clients is not None:
+            self.clients.reconnect_all()
 
     def _restore_sessions(self) -> None:
         """An account whose token a scenario expired gets a fresh session again."""

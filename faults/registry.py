@@ -62,7 +62,7 @@ def scenario(name: str, *, group: str, quick: bool = False):
     def register(fn: Callable[[Any], Outcome]) -> Callable[[Any], Outcome]:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"scenario {name!r} registered twice")
-        doc = (fn.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        doc = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
         _REGISTRY[name] = Scenario(name=name, group=group, quick=quick, fn=fn, doc=doc)
         return fn
 
@@ -91,7 +91,8 @@ def select(scenarios: dict[str, Scenario], *, quick: bool, only: list[str] | Non
         unknown = [n for n in only if n not in scenarios]
         if unknown:
             raise SystemExit(f"unknown scenario(s) {unknown}; known: {sorted(scenarios)}")
-        chosen = [s for s in chosen if s.name in only]
+        kept = {s.name for s in chosen}
+        chosen = [scenarios[n] for n in dict.fromkeys(only) if n in kept]  # in the order given
     return chosen
 
 
@@ -101,6 +102,8 @@ class Result:
     outcome: Outcome | None
     seconds: float
     error: str = ""
+    #: What the reset after the scenario had to do beyond waiting (printed, not a failure).
+    reset_notes: list[str] = field(default_factory=list)
 
     @property
     def held(self) -> bool:
@@ -115,7 +118,8 @@ class Result:
         tail = "" if not broken else " | BROKEN: " + "; ".join(
             f"{p.text} ({p.detail})" if p.detail else p.text for p in broken)
         error = f" | reset failed: {self.error}" if self.error else ""
-        return f"{mark} {self.scenario.name} ({self.seconds:.0f} s): {figures}{tail}{error}"
+        notes = f" | reset: {'; '.join(self.reset_notes)}" if self.reset_notes else ""
+        return f"{mark} {self.scenario.name} ({self.seconds:.0f} s): {figures}{tail}{error}{notes}"
 
 
 def _fmt(value: Any) -> str:
@@ -126,9 +130,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def run(dep, scenarios: list[Scenario], *, print_fn=print) -> list[Result]:
-    """Run each scenario; a raise is a broken scenario; reset the deployment after each."""
-    results = []
+def run(dep, scenarios: list[Scenario], *, print_fn=print, results: list[Result] | None = None,
+        after_each: Callable[[list[Result]], None] | None = None) -> list[Result]:
+    """Run each scenario; a raise is a broken scenario; reset the deployment after each.
+
+    ``results`` is filled as scenarios end (the caller keeps what ran if interrupted);
+    ``after_each`` is called with them after each one (e.g. to rewrite the table).
+    """
+    results = [] if results is None else results
     for sc in scenarios:
         began = time.monotonic()
         dep.probe.mark(f"start {sc.name}")
@@ -145,13 +154,17 @@ def run(dep, scenarios: list[Scenario], *, print_fn=print) -> list[Result]:
             error += f" (traceback: {tb_path})"
         dep.probe.mark(f"end {sc.name}")
         result = Result(scenario=sc, outcome=outcome, seconds=time.monotonic() - began, error=error)
+        notes_before = len(dep.reset_notes)
         try:  # also after the last one: a deployment that does not recover is a finding
             dep.reset_between_scenarios()
         except Exception as exc:  # noqa: BLE001
             result.error = (result.error + "; " if result.error else "") + \
                 f"reset_between_scenarios: {type(exc).__name__}: {exc}"
+        result.reset_notes = dep.reset_notes[notes_before:]
         results.append(result)
         print_fn(result.line(), flush=True)
+        if after_each is not None:
+            after_each(results)
     return results
 
 
@@ -171,9 +184,16 @@ def machine_facts() -> dict[str, str]:
 
 
 def write_doc(path: Path, results: list[Result], *, command: str, started: dt.datetime,
-              load_before: str, load_after: str, cpu: str, total_s: float) -> None:
-    """docs/reliability.md: the table of this run, with the command, date, load and CPU."""
+              load_before: str, load_after: str, cpu: str, total_s: float,
+              planned: list[Scenario], revision: str, state: str) -> None:
+    """docs/reliability.md: the table of this run, with the command, date, load and CPU.
+
+    ``state``: "complete", "running" (rewritten after each scenario) or "interrupted"; the
+    scenarios planned but not run are listed as such.
+    """
     broken = [r for r in results if not r.held]
+    ran = {r.scenario.name for r in results}
+    not_run = [s for s in planned if s.name not in ran]
     lines = [
         "# Reliability: the fault-injection and security suite",
         "",
@@ -182,13 +202,14 @@ def write_doc(path: Path, results: list[Result], *, command: str, started: dt.da
         "daphne, two runtickers, Celery worker and beat, the Kite simulator, 50 acknowledging",
         "WebSocket clients, a 5 ms probe); how it is built: `faults/` and the section at the end.",
         "",
-        f"- Command: `{command}`",
-        f"- Date: {started:%Y-%m-%d %H:%M} UTC; duration {total_s / 60:.1f} min",
+        f"- Command: `{command}` (source {revision})",
+        f"- Date: {started:%Y-%m-%d %H:%M} UTC; duration {total_s / 60:.1f} min; run {state}",
         f"- Machine: {cpu}",
         f"- Load before: `{load_before}`",
         f"- Load after: `{load_after}`",
         f"- Result: {len(results) - len(broken)} of {len(results)} scenarios held every promise"
         + ("." if not broken else f"; NOT held: {', '.join(r.scenario.name for r in broken)}."),
+        *([f"- Not run ({state}): {', '.join(f'`{s.name}`' for s in not_run)}."] if not_run else []),
         "",
         "| Scenario | What | Figures | Promises | Held |",
         "|---|---|---|---|---|",
