@@ -33,12 +33,13 @@ class HttpAnswer:
 class Http:
     """An aiohttp session from ``local_ip``: no redirects followed, no cookie jar."""
 
-    def __init__(self, base_url: str, *, local_ip: str, limit: int = 32) -> None:
+    def __init__(self, base_url: str, *, local_ip: str, limit: int = 32,
+                 timeout_s: float = REQUEST_TIMEOUT_S) -> None:
         self._base = base_url.rstrip("/")
         connector = aiohttp.TCPConnector(local_addr=(local_ip, 0), limit=limit, force_close=False)
         self._session = aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
         )  # fmt: skip
 
     async def __aenter__(self) -> Http:
