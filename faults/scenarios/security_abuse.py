@@ -365,6 +365,7 @@ def history_abuse(dep) -> Outcome:
                                           for k in keys))
             found["many_s"] = round(time.monotonic() - started, 1)
             found["many_200"] = sum(a.status == 200 for a in many)
+            found["many_busy"] = sum(a.status == 429 and b"server_busy" in a.body for a in many)
             found["maximal_s_max"] = round(max(a.ms for a in [*one, *many]) / 1000, 1)
             for answer in [*one, *many]:
                 found["statuses"][answer.status] = found["statuses"].get(answer.status, 0) + 1
@@ -378,7 +379,8 @@ def history_abuse(dep) -> Outcome:
         figures={"extreme_ranges": len(EXTREME_RANGES), "not_4xx": len(found["bad_dates"]),
                  "rate_429": found["rate_limited"], "one_caller_429": found["one_caller_429"],
                  "one_caller_429_ms_max": found["one_caller_429_ms_max"], "20_callers_s": found["many_s"],
-                 "20_callers_200": found["many_200"], "maximal_s_max": found["maximal_s_max"],
+                 "20_callers_200": found["many_200"], "20_callers_busy": found["many_busy"],
+                 "maximal_s_max": found["maximal_s_max"],
                  "statuses": found["statuses"], "http_5xx": len(found["5xx"]), **bystander.figures()},
         promises=[
             Promise("extreme dates are a 4xx with a code", held=not found["bad_dates"],
@@ -386,8 +388,9 @@ def history_abuse(dep) -> Outcome:
             Promise("30/min per token holds", held=found["rate_limited"] >= 5, detail=f"{found['rate_limited']} x 429"),
             Promise("2 in flight per caller holds", held=found["one_caller_429"] >= min_429,
                     detail=f"{found['one_caller_429']} of {HISTORY_CONCURRENT} refused"),
-            Promise("20 callers' maximal ranges answered", held=found["many_200"] == HISTORY_CONCURRENT,
-                    detail=f"{found['many_200']} of {HISTORY_CONCURRENT} x 200"),
+            Promise("20 callers: each 200 or 429 server_busy (the process-wide cap)",
+                    held=found["many_200"] > 0 and found["many_200"] + found["many_busy"] == HISTORY_CONCURRENT,
+                    detail=f"{found['many_200']} x 200, {found['many_busy']} x server_busy of {HISTORY_CONCURRENT}"),
             Promise("no 5xx", held=not found["5xx"], detail="; ".join(found["5xx"][:3]) or "0"),
             *bystander.promises(),
         ],
