@@ -392,6 +392,11 @@ API_HISTORY_RATE_LIMIT = env.str("API_HISTORY_RATE_LIMIT", default="30/m")
 """History requests per token: each may call Kite."""
 API_HISTORY_CONCURRENCY_PER_CALLER = env.int("API_HISTORY_CONCURRENCY_PER_CALLER", default=2)
 """History requests one token (or user) may have in flight on one web process."""
+API_HISTORY_CONCURRENCY_TOTAL = env.int(
+    "API_HISTORY_CONCURRENCY_TOTAL", default=max(1, env.int("DATABASE_POOL_MAX", default=10) // 2)
+)
+"""History requests of all callers together in flight on one web process: each holds a
+database connection for its whole fetch, so half the pool, leaving the rest to everyone else."""
 API_BULK_MAX_ITEMS = 5000
 WS_ALLOWED_ORIGINS = env.list("WS_ALLOWED_ORIGINS", default=CSRF_TRUSTED_ORIGINS)
 """Exact ``scheme://host[:port]`` origins whose pages may open WebSockets (empty: hosts only)."""

@@ -292,6 +292,21 @@ def test_an_allowed_network_sees_the_details_by_its_peer_address_only(client, ac
     assert "engines" not in client.get("/health", **outsider).json()
 
 
+@pytest.mark.django_db
+def test_a_forwarded_request_is_never_let_in_by_its_address(client, account, health_settings):
+    """Behind a proxy daphne runs with --proxy-headers and makes the first X-Forwarded-For
+    entry, which the client wrote, the peer: REMOTE_ADDR is then the forged address itself.
+    Found by the fault suite (security.ops_exposure); the OPS_TOKEN still works."""
+    health_settings.OPS_ALLOWED_NETWORKS = parse_networks(["10.0.0.0/8"])
+    beat(crashed_state())
+    for header in ("HTTP_X_FORWARDED_FOR", "HTTP_X_REAL_IP", "HTTP_FORWARDED"):
+        forged = {"REMOTE_ADDR": "10.1.2.3", header: "10.1.2.3"}
+        assert "engines" not in client.get("/health", **forged).json(), header
+    bearer = {"REMOTE_ADDR": "10.1.2.3", "HTTP_X_FORWARDED_FOR": "10.1.2.3",
+              "HTTP_AUTHORIZATION": f"Bearer {OPS_TOKEN}"}
+    assert "engines" in client.get("/health", **bearer).json()
+
+
 @pytest.mark.parametrize(
     ("setting", "value", "message"),
     [
