@@ -5,7 +5,7 @@ export UV_PYTHON_DOWNLOADS := never
 # uv is called as a module of the machine's python3 so that no PATH set-up is needed.
 UV := python3 -m uv
 
-.PHONY: uv install install-dev install-js install-browser screenshots install-promtool run test lint bench release prod-local
+.PHONY: uv install install-dev install-js install-browser screenshots install-promtool run test lint bench release prod-local faults faults-quick
 
 uv:
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv \
@@ -70,6 +70,16 @@ screenshots: install-dev install-browser
 TEST_WORKERS ?= 4
 test: install-dev install-browser install-promtool
 	$(UV) run --no-sync pytest -n $(TEST_WORKERS) --dist loadgroup
+
+# The fault-injection and security suite against the whole deployment on private PostgreSQL
+# and Redis (docs/reliability.md; about 35 min): every scenario, rewrites docs/reliability.md,
+# exits 1 if any promise broke. Runs as root (initdb runs as the postgres OS user).
+faults: install-dev
+	$(UV) run --no-sync python -m faults --write-doc
+
+# Its CI subset (under 5 min); tests/test_faults_quick.py runs the same under `make test`.
+faults-quick: install-dev
+	$(UV) run --no-sync python -m faults --quick
 
 lint: install-dev
 	$(UV) run --no-sync ruff check .

@@ -91,7 +91,8 @@ class PaperExchange:
         reader = SnapshotReader(get_channel_layer(), timeout_s=settings.PAPER_SNAPSHOT_TIMEOUT_S)
         return cls(
             quotes=async_to_sync(reader.latest),
-            hours=MarketHours(holidays=parse_holidays(settings.MARKET_HOLIDAYS)),
+            hours=MarketHours(holidays=parse_holidays(settings.MARKET_HOLIDAYS),
+                              always_open=settings.MARKET_HOURS_ALWAYS_OPEN),
         )
 
     # --- placing, modifying, cancelling -----------------------------------------------------

@@ -16,11 +16,12 @@ one item per subscribed instrument here.
 
 Each connection re-joins its groups every few minutes (``group_refresh_s``, a third of the
 layer's ``group_expiry``): channels-redis's RedisChannelLayer forgets a member that has not
-re-joined within ``group_expiry``, and all of them when Redis restarts, which would otherwise
-leave a long-open page silently frozen; a member left behind by a failed disconnect expires
-just as soon. On its RedisPubSubChannelLayer (CHANNEL_LAYER_BACKEND=pubsub, the default) the
-web process holds its groups and subscribes again after a reconnect, and re-joining costs
-nothing.
+re-joined within ``group_expiry``, which would otherwise leave a long-open page silently
+frozen; a member left behind by a failed disconnect expires just as soon. When Redis restarts
+it forgets every group at once: the process's :class:`~streaming.layer_watch.LayerRestartWatch`
+sees that within a second and every connection re-joins then. On its RedisPubSubChannelLayer
+(CHANNEL_LAYER_BACKEND=pubsub) the web process holds its groups and subscribes again after a
+reconnect, and re-joining costs nothing.
 
 Input is bounded before it costs anything (docs/security.md, H1): a :class:`BoundedInbox`
 takes frames off daphne's unbounded per-connection queue as they arrive and closes a client
@@ -67,6 +68,7 @@ from streaming import schema, status
 from streaming.engine.universe import UNIVERSE_FIELDS, InstrumentUniverse, UniverseError
 from streaming.greeks import IST
 from streaming.health import heartbeat_list_fresh
+from streaming.layer_watch import LayerRestartWatch
 from streaming.protocol import (
     MAX_BARS_SUBSCRIPTIONS,
     MAX_TEXT_FRAME_BYTES,
@@ -185,6 +187,12 @@ class ConsumerSettings:
     max_connections_per_ip: int = 100
     positions_push_interval_s: float = 2.0
     positions_snapshot_timeout_s: float = 1.0
+    layer_redis_url: str = ""
+    """The channel layer's Redis, watched for a restart that forgot every group
+    (streaming/layer_watch.py); empty: the in-memory layer, nothing to watch."""
+    layer_prefix: str = "tickerproj"
+    layer_check_s: float = 1.0
+    """How often a process checks that Redis still has the layer's groups."""
 
     @classmethod
     def from_settings(cls, settings: Any) -> ConsumerSettings:
@@ -198,6 +206,8 @@ class ConsumerSettings:
             max_connections_per_ip=settings.WS_MAX_CONNECTIONS_PER_IP,
             positions_push_interval_s=settings.POSITIONS_PUSH_INTERVAL_S,
             positions_snapshot_timeout_s=settings.POSITIONS_SNAPSHOT_TIMEOUT_S,
+            layer_redis_url=settings.REDIS_URL,
+            layer_prefix=settings.CHANNEL_LAYER_PREFIX,
         )
 
     @property
@@ -590,12 +600,14 @@ class TickerConsumer(AsyncWebsocketConsumer):
         config: ConsumerSettings,
         metrics: WebSocketMetrics,
         connections: ConnectionCounter,
+        layer_watch: LayerRestartWatch | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
         self._config = config
         self._metrics = metrics
         self._connections = connections
+        self._layer_watch = layer_watch
         self._holder: tuple[str, str | None] | None = None  # (user, ip) counted in _connections
         self._limiter = MessageRateLimiter(
             per_s=config.max_messages_per_s, flood_factor=config.flood_factor, clock=clock
@@ -772,24 +784,42 @@ class TickerConsumer(AsyncWebsocketConsumer):
         if failed:
             self._log.warning("ws.group_discard_failed", groups=failed, error=error)
 
+    async def _layer_generation(self) -> int:
+        return 0 if self._layer_watch is None else await self._layer_watch.generation()
+
     async def _refresh_groups(self) -> None:
-        """Re-join this connection's groups every ``group_refresh_s``, for as long as it lives."""
+        """Re-join this connection's groups every ``group_refresh_s``, at once when Redis has
+        forgotten them (a restart, seen by the layer watch), for as long as it lives; a
+        re-join that meets a Redis error is tried again at the next check."""
+        config = self._config
+        generation = await self._layer_generation()
+        due = time.monotonic() + config.group_refresh_s
         while True:
-            await asyncio.sleep(self._config.group_refresh_s)
-            groups = [*self._group_refs, *self._bars]
-            try:
-                for group in [*self._auth_groups, *self._orders.values()]:
+            await asyncio.sleep(min(config.layer_check_s, config.group_refresh_s))
+            seen = await self._layer_generation()
+            if seen == generation and time.monotonic() < due:
+                continue
+            if await self._rejoin_groups():
+                generation, due = seen, time.monotonic() + config.group_refresh_s
+
+    async def _rejoin_groups(self) -> bool:
+        """Join every group of this connection again; False when Redis did not answer."""
+        groups = [*self._group_refs, *self._bars]
+        try:
+            for group in [*self._auth_groups, *self._orders.values()]:
+                await self.channel_layer.group_add(group, self.channel_name)
+            for group in groups:
+                if self._joined(group):
                     await self.channel_layer.group_add(group, self.channel_name)
-                for group in groups:
-                    if self._joined(group):
-                        await self.channel_layer.group_add(group, self.channel_name)
-                # Left while we were re-joining it: leave again, so nothing leaks.
-                for group in groups:
-                    if not self._joined(group):
-                        await self.channel_layer.group_discard(group, self.channel_name)
-            except (OSError, RedisError) as exc:
-                # Redis is away; the next round re-joins what this one could not.
-                self._log.warning("ws.group_refresh_failed", error=str(exc)[:200])
+            # Left while we were re-joining it: leave again, so nothing leaks.
+            for group in groups:
+                if not self._joined(group):
+                    await self.channel_layer.group_discard(group, self.channel_name)
+        except (OSError, RedisError) as exc:
+            # Redis is away; the next check re-joins what this one could not.
+            self._log.warning("ws.group_refresh_failed", error=str(exc)[:200])
+            return False
+        return True
 
     def _joined(self, group: str) -> bool:
         return group in self._group_refs or group in self._bars

@@ -338,7 +338,14 @@ def health_report(ctx: HealthContext) -> dict[str, Any]:
     """Run every check; ``ok`` is True when no check found a reason."""
     reasons: list[Reason] = []
     for check in CHECKS:
-        reasons.extend(check(ctx))
+        try:
+            reasons.extend(check(ctx))
+        except DatabaseError as exc:
+            # The database went away after the first check answered (a restart, a failover):
+            # reported as down, never a 500; the checks after it skip the database.
+            if ctx.database_ok:
+                ctx.database_ok = False
+                reasons.append({"code": "database_down", "error": str(exc)[:200]})
     engines = []
     if ctx.database_ok:
         for st, written_at_s in ctx.parsed.statuses:

@@ -12,6 +12,7 @@ from streaming.consumers import (
     TickerConsumer,
     WebSocketMetrics,
 )
+from streaming.layer_watch import LayerRestartWatch, layer_marker_key
 
 WS_PATH = "/ws/v1/"
 
@@ -26,8 +27,13 @@ def websocket_routes(
     connections = ConnectionCounter(
         per_user=config.max_connections_per_user, per_ip=config.max_connections_per_ip
     )
+    layer_watch = LayerRestartWatch(
+        redis_url=config.layer_redis_url, key=layer_marker_key(config.layer_prefix),
+        check_s=config.layer_check_s,
+    )
     consumer = TickerConsumer.as_asgi(
-        config=config, metrics=metrics, connections=connections, clock=clock
+        config=config, metrics=metrics, connections=connections, layer_watch=layer_watch,
+        clock=clock,
     )
     return [
         re_path(r"^ws/v1/?$", consumer),

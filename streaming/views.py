@@ -26,7 +26,7 @@ from streaming.health import (
 )
 from streaming.routing import WS_PATH
 from subscriptions.selectors import instrument_list_expiries, instrument_list_underlyings
-from tickerproj.access import OpsAccess
+from tickerproj.access import OpsAccess, carries_forwarding
 
 
 class HealthViews:
@@ -91,6 +91,7 @@ class HealthViews:
             user=request.user,
             client_host=request.META.get("REMOTE_ADDR"),
             authorization=request.headers.get("Authorization"),
+            forwarded=carries_forwarding(request.headers),
         )
         return JsonResponse(report if detailed else health_report_public(report), status=status)
 

@@ -491,6 +491,10 @@ class CallerConcurrency:
 
 
 history_concurrency = CallerConcurrency(settings.API_HISTORY_CONCURRENCY_PER_CALLER)
+history_in_flight = CallerConcurrency(settings.API_HISTORY_CONCURRENCY_TOTAL)
+"""Every caller together: many tokens at once must not take the whole database pool (a
+request past the pool's wait was a 500; found by the fault suite, security.history_abuse)."""
+ALL_CALLERS = "all"
 
 
 def _caller_key(request) -> str:
@@ -540,9 +544,18 @@ async def history(request, instrument_token: int, query: Query[HistoryQuery]):
             f"at most {settings.API_HISTORY_CONCURRENCY_PER_CALLER} history requests at once per caller",
         )  # fmt: skip
     try:
-        # Django's ASGI handler gives each request a sync thread of its own (thread-sensitive
-        # context), so a long Kite fetch holds only this request's thread.
-        return await sync_to_async(_history_sync)(instrument_token, query)
+        if not history_in_flight.enter(ALL_CALLERS):
+            raise ApiError(
+                429, "server_busy",
+                f"{settings.API_HISTORY_CONCURRENCY_TOTAL} history requests are in flight on this "
+                "server; retry in a few seconds",
+            )  # fmt: skip
+        try:
+            # Django's ASGI handler gives each request a sync thread of its own (thread-sensitive
+            # context), so a long Kite fetch holds only this request's thread.
+            return await sync_to_async(_history_sync)(instrument_token, query)
+        finally:
+            history_in_flight.leave(ALL_CALLERS)
     finally:
         history_concurrency.leave(caller)
 

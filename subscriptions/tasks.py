@@ -69,7 +69,8 @@ _RETRYING: Final[dict[str, Any]] = {"bind": True, "autoretry_for": (KiteTransien
 
 #: A dropped or refused database connection: worth another try for a job that runs once a
 #: day. A retry gets a fresh connection (Celery's Django fixup closes the broken one, and the
-#: pool discards it). The job's lock is the same owner's (host, pid, task id), so it is retaken.
+#: pool discards it). The job's lock was taken under the same task id, so the retry retakes
+#: it in whichever worker process runs it (streaming/locks.py).
 DATABASE_BLIPS: Final = (OperationalError, InterfaceError)
 
 #: Retries for the daily jobs: transient Kite errors and database blips.

@@ -76,3 +76,12 @@ def test_only_services_tell_the_engines():
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "notify_engines_on_commit":
                 callers.add(path)
     assert callers == {"accounts/services.py", "subscriptions/services.py"}
+
+
+def test_no_production_module_imports_the_fault_suite_or_the_tests():
+    offenders = {
+        path: found
+        for path, tree in production_modules().items()
+        if (found := imports_any(tree, ("faults", "tests")))
+    }
+    assert offenders == {}

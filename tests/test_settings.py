@@ -17,6 +17,7 @@ print(json.dumps({
     "layer": settings.CHANNEL_LAYERS["default"]["BACKEND"], "broker": settings.CELERY_BROKER_URL,
     "tz": settings.TIME_ZONE, "keys": len(settings.FIELD_ENCRYPTION_KEYS),
     "api_root": settings.KITE_API_ROOT, "ws": settings.KITE_WS_URL,
+    "always_open": settings.MARKET_HOURS_ALWAYS_OPEN,
 }))
 """
 BASE_ENV = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
@@ -39,6 +40,7 @@ def test_embedded_defaults_need_no_environment(tmp_path):
     assert found["keys"] == 1
     assert found["api_root"] == "https://api.kite.trade"
     assert found["ws"] == "wss://ws.kite.trade"
+    assert found["always_open"] is False  # the real calendar unless asked otherwise
     # The generated secrets are kept private and stable across restarts.
     assert oct((tmp_path / "field_encryption_key").stat().st_mode & 0o777) == "0o600"
     assert _settings({"TICKERPROJ_VAR_DIR": str(tmp_path)}) == found
@@ -54,11 +56,13 @@ def test_urls_switch_to_postgres_pool_redis_and_the_simulator(tmp_path):
             "FIELD_ENCRYPTION_KEYS": "mm3JPTf9TRR7OBOOigZVYZMNBLNeIIxHivuB6kCvdHE=",
             "KITE_API_ROOT": "http://127.0.0.1:8600",
             "KITE_WS_URL": "ws://127.0.0.1:8600/ws",
+            "MARKET_HOURS_ALWAYS_OPEN": "true",
         }
     )
+    assert found["always_open"] is True
     # Django's PostgreSQL backend, instrumented for /metrics.
     assert found["engine"] == "django_prometheus.db.backends.postgresql" and found["pool"]
-    assert found["layer"] == "channels_redis.pubsub.RedisPubSubChannelLayer"
+    assert found["layer"] == "channels_redis.core.RedisChannelLayer"
     assert found["broker"] == "redis://127.0.0.1:6379/0"
     assert found["api_root"] == "http://127.0.0.1:8600"
 

@@ -2,7 +2,10 @@
 
 Access is given to an active staff session, to a request carrying the bearer token of
 ``OPS_TOKEN``, or to a peer address inside ``OPS_ALLOWED_NETWORKS``. Nothing is inferred from
-loopback: behind a reverse proxy on the same host every client is "loopback".
+loopback: behind a reverse proxy on the same host every client is "loopback". Nothing is
+inferred from a forwarded address either: a request that carries a forwarding header is
+never let in by its address, because daphne's ``--proxy-headers`` (required behind a proxy)
+makes the first ``X-Forwarded-For`` entry, which the client wrote, the request's "peer".
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Shortest OPS_TOKEN accepted: a bearer secret must not be guessable.
 OPS_TOKEN_MIN_LENGTH = 32
+
+FORWARDING_HEADERS = frozenset({"x-forwarded-for", "x-real-ip", "forwarded"})
+"""Headers that name another client address than the TCP peer's (set by proxies, or forged)."""
+
+
+def carries_forwarding(header_names: Iterable[str]) -> bool:
+    """True when any of these header names is a forwarding header (any case)."""
+    return any(name.lower() in FORWARDING_HEADERS for name in header_names)
 
 
 def parse_networks(values: Iterable[str], *, setting: str = "OPS_ALLOWED_NETWORKS") -> tuple[Network, ...]:
@@ -54,10 +65,14 @@ class OpsAccess:
     def from_settings(cls, settings: Any) -> OpsAccess:
         return cls(token=settings.OPS_TOKEN, allowed_networks=tuple(settings.OPS_ALLOWED_NETWORKS))
 
-    def allows(self, *, user: Any, client_host: str | None, authorization: str | None) -> bool:
+    def allows(
+        self, *, user: Any, client_host: str | None, authorization: str | None, forwarded: bool
+    ) -> bool:
         """True for an active staff user, the right bearer token or an allow-listed peer.
 
-        ``client_host`` is the TCP peer (never a forwarded header, which any client can set);
+        ``client_host`` is the request's peer as the server reports it; ``forwarded`` says the
+        request carries a forwarding header (:func:`carries_forwarding`), in which case the
+        server may have taken ``client_host`` from it and the address proves nothing.
         ``authorization`` is the raw ``Authorization`` header, if any.
         """
         if user is not None and user.is_authenticated and user.is_active and user.is_staff:
@@ -68,7 +83,7 @@ class OpsAccess:
                 credential.strip().encode(), self.token.encode()
             ):
                 return True
-        if self.allowed_networks and client_host:
+        if self.allowed_networks and client_host and not forwarded:
             try:
                 address = ipaddress.ip_address(client_host)
             except ValueError:

@@ -10,6 +10,7 @@ Every 4xx and 5xx is ``{"error": {"code", "message", "field"?, "request_id"}}``.
 import structlog
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
+from django.db import InterfaceError, OperationalError
 from django.http import Http404
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationError
@@ -96,6 +97,19 @@ def _not_found(request, exc):
 def _http_error(request, exc: HttpError):
     code = {403: "forbidden", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return error_response(request, status=exc.status_code, code=code, message=str(exc))
+
+
+@api.exception_handler(OperationalError)
+@api.exception_handler(InterfaceError)
+def _database_unavailable(request, exc: Exception):
+    # The database is away (a restart, a failover, a dropped or timed-out connection): worth
+    # retrying, and not a bug of ours, so a 503 with Retry-After rather than a 500.
+    log.warning("api.database_unavailable", path=request.path, error=str(exc)[:200])
+    response = error_response(
+        request, status=503, code="unavailable", message="the database did not answer; retry shortly"
+    )
+    response["Retry-After"] = "2"
+    return response
 
 
 @api.exception_handler(Exception)

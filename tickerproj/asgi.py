@@ -31,7 +31,7 @@ from streaming.origins import OriginAllowList  # noqa: E402
 from streaming.routing import websocket_routes  # noqa: E402
 from streaming.views import HealthViews  # noqa: E402
 from streaming.ws_auth import ApiTokenOrSessionAuth  # noqa: E402
-from tickerproj.access import OpsAccess  # noqa: E402
+from tickerproj.access import OpsAccess, carries_forwarding  # noqa: E402
 
 METRICS_PATH = "/metrics"
 
@@ -53,6 +53,7 @@ class MetricsEndpoint:
             user=scope.get("user"),
             client_host=client[0] if client else None,
             authorization=authorization,
+            forwarded=carries_forwarding(k.decode("latin-1") for k, _ in scope.get("headers", ())),
         )
         if not allowed:
             await _respond(send, 403, b"text/plain", b"staff session, OPS_TOKEN or OPS_ALLOWED_NETWORKS only\n")

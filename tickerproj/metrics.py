@@ -14,7 +14,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from tickerproj.access import OpsAccess
+from tickerproj.access import OpsAccess, carries_forwarding
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -48,6 +48,9 @@ def serve_metrics(
             user=None,
             client_host=environ.get("REMOTE_ADDR"),
             authorization=environ.get("HTTP_AUTHORIZATION"),
+            forwarded=carries_forwarding(
+                key[5:].replace("_", "-") for key in environ if key.startswith("HTTP_")
+            ),
         )
         if not allowed:
             start_response("403 Forbidden", [("Content-Type", "text/plain")])

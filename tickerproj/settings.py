@@ -218,12 +218,15 @@ WS_GROUP_EXPIRY_S = env.int("WS_GROUP_EXPIRY_S", default=900)
 """channels-redis forgets a WebSocket's group membership after this; consumers re-join at a third."""
 # Names this installation's channel-layer keys and engine control channel on a shared Redis.
 CHANNEL_LAYER_PREFIX = env.str("CHANNEL_LAYER_PREFIX", default="tickerproj")
-CHANNEL_LAYER_BACKEND = env.str("CHANNEL_LAYER_BACKEND", default="pubsub")
-"""``pubsub`` (default): channels-redis's RedisPubSubChannelLayer, one Redis PUBLISH per group
+CHANNEL_LAYER_BACKEND = env.str("CHANNEL_LAYER_BACKEND", default="redis")
+"""``pubsub``: channels-redis's RedisPubSubChannelLayer, one Redis PUBLISH per group
 message, read once by each web process and handed to its members in memory; ``redis``: its
-RedisChannelLayer, one copy of each group message per member in Redis (what a web process
-then reads one round trip per message). benchmarks/engine/README.md measures both.
-benchmarks/engine/README.md compares the two."""
+RedisChannelLayer (default), one copy of each group message per member in Redis (what a web
+process then reads one round trip per message). benchmarks/engine/README.md measures both:
+pub/sub costs daphne about two thirds per delivered snapshot. ``redis`` stays the default
+because the fault suite (``make faults``, docs/reliability.md) has proven its promises on it
+only, and pub/sub loses what is published while a web process reconnects (order events
+included); switch when a full fault run holds on ``pubsub``."""
 if CHANNEL_LAYER_BACKEND not in ("redis", "pubsub"):
     raise ImproperlyConfigured(
         f"CHANNEL_LAYER_BACKEND must be 'redis' or 'pubsub', got {CHANNEL_LAYER_BACKEND!r}"
@@ -287,6 +290,10 @@ if REDIS_SENTINEL is not None:
 CELERY_TASK_ALWAYS_EAGER = False
 CELERY_TIMEZONE = "Asia/Kolkata"
 CELERY_TASK_ACKS_LATE = True
+# acks_late alone still acks a task whose worker process died under it (kill -9, the OOM
+# killer), which loses a daily job for the day: requeue it instead. Tasks are idempotent and
+# their JobLock is taken over by the redelivery (streaming/locks.py).
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT_S", default=600)
 CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT_S", default=540)
@@ -363,6 +370,10 @@ MOCK_MARKET_ENABLED = env.bool("MOCK_MARKET_ENABLED", default=True)
 """Drive the pipeline from the synthetic market outside market hours."""
 MARKET_HOLIDAYS = env.list("MARKET_HOLIDAYS", default=[])
 """NSE trading holidays as ISO dates; the market is closed on them."""
+MARKET_HOURS_ALWAYS_OPEN = env.bool("MARKET_HOURS_ALWAYS_OPEN", default=False)
+"""Treat the market as open at every hour of every day (the fault suite and demos against the
+simulator): the engine streams live, reports ``market_open`` and /health checks for stalls.
+Never set it against real Kite: outside the session Kite sends no ticks."""
 MOCK_TICK_INTERVAL_MS = env.int("MOCK_TICK_INTERVAL_MS", default=250)
 """How often the mock market steps and emits ticks for every mocked instrument."""
 MOCK_MARKET_SEED = env.int("MOCK_MARKET_SEED", default=0)
@@ -399,6 +410,11 @@ API_HISTORY_RATE_LIMIT = env.str("API_HISTORY_RATE_LIMIT", default="30/m")
 """History requests per token: each may call Kite."""
 API_HISTORY_CONCURRENCY_PER_CALLER = env.int("API_HISTORY_CONCURRENCY_PER_CALLER", default=2)
 """History requests one token (or user) may have in flight on one web process."""
+API_HISTORY_CONCURRENCY_TOTAL = env.int(
+    "API_HISTORY_CONCURRENCY_TOTAL", default=max(1, env.int("DATABASE_POOL_MAX", default=10) // 2)
+)
+"""History requests of all callers together in flight on one web process: each holds a
+database connection for its whole fetch, so half the pool, leaving the rest to everyone else."""
 API_BULK_MAX_ITEMS = 5000
 WS_ALLOWED_ORIGINS = env.list("WS_ALLOWED_ORIGINS", default=CSRF_TRUSTED_ORIGINS)
 """Exact ``scheme://host[:port]`` origins whose pages may open WebSockets (empty: hosts only)."""

@@ -34,6 +34,8 @@ class EngineConfig:
     mock_enabled: bool = True
     force_mode: EngineMode | None = None
     holidays: frozenset[dt.date] = frozenset()
+    #: MARKET_HOURS_ALWAYS_OPEN: the session never closes (live on any date, simulator only).
+    market_always_open: bool = False
     kite_ws_url: str = "wss://ws.kite.trade"
     kite_api_root: str = "https://api.kite.trade"
     redis_url: str = ""
@@ -84,6 +86,7 @@ class EngineConfig:
             mock_enabled=settings.MOCK_MARKET_ENABLED,
             force_mode=force_mode,
             holidays=parse_holidays(settings.MARKET_HOLIDAYS),
+            market_always_open=settings.MARKET_HOURS_ALWAYS_OPEN,
             kite_ws_url=settings.KITE_WS_URL,
             kite_api_root=settings.KITE_API_ROOT,
             redis_url=settings.REDIS_URL,

@@ -32,6 +32,7 @@ from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Case, DateTimeField, ExpressionWrapper, F, Q, Value, When
 from django.db.models.functions import Now
 
+from accounts.selectors import account_list_streamable
 from streaming.engine.store import run_db
 from streaming.locks import joblock_acquire, joblock_release
 from streaming.models import AccountLease
@@ -68,9 +69,15 @@ def _expires_in(ttl_s: float) -> ExpressionWrapper:
 
 
 def lease_try_acquire(*, account_id: int, owner: str, ttl_s: float) -> bool:
-    """Take or renew the account's lease for ``owner``; True if ``owner`` holds it now."""
+    """Take or renew the account's lease for ``owner``; True if ``owner`` holds it now.
+
+    Only an account the database says is streamable now is taken: one whose session another
+    engine just saw Kite refuse is released by that engine, and must not be taken (and its
+    refused token tried again) by one that has not reloaded since.
+    """
+    streamable = account_list_streamable().filter(pk=account_id)
     taken = (
-        AccountLease.objects.filter(account_id=account_id)
+        AccountLease.objects.filter(account_id=account_id, account__in=streamable)
         .filter(Q(expires_at__lt=Now()) | Q(owner=owner))
         .update(
             acquired_at=Case(When(owner=owner, then=F("acquired_at")), default=Now()),
@@ -81,6 +88,8 @@ def lease_try_acquire(*, account_id: int, owner: str, ttl_s: float) -> bool:
     )
     if taken:
         return True
+    if not streamable.exists():
+        return False
     try:
         # A savepoint: losing the INSERT race must not break a caller's transaction.
         with transaction.atomic():

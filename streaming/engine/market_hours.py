@@ -28,11 +28,18 @@ _MAX_DAYS_TO_NEXT_SESSION = 30
 
 @dataclass(frozen=True)
 class MarketHours:
-    """The NSE cash/F&O session calendar with a holiday list."""
+    """The NSE cash/F&O session calendar with a holiday list.
+
+    ``always_open``: every moment is in session (MARKET_HOURS_ALWAYS_OPEN), for running live
+    against the simulator on any date.
+    """
 
     holidays: frozenset[dt.date] = frozenset()
+    always_open: bool = False
 
     def is_open(self, now_epoch_s: float) -> bool:
+        if self.always_open:
+            return True
         day = ist_date(now_epoch_s)
         if not is_trading_day(day, self.holidays):
             return False
@@ -40,6 +47,8 @@ class MarketHours:
 
     def next_change_epoch_s(self, now_epoch_s: float) -> float:
         """When the market next opens (if closed) or closes (if open)."""
+        if self.always_open:
+            return now_epoch_s + 86400.0  # it never closes; looked at again in a day
         day = ist_date(now_epoch_s)
         if self.is_open(now_epoch_s):
             return session_close_epoch_s(day)

@@ -86,6 +86,13 @@ class EngineMetrics:
             ["account"],
             registry=r,
         )
+        self.malformed = Gauge(
+            "tickerproj_engine_kite_malformed_parts",
+            "Malformed parts of Kite messages (bad packets, frames, texts) skipped since the "
+            "account's client started.",
+            ["account"],
+            registry=r,
+        )
         self.dropped = Counter(
             "tickerproj_engine_dropped_messages",
             "Messages dropped, by reason (malformed frames, full channels, unknown tokens).",

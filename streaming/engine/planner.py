@@ -308,6 +308,7 @@ class StreamPlanner:
             conn = conn_states.get(aid, {})
             if "reconnects" in conn:
                 self._metrics.reconnects.labels(self.label(aid)).set(conn["reconnects"])
+                self._metrics.malformed.labels(self.label(aid)).set(conn["malformed"])
             expired = aid in self.expired
             if expired:
                 state = "session_expired"

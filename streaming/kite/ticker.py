@@ -12,7 +12,9 @@ without bound. This client keeps Kite's wire protocol (``codec.py``) and replace
   instruments, sends Kite's subscribe / mode / unsubscribe messages in batches, resubscribes
   every instrument in its mode after each reconnect, and backs off with exponential jitter
   (tenacity's wait strategies). Backoff resets only after a connection stayed up for
-  ``backoff_reset_after_s``, so a server that accepts and closes is not hammered.
+  ``backoff_reset_after_s``, so a server that accepts and closes is not hammered; such a
+  connection that then drops reconnects at once (``wait_after_drop``: a jitter of at most
+  0.25 s), so a network blip costs a fraction of a second, not the backoff's first step.
 - A watchdog drops a socket on which nothing (not even Kite's one-byte heartbeat) arrived for
   ``watchdog_s``, and reconnects.
 - HTTP 403 on the upgrade means the access token is expired or invalid: the client reports it
@@ -37,7 +39,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 import structlog
-from tenacity import RetryCallState, wait_exponential_jitter
+from tenacity import RetryCallState, wait_exponential_jitter, wait_random
 from tenacity.wait import wait_base
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
@@ -285,18 +287,23 @@ class KiteConnection:
                     failures = 0
                     await client._session_rejected(generation, connection=self.index)
                     continue
-                # A socket that stayed up long enough was a success: start the backoff over.
-                # One the server accepted and soon closed was not, or a server that accepts
-                # and closes would be hammered at the shortest delay forever.
+                # A socket that stayed up long enough was a success: reconnect at once and
+                # start the backoff over. One the server accepted and soon closed was not, or
+                # a server that accepts and closes would be hammered at the shortest delay.
                 if (
                     self._connected_at is not None
                     and client._clock() - self._connected_at >= client.backoff_reset_after_s
                 ):
-                    failures = 1
+                    failures = 0
+                    delay_s = float(client._wait_after_drop(_attempt(1)))
                 else:
                     failures += 1
-                wait = client._wait_rate_limited if outcome is _Outcome.RATE_LIMITED else client._wait
-                delay_s = float(wait(_attempt(failures)))
+                    wait = (
+                        client._wait_rate_limited
+                        if outcome is _Outcome.RATE_LIMITED
+                        else client._wait
+                    )
+                    delay_s = float(wait(_attempt(failures)))
                 self.state = ConnectionState.BACKOFF
                 self._log().warning(
                     "kite.ws.retry",
@@ -520,8 +527,11 @@ class KiteTickerClient:
     plain functions or coroutines; they run on the client's event loop, and an exception from
     one ends ``run()`` (a consumer bug is not a network fault to retry).
 
-    ``wait`` / ``wait_rate_limited``: tenacity wait strategies for reconnect delays after
-    failures and after HTTP 429. ``clock``: monotonic seconds (for health and backoff reset).
+    ``wait`` / ``wait_rate_limited`` / ``wait_after_drop``: tenacity wait strategies for
+    reconnect delays after failures, after HTTP 429, and after the drop of a connection that
+    had stayed up ``backoff_reset_after_s`` (a working server: reconnect at once, jittered so
+    many connections do not arrive in one instant). ``clock``: monotonic seconds (for health
+    and backoff reset).
     """
 
     def __init__(
@@ -539,9 +549,10 @@ class KiteTickerClient:
         watchdog_s: float = 5.0,
         connect_timeout_s: float = 10.0,
         close_timeout_s: float = 2.0,
-        backoff_reset_after_s: float = 30.0,
+        backoff_reset_after_s: float = 5.0,
         wait: wait_base | None = None,
         wait_rate_limited: wait_base | None = None,
+        wait_after_drop: wait_base | None = None,
         max_connections: int = MAX_CONNECTIONS_PER_API_KEY,
         max_instruments_per_connection: int = MAX_INSTRUMENTS_PER_CONNECTION,
         batch_size: int = MAX_INSTRUMENTS_PER_CONNECTION,
@@ -584,6 +595,7 @@ class KiteTickerClient:
         self._wait_rate_limited = wait_rate_limited or wait_exponential_jitter(
             multiplier=5.0, max=120.0, jitter=2.0
         )
+        self._wait_after_drop = wait_after_drop or wait_random(0.0, 0.25)
         self._on_ticks = on_ticks
         self._on_text = on_text
         self._on_raw_frame = on_raw_frame

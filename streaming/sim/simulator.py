@@ -34,7 +34,8 @@ Postbacks
     As on Kite, an order's first OPEN state is not posted; COMPLETE, CANCELLED, REJECTED and
     every later change (UPDATE) are. ``mute_order_updates`` drops an account's order
     updates on both channels (the missed updates a sync must repair); ``replay_order_update``
-    sends an order's earlier state again (replays and out-of-order delivery).
+    sends an order's earlier state again (replays and out-of-order delivery);
+    ``disorder_postbacks`` posts each postback twice and each pair swapped.
 
 Latency probe
     With ``latency_probe=True`` the ``last_trade_time`` field of every full-mode (184-byte)
@@ -44,7 +45,8 @@ Latency probe
 
 Fault injection (WebSocket)
     ``drop_connections`` aborts TCP connections without a close frame; ``stall`` keeps sockets
-    open but sends nothing (no ticks, heartbeats, text or pongs) until ``resume``;
+    open but sends nothing (no ticks, heartbeats, text or pongs) until ``resume``
+    (``stall_current`` only the sockets open now: a new connection streams);
     ``send_malformed`` queues a broken binary frame; ``expire_token`` invalidates the key's
     token, closes its connections and makes new upgrades fail with 403 until a new token is
     issued (``set_access_token`` or a session exchange).
@@ -129,6 +131,8 @@ _REPLAY_POLL_S: Final = 0.01
 _REPLAY_MAX_OUTBOX: Final = 64
 _POSTBACK_TIMEOUT_S: Final = 10.0
 _POSTBACK_QUEUE: Final = 10_000
+#: How long a disordered postback waits for a later one to be swapped with.
+_DISORDER_HOLD_S: Final = 0.5
 _APP_ID: Final = 1234
 
 TOKEN_ERROR_MESSAGE: Final = "Incorrect `api_key` or `access_token`."  # noqa: S105 - not a secret
@@ -378,6 +382,9 @@ class KiteSimulator:
         self._unknown_attempts: dict[str, int] = {}
         self._stalled_all = False
         self._stalled_keys: set[str] = set()
+        self._stalled_ids: set[int] = set()
+        self._disordered_postbacks: set[str] = set()
+        self._held_postback: dict[str, tuple[str, str, str, bytes]] = {}
         self._history_holes: dict[int, list[tuple[float, float]]] = {}
         self._runner: web.AppRunner | None = None
         self._tick_task: asyncio.Task[None] | None = None
@@ -516,6 +523,19 @@ class KiteSimulator:
         """Drop (or, ``muted=False``, send again) the key's order text frames and postbacks."""
         self._account(api_key).updates_muted = muted
 
+    def disorder_postbacks(self, api_key: str, *, enabled: bool = True) -> None:
+        """Post each of the key's postbacks twice, and each pair swapped: the later state
+        arrives first, the earlier one after it (duplicates and reordering, as retries and
+        parallel deliveries at Kite would). A postback with no successor within
+        ``_DISORDER_HOLD_S`` goes out alone. ``enabled=False`` sends a held one at once."""
+        if enabled:
+            self._disordered_postbacks.add(api_key)
+            return
+        self._disordered_postbacks.discard(api_key)
+        held = self._held_postback.pop(api_key, None)
+        if held is not None:
+            self._queue_postback(held)
+
     def issue_request_token(self, api_key: str) -> str:
         """What Kite's login redirect hands the app: a one-use token for ``/session/token``."""
         token = secrets.token_hex(16)
@@ -616,14 +636,37 @@ class KiteSimulator:
         else:
             self._stalled_keys.add(api_key)
 
+    def stall_current(self, api_key: str) -> int:
+        """Stall the key's live sockets only (a half-dead path): new connections stream.
+
+        Returns how many were stalled; ``resume`` ends it, and so does the socket's close.
+        """
+        ids = {conn.id for conn in self._live(api_key)}
+        self._stalled_ids |= ids
+        return len(ids)
+
     def resume(self) -> None:
         self._stalled_all = False
         self._stalled_keys.clear()
+        self._stalled_ids.clear()
         for conn in self._connections.values():
             conn.wake.set()
 
-    def _is_stalled(self, api_key: str) -> bool:
-        return self._stalled_all or api_key in self._stalled_keys
+    def clear_faults(self) -> None:
+        """Forget every fault armed and not yet taken (REST faults, stalls, history holes,
+        RMS rejections, muted order updates, disordered postbacks): the simulator behaves as
+        Kite again."""
+        self._faults.clear()
+        self._history_holes.clear()
+        self._rms_rejections.clear()
+        for account in self._accounts.values():
+            account.updates_muted = False
+        for api_key in list(self._disordered_postbacks):
+            self.disorder_postbacks(api_key, enabled=False)
+        self.resume()
+
+    def _is_stalled(self, conn: _Connection) -> bool:
+        return self._stalled_all or conn.api_key in self._stalled_keys or conn.id in self._stalled_ids
 
     def omit_history(self, token: int, start_epoch_s: float, end_epoch_s: float) -> None:
         """Historical answers leave out ``token``'s candles starting in [start, end] (epoch s)."""
@@ -1166,11 +1209,33 @@ class KiteSimulator:
             api_secret=account.api_secret,
         )
         item = (account.postback_url, order["order_id"], order["status"], orjson.dumps(update))
+        if account.api_key not in self._disordered_postbacks:
+            self._queue_postback(item)
+            return
+        # Disordered: each postback twice, and each pair in swapped order (the later first).
+        held = self._held_postback.pop(account.api_key, None)
+        if held is None:
+            self._held_postback[account.api_key] = item
+            asyncio.get_running_loop().call_later(
+                _DISORDER_HOLD_S, self._release_held_postback, account.api_key, item
+            )
+            return
+        for queued in (item, item, held, held):
+            self._queue_postback(queued)
+
+    def _queue_postback(self, item: tuple[str, str, str, bytes]) -> None:
         assert self._postback_queue is not None, "order updates are sent only while started"
         try:
             self._postback_queue.put_nowait(item)
         except asyncio.QueueFull:
-            log.warning("kitesim.postback_dropped", order_id=order["order_id"], reason="queue full")
+            log.warning("kitesim.postback_dropped", order_id=item[1], reason="queue full")
+
+    def _release_held_postback(self, api_key: str, item: tuple[str, str, str, bytes]) -> None:
+        """A held postback with no later one to swap with goes out alone (twice) after a while."""
+        if self._held_postback.get(api_key) is item:
+            del self._held_postback[api_key]
+            self._queue_postback(item)
+            self._queue_postback(item)
 
     async def _postback_loop(self, queue: asyncio.Queue[tuple[str, str, str, bytes]]) -> None:
         """POST queued postbacks one at a time, in order, as raw JSON bodies (as Kite does)."""
@@ -1418,6 +1483,7 @@ class KiteSimulator:
             log.info("kitesim.ws.connection_lost", api_key=api_key, connection=conn.id, error=str(exc))
         finally:
             self._connections.pop(conn.id, None)
+            self._stalled_ids.discard(conn.id)
             log.info(
                 "kitesim.ws.closed", api_key=api_key, connection=conn.id, ticks_sent=conn.ticks_sent
             )
@@ -1428,7 +1494,7 @@ class KiteSimulator:
             if msg.type == WSMsgType.TEXT:
                 self._control(conn, msg.data)
             elif msg.type == WSMsgType.PING:
-                if not self._is_stalled(conn.api_key):
+                if not self._is_stalled(conn):
                     await conn.ws.pong(msg.data)
             elif msg.type == WSMsgType.ERROR:
                 return
@@ -1484,7 +1550,7 @@ class KiteSimulator:
         heartbeat_s = self.heartbeat_interval_ms / 1000.0
         conn.last_sent_s = time.monotonic()
         while conn.id in self._connections and not conn.ws.closed:
-            stalled = self._is_stalled(conn.api_key)
+            stalled = self._is_stalled(conn)
             # Stalled, only a wake (a tick, resume, a close) can change anything: no timeout.
             timeout = None if stalled else heartbeat_s - (time.monotonic() - conn.last_sent_s)
             if timeout is None or timeout > 0:
@@ -1493,7 +1559,7 @@ class KiteSimulator:
             conn.wake.clear()
             if conn.id not in self._connections:
                 return
-            if self._is_stalled(conn.api_key):
+            if self._is_stalled(conn):
                 if any(kind == "close" for kind, _ in conn.outbox):  # an expired token still closes
                     await conn.ws.close(code=_CLOSE_POLICY_VIOLATION, message=b"access token expired")
                     return

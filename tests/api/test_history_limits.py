@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from accounts.models import ApiToken
-from subscriptions.api import history_concurrency
+from subscriptions.api import ALL_CALLERS, history_concurrency, history_in_flight
 from tests.api.conftest import auth
 from tests.streaming.wsutil import NIFTY_INDEX
 
@@ -53,4 +53,25 @@ def test_a_caller_over_its_concurrency_limit_is_refused_at_once(client, read_key
         for _ in range(held):
             history_concurrency.leave(caller)
     # Once they finish, the caller is served again (here: the instrument does not exist).
+    assert client.get("/api/v1/history/1", query, **auth(read_key)).status_code == 404
+
+
+def test_all_callers_together_are_capped_below_the_database_pool(client, read_key, settings):
+    """20 tokens with a maximal range each took the whole pool (10): requests past the pool's
+    wait were 500s (the fault suite's security.history_abuse). Past the process-wide cap the
+    answer is 429 server_busy at once, and the caller's own count is released."""
+    assert settings.DATABASES["default"]["OPTIONS"]["pool"]["max_size"] > settings.API_HISTORY_CONCURRENCY_TOTAL
+    query = {"from": "2026-11-20", "to": "2026-11-20"}
+    held = 0
+    try:
+        while history_in_flight.enter(ALL_CALLERS):  # as if other callers had these in flight
+            held += 1
+        assert held == settings.API_HISTORY_CONCURRENCY_TOTAL
+        for _ in range(settings.API_HISTORY_CONCURRENCY_PER_CALLER + 1):
+            response = client.get("/api/v1/history/1", query, **auth(read_key))
+            assert response.status_code == 429
+            assert orjson.loads(response.content)["error"]["code"] == "server_busy"
+    finally:
+        for _ in range(held):
+            history_in_flight.leave(ALL_CALLERS)
     assert client.get("/api/v1/history/1", query, **auth(read_key)).status_code == 404

@@ -17,7 +17,7 @@ from accounts.services import apitoken_create, apitoken_revoke
 from streaming import schema
 from streaming.models import EngineHeartbeat
 from streaming.protocol import SUBPROTOCOL
-from tests.helpers import engine_status
+from tests.helpers import async_wait_until, engine_status
 from tests.streaming.wsutil import (
     EXPIRY,
     EXPIRY2,
@@ -631,6 +631,9 @@ async def test_metrics_endpoint_for_explicit_ops_access_only(redis_layer, univer
     assert (await get(("10.0.0.9", 5555), [(b"authorization", b"Bearer wrong")]))[0] == 403
     assert (await get(("192.0.2.44", 5555)))[0] == 200
     assert (await get(("10.0.0.9", 5555), [(b"x-forwarded-for", b"192.0.2.44")]))[0] == 403
+    # daphne --proxy-headers makes the forged address the peer: a forwarded request is never
+    # let in by its address (found by the fault suite, security.ops_exposure).
+    assert (await get(("192.0.2.44", 5555), [(b"x-forwarded-for", b"192.0.2.44")]))[0] == 403
     _, trader_cookie = headers
     assert (await get(("10.0.0.9", 5555), [trader_cookie]))[0] == 403
     staff = await database_sync_to_async(staff_user)()
@@ -729,6 +732,39 @@ async def test_groups_are_rejoined_after_redis_forgets_them(core_redis_layer, un
     assert _frame_tokens(await recv(comm)) == {CE_24000: 9.0}
     assert client.exists(key)
     await comm.disconnect()
+    client.close()
+
+
+async def test_a_redis_restart_that_forgets_every_group_is_rejoined_within_seconds(
+    core_redis_layer, universe, headers
+):
+    """A Redis restart without persistence forgets every group while the connection lives
+    on: the layer watch sees its marker gone, and the connection re-joins long before its
+    periodic refresh (minutes)."""
+    import uuid
+
+    import redis as redis_lib
+    from django.conf import settings
+
+    from streaming.layer_watch import layer_marker_key
+
+    prefix = f"{settings.CHANNEL_LAYER_PREFIX}-{uuid.uuid4().hex[:8]}"
+    app, _ = make_app(make_config(layer_redis_url=settings.REDIS_URL, layer_prefix=prefix,
+                                  layer_check_s=0.2))
+    comm, _ = await ws_connect(app, headers=headers)
+    await send(comm, {"action": "subscribe", "instruments": [CE_24000]})
+    await recv(comm)
+    client = redis_lib.Redis.from_url(settings.REDIS_URL)
+    marker = layer_marker_key(prefix)
+    await async_wait_until(lambda: client.exists(marker), timeout_s=10, what="the layer marker set")
+    # What a restart without persistence leaves: no group, no marker.
+    assert client.delete(core_redis_layer._group_key(CHAIN), marker) == 2
+    async with asyncio.timeout(10):
+        while await comm.receive_nothing(0.1):
+            await publish(core_redis_layer, CHAIN, {CE_24000: snapshot_item(CE_24000, ltp=9.5)})
+    assert _frame_tokens(await recv(comm)) == {CE_24000: 9.5}
+    await comm.disconnect()
+    client.delete(marker)
     client.close()
 
 

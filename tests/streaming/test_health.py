@@ -293,6 +293,21 @@ def test_an_allowed_network_sees_the_details_by_its_peer_address_only(client, ac
     assert "engines" not in client.get("/health", **outsider).json()
 
 
+@pytest.mark.django_db
+def test_a_forwarded_request_is_never_let_in_by_its_address(client, account, health_settings):
+    """Behind a proxy daphne runs with --proxy-headers and makes the first X-Forwarded-For
+    entry, which the client wrote, the peer: REMOTE_ADDR is then the forged address itself.
+    Found by the fault suite (security.ops_exposure); the OPS_TOKEN still works."""
+    health_settings.OPS_ALLOWED_NETWORKS = parse_networks(["10.0.0.0/8"])
+    beat(crashed_state())
+    for header in ("HTTP_X_FORWARDED_FOR", "HTTP_X_REAL_IP", "HTTP_FORWARDED"):
+        forged = {"REMOTE_ADDR": "10.1.2.3", header: "10.1.2.3"}
+        assert "engines" not in client.get("/health", **forged).json(), header
+    bearer = {"REMOTE_ADDR": "10.1.2.3", "HTTP_X_FORWARDED_FOR": "10.1.2.3",
+              "HTTP_AUTHORIZATION": f"Bearer {OPS_TOKEN}"}
+    assert "engines" in client.get("/health", **bearer).json()
+
+
 @pytest.mark.parametrize(
     ("setting", "value", "message"),
     [
@@ -495,3 +510,40 @@ def test_the_report_is_exported_as_gauges_for_alert_rules(account, health_settin
     assert 'tickerproj_health_reasons{code="stream_stalled"} 1.0' in text
     assert 'tickerproj_health_reasons{code="task_failed"} 1.0' in text
     assert "acc1" not in text  # codes only: bounded series, no account labels
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_database_lost_between_two_checks_is_database_down_not_a_500(account):
+    """A real failure after check_database answered: the drift report's table is locked by
+    another connection and the waiting statement is cancelled, as a restarting server does."""
+    import threading
+
+    import psycopg
+
+    from streaming.health import health_report
+    from tests.helpers import wait_until
+
+    db = connections["default"].settings_dict
+    params = {"host": db["HOST"] or "127.0.0.1", "port": db["PORT"] or 5432, "user": db["USER"],
+              "dbname": db["NAME"]}
+    waiting = ("SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
+               " WHERE wait_event_type = 'Lock' AND datname = current_database()")
+
+    def cancel_the_waiting_statement() -> None:
+        with psycopg.connect(**params, autocommit=True) as admin:
+            wait_until(lambda: any(row[0] for row in admin.execute(waiting).fetchall()),
+                       timeout_s=30, what="a health check waiting on the lock, cancelled")
+
+    ctx = HealthContext(redis_url="", heartbeat_max_age_s=15, stream_stall_s=30)
+    with psycopg.connect(**params) as holder:
+        holder.execute("LOCK TABLE subscriptions_driftreport IN ACCESS EXCLUSIVE MODE")
+        canceller = threading.Thread(target=cancel_the_waiting_statement)
+        canceller.start()
+        try:
+            report = health_report(ctx)
+        finally:
+            canceller.join(30)
+            holder.rollback()
+    assert report["status"] == "degraded"
+    assert "database_down" in [r["code"] for r in report["reasons"]]
+    assert ctx.database_ok is False

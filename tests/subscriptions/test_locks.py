@@ -7,7 +7,7 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
-from streaming.locks import job_lock, joblock_acquire, joblock_release
+from streaming.locks import job_lock, joblock_acquire, joblock_owner_id, joblock_release, run_locked
 from streaming.models import JobLock
 from tests.subscriptions.conftest import run_in_threads
 
@@ -73,3 +73,24 @@ def test_concurrent_acquires_have_exactly_one_winner():
     assert [r for r in results if isinstance(r, BaseException)] == []
     assert results.count(True) == 1
     assert JobLock.objects.filter(name="race").count() == 1
+
+
+def test_the_same_task_takes_over_the_lock_its_earlier_try_left():
+    """A try killed mid-job (or whose release met a database blip) leaves its row; the
+    redelivery or retry of that task, in another worker process, takes it over at once."""
+    left = "host:1111:task-1"
+    assert joblock_acquire(name="job", owner=left, ttl_s=600)
+    assert not joblock_acquire(name="job", owner="host:2222:task-2", ttl_s=60, task_id="task-2")
+    assert joblock_acquire(name="job", owner="host:2222:task-1", ttl_s=60, task_id="task-1")
+    assert JobLock.objects.get(name="job").owner == "host:2222:task-1"
+
+
+def test_run_locked_runs_a_redelivered_task_despite_the_row_its_dead_try_left():
+    joblock_acquire(name="job", owner="host:1111:task-1", ttl_s=600)
+    assert run_locked(name="job", time_limit_s=60, task_id="task-1", fn=lambda: "ran") == "ran"
+    assert run_locked(name="job", time_limit_s=60, task_id="task-2", fn=lambda: "ran") == "ran"
+    joblock_acquire(name="job", owner=joblock_owner_id("task-3"), ttl_s=600)
+    assert run_locked(name="job", time_limit_s=60, task_id="task-4", fn=lambda: "ran") == {
+        "skipped": "lock job held by another run"
+    }
+    assert not JobLock.objects.filter(name="job", owner__endswith=":task-4").exists()

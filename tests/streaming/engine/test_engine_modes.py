@@ -285,3 +285,31 @@ async def test_closed_underlying_bars_are_stored_and_published(world):
         assert bar.tick_count == 2
         assert bar.is_mock is True
         assert bar.is_gap is False
+
+
+async def test_malformed_kite_frames_are_counted_in_the_metrics_and_streaming_goes_on(world):
+    """Broken frames are skipped and counted (tickerproj_engine_kite_malformed_parts), never
+    raised: the client keeps its socket, and ticks keep coming."""
+    async with InProcessEngine(accounts={"acc1": "k1"}) as h:
+        listener = await h.listen(world["group"])
+        await async_wait_until(lambda: h.sim.connection_count("k1") == 1, timeout_s=60,
+                               what="live connection")
+        kinds = ("truncated", "unknown_length", "count_exceeds", "text")
+        for kind in kinds:
+            assert h.sim.send_malformed("k1", kind=kind) == 1
+
+        def counted() -> float:
+            h.engine.status()  # what the heartbeat calls: it sets the per-account gauges
+            value = h.engine.metrics.registry.get_sample_value(
+                "tickerproj_engine_kite_malformed_parts", {"account": "acc1"}
+            )
+            return value or 0.0
+
+        await async_wait_until(lambda: counted() >= len(kinds), timeout_s=60,
+                               what="malformed parts counted")
+        assert h.engine.status().accounts["acc1"].reconnects == 0
+        assert h.engine.supervisor.state("kite:acc1").restarts == 0
+        await listener.drain(0.5)
+        listener.latest.clear()
+        await listener.until(lambda: len(listener.latest) > 20, timeout_s=60,
+                             what="snapshots after the broken frames")

@@ -8,6 +8,7 @@ from functools import partial
 import pytest
 
 from accounts.models import KiteAccount
+from accounts.services import account_set_session
 from streaming.engine.leases import (
     LeaseManager,
     lease_owners,
@@ -16,7 +17,7 @@ from streaming.engine.leases import (
     lease_try_acquire,
     make_engine_id,
 )
-from streaming.engine.store import run_db
+from streaming.engine.store import account_expire_session, run_db
 from streaming.models import AccountLease
 from tests.helpers import async_wait_until
 
@@ -206,3 +207,17 @@ async def test_connections_stop_before_the_row_can_expire_when_renewals_fail(acc
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_an_account_whose_session_expired_is_not_taken_until_a_new_login(accounts):
+    """The engine that saw Kite refuse the token releases the lease; another engine that has
+    not reloaded yet must not take it (and try the refused token again)."""
+    acc = accounts[0]
+    assert lease_try_acquire(account_id=acc.pk, owner="A", ttl_s=30)
+    account_expire_session(account_id=acc.pk, reason="Kite refused the token (403)",
+                           token_issued_at=acc.token_issued_at)
+    assert lease_release(account_ids=[acc.pk], owner="A") == 1
+    assert not lease_try_acquire(account_id=acc.pk, owner="B", ttl_s=30)
+    assert acc.pk not in lease_owners()
+    account_set_session(account=KiteAccount.objects.get(pk=acc.pk), access_token="new-token")
+    assert lease_try_acquire(account_id=acc.pk, owner="B", ttl_s=30)

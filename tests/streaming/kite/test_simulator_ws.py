@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from functools import partial
@@ -10,6 +11,7 @@ from functools import partial
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -370,3 +372,72 @@ async def test_expire_token_closes_even_a_stalled_connection(sim):
                     await ws.recv()
         assert error.value.rcvd is not None and error.value.rcvd.code == 1008
     await wait_until(lambda: sim.connection_count(API_KEY) == 0)
+
+
+async def test_stall_current_silences_only_the_sockets_open_now(sim):
+    async with connect(url(sim)) as stalled:
+        await stalled.send(subscribe_message([256265]))
+        await next_ticks(stalled)
+        assert sim.stall_current(API_KEY) == 1
+        while True:  # drain what was in flight, then silence
+            try:
+                async with asyncio.timeout(0.5):
+                    await stalled.recv()
+            except TimeoutError:
+                break
+        async with connect(url(sim)) as fresh:
+            await fresh.send(subscribe_message([256265]))
+            await next_ticks(fresh)  # a new connection of the same key streams
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await stalled.recv()
+        sim.resume()
+        await next_ticks(stalled)
+
+
+async def place_market_order(sim: KiteSimulator, http: aiohttp.ClientSession, symbol: str) -> str:
+    response = await http.post(
+        f"{sim.http_url}/orders/regular",
+        data={"exchange": "NFO", "tradingsymbol": symbol, "transaction_type": "BUY",
+              "quantity": "75", "product": "MIS", "order_type": "MARKET"},
+        headers={"X-Kite-Version": "3", "Authorization": f"token {API_KEY}:{ACCESS_TOKEN}"},
+    )  # fmt: skip
+    return (await response.json())["data"]["order_id"]
+
+
+async def test_disorder_postbacks_sends_each_twice_and_each_pair_swapped(sim):
+    received: list[tuple[str, str]] = []
+
+    async def postback(request: web.Request) -> web.Response:
+        body = await request.json()
+        received.append((body["order_id"], body["status"]))
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/postback", postback)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    await web.SockSite(runner, sock).start()
+    try:
+        sim.set_postback_url(API_KEY, f"http://127.0.0.1:{port}/postback")
+        sim.disorder_postbacks(API_KEY)
+        symbol = next(r["tradingsymbol"] for r in sim.market.instruments if r["segment"] == "NFO-OPT")
+        async with aiohttp.ClientSession() as http:
+            first = await place_market_order(sim, http, symbol)
+            second = await place_market_order(sim, http, symbol)
+            await wait_until(lambda: len(received) == 4)
+            # The later COMPLETE first, twice, then the earlier one, twice.
+            assert received == [(second, "COMPLETE")] * 2 + [(first, "COMPLETE")] * 2
+            third = await place_market_order(sim, http, symbol)
+            # Nothing follows it: it goes out alone (twice) after the hold.
+            await wait_until(lambda: len(received) == 6)
+            assert received[4:] == [(third, "COMPLETE")] * 2
+            sim.disorder_postbacks(API_KEY, enabled=False)
+            fourth = await place_market_order(sim, http, symbol)
+            await wait_until(lambda: len(received) == 7)
+            assert received[6] == (fourth, "COMPLETE")
+    finally:
+        await runner.cleanup()

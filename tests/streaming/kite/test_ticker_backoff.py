@@ -1,5 +1,6 @@
-"""Reconnect pacing against misbehaving servers the simulator does not imitate: one that
-accepts the upgrade and closes at once, and one that never answers the upgrade."""
+"""Reconnect pacing: against misbehaving servers the simulator does not imitate (one that
+accepts the upgrade and closes at once, one that never answers the upgrade), and against the
+simulator dropping a connection that worked, again and again."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from streaming.kite.limits import MODE_FULL
 from streaming.kite.ticker import ConnectionState, KiteTickerClient
+from streaming.market import SyntheticMarket
+from streaming.sim.simulator import KiteSimulator
 from tests.helpers import async_wait_until
 
 WAIT_S = 30.0
@@ -85,12 +88,41 @@ async def test_server_that_accepts_then_closes_gets_growing_backoff(accept_then_
 
 async def test_backoff_starts_over_after_a_connection_that_stayed_up(accept_then_close):
     url, _ = accept_then_close
-    wait = RecordingWait()
+    wait, after_drop = RecordingWait(), RecordingWait()
     # Zero: any connection counts as having stayed up long enough.
-    client = client_for(url, wait, backoff_reset_after_s=0.0)
+    client = client_for(url, wait, backoff_reset_after_s=0.0, wait_after_drop=after_drop)
     await client.set_subscriptions({TOKEN: MODE_FULL})
-    await run_until(client, lambda: len(wait.attempts) >= 4)
-    assert set(wait.attempts) == {1}
+    await run_until(client, lambda: len(after_drop.attempts) >= 4)
+    # Each drop of a connection that had stayed up reconnects at once, never after backoff.
+    assert wait.attempts == []
+
+
+async def test_twenty_drops_of_a_working_connection_never_reach_the_backoff():
+    """Drops of a connection that had stayed up (a flapping network, not a refusing server)
+    reconnect with the short drop wait each time, however many come in a row: the backoff's
+    1-2 s first step (and its growth) is for connections that fail or close at once."""
+    market = SyntheticMarket(seed=3, strikes_each_side=2)
+    sim = KiteSimulator(market=market, tick_interval_ms=50, heartbeat_interval_ms=100)
+    sim.register_account(api_key="k", api_secret="s", access_token="secret-token")
+    wait, after_drop = RecordingWait(), RecordingWait()
+    async with sim:
+        client = client_for(sim.ws_url, wait, backoff_reset_after_s=0.2, wait_after_drop=after_drop)
+        wanted = {TOKEN: MODE_FULL}
+        await client.set_subscriptions(wanted)
+        task = asyncio.create_task(client.run())
+        try:
+            for drop in range(20):
+                await wait_until(lambda: sim.subscriptions("k") == wanted)
+                await asyncio.sleep(0.25)  # up past backoff_reset_after_s: a working connection
+                assert await sim.drop_connections("k") == 1
+                await wait_until(lambda drop=drop: len(after_drop.attempts) == drop + 1)
+            await wait_until(lambda: sim.subscriptions("k") == wanted)
+        finally:
+            await client.aclose()
+            async with asyncio.timeout(WAIT_S):
+                await task
+    assert wait.attempts == []
+    assert client.health().connections[0].reconnects == 20
 
 
 async def test_aclose_cuts_a_pending_upgrade():
