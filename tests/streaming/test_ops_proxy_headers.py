@@ -10,8 +10,9 @@ import orjson
 import pytest
 import requests
 
+from tests.helpers import free_port
 from tests.streaming.wsutil import close_db_threads as close_db_threads
-from tests.streaming.wsutil import daphne_process, free_port, service_env
+from tests.streaming.wsutil import daphne_process, service_env
 from tests.streaming.wsutil import layer_prefix as layer_prefix
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_db_threads")]

@@ -12,8 +12,9 @@ import pytest
 import websockets
 
 from accounts.services import apitoken_create
+from tests.helpers import free_port
 from tests.streaming.wsutil import close_db_threads as close_db_threads
-from tests.streaming.wsutil import daphne_process, free_port, service_env
+from tests.streaming.wsutil import daphne_process, service_env
 from tests.streaming.wsutil import layer_prefix as layer_prefix
 from tests.streaming.wsutil import user as user
 

@@ -95,8 +95,10 @@ def snapshot_item(token: int, *, ltp: float, **extra: Any) -> bytes:
 
 def layers_with_prefix(prefix: str, *, backend: str | None = None) -> dict[str, Any]:
     """CHANNEL_LAYERS as settings build them (CHANNEL_LAYER_BACKEND's layer), with ``prefix``;
-    ``backend`` "redis" forces channels-redis's RedisChannelLayer."""
-    if backend == "redis":
+    ``backend`` "redis" forces channels-redis's RedisChannelLayer. On that layer the host is
+    the plain URL, not the settings' ``socket_timeout`` host: with it a test loop's teardown
+    hung cancelling a pending read (300 s) after a refused handshake."""
+    if backend == "redis" or (backend is None and django_settings.CHANNEL_LAYER_BACKEND == "redis"):
         return {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {
             "hosts": [django_settings.REDIS_URL], "prefix": prefix, "capacity": 1000, "expiry": 10,
         }}}  # fmt: skip

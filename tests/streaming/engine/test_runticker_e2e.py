@@ -112,7 +112,7 @@ def test_simulator_runticker_daphne_client(world, tmp_path):
                           env=env, log_path=tmp_path / "runticker.log")
         web = Daphne(port=port, env=env, log_path=tmp_path / "daphne.log")
         try:
-            wait_until(lambda: simulator.call(sim.connection_count, "k1") == 1, timeout_s=30,
+            wait_until(lambda: simulator.call(sim.connection_count, "k1") == 1, timeout_s=120,
                        what="runticker connected to the simulator")
             wait_until(lambda: _http_ok(port), timeout_s=30, what="daphne serving")
 

@@ -111,11 +111,11 @@ def test_a_second_runticker_takes_over_a_killed_ones_accounts(world, tmp_path):
         second = None
         try:
             wait_until(lambda: owners() == {"engine-A"} and fully_streamed(simulator, sim),
-                       timeout_s=60, what="engine A streaming both accounts")
+                       timeout_s=120, what="engine A streaming both accounts")
             second = ManagePy(["runticker", "--no-mock", "--engine-id", "engine-B"], env=env,
                               log_path=tmp_path / "b.log")
             wait_until(lambda: heartbeats_of("engine-B").exists(),
-                       timeout_s=30, what="engine B running")
+                       timeout_s=120, what="engine B running")
             # B is up and trying; A keeps both accounts while it lives.
             time.sleep(2 * LEASE_TTL_S / 3)
             assert owners() == {"engine-A"}
