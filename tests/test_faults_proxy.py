@@ -79,7 +79,7 @@ def test_reset_cuts_open_links_and_refuses_new_ones_until_pass(proxy):
                 if not _round_trip(sock):
                     raise ConnectionResetError("closed")
                 time.sleep(0.05)
-    with _connect(proxy) as sock, pytest.raises((ConnectionResetError, BrokenPipeError)):
+    with pytest.raises((ConnectionResetError, BrokenPipeError)), _connect(proxy) as sock:
         if not _round_trip(sock):
             raise ConnectionResetError("closed")
     proxy.set_mode("pass")

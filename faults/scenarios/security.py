@@ -183,7 +183,7 @@ def _is_detailed(body: bytes) -> bool:
         return False
 
 
-@scenario("security.ops_exposure", group="security", quick=True)
+@scenario("security.ops_exposure", group="security")
 def ops_exposure(dep) -> Outcome:
     """Only explicit ops access opens /metrics and /health's details; loopback and forwarded
     headers never do (docs/security.md, M1), and the engines' metrics ports stay private."""
