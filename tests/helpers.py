@@ -4,6 +4,7 @@ documents."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import inspect
 import itertools
@@ -129,3 +130,34 @@ def next_trading_day(today: dt.date) -> dt.date:
 
 def epoch_at_ist(day: dt.date, hour: int, minute: int) -> float:
     return dt.datetime(day.year, day.month, day.day, hour, minute, tzinfo=IST).timestamp()
+
+
+@contextlib.contextmanager
+def statement_cancelled_on_lock(table: str):
+    """Within the block, ``table`` is locked by another connection and the first statement
+    that waits on it is cancelled: a real database failure, as a restarting server gives."""
+    import threading
+
+    import psycopg
+    from django.db import connection
+
+    db = connection.settings_dict
+    params = {"host": db["HOST"] or "127.0.0.1", "port": db["PORT"] or 5432, "user": db["USER"],
+              "dbname": db["NAME"]}
+    cancel = ("SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
+              " WHERE wait_event_type = 'Lock' AND datname = current_database()")
+
+    def cancel_the_waiting_statement() -> None:
+        with psycopg.connect(**params, autocommit=True) as admin:
+            wait_until(lambda: any(row[0] for row in admin.execute(cancel).fetchall()),
+                       timeout_s=30, what=f"a statement waiting on {table}, cancelled")
+
+    with psycopg.connect(**params) as holder:
+        holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        canceller = threading.Thread(target=cancel_the_waiting_statement)
+        canceller.start()
+        try:
+            yield
+        finally:
+            canceller.join(30)
+            holder.rollback()

@@ -8,7 +8,7 @@ from django.test import Client
 from accounts.models import ApiToken
 from accounts.services import apitoken_create, apitoken_revoke
 from tests.api.conftest import auth
-from tests.helpers import wait_until
+from tests.helpers import statement_cancelled_on_lock
 
 pytestmark = pytest.mark.django_db
 
@@ -131,33 +131,8 @@ def test_odd_paths_and_methods_get_an_envelope_not_a_500(client, subscribe_key, 
 def test_a_database_that_does_not_answer_is_a_503_with_retry_after_not_a_500(client, read_key, universe):
     """A real failure: another connection holds the instruments table locked and the
     request's waiting statement is cancelled, as a restarting server cancels it."""
-    import threading
-
-    import psycopg
-    from django.db import connection
-
-    db = connection.settings_dict
-    params = {"host": db["HOST"] or "127.0.0.1", "port": db["PORT"] or 5432, "user": db["USER"],
-              "dbname": db["NAME"]}
-    waiting = ("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-               " AND datname = current_database()")
-
-    def cancel_the_waiting_statement() -> None:
-        with psycopg.connect(**params, autocommit=True) as admin:
-            wait_until(lambda: admin.execute(waiting).fetchall(), timeout_s=30,
-                       what="the request waiting on the lock")
-            admin.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
-                          " WHERE wait_event_type = 'Lock' AND datname = current_database()")
-
-    with psycopg.connect(**params) as holder:
-        holder.execute("LOCK TABLE subscriptions_instrument IN ACCESS EXCLUSIVE MODE")
-        canceller = threading.Thread(target=cancel_the_waiting_statement)
-        canceller.start()
-        try:
-            response = client.get("/api/v1/underlyings", **auth(read_key))
-        finally:
-            canceller.join(30)
-            holder.rollback()
+    with statement_cancelled_on_lock("subscriptions_instrument"):
+        response = client.get("/api/v1/underlyings", **auth(read_key))
     assert response.status_code == 503, response.content
     assert error_of(response)["code"] == "unavailable"
     assert response["Retry-After"] == "2"

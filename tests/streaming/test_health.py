@@ -516,34 +516,12 @@ def test_the_report_is_exported_as_gauges_for_alert_rules(account, health_settin
 def test_a_database_lost_between_two_checks_is_database_down_not_a_500(account):
     """A real failure after check_database answered: the drift report's table is locked by
     another connection and the waiting statement is cancelled, as a restarting server does."""
-    import threading
-
-    import psycopg
-
     from streaming.health import health_report
-    from tests.helpers import wait_until
-
-    db = connections["default"].settings_dict
-    params = {"host": db["HOST"] or "127.0.0.1", "port": db["PORT"] or 5432, "user": db["USER"],
-              "dbname": db["NAME"]}
-    waiting = ("SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
-               " WHERE wait_event_type = 'Lock' AND datname = current_database()")
-
-    def cancel_the_waiting_statement() -> None:
-        with psycopg.connect(**params, autocommit=True) as admin:
-            wait_until(lambda: any(row[0] for row in admin.execute(waiting).fetchall()),
-                       timeout_s=30, what="a health check waiting on the lock, cancelled")
+    from tests.helpers import statement_cancelled_on_lock
 
     ctx = HealthContext(redis_url="", heartbeat_max_age_s=15, stream_stall_s=30)
-    with psycopg.connect(**params) as holder:
-        holder.execute("LOCK TABLE subscriptions_driftreport IN ACCESS EXCLUSIVE MODE")
-        canceller = threading.Thread(target=cancel_the_waiting_statement)
-        canceller.start()
-        try:
-            report = health_report(ctx)
-        finally:
-            canceller.join(30)
-            holder.rollback()
+    with statement_cancelled_on_lock("subscriptions_driftreport"):
+        report = health_report(ctx)
     assert report["status"] == "degraded"
     assert "database_down" in [r["code"] for r in report["reasons"]]
     assert ctx.database_ok is False
